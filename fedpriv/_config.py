@@ -1,0 +1,121 @@
+"""Reading TOML tables into typed values, naming the field in every error."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from fedpriv._types import Scalar
+from fedpriv.errors import ConfigError
+
+T = TypeVar("T")
+
+__all__ = ["Table", "check_positive"]
+
+
+def check_positive(value: float) -> str | None:
+    """Return a problem if `value` is not positive."""
+    return None if value > 0 else "must be > 0"
+
+
+class Table:
+    """One TOML table; reads typed fields and rejects keys nobody read.
+
+    Example:
+        >>> table = Table({"rounds": 3}, "rounds")
+        >>> table.get("rounds", int, 1)
+        3
+        >>> table.finish()
+    """
+
+    def __init__(self, data: Any, path: str, *, base_dir: pathlib.Path | None = None) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"[{path}] must be a table, got {type(data).__name__}")
+        self._data = dict(data)
+        self._path = path
+        self._seen: set[str] = set()
+        self._base_dir = base_dir or pathlib.Path.cwd()
+
+    def name(self, key: str) -> str:
+        """Dotted name of `key` for messages."""
+        return f"{self._path}.{key}" if self._path else key
+
+    def has(self, key: str) -> bool:
+        """Whether `key` is present."""
+        return key in self._data
+
+    def get(
+        self,
+        key: str,
+        kind: type[T],
+        default: T,
+        check: Callable[[T], str | None] | None = None,
+    ) -> T:
+        """Read `key` as `kind` (ints are accepted where floats are expected)."""
+        self._seen.add(key)
+        if key not in self._data:
+            return default
+        value = self._data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{self.name(key)}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+            )
+        if check is not None and (problem := check(value)):
+            raise ConfigError(f"{self.name(key)} = {value!r}: {problem}")
+        return value
+
+    def require(self, key: str, kind: type[T]) -> T:
+        """Read a field that must be present."""
+        if key not in self._data:
+            raise ConfigError(f"{self.name(key)} is required")
+        value: T = self.get(key, kind, None)  # type: ignore[arg-type]  # present, so never None
+        return value
+
+    def path(self, key: str, default: str | None = None) -> pathlib.Path | None:
+        """Read a path, relative to the config file's folder."""
+        raw = self.get(key, str, default)  # type: ignore[arg-type]  # None default is allowed
+        if raw is None:
+            return None
+        path = pathlib.Path(raw).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        """Read a list of strings; None when absent."""
+        self._seen.add(key)
+        if key not in self._data:
+            return None
+        value = self._data[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.name(key)}: expected a list of strings, got {value!r}")
+        return tuple(value)
+
+    def scalars(self, key: str) -> dict[str, Scalar]:
+        """Read a table of scalars (bool, int, float, str)."""
+        self._seen.add(key)
+        value = self._data.get(key, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{self.name(key)}: expected a table, got {value!r}")
+        for item_key, item in value.items():
+            if not isinstance(item, bool | int | float | str):
+                raise ConfigError(
+                    f"{self.name(key)}.{item_key}: expected bool, int, float or str, got {item!r}"
+                )
+        return dict(value)
+
+    def table(self, key: str) -> Table:
+        """Read a sub-table (empty when absent)."""
+        self._seen.add(key)
+        return Table(self._data.get(key, {}), self.name(key), base_dir=self._base_dir)
+
+    def finish(self) -> None:
+        """Raise if the table holds keys that were never read (typos)."""
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            where = f"[{self._path}]" if self._path else "the top level"
+            raise ConfigError(
+                f"unknown key(s) in {where}: {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(self._seen))}"
+            )

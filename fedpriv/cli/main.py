@@ -1,0 +1,213 @@
+"""The ``fedpriv`` command: argument parsing, logging setup and exit codes; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+from fedpriv.errors import ConfigError, FedprivError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("fedpriv.cli")
+
+
+def _read_toml(path: str) -> tuple[dict[str, Any], pathlib.Path]:
+    file = pathlib.Path(path)
+    try:
+        with open(file, "rb") as handle:
+            return tomllib.load(handle), file.resolve().parent
+    except OSError as err:
+        raise ConfigError(f"cannot read config {file}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{file} is not valid TOML: {err}") from err
+
+
+class _RoundPrinter:
+    """Prints one line per round to stdout (the round table)."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self._quiet = quiet
+        self._header = False
+        self.last_accuracy: float | None = None
+
+    def _print(self, line: str) -> None:
+        if not self._quiet:
+            print(line, flush=True)
+
+    def round_completed(self, summary: Any) -> None:
+        if not self._header:
+            self._print(f"{'round':>5}  {'silos':>5}  {'loss':>8}  {'accuracy':>8}  {'seconds':>8}")
+            self._header = True
+        metrics = summary.evaluation_metrics or summary.fit_metrics
+        loss = metrics.get("loss", summary.fit_metrics.get("train_loss", float("nan")))
+        accuracy = metrics.get("accuracy")
+        if accuracy is not None:
+            self.last_accuracy = accuracy
+        self._print(
+            f"{summary.round:>5}  {summary.accepted:>2}/{summary.selected:<2}  {loss:>8.4f}  "
+            f"{'-' if accuracy is None else format(accuracy, '.4f'):>8}  {summary.duration_s:>8.2f}"
+        )
+
+    def round_failed(self, round: int, reason: str) -> None:
+        self._print(f"{round:>5}  failed: {reason}")
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedpriv.coordinator import Coordinator, CoordinatorConfig
+
+    data, base = _read_toml(args.config)
+    config = CoordinatorConfig.from_dict(data, base_dir=base)
+    printer = _RoundPrinter(quiet=args.quiet)
+    with Coordinator(config, insecure=args.insecure, reporter=printer) as coordinator:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        while not stop.is_set():
+            if coordinator.wait(timeout_s=0.5):
+                break
+        else:
+            logger.info("stopping on SIGTERM; the last committed round is kept")
+            return 0
+    if printer.last_accuracy is not None:
+        print(f"final accuracy: {printer.last_accuracy:.3f}", flush=True)
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedpriv.client import run_client
+    from fedpriv.client.config import ClientConfig
+    from fedpriv.coordinator.daemon import load_factory
+    from fedpriv.transport import TLSConfig
+
+    data, base = _read_toml(args.config)
+    config = ClientConfig.from_dict(data, base_dir=base)
+    if not config.has_tls and not args.insecure:
+        raise ConfigError("[tls] ca, cert and key are required; use --insecure only on a trusted network")
+    tls = (
+        None
+        if args.insecure or config.ca is None or config.cert is None or config.key is None
+        else TLSConfig.from_files(ca=config.ca, cert=config.cert, key=config.key)
+    )
+    factory = load_factory(args.app, field="--app")
+    client = factory(dict(config.app))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stats = run_client(
+        client,
+        coordinator=config.coordinator,
+        tls=tls,
+        insecure=args.insecure,
+        identity=args.identity or config.identity,
+        server_name=config.server_name,
+        poll_wait_s=config.poll_wait_s,
+        reconnect_timeout_s=config.reconnect_timeout_s,
+        stop=stop,
+    )
+    logger.info(
+        "silo=%s trained=%d evaluated=%d rejected=%d bytes_sent=%d",
+        stats.silo, stats.trained, stats.evaluated, stats.rejected, stats.bytes_sent,
+    )
+    return 0
+
+
+def _cmd_pki_init(args: argparse.Namespace) -> int:
+    from fedpriv.pki import CertificateAuthority
+
+    passphrase = _passphrase(args.passphrase_file)
+    ca = CertificateAuthority.create(
+        pathlib.Path(args.dir), federation=args.federation, passphrase=passphrase
+    )
+    print(f"created CA for federation {ca.federation!r} in {args.dir}")
+    return 0
+
+
+def _cmd_pki_issue(args: argparse.Namespace) -> int:
+    from fedpriv.pki import CertificateAuthority, Role
+
+    ca = CertificateAuthority.load(pathlib.Path(args.dir), passphrase=_passphrase(args.passphrase_file))
+    role = Role.SERVER if args.server else Role.CLIENT
+    issued = ca.issue(
+        args.name,
+        role=role,
+        out_dir=pathlib.Path(args.out or args.dir),
+        hosts=args.host or [],
+        days=args.days,
+    )
+    print(f"issued {role.value} certificate {issued.cert_path} (key {issued.key_path})")
+    return 0
+
+
+def _passphrase(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return pathlib.Path(path).read_bytes().strip() or None
+    except OSError as err:
+        raise ConfigError(f"cannot read passphrase file {path}: {err.strerror}") from err
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpriv", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    coordinator = commands.add_parser("coordinator", help="run the coordinator daemon")
+    coordinator.add_argument("--config", required=True, help="coordinator TOML file")
+    coordinator.add_argument("--insecure", action="store_true", help="serve plain text (unsafe)")
+    coordinator.add_argument("--quiet", action="store_true", help="do not print the round table")
+    coordinator.set_defaults(run=_cmd_coordinator)
+
+    client = commands.add_parser("client", help="run a silo")
+    client.add_argument("--app", required=True, help="module:factory returning a fedpriv Client")
+    client.add_argument("--config", required=True, help="silo TOML file")
+    client.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
+    client.add_argument("--identity", help="silo name to claim with --insecure")
+    client.set_defaults(run=_cmd_client)
+
+    pki = commands.add_parser("pki", help="certificate authority and certificates")
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_commands.add_parser("init", help="create a federation CA")
+    init.add_argument("--dir", required=True, help="folder for ca.crt and ca.key")
+    init.add_argument("--federation", default="fedpriv", help="federation name")
+    init.add_argument("--passphrase-file", help="encrypt ca.key with this file's contents")
+    init.set_defaults(run=_cmd_pki_init)
+    issue = pki_commands.add_parser("issue", help="issue a server or silo certificate")
+    issue.add_argument("name", help="identity: the silo name or the coordinator's name")
+    role = issue.add_mutually_exclusive_group(required=True)
+    role.add_argument("--server", action="store_true", help="coordinator certificate")
+    role.add_argument("--client", action="store_true", help="silo certificate")
+    issue.add_argument("--dir", required=True, help="folder holding the CA")
+    issue.add_argument("--out", help="folder for NAME.crt and NAME.key (default: --dir)")
+    issue.add_argument("--host", action="append", help="server DNS name or IP (repeatable)")
+    issue.add_argument("--days", type=int, default=90, help="validity in days")
+    issue.add_argument("--passphrase-file", help="passphrase of ca.key")
+    issue.set_defaults(run=_cmd_pki_issue)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedpriv`` command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args))
+    except FedprivError as err:
+        print(f"fedpriv: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

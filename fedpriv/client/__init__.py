@@ -1,0 +1,11 @@
+"""The client SDK: the Client protocol, the silo runtime loop and the PyTorch helper.
+
+``fedpriv.client.torch`` imports torch; import it only where torch is wanted.
+"""
+
+from __future__ import annotations
+
+from fedpriv.client.base import Client, EvaluateResult, FitResult
+from fedpriv.client.runtime import Backoff, ClientStats, run_client
+
+__all__ = ["Backoff", "Client", "ClientStats", "EvaluateResult", "FitResult", "run_client"]

@@ -1,0 +1,80 @@
+"""Silo configuration (one TOML file per silo)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpriv._config import Table, check_positive
+from fedpriv._types import Scalar
+from fedpriv.errors import ConfigError
+
+__all__ = ["ClientConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Where the coordinator is, this silo's certificate, and settings for the app.
+
+    Args:
+        coordinator: ``host:port``.
+        ca: Federation CA certificate.
+        cert: This silo's certificate.
+        key: This silo's private key.
+        server_name: Name to expect in the coordinator's certificate, if not the host.
+        identity: Name to claim on a plain-text channel (--insecure only).
+        poll_wait_s: Long-poll length.
+        reconnect_timeout_s: Give up after this long without reaching the coordinator.
+        app: Values passed to the app factory (data paths, silo index, ...).
+    """
+
+    coordinator: str
+    ca: pathlib.Path | None = None
+    cert: pathlib.Path | None = None
+    key: pathlib.Path | None = None
+    server_name: str | None = None
+    identity: str | None = None
+    poll_wait_s: int = 30
+    reconnect_timeout_s: float = 300.0
+    app: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("ca", "cert", "key") if getattr(self, k) is not None]
+        if given and len(given) != 3:
+            missing = sorted({"ca", "cert", "key"} - set(given))
+            raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")
+        if self.poll_wait_s < 1:
+            raise ConfigError(f"client.poll_wait_s = {self.poll_wait_s}: must be >= 1")
+
+    @property
+    def has_tls(self) -> bool:
+        """Whether certificate files are configured."""
+        return self.ca is not None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: pathlib.Path) -> ClientConfig:
+        """Build from a parsed TOML document.
+
+        Raises:
+            ConfigError: A key is unknown, missing, of the wrong type or out of range.
+        """
+        top = Table(data, "", base_dir=base_dir)
+        coordinator = top.table("coordinator")
+        tls = top.table("tls")
+        client = top.table("client")
+        config = cls(
+            coordinator=coordinator.require("address", str),
+            server_name=coordinator.get("server_name", str, None),  # type: ignore[arg-type]  # optional
+            ca=tls.path("ca"),
+            cert=tls.path("cert"),
+            key=tls.path("key"),
+            identity=client.get("identity", str, None),  # type: ignore[arg-type]  # optional
+            poll_wait_s=client.get("poll_wait_s", int, 30),
+            reconnect_timeout_s=client.get("reconnect_timeout_s", float, 300.0, check_positive),
+            app=top.scalars("app"),
+        )
+        for table in (coordinator, tls, client, top):
+            table.finish()
+        return config

@@ -1,0 +1,281 @@
+"""The silo's loop: join, long-poll for tasks, run them, stream results back; reconnect on loss."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from fedpriv._types import Scalar
+from fedpriv.client.base import Client
+from fedpriv.errors import AuthenticationError, ConnectError, PermissionDenied, ProtocolError
+from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
+from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
+from fedpriv.wire import (
+    PayloadAssembler,
+    TensorLayout,
+    arrays_from_payload,
+    encode_chunks,
+    layout_from_proto,
+    scalars_from_proto,
+    scalars_to_proto,
+)
+
+__all__ = ["Backoff", "ClientStats", "run_client"]
+
+logger = logging.getLogger(__name__)
+
+SDK_VERSION = "0.1.0"  # keep equal to fedpriv.__version__ (a test checks)
+_JOIN_TIMEOUT_S = 30.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter (AWS architecture blog), capped.
+
+    Example:
+        >>> backoff = Backoff(initial_s=1.0, max_s=8.0, rng=random.Random(0))
+        >>> all(0 <= backoff.next_delay() <= 8.0 for _ in range(10))
+        True
+    """
+
+    def __init__(
+        self, *, initial_s: float = 0.5, max_s: float = 30.0, rng: random.Random | None = None
+    ) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def reset(self) -> None:
+        """Start over after a success."""
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next attempt."""
+        ceiling = min(self._max_s, self._initial_s * 2**self._attempt)
+        self._attempt += 1
+        return self._rng.uniform(0, ceiling)
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """What a silo did in one run."""
+
+    silo: str = ""
+    trained: int = 0
+    evaluated: int = 0
+    rejected: int = 0
+    reconnects: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    task: fleet_pb2.Task
+    layout: TensorLayout | None
+    payload: npt.NDArray[np.uint8] | None
+
+
+def _receive_task(stream: Iterator[fleet_pb2.TaskMessage], stats: ClientStats) -> _Task:
+    first = next(stream, None)
+    if first is None or first.WhichOneof("part") != "task":
+        raise ProtocolError("PullTask stream did not start with a Task")
+    task = first.task
+    if not task.HasField("model"):
+        return _Task(task, None, None)
+    layout, problems = layout_from_proto(task.model)
+    if layout is None:
+        raise ProtocolError("coordinator sent a malformed model header: " + "; ".join(problems))
+    assembler = PayloadAssembler(layout)
+    for message in stream:
+        if message.WhichOneof("part") != "chunk":
+            raise ProtocolError("only chunks may follow a Task")
+        assembler.add(message.chunk.offset, message.chunk.data)
+        stats.bytes_received += len(message.chunk.data)
+    return _Task(task, layout, assembler.finish())
+
+
+@contextlib.contextmanager
+def _heartbeats(stub: fleet_pb2_grpc.FleetStub, interval_s: float) -> Iterator[None]:
+    """Tell the coordinator the silo is alive while it trains."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            try:
+                stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=interval_s)
+            except grpc.RpcError as err:
+                logger.debug("heartbeat failed: %s", err.code())
+
+    thread = threading.Thread(target=beat, name="fedpriv-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _result_messages(
+    header: fleet_pb2.ResultHeader,
+    layout: TensorLayout | None,
+    parameters: Mapping[str, npt.NDArray[Any]] | None,
+    stats: ClientStats,
+) -> Iterator[fleet_pb2.ResultMessage]:
+    yield fleet_pb2.ResultMessage(header=header)
+    if layout is None or parameters is None:
+        return
+    for offset, data in encode_chunks(layout, parameters):
+        stats.bytes_sent += len(data)
+        yield fleet_pb2.ResultMessage(chunk=tensor_pb2.TensorChunk(offset=offset, data=data))
+
+
+def _config(task: fleet_pb2.Task) -> dict[str, Scalar]:
+    values, problems = scalars_from_proto(task.config)
+    if problems:
+        raise ProtocolError("coordinator sent invalid task config: " + "; ".join(problems))
+    return values
+
+
+def _run_task(
+    client: Client, stub: fleet_pb2_grpc.FleetStub, received: _Task, stats: ClientStats
+) -> None:
+    task = received.task
+    assert received.layout is not None and received.payload is not None  # TRAIN/EVALUATE carry a model
+    arrays = arrays_from_payload(received.layout, received.payload)
+    config = _config(task)
+    timeout = max(1.0, task.deadline_unix_s - time.time()) if task.deadline_unix_s else None
+    if task.kind == fleet_pb2.TASK_KIND_TRAIN:
+        fit = client.fit(arrays, config=config)
+        header = fleet_pb2.ResultHeader(
+            task_id=task.task_id,
+            round=task.round,
+            kind=task.kind,
+            num_examples=fit.num_examples,
+            metrics=scalars_to_proto(fit.metrics),
+            update=received.layout.to_proto(),
+        )
+        messages = _result_messages(header, received.layout, fit.parameters, stats)
+        stats.trained += 1
+    else:
+        evaluation = client.evaluate(arrays, config=config)
+        header = fleet_pb2.ResultHeader(
+            task_id=task.task_id,
+            round=task.round,
+            kind=task.kind,
+            num_examples=evaluation.num_examples,
+            metrics=scalars_to_proto(evaluation.metrics),
+        )
+        messages = _result_messages(header, None, None, stats)
+        stats.evaluated += 1
+    stub.PushResult(messages, timeout=timeout)
+
+
+def run_client(
+    client: Client,
+    *,
+    coordinator: str,
+    tls: TLSConfig | None,
+    insecure: bool = False,
+    identity: str | None = None,
+    server_name: str | None = None,
+    poll_wait_s: int = 30,
+    reconnect_timeout_s: float = 300.0,
+    stop: threading.Event | None = None,
+) -> ClientStats:
+    """Serve `client` to the coordinator until the federation finishes.
+
+    Args:
+        client: The silo's training code.
+        coordinator: ``host:port`` of the coordinator.
+        tls: This silo's certificate, key and the federation CA.
+        insecure: Plain text (with `identity` claimed in metadata); logs a warning.
+        identity: Silo name to claim on a plain-text channel.
+        server_name: Expected name in the coordinator's certificate, if not the host.
+        poll_wait_s: How long each long-poll may wait.
+        reconnect_timeout_s: Give up after being unable to reach the coordinator this long.
+        stop: Set to make the loop leave the federation and return.
+
+    Returns:
+        Counters of what the silo did.
+
+    Raises:
+        AuthenticationError: The coordinator refused this silo's certificate.
+        PermissionDenied: The silo is not on the coordinator's allow list.
+        ConnectError: The coordinator stayed unreachable for `reconnect_timeout_s`.
+    """
+    stop = stop or threading.Event()
+    stats = ClientStats()
+    backoff = Backoff()
+    channel = open_channel(
+        coordinator, tls=tls, insecure=insecure, identity=identity, server_name=server_name
+    )
+    stub = fleet_pb2_grpc.FleetStub(channel)
+    joined = False
+    heartbeat_s = 10.0
+    last_contact = time.monotonic()
+    try:
+        while not stop.is_set():
+            try:
+                if not joined:
+                    reply = stub.Join(
+                        fleet_pb2.JoinRequest(sdk_version=SDK_VERSION), timeout=_JOIN_TIMEOUT_S
+                    )
+                    joined = True
+                    stats.silo = reply.silo
+                    heartbeat_s = float(max(1, reply.heartbeat_interval_s))
+                    logger.info("joined federation=%s as silo=%s", reply.federation, reply.silo)
+                stream = stub.PullTask(
+                    fleet_pb2.PullTaskRequest(wait_s=poll_wait_s), timeout=poll_wait_s + 600
+                )
+                received = _receive_task(stream, stats)
+                last_contact = time.monotonic()
+                backoff.reset()
+                kind = received.task.kind
+                if kind == fleet_pb2.TASK_KIND_FINISHED:
+                    logger.info("federation finished")
+                    break
+                if kind == fleet_pb2.TASK_KIND_WAIT:
+                    continue
+                logger.info(
+                    "task round=%d kind=%s", received.task.round, fleet_pb2.TaskKind.Name(kind)
+                )
+                with _heartbeats(stub, heartbeat_s):
+                    _run_task(client, stub, received, stats)
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+                if isinstance(error, AuthenticationError | PermissionDenied):
+                    raise error from None
+                if rpc_error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    stats.rejected += 1
+                    logger.error("result rejected by the coordinator: %s", rpc_error.details())
+                    continue
+                if rpc_error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    logger.warning("coordinator: %s", rpc_error.details())
+                    continue
+                joined = False
+                waited = time.monotonic() - last_contact
+                if waited > reconnect_timeout_s:
+                    raise ConnectError(
+                        f"coordinator {coordinator} unreachable for {waited:.0f} s: {error}"
+                    ) from None
+                delay = backoff.next_delay()
+                stats.reconnects += 1
+                logger.warning("coordinator unreachable (%s); retrying in %.1f s", error, delay)
+                stop.wait(delay)
+        if stop.is_set() and joined:
+            with contextlib.suppress(grpc.RpcError):
+                stub.Leave(fleet_pb2.LeaveRequest(reason="stopped"), timeout=5)
+    finally:
+        channel.close()
+    return stats

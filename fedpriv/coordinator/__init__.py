@@ -1,0 +1,23 @@
+"""The coordinator: configuration, rounds state machine, durable store and daemon."""
+
+from __future__ import annotations
+
+from fedpriv.coordinator.config import CoordinatorConfig, ModelSource, RoundConfig, TLSFiles
+from fedpriv.coordinator.daemon import Coordinator, load_initial_model
+from fedpriv.coordinator.federation import Federation, RoundReporter, RoundSummary
+from fedpriv.coordinator.store import Store, read_checkpoint, write_checkpoint
+
+__all__ = [
+    "Coordinator",
+    "CoordinatorConfig",
+    "Federation",
+    "ModelSource",
+    "RoundConfig",
+    "RoundReporter",
+    "RoundSummary",
+    "Store",
+    "TLSFiles",
+    "load_initial_model",
+    "read_checkpoint",
+    "write_checkpoint",
+]

@@ -1,0 +1,182 @@
+"""Coordinator configuration: one frozen type per concern, validated on construction."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpriv._config import Table, check_positive
+from fedpriv._types import Scalar
+from fedpriv.errors import ConfigError
+from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "CoordinatorConfig",
+    "ModelSource",
+    "RoundConfig",
+    "TLSFiles",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:7443"
+DEFAULT_DEADLINE_S = 600.0
+DEFAULT_HEARTBEAT_S = 10
+DEFAULT_POLL_WAIT_S = 30
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSFiles:
+    """Paths of the federation CA and this party's certificate and key."""
+
+    ca: pathlib.Path
+    cert: pathlib.Path
+    key: pathlib.Path
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundConfig:
+    """How rounds are scheduled.
+
+    Args:
+        num_rounds: Rounds to complete before the federation finishes.
+        min_clients: Silos that must be connected to start a round, and accepted
+            updates needed to finish one.
+        max_clients: Silos selected per round (0: every available silo).
+        deadline_s: Time a selected silo has to return its update.
+        federated_evaluation: Ask the round's silos to evaluate each new model.
+        evaluation_deadline_s: Time silos have to return evaluation metrics.
+        max_failed_attempts: Consecutive failed attempts at one round before the
+            coordinator gives up.
+        client_config: Values sent to silos with every task (epochs, lr, ...).
+    """
+
+    num_rounds: int = 3
+    min_clients: int = 2
+    max_clients: int = 0
+    deadline_s: float = DEFAULT_DEADLINE_S
+    federated_evaluation: bool = True
+    evaluation_deadline_s: float = 120.0
+    max_failed_attempts: int = 3
+    client_config: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_rounds", "min_clients", "max_failed_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rounds.{name} = {getattr(self, name)}: must be >= 1")
+        if self.max_clients and self.max_clients < self.min_clients:
+            raise ConfigError(
+                f"rounds.max_clients = {self.max_clients}: must be 0 or >= rounds.min_clients "
+                f"({self.min_clients})"
+            )
+        for name in ("deadline_s", "evaluation_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"rounds.{name} = {getattr(self, name)}: must be > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSource:
+    """Where the initial global model comes from: a factory or a checkpoint (one of them)."""
+
+    factory: str | None = None
+    checkpoint: pathlib.Path | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if (self.factory is None) == (self.checkpoint is None):
+            raise ConfigError("[model] needs exactly one of factory = 'module:function' or checkpoint")
+        if self.factory is not None and ":" not in self.factory:
+            raise ConfigError(f"model.factory = {self.factory!r}: expected 'module:function'")
+        if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes % 8:
+            raise ConfigError(
+                f"model.chunk_bytes = {self.chunk_bytes}: must be a multiple of 8 in "
+                f"(0, {MAX_CHUNK_BYTES}]"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoordinatorConfig:
+    """Everything the coordinator daemon needs.
+
+    Args:
+        federation: Name of the federation (logs, reports).
+        address: ``host:port`` to listen on.
+        tls: Certificate files; None only together with the CLI's --insecure.
+        allowed_silos: Identities allowed to join; None admits any certificate
+            the federation CA signed.
+        rounds: Scheduling.
+        model: Initial model.
+        state_dir: SQLite database, checkpoints and spool files.
+        heartbeat_interval_s: How often silos report while training.
+        poll_wait_s: How long a silo's PullTask may wait before answering WAIT.
+    """
+
+    federation: str = "fedpriv"
+    address: str = DEFAULT_ADDRESS
+    tls: TLSFiles | None = None
+    allowed_silos: frozenset[str] | None = None
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    model: ModelSource
+    state_dir: pathlib.Path
+    heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S
+    poll_wait_s: int = DEFAULT_POLL_WAIT_S
+
+    def __post_init__(self) -> None:
+        if self.allowed_silos is not None and not self.allowed_silos:
+            raise ConfigError(
+                "federation.allowed_silos is empty: no silo could join; list them or omit the key"
+            )
+        if self.heartbeat_interval_s < 1 or self.poll_wait_s < 1:
+            raise ConfigError("server.heartbeat_interval_s and server.poll_wait_s must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: pathlib.Path) -> CoordinatorConfig:
+        """Build from a parsed TOML document; relative paths are relative to `base_dir`.
+
+        Raises:
+            ConfigError: A key is unknown, missing, of the wrong type or out of range.
+        """
+        top = Table(data, "", base_dir=base_dir)
+        fed = top.table("federation")
+        server = top.table("server")
+        tls_table = top.table("tls")
+        rounds = top.table("rounds")
+        model = top.table("model")
+        store = top.table("store")
+        allowed = fed.strings("allowed_silos")
+        tls = None
+        if tls_table.has("ca") or tls_table.has("cert") or tls_table.has("key"):
+            paths = {k: tls_table.path(k) for k in ("ca", "cert", "key")}
+            missing = [k for k, v in paths.items() if v is None]
+            if missing:
+                raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")
+            tls = TLSFiles(ca=paths["ca"], cert=paths["cert"], key=paths["key"])  # type: ignore[arg-type]  # checked above
+        state_dir = store.path("dir", "state")
+        config = cls(
+            federation=fed.get("name", str, "fedpriv"),
+            address=server.get("address", str, DEFAULT_ADDRESS),
+            heartbeat_interval_s=server.get("heartbeat_interval_s", int, DEFAULT_HEARTBEAT_S),
+            poll_wait_s=server.get("poll_wait_s", int, DEFAULT_POLL_WAIT_S),
+            tls=tls,
+            allowed_silos=None if allowed is None else frozenset(allowed),
+            rounds=RoundConfig(
+                num_rounds=rounds.get("num_rounds", int, 3),
+                min_clients=rounds.get("min_clients", int, 2),
+                max_clients=rounds.get("max_clients", int, 0),
+                deadline_s=rounds.get("deadline_s", float, DEFAULT_DEADLINE_S, check_positive),
+                federated_evaluation=rounds.get("federated_evaluation", bool, True),
+                evaluation_deadline_s=rounds.get("evaluation_deadline_s", float, 120.0),
+                max_failed_attempts=rounds.get("max_failed_attempts", int, 3),
+                client_config=rounds.scalars("client_config"),
+            ),
+            model=ModelSource(
+                factory=model.get("factory", str, None),  # type: ignore[arg-type]  # optional
+                checkpoint=model.path("checkpoint"),
+                chunk_bytes=model.get("chunk_bytes", int, DEFAULT_CHUNK_BYTES),
+            ),
+            state_dir=state_dir,  # type: ignore[arg-type]  # has a default
+        )
+        for table in (fed, server, tls_table, rounds, model, store, top):
+            table.finish()
+        return config

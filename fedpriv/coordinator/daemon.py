@@ -1,0 +1,195 @@
+"""The coordinator daemon: store, initial model, gRPC server and the rounds thread, wired up."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pathlib
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
+from fedpriv.coordinator.federation import Federation, RoundReporter
+from fedpriv.coordinator.servicer import FleetServicer
+from fedpriv.coordinator.store import Store, read_checkpoint
+from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.strategy import FedAvg, Strategy
+from fedpriv.transport import ServerHandle, TLSConfig, serve
+from fedpriv.v1 import fleet_pb2_grpc
+from fedpriv.wire import Model
+from fedpriv.wire.torch_interop import model_from_state_dict
+
+__all__ = ["Coordinator", "load_factory", "load_initial_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_factory(spec: str, *, field: str) -> Any:
+    """Import ``module:attribute`` (the current directory is importable, as with ``python -m``).
+
+    Raises:
+        ConfigError: The module or attribute cannot be found.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(pathlib.Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{field} = {spec!r}: cannot import {module_name!r}: {err}") from err
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"{field} = {spec!r}: {module_name!r} has no {attribute!r}") from None
+
+
+def load_initial_model(source: ModelSource) -> Model:
+    """Build the initial global model from a factory or a checkpoint.
+
+    A factory may return a mapping of numpy arrays or a ``torch.nn.Module``.
+
+    Raises:
+        ConfigError: The factory returned something else.
+    """
+    if source.checkpoint is not None:
+        return read_checkpoint(source.checkpoint)
+    assert source.factory is not None  # ModelSource guarantees one of the two
+    made = load_factory(source.factory, field="model.factory")()
+    if hasattr(made, "state_dict"):
+        return model_from_state_dict(made.state_dict(), chunk_bytes=source.chunk_bytes)
+    if isinstance(made, Mapping) and all(isinstance(v, np.ndarray) for v in made.values()):
+        return Model.from_arrays(made, chunk_bytes=source.chunk_bytes)
+    raise ConfigError(
+        f"model.factory = {source.factory!r} returned {type(made).__name__}; "
+        "return a torch.nn.Module or a dict of numpy arrays"
+    )
+
+
+class Coordinator:
+    """A running coordinator; use as a context manager.
+
+    Example::
+
+        with Coordinator(config) as coordinator:
+            print("listening on", coordinator.port)
+            coordinator.wait()
+
+    Args:
+        config: Validated configuration.
+        insecure: Serve plain text (the CLI's --insecure); logs a warning.
+        strategy: Aggregation rule (FedAvg by default).
+        reporter: Receives round events.
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        insecure: bool = False,
+        strategy: Strategy | None = None,
+        reporter: RoundReporter | None = None,
+    ) -> None:
+        if config.tls is None and not insecure:
+            raise ConfigError(
+                "[tls] ca, cert and key are required; run with --insecure only on a trusted network"
+            )
+        self.config = config
+        self._insecure = insecure
+        self._tls = (
+            None
+            if config.tls is None or insecure
+            else TLSConfig.from_files(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+        )
+        self.store = Store(config.state_dir)
+        committed = self.store.last_committed()
+        if committed is None:
+            model = load_initial_model(config.model)
+            self.store.commit_round(
+                round=0, model=model, started_unix_s=0.0, selected=0, accepted=0, total_weight=0.0
+            )
+            next_round = 1
+        else:
+            model = read_checkpoint(committed.checkpoint, sha256=committed.sha256)
+            next_round = committed.round + 1
+            logger.info("resuming after committed round=%d", committed.round)
+        self.federation = Federation(
+            config=config,
+            strategy=strategy or FedAvg(),
+            store=self.store,
+            model=model,
+            next_round=next_round,
+            reporter=reporter,
+        )
+        self._server_cm: Any = None
+        self._handle: ServerHandle | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        if self._handle is None:
+            raise RuntimeError("coordinator is not running")
+        return self._handle.port
+
+    def __enter__(self) -> Coordinator:
+        servicer = FleetServicer(self.federation, insecure=self._insecure)
+
+        def add(server: grpc.Server) -> list[str]:
+            fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
+            return ["fedpriv.v1.Fleet"]
+
+        self._server_cm = serve(
+            add,
+            address=self.config.address,
+            tls=self._tls,
+            insecure=self._insecure,
+            allowed=self.config.allowed_silos,
+        )
+        self._handle = self._server_cm.__enter__()
+        logger.info(
+            "coordinator listening port=%d federation=%s tls=%s",
+            self._handle.port, self.config.federation, not self._insecure,
+        )
+        self._thread = threading.Thread(target=self._run, name="fedpriv-rounds", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.federation.run()
+        except FedprivError as err:
+            self._error = err
+            logger.error("federation stopped: %s", err)
+        except Exception as err:  # surfaced to wait() instead of dying silently in a thread
+            self._error = err
+            logger.exception("federation crashed")
+
+    def wait(self, timeout_s: float | None = None, *, finish_grace_s: float = 30.0) -> bool:
+        """Block until all rounds are done and live silos were told; re-raise a failure.
+
+        Returns:
+            True when the federation finished, False on timeout.
+        """
+        if self._thread is None:
+            raise RuntimeError("coordinator is not running")
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            return False
+        if self._error is not None:
+            raise self._error
+        self.federation.wait_until_silos_told(finish_grace_s)
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        self.federation.stop()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._server_cm is not None:
+            self._server_cm.__exit__(None, None, None)
+        self.store.close()

@@ -1,0 +1,580 @@
+"""The rounds state machine: who is connected, which task each silo gets, when a round ends.
+
+Everything here is plain Python with explicit state; the gRPC servicer only
+translates messages. One background thread (``run``) drives the rounds; RPC
+threads call ``join``, ``pull_task``, ``open_upload`` and ``complete_upload``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fedpriv._types import Scalar
+from fedpriv.coordinator.config import CoordinatorConfig
+from fedpriv.coordinator.store import Store
+from fedpriv.coordinator.upload import Upload, UploadResult
+from fedpriv.errors import ProtocolError, RoundFailed, UpdateRejected
+from fedpriv.strategy import Aggregator, Strategy
+from fedpriv.v1 import fleet_pb2
+from fedpriv.wire import Model, TensorLayout
+
+__all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
+
+logger = logging.getLogger(__name__)
+
+# A weight above 2**53 would lose integer precision in the float accumulators.
+MAX_NUM_EXAMPLES = 2**53
+
+
+class TaskKind(enum.Enum):
+    """What a silo is asked to do (values equal the proto enum)."""
+
+    WAIT = fleet_pb2.TASK_KIND_WAIT
+    TRAIN = fleet_pb2.TASK_KIND_TRAIN
+    EVALUATE = fleet_pb2.TASK_KIND_EVALUATE
+    FINISHED = fleet_pb2.TASK_KIND_FINISHED
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    """The answer to one PullTask call."""
+
+    kind: TaskKind
+    task_id: str = ""
+    round: int = 0
+    config: Mapping[str, Scalar] = field(default_factory=dict)
+    model: Model | None = None
+    deadline_unix_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundSummary:
+    """What happened in one completed round."""
+
+    round: int
+    num_rounds: int
+    selected: int
+    accepted: int
+    rejected: int
+    dropped: int
+    fit_metrics: Mapping[str, float]
+    evaluation_metrics: Mapping[str, float]
+    bytes_received: int
+    duration_s: float
+
+
+class RoundReporter(Protocol):
+    """Receives round events (the CLI prints them; tests collect them)."""
+
+    def round_completed(self, summary: RoundSummary) -> None:
+        """A round's model was committed and evaluated."""
+        ...
+
+    def round_failed(self, round: int, reason: str) -> None:
+        """An attempt at a round ended without publishing a model."""
+        ...
+
+
+class _LogReporter:
+    def round_completed(self, summary: RoundSummary) -> None:
+        logger.info(
+            "round=%d accepted=%d selected=%d metrics=%s duration_s=%.2f",
+            summary.round, summary.accepted, summary.selected,
+            dict(summary.evaluation_metrics), summary.duration_s,
+        )
+
+    def round_failed(self, round: int, reason: str) -> None:
+        logger.warning("round=%d failed reason=%s", round, reason)
+
+
+@dataclass(slots=True)
+class _Phase:
+    """One task (TRAIN or EVALUATE) sent to a set of silos in one round."""
+
+    kind: TaskKind
+    round: int
+    tasks: dict[str, str]
+    model: Model
+    config: Mapping[str, Scalar]
+    deadline: float
+    deadline_unix_s: float
+    aggregator: Aggregator | None
+    outcomes: dict[str, str] = field(default_factory=dict)
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    results: list[UploadResult] = field(default_factory=list)
+    total_weight: float = 0.0
+    bytes_received: int = 0
+    closed: bool = False
+
+    @property
+    def pending(self) -> int:
+        return len(self.tasks) - len(self.outcomes)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.results)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for o in self.outcomes.values() if o == outcome)
+
+
+def weighted_means(results: list[UploadResult]) -> dict[str, float]:
+    """Example-weighted mean of every numeric metric the results report."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for result in results:
+        for name, value in result.metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                sums[name] = sums.get(name, 0.0) + value * result.num_examples
+                weights[name] = weights.get(name, 0.0) + result.num_examples
+    return {name: sums[name] / weights[name] for name in sums if weights[name] > 0}
+
+
+class Federation:
+    """Schedules rounds and keeps the state every RPC needs.
+
+    Args:
+        config: Coordinator configuration.
+        strategy: Aggregation rule.
+        store: Durable state.
+        model: Current global model.
+        next_round: First round to run (1, or last committed + 1 after a restart).
+        reporter: Receives round events.
+        clock: Monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: CoordinatorConfig,
+        strategy: Strategy,
+        store: Store,
+        model: Model,
+        next_round: int,
+        reporter: RoundReporter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._rounds = config.rounds
+        self._strategy = strategy
+        self._store = store
+        self._model = model
+        self._next_round = next_round
+        self._reporter = reporter or _LogReporter()
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._last_seen: dict[str, float] = {}
+        self._told_finished: set[str] = set()
+        self._phase: _Phase | None = None
+        self._finished = next_round > self._rounds.num_rounds
+        self._stop = threading.Event()
+        # A silo that neither polls nor heartbeats for this long counts as gone.
+        self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
+
+    # ---- state read by the servicer and status ------------------------------------------
+
+    @property
+    def model(self) -> Model:
+        """The current global model."""
+        return self._model
+
+    @property
+    def finished(self) -> bool:
+        """Whether every round has completed."""
+        return self._finished
+
+    def available(self) -> list[str]:
+        """Silos seen within the liveness window, sorted."""
+        now = self._clock()
+        with self._cond:
+            return sorted(s for s, t in self._last_seen.items() if now - t <= self.liveness_s)
+
+    # ---- RPC entry points -----------------------------------------------------------------
+
+    def _touch(self, silo: str) -> None:
+        self._last_seen[silo] = self._clock()
+
+    def join(self, silo: str) -> None:
+        """Register `silo` (again, after a restart)."""
+        with self._cond:
+            self._touch(silo)
+            self._cond.notify_all()
+        self._store.touch_silo(silo)
+        logger.info("joined silo=%s", silo)
+
+    def heartbeat(self, silo: str) -> bool:
+        """Note that `silo` is alive; False if it never joined (it should join again)."""
+        with self._cond:
+            known = silo in self._last_seen
+            if known:
+                self._touch(silo)
+            return known
+
+    def leave(self, silo: str, reason: str) -> None:
+        """Forget `silo`; a task it holds counts as dropped."""
+        with self._cond:
+            self._last_seen.pop(silo, None)
+            phase = self._phase
+            if phase and silo in phase.tasks and silo not in phase.outcomes and silo not in phase.uploads:
+                self._resolve(phase, silo, "dropped", f"left: {reason}")
+            self._cond.notify_all()
+        logger.info("left silo=%s reason=%s", silo, reason)
+
+    def pull_task(self, silo: str, *, wait_s: float) -> Assignment:
+        """Return the silo's next task, waiting up to `wait_s` for one."""
+        deadline = self._clock() + max(0.0, min(wait_s, float(self.config.poll_wait_s)))
+        with self._cond:
+            self._touch(silo)
+            while True:
+                if self._finished:
+                    self._told_finished.add(silo)
+                    self._cond.notify_all()
+                    return Assignment(kind=TaskKind.FINISHED)
+                phase = self._phase
+                if (
+                    phase is not None
+                    and not phase.closed
+                    and silo in phase.tasks
+                    and silo not in phase.outcomes
+                    and silo not in phase.uploads
+                ):
+                    # Given again if asked again: the silo restarted and lost the first copy.
+                    return Assignment(
+                        kind=phase.kind,
+                        task_id=phase.tasks[silo],
+                        round=phase.round,
+                        config=phase.config,
+                        model=phase.model,
+                        deadline_unix_s=phase.deadline_unix_s,
+                    )
+                remaining = deadline - self._clock()
+                if remaining <= 0 or self._stop.is_set():
+                    return Assignment(kind=TaskKind.WAIT)
+                self._cond.wait(remaining)
+
+    def open_upload(
+        self,
+        silo: str,
+        *,
+        task_id: str,
+        round: int,
+        kind: TaskKind,
+        num_examples: int,
+        metrics: Mapping[str, Scalar],
+        metric_problems: list[str],
+        layout: TensorLayout | None,
+        header_problems: list[str],
+    ) -> Upload:
+        """Check a result header against the silo's task and open its upload.
+
+        Raises:
+            ProtocolError: The silo has no open task with that id and round (stale,
+                replayed or forged).
+            UpdateRejected: The header is invalid; every problem is listed.
+        """
+        with self._cond:
+            self._touch(silo)
+            phase = self._phase
+            if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
+                raise ProtocolError(
+                    f"silo {silo!r} has no open task {task_id!r} for round {round}; "
+                    "the result is stale or for another silo"
+                )
+            if silo in phase.outcomes or silo in phase.uploads:
+                raise ProtocolError(f"silo {silo!r} already sent a result for task {task_id!r}")
+            problems = list(header_problems) + list(metric_problems)
+            if round != phase.round:
+                problems.append(f"round {round} != {phase.round}, the round of task {task_id!r}")
+            if kind is not phase.kind:
+                problems.append(f"result kind {kind.name} != task kind {phase.kind.name}")
+            if not 0 < num_examples <= MAX_NUM_EXAMPLES:
+                problems.append(f"num_examples {num_examples} must be in [1, 2**53]")
+            if phase.kind is TaskKind.TRAIN:
+                problems.extend(_compare_layout(layout, phase.model.layout))
+            elif layout is not None and layout.specs:
+                problems.append("an evaluation result must not carry tensors")
+            if problems:
+                self._resolve(phase, silo, "rejected", "; ".join(problems))
+                raise UpdateRejected(silo=silo, round=round, problems=problems)
+            upload = Upload(
+                silo=silo,
+                round=phase.round,
+                layout=phase.model.layout if phase.kind is TaskKind.TRAIN else None,
+                aggregator=phase.aggregator,
+                num_examples=num_examples,
+                metrics=metrics,
+                spool_dir=self._store.directory / "spool",
+                on_chunk=lambda: self._last_seen.__setitem__(silo, self._clock()),
+            )
+            phase.uploads[silo] = upload
+            return upload
+
+    def complete_upload(self, upload: Upload, *, error: Exception | None = None) -> None:
+        """Finish `upload`: accept it into the round, or record why it failed.
+
+        Raises:
+            UpdateRejected: Validation failed at the end of the stream.
+            ProtocolError: The round closed before the upload completed.
+        """
+        result: UploadResult | None = None
+        failure: Exception | None = error
+        if failure is None:
+            try:
+                result = upload.finish()
+            except (UpdateRejected, ProtocolError) as err:
+                failure = err
+        else:
+            upload.cancel(f"stream broken: {error}")
+        with self._cond:
+            phase = self._phase
+            current = phase is not None and phase.uploads.get(upload.silo) is upload
+            if current and phase is not None:
+                del phase.uploads[upload.silo]
+                if result is not None and not phase.closed:
+                    phase.results.append(result)
+                    phase.bytes_received += result.bytes_received
+                    if phase.aggregator is not None:
+                        phase.total_weight += result.num_examples
+                    self._resolve(phase, upload.silo, "accepted", "", result)
+                    upload.release()
+                elif result is not None:
+                    upload.revert()
+                    failure = ProtocolError(f"round {upload.round} closed before the upload completed")
+                    self._resolve(phase, upload.silo, "late", str(failure))
+                else:
+                    outcome = "rejected" if isinstance(failure, UpdateRejected) else "dropped"
+                    self._resolve(phase, upload.silo, outcome, str(failure))
+            elif result is not None:
+                upload.revert()
+                failure = ProtocolError(f"round {upload.round} closed before the upload completed")
+            self._cond.notify_all()
+        if failure is not None and error is None:
+            raise failure
+
+    def _resolve(
+        self, phase: _Phase, silo: str, outcome: str, detail: str, result: UploadResult | None = None
+    ) -> None:
+        """Record a silo's outcome for the phase (caller holds the lock)."""
+        if silo in phase.outcomes:
+            return
+        phase.outcomes[silo] = outcome
+        if outcome != "accepted":
+            logger.warning(
+                "[%s] silo=%s round=%d outcome=%s detail=%s",
+                phase.kind.name, silo, phase.round, outcome, detail,
+            )
+        self._store.record_participant(
+            round=phase.round,
+            task=phase.kind.name.lower(),
+            silo=silo,
+            outcome=outcome,
+            num_examples=result.num_examples if result else 0,
+            bytes_received=result.bytes_received if result else 0,
+            detail=detail,
+        )
+
+    # ---- the rounds loop ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to return soon."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        """Run rounds until all are complete or ``stop`` is called.
+
+        Raises:
+            RoundFailed: A round failed ``max_failed_attempts`` times in a row.
+        """
+        failures = 0
+        while self._next_round <= self._rounds.num_rounds and not self._stop.is_set():
+            silos = self._wait_for_silos()
+            if silos is None:
+                return
+            try:
+                self._run_round(self._next_round, silos)
+            except RoundFailed as err:
+                failures += 1
+                self._reporter.round_failed(self._next_round, str(err))
+                if failures >= self._rounds.max_failed_attempts:
+                    raise RoundFailed(
+                        f"round {self._next_round} failed {failures} times in a row; last: {err}"
+                    ) from err
+                continue
+            failures = 0
+            self._next_round += 1
+        with self._cond:
+            self._finished = self._next_round > self._rounds.num_rounds
+            self._cond.notify_all()
+
+    def wait_until_silos_told(self, timeout_s: float) -> bool:
+        """After the last round, wait until every live silo has been told FINISHED."""
+        end = self._clock() + timeout_s
+        with self._cond:
+            while True:
+                now = self._clock()
+                live = {s for s, t in self._last_seen.items() if now - t <= self.liveness_s}
+                if live <= self._told_finished:
+                    return True
+                if now >= end:
+                    return False
+                self._cond.wait(min(0.5, end - now))
+
+    def _wait_for_silos(self) -> list[str] | None:
+        needed = self._rounds.min_clients
+        announced = False
+        while not self._stop.is_set():
+            available = self.available()
+            if len(available) >= needed:
+                if self._rounds.max_clients and len(available) > self._rounds.max_clients:
+                    available = sorted(secrets.SystemRandom().sample(available, self._rounds.max_clients))
+                return available
+            if not announced:
+                logger.info("waiting for silos have=%d need=%d", len(available), needed)
+                announced = True
+            with self._cond:
+                self._cond.wait(1.0)
+        return None
+
+    def _open_phase(
+        self, kind: TaskKind, round: int, silos: list[str], deadline_s: float
+    ) -> _Phase:
+        aggregator = (
+            self._strategy.begin_round(round, model=self._model) if kind is TaskKind.TRAIN else None
+        )
+        config = dict(self._rounds.client_config)
+        config["round"] = round
+        phase = _Phase(
+            kind=kind,
+            round=round,
+            tasks={silo: uuid.uuid4().hex for silo in silos},
+            model=self._model,
+            config=config,
+            deadline=self._clock() + deadline_s,
+            deadline_unix_s=time.time() + deadline_s,
+            aggregator=aggregator,
+        )
+        with self._cond:
+            self._phase = phase
+            self._cond.notify_all()
+        logger.info("[%s] round=%d silos=%s", kind.name, round, ",".join(silos))
+        return phase
+
+    def _wait_phase(self, phase: _Phase, *, needed: int) -> None:
+        """Wait until every silo answered, the deadline passed, or `needed` is out of reach."""
+        with self._cond:
+            while not self._stop.is_set():
+                now = self._clock()
+                for silo in phase.tasks:
+                    seen = self._last_seen.get(silo)
+                    gone = seen is None or now - seen > self.liveness_s
+                    if gone and silo not in phase.outcomes and silo not in phase.uploads:
+                        self._resolve(phase, silo, "dropped", "stopped polling and heartbeating")
+                if phase.pending == 0 or now >= phase.deadline:
+                    break
+                if phase.accepted + phase.pending < needed:
+                    break
+                self._cond.wait(min(0.5, phase.deadline - now))
+            phase.closed = True
+            open_uploads = list(phase.uploads.values())
+        for upload in open_uploads:
+            if upload.cancel(f"round {phase.round} closed (deadline) before the upload completed"):
+                with self._cond:
+                    self._resolve(phase, upload.silo, "late", "deadline passed during upload")
+        with self._cond:
+            for silo in phase.tasks:
+                if silo not in phase.outcomes and silo not in phase.uploads:
+                    self._resolve(phase, silo, "timeout", "no result before the deadline")
+
+    def _run_round(self, round: int, silos: list[str]) -> None:
+        started = self._clock()
+        started_unix = time.time()
+        needed = self._rounds.min_clients
+        train = self._open_phase(TaskKind.TRAIN, round, silos, self._rounds.deadline_s)
+        self._wait_phase(train, needed=needed)
+        if train.accepted < needed or train.aggregator is None:
+            detail = (
+                f"{train.accepted} of {len(silos)} updates accepted, {needed} needed "
+                f"(rejected={train.count('rejected')} dropped={train.count('dropped')} "
+                f"late={train.count('late') + train.count('timeout')})"
+            )
+            self._store.record_attempt(
+                round=round, started_unix_s=started_unix, outcome="failed", detail=detail
+            )
+            raise RoundFailed(f"round {round}: {detail}; the global model is unchanged")
+        model = train.aggregator.finalize(total_weight=train.total_weight)
+        self._store.commit_round(
+            round=round,
+            model=model,
+            started_unix_s=started_unix,
+            selected=len(silos),
+            accepted=train.accepted,
+            total_weight=train.total_weight,
+        )
+        self._store.record_attempt(
+            round=round, started_unix_s=started_unix, outcome="completed", detail=""
+        )
+        with self._cond:
+            self._model = model
+        fit_metrics = weighted_means(train.results)
+        self._store.record_metrics(round=round, source="fit", values=fit_metrics)
+        evaluation: dict[str, float] = {}
+        if self._rounds.federated_evaluation:
+            evaluators = [r.silo for r in train.results if r.silo in self.available()]
+            phase = self._open_phase(
+                TaskKind.EVALUATE, round, evaluators, self._rounds.evaluation_deadline_s
+            )
+            self._wait_phase(phase, needed=len(evaluators))
+            evaluation = weighted_means(phase.results)
+            self._store.record_metrics(round=round, source="evaluate", values=evaluation)
+        with self._cond:
+            self._phase = None
+        self._reporter.round_completed(
+            RoundSummary(
+                round=round,
+                num_rounds=self._rounds.num_rounds,
+                selected=len(silos),
+                accepted=train.accepted,
+                rejected=train.count("rejected"),
+                dropped=len(silos) - train.accepted - train.count("rejected"),
+                fit_metrics=fit_metrics,
+                evaluation_metrics=evaluation,
+                bytes_received=train.bytes_received,
+                duration_s=self._clock() - started,
+            )
+        )
+
+
+def _compare_layout(layout: TensorLayout | None, expected: TensorLayout) -> list[str]:
+    """List every difference between an update's layout and the global model's."""
+    if layout is None:
+        return ["a training result must carry the updated tensors"]
+    problems = []
+    got = {s.name: s for s in layout.specs}
+    want = {s.name: s for s in expected.specs}
+    for name in want.keys() - got.keys():
+        problems.append(f"{name}: missing")
+    for name in got.keys() - want.keys():
+        problems.append(f"{name}: not in the model")
+    for name in want.keys() & got.keys():
+        w, g = want[name], got[name]
+        if g.shape != w.shape:
+            problems.append(f"{name}: shape {g.shape} != expected {w.shape}")
+        if g.dtype is not w.dtype:
+            problems.append(
+                f"{name}: dtype {g.dtype.name.lower()} != expected {w.dtype.name.lower()}"
+            )
+    if not problems and [s.name for s in layout.specs] != [s.name for s in expected.specs]:
+        problems.append("tensors are in a different order than the model's")
+    if not problems and layout.chunk_bytes != expected.chunk_bytes:
+        problems.append(f"chunk_bytes {layout.chunk_bytes} != the model's {expected.chunk_bytes}")
+    return sorted(problems)

@@ -1,0 +1,124 @@
+"""The Fleet gRPC servicer: translates messages and calls the Federation, nothing more."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from fedpriv.coordinator.federation import Federation, TaskKind
+from fedpriv.errors import ProtocolError
+from fedpriv.transport import peer_identity, rpc_error_translator
+from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
+from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
+
+__all__ = ["FleetServicer"]
+
+logger = logging.getLogger(__name__)
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # generated, untyped
+    """Serves the Fleet service for one :class:`Federation`."""
+
+    def __init__(self, federation: Federation, *, insecure: bool) -> None:
+        self._federation = federation
+        self._insecure = insecure
+
+    def _silo(self, context: grpc.ServicerContext) -> str:
+        silo = peer_identity(context, insecure=self._insecure)
+        if silo is None:  # the interceptor already refused such calls
+            raise ProtocolError("caller has no identity")
+        return silo
+
+    def Join(self, request: fleet_pb2.JoinRequest, context: grpc.ServicerContext) -> fleet_pb2.JoinReply:  # noqa: N802, D102
+        with rpc_error_translator(context, "Fleet.Join"):
+            silo = self._silo(context)
+            logger.info("[Fleet.Join] silo=%s sdk=%s", silo, request.sdk_version[:64])
+            self._federation.join(silo)
+            return fleet_pb2.JoinReply(
+                silo=silo,
+                federation=self._federation.config.federation,
+                heartbeat_interval_s=self._federation.config.heartbeat_interval_s,
+            )
+
+    def PullTask(  # noqa: N802, D102
+        self, request: fleet_pb2.PullTaskRequest, context: grpc.ServicerContext
+    ) -> Iterator[fleet_pb2.TaskMessage]:
+        with rpc_error_translator(context, "Fleet.PullTask"):
+            silo = self._silo(context)
+            task = self._federation.pull_task(silo, wait_s=request.wait_s)
+            header = task.model.layout.to_proto() if task.model is not None else None
+            yield fleet_pb2.TaskMessage(
+                task=fleet_pb2.Task(
+                    task_id=task.task_id,
+                    kind=task.kind.value,
+                    round=task.round,
+                    config=scalars_to_proto(task.config),
+                    model=header,
+                    deadline_unix_s=task.deadline_unix_s,
+                )
+            )
+            if task.model is None:
+                return
+            logger.info("[Fleet.PullTask] silo=%s round=%d kind=%s", silo, task.round, task.kind.name)
+            for offset, view in task.model.chunks():
+                if not context.is_active():
+                    return
+                yield fleet_pb2.TaskMessage(
+                    chunk=tensor_pb2.TensorChunk(offset=offset, data=bytes(view))
+                )
+
+    def PushResult(  # noqa: N802, D102
+        self, request_iterator: Iterator[fleet_pb2.ResultMessage], context: grpc.ServicerContext
+    ) -> fleet_pb2.PushReply:
+        with rpc_error_translator(context, "Fleet.PushResult"):
+            silo = self._silo(context)
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise ProtocolError("PushResult must start with a ResultHeader message")
+            header = first.header
+            layout, header_problems = (
+                layout_from_proto(header.update) if header.HasField("update") else (None, [])
+            )
+            metrics, metric_problems = scalars_from_proto(header.metrics)
+            try:
+                kind = TaskKind(header.kind)
+            except ValueError:
+                raise ProtocolError(f"unknown result kind {header.kind}") from None
+            logger.info("[Fleet.PushResult] silo=%s round=%d kind=%s", silo, header.round, kind.name)
+            upload = self._federation.open_upload(
+                silo,
+                task_id=header.task_id,
+                round=header.round,
+                kind=kind,
+                num_examples=header.num_examples,
+                metrics=metrics,
+                metric_problems=metric_problems,
+                layout=layout,
+                header_problems=header_problems or [],
+            )
+            try:
+                for message in request_iterator:
+                    if message.WhichOneof("part") != "chunk":
+                        raise ProtocolError("only TensorChunk messages may follow the ResultHeader")
+                    upload.add_chunk(message.chunk.offset, message.chunk.data)
+            except Exception as err:
+                self._federation.complete_upload(upload, error=err)
+                raise
+            self._federation.complete_upload(upload)
+            return fleet_pb2.PushReply(accepted=True)
+
+    def Heartbeat(  # noqa: N802, D102
+        self, request: fleet_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.HeartbeatReply:
+        with rpc_error_translator(context, "Fleet.Heartbeat"):
+            return fleet_pb2.HeartbeatReply(known=self._federation.heartbeat(self._silo(context)))
+
+    def Leave(  # noqa: N802, D102
+        self, request: fleet_pb2.LeaveRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.LeaveReply:
+        with rpc_error_translator(context, "Fleet.Leave"):
+            self._federation.leave(self._silo(context), request.reason[:200])
+            return fleet_pb2.LeaveReply()
+

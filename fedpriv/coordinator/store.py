@@ -1,0 +1,287 @@
+"""Durable coordinator state: SQLite for rounds and metrics, atomic files for checkpoints.
+
+Order of writes for a round: the checkpoint file is written, fsynced and
+renamed into place first; only then is the round committed in SQLite. After a
+crash the last committed round always has a complete checkpoint, and a
+checkpoint without a committed round is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpriv._types import Scalar
+from fedpriv.errors import StoreError
+from fedpriv.storage import write_atomic_parts
+from fedpriv.v1 import tensor_pb2
+from fedpriv.wire import Model, layout_from_proto
+
+__all__ = ["CommittedRound", "Store", "read_checkpoint", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = b"FPCK\x01\x00\x00\x00"
+_LENGTH = struct.Struct("<Q")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    started_unix_s REAL NOT NULL,
+    finished_unix_s REAL NOT NULL,
+    selected INTEGER NOT NULL,
+    accepted INTEGER NOT NULL,
+    total_weight REAL NOT NULL,
+    checkpoint TEXT NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    started_unix_s REAL NOT NULL,
+    finished_unix_s REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS participants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    silo TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    bytes_received INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    unix_s REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    round INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (round, source, name)
+);
+CREATE TABLE IF NOT EXISTS silos (
+    silo TEXT PRIMARY KEY,
+    first_seen_unix_s REAL NOT NULL,
+    last_seen_unix_s REAL NOT NULL
+);
+"""
+
+
+def write_checkpoint(path: pathlib.Path, model: Model) -> str:
+    """Write `model` atomically to `path` and return the file's SHA-256 (hex).
+
+    The payload is written straight from the model's buffer, without a copy.
+    """
+    header = model.layout.to_proto().SerializeToString()
+    parts = [_MAGIC, _LENGTH.pack(len(header)), header, memoryview(model.payload)]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_parts(path, parts)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: pathlib.Path, *, sha256: str | None = None) -> Model:
+    """Read a checkpoint written by :func:`write_checkpoint`.
+
+    Raises:
+        StoreError: The file is missing, truncated, corrupt or its hash differs.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(_MAGIC))
+            raw_length = handle.read(_LENGTH.size)
+            if magic != _MAGIC or len(raw_length) != _LENGTH.size:
+                raise StoreError(f"{path} is not a fedpriv checkpoint")
+            (length,) = _LENGTH.unpack(raw_length)
+            raw_header = handle.read(length)
+            header = tensor_pb2.TensorHeader.FromString(raw_header)
+            layout, problems = layout_from_proto(header)
+            if layout is None:
+                raise StoreError(f"{path}: corrupt header: {'; '.join(problems)}")
+            payload = np.empty(layout.payload_bytes, dtype=np.uint8)
+            if handle.readinto(memoryview(payload)) != layout.payload_bytes or handle.read(1):
+                raise StoreError(f"{path}: payload length differs from its header")
+    except OSError as err:
+        raise StoreError(f"cannot read checkpoint {path}: {err.strerror}") from err
+    if sha256 is not None:
+        for part in (magic, raw_length, raw_header, memoryview(payload)):
+            digest.update(part)
+        if digest.hexdigest() != sha256:
+            raise StoreError(f"{path}: SHA-256 differs from the committed round; file corrupt")
+    return Model(layout=layout, payload=payload)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommittedRound:
+    """A round that completed and whose checkpoint is durable."""
+
+    round: int
+    checkpoint: pathlib.Path
+    sha256: str
+
+
+class Store:
+    """SQLite database and checkpoint folder of one coordinator (thread-safe).
+
+    Args:
+        directory: Created if missing; holds ``state.sqlite3`` and ``checkpoints/``.
+    """
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        self.directory = directory
+        self.checkpoints = directory / "checkpoints"
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                directory / "state.sqlite3", check_same_thread=False, isolation_level=None
+            )
+            # WAL keeps readers (fedpriv status) off the writer's back; FULL makes each
+            # commit durable before the call returns.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as err:
+            raise StoreError(f"cannot open coordinator state in {directory}: {err}") from err
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> None:
+        try:
+            with self._lock:
+                self._db.execute(sql, params)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot write coordinator state: {err}") from err
+
+    def checkpoint_path(self, round: int) -> pathlib.Path:
+        """Where the model after `round` is stored (round 0: the initial model)."""
+        return self.checkpoints / f"round-{round:06d}.fpck"
+
+    def last_committed(self) -> CommittedRound | None:
+        """The newest committed round, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round, checkpoint, sha256 FROM rounds ORDER BY round DESC LIMIT 1"
+            ).fetchone()
+        if row is None:
+            return None
+        return CommittedRound(round=row[0], checkpoint=self.directory / row[1], sha256=row[2])
+
+    def commit_round(
+        self,
+        *,
+        round: int,
+        model: Model,
+        started_unix_s: float,
+        selected: int,
+        accepted: int,
+        total_weight: float,
+    ) -> CommittedRound:
+        """Checkpoint `model` as the result of `round`, then commit the round."""
+        path = self.checkpoint_path(round)
+        digest = write_checkpoint(path, model)
+        self._write(
+            "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                round,
+                started_unix_s,
+                time.time(),
+                selected,
+                accepted,
+                total_weight,
+                str(path.relative_to(self.directory)),
+                digest,
+            ),
+        )
+        return CommittedRound(round=round, checkpoint=path, sha256=digest)
+
+    def record_attempt(
+        self, *, round: int, started_unix_s: float, outcome: str, detail: str
+    ) -> None:
+        """Record how an attempt at a round ended (completed or failed, and why)."""
+        self._write(
+            "INSERT INTO attempts (round, started_unix_s, finished_unix_s, outcome, detail) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (round, started_unix_s, time.time(), outcome, detail),
+        )
+
+    def record_participant(
+        self,
+        *,
+        round: int,
+        task: str,
+        silo: str,
+        outcome: str,
+        num_examples: int = 0,
+        bytes_received: int = 0,
+        detail: str = "",
+    ) -> None:
+        """Record one silo's result for one task (accepted, rejected, dropped, ...)."""
+        self._write(
+            "INSERT INTO participants (round, task, silo, outcome, num_examples, bytes_received,"
+            " detail, unix_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (round, task, silo, outcome, num_examples, bytes_received, detail, time.time()),
+        )
+
+    def record_metrics(self, *, round: int, source: str, values: Mapping[str, Scalar]) -> None:
+        """Store the numeric entries of `values` for `round` under `source`."""
+        numeric = [
+            (round, source, name, float(value))
+            for name, value in values.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        try:
+            with self._lock:
+                self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", numeric)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot write metrics: {err}") from err
+
+    def touch_silo(self, silo: str) -> None:
+        """Record that `silo` was seen now."""
+        now = time.time()
+        self._write(
+            "INSERT INTO silos VALUES (?, ?, ?) "
+            "ON CONFLICT(silo) DO UPDATE SET last_seen_unix_s = excluded.last_seen_unix_s",
+            (silo, now, now),
+        )
+
+    def metrics(self, *, source: str | None = None) -> Iterator[tuple[int, str, str, float]]:
+        """Yield stored ``(round, source, name, value)`` rows in round order."""
+        with self._lock:
+            if source is None:
+                rows = self._db.execute("SELECT * FROM metrics ORDER BY round, source, name")
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM metrics WHERE source = ? ORDER BY round, name", (source,)
+                )
+            fetched = rows.fetchall()
+        yield from fetched
+
+    def participants(self, round: int) -> list[tuple[str, str, str, str]]:
+        """``(task, silo, outcome, detail)`` rows recorded for `round`."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT task, silo, outcome, detail FROM participants WHERE round = ? ORDER BY id",
+                (round,),
+            ).fetchall()
+
+    def rounds(self) -> list[int]:
+        """Committed rounds, ascending."""
+        with self._lock:
+            return [r for (r,) in self._db.execute("SELECT round FROM rounds ORDER BY round")]

@@ -1,0 +1,228 @@
+"""One silo's result stream: validated and folded chunk by chunk, undone if it fails.
+
+Each chunk is checked (order, length, finiteness) and folded into the round's
+aggregator as soon as it arrives. Folded chunks are also appended to an
+anonymous spool file, so that an upload that fails half way (a NaN in a later
+chunk, a dropped connection, the round's deadline) can be subtracted again:
+the aggregate only ever holds complete, valid updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedpriv._types import Scalar
+from fedpriv.errors import ProtocolError, UpdateRejected
+from fedpriv.strategy import Aggregator
+from fedpriv.wire import DType, TensorLayout, bfloat16_to_float32
+
+__all__ = ["Upload", "UploadResult"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadResult:
+    """A complete, valid result handed back to the round."""
+
+    silo: str
+    num_examples: int
+    metrics: Mapping[str, Scalar]
+    bytes_received: int
+
+
+@dataclass(slots=True)
+class _Scan:
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    fatal: str | None = None
+
+
+class Upload:
+    """Receives one result stream for one task.
+
+    Args:
+        silo: Authenticated identity of the sender.
+        round: Round the upload belongs to.
+        layout: Layout of the update (the global model's), or None for metrics only.
+        aggregator: Where valid chunks are folded (None for metrics only).
+        num_examples: The update's weight.
+        metrics: Validated metrics sent with the header.
+        spool_dir: Folder for the undo spool.
+        on_chunk: Called after each chunk (liveness).
+    """
+
+    def __init__(
+        self,
+        *,
+        silo: str,
+        round: int,
+        layout: TensorLayout | None,
+        aggregator: Aggregator | None,
+        num_examples: int,
+        metrics: Mapping[str, Scalar],
+        spool_dir: pathlib.Path,
+        on_chunk: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.silo = silo
+        self.round = round
+        self._layout = layout
+        self._aggregator = aggregator
+        self._weight = float(num_examples)
+        self._num_examples = num_examples
+        self._metrics = dict(metrics)
+        self._on_chunk = on_chunk
+        self._lock = threading.Lock()
+        self._received = 0
+        self._folded = 0
+        self._scan = _Scan()
+        self._cancelled: str | None = None
+        self._done = False
+        self._spool: int | None = None
+        if layout is not None and layout.payload_bytes:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=spool_dir, prefix="upload-", suffix=".spool")
+            # Unlinked at once: nothing to clean after a crash, and pages never reach the disk
+            # if the round ends before writeback.
+            os.unlink(name)
+            self._spool = fd
+
+    @property
+    def bytes_received(self) -> int:
+        """Payload bytes received so far."""
+        return self._received
+
+    def add_chunk(self, offset: int, data: bytes) -> None:
+        """Validate and fold one chunk.
+
+        Raises:
+            ProtocolError: The round closed before the upload completed.
+        """
+        with self._lock:
+            if self._cancelled is not None:
+                raise ProtocolError(self._cancelled)
+            self._on_chunk()
+            if self._layout is None:
+                self._scan.fatal = "a metrics-only result must not carry tensor chunks"
+                return
+            if self._scan.fatal is not None:
+                return
+            expected = self._layout.chunk_range(self._received // self._layout.chunk_bytes)
+            if (
+                self._received >= self._layout.payload_bytes
+                or offset != self._received
+                or len(data) != expected[1]
+            ):
+                self._scan.fatal = (
+                    f"chunk at offset {offset} with {len(data)} bytes; expected offset "
+                    f"{self._received} with {expected[1] if self._received < self._layout.payload_bytes else 0} bytes"
+                )
+                self._undo()
+                return
+            clean = self._count_nonfinite(offset, data)
+            self._received += len(data)
+            if clean and not self._scan.nonfinite:
+                assert self._spool is not None and self._aggregator is not None  # set with layout
+                os.write(self._spool, data)
+                self._aggregator.fold(offset, data, weight=self._weight)
+                self._folded = self._received
+            else:
+                self._undo()
+
+    def _count_nonfinite(self, offset: int, data: bytes) -> bool:
+        assert self._layout is not None  # callers checked
+        clean = True
+        for segment in self._layout.segments(offset, len(data)):
+            spec = self._layout.specs[segment.index]
+            if not spec.dtype.is_floating:
+                continue
+            values = np.frombuffer(
+                data, spec.dtype.storage, count=segment.count, offset=segment.payload_offset - offset
+            )
+            if spec.dtype is DType.BFLOAT16:
+                values = bfloat16_to_float32(values)
+            bad = segment.count - int(np.count_nonzero(np.isfinite(values)))
+            if bad:
+                clean = False
+                self._scan.nonfinite[spec.name] = self._scan.nonfinite.get(spec.name, 0) + bad
+        return clean
+
+    def _undo(self) -> None:
+        """Subtract every folded chunk again (caller holds the lock)."""
+        if not self._folded:
+            return
+        assert self._layout is not None and self._aggregator is not None and self._spool is not None
+        for index in range(-(-self._folded // self._layout.chunk_bytes)):
+            offset, length = self._layout.chunk_range(index)
+            chunk = os.pread(self._spool, length, offset)
+            self._aggregator.fold(offset, chunk, weight=-self._weight)
+        logger.info("undid partial upload silo=%s round=%d bytes=%d", self.silo, self.round, self._folded)
+        self._folded = 0
+
+    def finish(self) -> UploadResult:
+        """Check that the stream was complete and valid.
+
+        Raises:
+            UpdateRejected: The update broke a rule; its partial contribution is removed.
+            ProtocolError: The round closed before the upload completed.
+        """
+        with self._lock:
+            if self._cancelled is not None:
+                raise ProtocolError(self._cancelled)
+            problems = []
+            if self._scan.fatal is not None:
+                problems.append(self._scan.fatal)
+            elif self._layout is not None and self._received != self._layout.payload_bytes:
+                problems.append(
+                    f"stream ended after {self._received} of {self._layout.payload_bytes} bytes"
+                )
+            problems.extend(
+                f"{name}: {count} NaN or infinite values" for name, count in self._scan.nonfinite.items()
+            )
+            if problems:
+                self._undo()
+                self._close()
+                raise UpdateRejected(silo=self.silo, round=self.round, problems=problems)
+            self._done = True
+            return UploadResult(
+                silo=self.silo,
+                num_examples=self._num_examples,
+                metrics=self._metrics,
+                bytes_received=self._received,
+            )
+
+    def cancel(self, reason: str) -> bool:
+        """Remove this upload's contribution; returns False if it had already finished."""
+        with self._lock:
+            if self._cancelled is not None:
+                return False
+            self._cancelled = reason
+            if self._done:
+                return False
+            self._undo()
+            self._close()
+            return True
+
+    def revert(self) -> None:
+        """Remove a finished upload's contribution (the round closed as it finished)."""
+        with self._lock:
+            self._cancelled = self._cancelled or "round closed"
+            self._undo()
+            self._close()
+
+    def release(self) -> None:
+        """Drop the spool of an accepted upload."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._spool is not None:
+            os.close(self._spool)
+            self._spool = None

@@ -1,0 +1,117 @@
+"""The one exception tree of fedpriv.
+
+::
+
+    FedprivError
+    ├── ConfigError               bad configuration, found at start
+    ├── TransportError            gRPC/TLS level problems
+    │   ├── ConnectError          coordinator unreachable, handshake failed
+    │   ├── AuthenticationError   no, expired or foreign certificate
+    │   └── PermissionDenied      valid certificate, identity not allowed
+    ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
+    ├── UpdateRejected            an update failed validation (lists every problem)
+    ├── RoundFailed               a round could not complete; no model was published
+    ├── PKIError                  certificate authority and certificate handling
+    └── StoreError                durable state could not be read or written
+
+Errors that cross the wire carry ``grpc_status`` (the name of a
+``grpc.StatusCode`` member), so that one translator in each direction maps
+them without ``isinstance`` ladders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConnectError",
+    "FedprivError",
+    "PKIError",
+    "PermissionDenied",
+    "ProtocolError",
+    "RoundFailed",
+    "StoreError",
+    "TransportError",
+    "UpdateRejected",
+]
+
+
+class FedprivError(Exception):
+    """Root of every error fedpriv raises on purpose."""
+
+    grpc_status: str = "INTERNAL"
+
+
+class ConfigError(FedprivError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class TransportError(FedprivError):
+    """The channel to the coordinator failed."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class ConnectError(TransportError):
+    """The coordinator could not be reached or the TLS handshake failed."""
+
+    grpc_status = "UNAVAILABLE"
+
+
+class AuthenticationError(TransportError):
+    """The peer presented no certificate, or one the federation CA did not sign."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TransportError):
+    """The certificate is valid but its identity is not on the allow list."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class ProtocolError(FedprivError):
+    """A message arrived that the Fleet protocol does not allow at this point."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class UpdateRejected(FedprivError):
+    """An update failed validation; every problem found is listed.
+
+    Args:
+        silo: Identity of the silo that sent the update.
+        round: Round the update claimed to belong to.
+        problems: Human-readable descriptions, one per problem.
+
+    Example:
+        >>> err = UpdateRejected(silo="hospital-a", round=7, problems=["w: 3 NaN values"])
+        >>> str(err)
+        "update from silo 'hospital-a' for round 7 rejected: w: 3 NaN values"
+    """
+
+    grpc_status = "INVALID_ARGUMENT"
+
+    def __init__(self, *, silo: str, round: int, problems: Sequence[str]) -> None:
+        self.silo = silo
+        self.round = round
+        self.problems = tuple(problems)
+        super().__init__(
+            f"update from silo {silo!r} for round {round} rejected: " + "; ".join(self.problems)
+        )
+
+
+class RoundFailed(FedprivError):
+    """A round ended without enough accepted updates; the global model is unchanged."""
+
+
+class PKIError(FedprivError):
+    """A certificate or key could not be created, read or verified."""
+
+
+class StoreError(FedprivError):
+    """Durable coordinator state could not be read or written."""

@@ -1,0 +1,8 @@
+"""Aggregation strategies: the Strategy protocol and streaming FedAvg."""
+
+from __future__ import annotations
+
+from fedpriv.strategy.base import Aggregator, Strategy
+from fedpriv.strategy.fedavg import FedAvg
+
+__all__ = ["Aggregator", "FedAvg", "Strategy"]

@@ -1,0 +1,45 @@
+"""The plug-in point for aggregation rules.
+
+A strategy opens one :class:`Aggregator` per round. The coordinator feeds it
+validated chunks as they arrive (from several threads at once) and finally
+asks it for the next global model. Streaming strategies keep O(model) state;
+rules that need every update at once (median, Krum) must spool to disk.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fedpriv.wire import Model
+
+__all__ = ["Aggregator", "Strategy"]
+
+
+class Aggregator(Protocol):
+    """Running state of one round's aggregation."""
+
+    def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
+        """Add ``weight * chunk`` to the aggregate.
+
+        Chunks follow the global model's layout. A negative weight removes a
+        contribution again (an upload abandoned half way). Calls for different
+        chunks may run concurrently.
+        """
+        ...
+
+    def finalize(self, *, total_weight: float) -> Model:
+        """Return the next global model from everything folded; call once."""
+        ...
+
+
+class Strategy(Protocol):
+    """An aggregation rule (FedAvg, FedAdam, robust rules, Flower adapters)."""
+
+    @property
+    def name(self) -> str:
+        """Short name for logs and the store."""
+        ...
+
+    def begin_round(self, round: int, *, model: Model) -> Aggregator:
+        """Open the aggregation of `round`, starting from the global `model`."""
+        ...

@@ -1,0 +1,38 @@
+"""gRPC channel and server options, each with its reason."""
+
+from __future__ import annotations
+
+from fedpriv.wire import MAX_CHUNK_BYTES
+
+__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "SERVER_OPTIONS"]
+
+# A chunk is at most 4 MiB; headers of models with many tensors add a little.
+# gRPC's default 4 MiB receive limit would reject a full chunk plus framing.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (4 << 20)
+
+_COMMON: list[tuple[str, int | str]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    *_COMMON,
+    # Long-polls sit idle for up to a minute; datacenter NAT and firewalls drop
+    # idle TCP flows after a few minutes, so ping every 30 s to keep the path open.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly after a coordinator restart; the SDK adds its own backoff on top.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    *_COMMON,
+    # Accept the clients' 30 s keepalive pings instead of answering GOAWAY (too_many_pings).
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # A model upload may take minutes; never cut a connection for its age.
+    ("grpc.max_connection_age_ms", 2**31 - 1),
+]

@@ -1,0 +1,90 @@
+"""Moving PyTorch state dicts on and off the wire without extra copies.
+
+torch is imported only when these functions run, so the coordinator can serve
+models without importing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpriv.wire.layout import DEFAULT_CHUNK_BYTES, DType, TensorLayout, TensorSpec
+from fedpriv.wire.model import Model
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["arrays_from_state_dict", "copy_arrays_into", "layout_for_state_dict", "model_from_state_dict"]
+
+
+def _dtype_of(tensor: torch.Tensor) -> DType:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return DType.BFLOAT16
+    return DType.from_numpy(np.dtype(str(tensor.dtype).removeprefix("torch.")))
+
+
+def layout_for_state_dict(
+    state: Mapping[str, torch.Tensor], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> TensorLayout:
+    """Describe a state dict's tensors (names, wire dtypes, shapes)."""
+    specs = [
+        TensorSpec(name=name, dtype=_dtype_of(t), shape=tuple(t.shape)) for name, t in state.items()
+    ]
+    return TensorLayout.from_specs(specs, chunk_bytes=chunk_bytes)
+
+
+def arrays_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, npt.NDArray[Any]]:
+    """Numpy views of a state dict's tensors (copied only when on an accelerator).
+
+    bfloat16 tensors come back as their uint16 bit patterns.
+    """
+    import torch
+
+    arrays: dict[str, npt.NDArray[Any]] = {}
+    for name, tensor in state.items():
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype == torch.bfloat16:
+            arrays[name] = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        else:
+            arrays[name] = t.contiguous().numpy()
+    return arrays
+
+
+def model_from_state_dict(
+    state: Mapping[str, torch.Tensor], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Model:
+    """Lay a state dict out as a :class:`Model`."""
+    layout = layout_for_state_dict(state, chunk_bytes=chunk_bytes)
+    return Model.from_arrays(arrays_from_state_dict(state), layout=layout)
+
+
+def copy_arrays_into(
+    state: Mapping[str, torch.Tensor], arrays: Mapping[str, npt.NDArray[Any]]
+) -> None:
+    """Copy `arrays` into the tensors of `state` in place (casting to each tensor's dtype).
+
+    Raises:
+        ValueError: Names or shapes differ; nothing is copied in that case.
+    """
+    import torch
+
+    problems = [f"{n}: missing" for n in state if n not in arrays]
+    problems += [f"{n}: not in the model" for n in arrays if n not in state]
+    problems += [
+        f"{n}: shape {tuple(arrays[n].shape)} != {tuple(t.shape)}"
+        for n, t in state.items()
+        if n in arrays and tuple(arrays[n].shape) != tuple(t.shape)
+    ]
+    if problems:
+        raise ValueError("parameters do not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, tensor in state.items():
+            tensor.copy_(torch.from_numpy(np.asarray(arrays[name])))
