@@ -87,7 +87,7 @@ lr = 0.001
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--silos", type=int, default=3)
     parser.add_argument("--workdir", help="keep state, certificates and logs here")
     args = parser.parse_args()

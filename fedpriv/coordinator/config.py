@@ -41,8 +41,9 @@ class RoundConfig:
 
     Args:
         num_rounds: Rounds to complete before the federation finishes.
-        min_clients: Silos that must be connected to start a round, and accepted
-            updates needed to finish one.
+        min_clients: Silos that must be connected to start a round.
+        min_results: Accepted updates needed to finish a round (0: equal to
+            ``min_clients``); fewer and the round fails without publishing a model.
         max_clients: Silos selected per round (0: every available silo).
         deadline_s: Time a selected silo has to return its update.
         federated_evaluation: Ask the round's silos to evaluate each new model.
@@ -54,6 +55,7 @@ class RoundConfig:
 
     num_rounds: int = 3
     min_clients: int = 2
+    min_results: int = 0
     max_clients: int = 0
     deadline_s: float = DEFAULT_DEADLINE_S
     federated_evaluation: bool = True
@@ -61,10 +63,20 @@ class RoundConfig:
     max_failed_attempts: int = 3
     client_config: Mapping[str, Scalar] = field(default_factory=dict)
 
+    @property
+    def required_results(self) -> int:
+        """Accepted updates a round needs."""
+        return self.min_results or self.min_clients
+
     def __post_init__(self) -> None:
         for name in ("num_rounds", "min_clients", "max_failed_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rounds.{name} = {getattr(self, name)}: must be >= 1")
+        if not 0 <= self.min_results <= self.min_clients:
+            raise ConfigError(
+                f"rounds.min_results = {self.min_results}: must be in [0, rounds.min_clients "
+                f"({self.min_clients})]; 0 means equal to min_clients"
+            )
         if self.max_clients and self.max_clients < self.min_clients:
             raise ConfigError(
                 f"rounds.max_clients = {self.max_clients}: must be 0 or >= rounds.min_clients "
@@ -163,6 +175,7 @@ class CoordinatorConfig:
             rounds=RoundConfig(
                 num_rounds=rounds.get("num_rounds", int, 3),
                 min_clients=rounds.get("min_clients", int, 2),
+                min_results=rounds.get("min_results", int, 0),
                 max_clients=rounds.get("max_clients", int, 0),
                 deadline_s=rounds.get("deadline_s", float, DEFAULT_DEADLINE_S, check_positive),
                 federated_evaluation=rounds.get("federated_evaluation", bool, True),

@@ -498,7 +498,7 @@ class Federation:
     def _run_round(self, round: int, silos: list[str]) -> None:
         started = self._clock()
         started_unix = time.time()
-        needed = self._rounds.min_clients
+        needed = self._rounds.required_results
         train = self._open_phase(TaskKind.TRAIN, round, silos, self._rounds.deadline_s)
         self._wait_phase(train, needed=needed)
         if train.accepted < needed or train.aggregator is None:

@@ -1,0 +1,97 @@
+"""Helpers shared by integration tests: a coordinator in a thread, silos in threads."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedpriv.client import ClientStats, run_client
+from fedpriv.coordinator import (
+    Coordinator,
+    CoordinatorConfig,
+    ModelSource,
+    RoundConfig,
+    RoundSummary,
+    TLSFiles,
+    write_checkpoint,
+)
+from fedpriv.transport import TLSConfig
+from fedpriv.wire import Model
+
+
+class CollectingReporter:
+    def __init__(self) -> None:
+        self.completed: list[RoundSummary] = []
+        self.failed: list[tuple[int, str]] = []
+
+    def round_completed(self, summary: RoundSummary) -> None:
+        self.completed.append(summary)
+
+    def round_failed(self, round: int, reason: str) -> None:
+        self.failed.append((round, reason))
+
+
+def make_config(
+    tmp: pathlib.Path,
+    pki_root: pathlib.Path | None,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    allowed: tuple[str, ...] | None = None,
+    chunk_bytes: int = 1 << 20,
+    **rounds: Any,
+) -> CoordinatorConfig:
+    checkpoint = tmp / "initial.fpck"
+    write_checkpoint(checkpoint, Model.from_arrays(arrays, chunk_bytes=chunk_bytes))
+    tls = None
+    if pki_root is not None:
+        tls = TLSFiles(ca=pki_root / "ca.crt", cert=pki_root / "coordinator.crt", key=pki_root / "coordinator.key")
+    settings = {"num_rounds": 1, "min_clients": 2, "deadline_s": 60.0, **rounds}
+    return CoordinatorConfig(
+        address="127.0.0.1:0",
+        tls=tls,
+        allowed_silos=None if allowed is None else frozenset(allowed),
+        rounds=RoundConfig(**settings),
+        model=ModelSource(checkpoint=checkpoint),
+        state_dir=tmp / "state",
+        heartbeat_interval_s=1,
+        poll_wait_s=2,
+    )
+
+
+@contextlib.contextmanager
+def silo_thread(
+    client: Any, *, port: int, tls: TLSConfig | None, insecure: bool = False, identity: str | None = None,
+    reconnect_timeout_s: float = 30.0,
+) -> Iterator[dict[str, Any]]:
+    """Run a silo in a thread; the yielded dict gets 'stats' or 'error' when it ends."""
+    outcome: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["stats"] = run_client(
+                client, coordinator=f"127.0.0.1:{port}", tls=tls, insecure=insecure, identity=identity,
+                poll_wait_s=2, reconnect_timeout_s=reconnect_timeout_s, stop=stop,
+            )
+        except Exception as err:  # recorded for the test to assert on
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    outcome["thread"] = thread
+    try:
+        yield outcome
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def wait_silos(outcomes: list[dict[str, Any]], timeout_s: float = 60) -> list[ClientStats]:
+    for outcome in outcomes:
+        outcome["thread"].join(timeout_s)
+    return [o.get("stats") for o in outcomes]

@@ -1,0 +1,104 @@
+"""Real TLS handshakes on loopback: who may join and who may not."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from fedpriv.client import run_client
+from fedpriv.coordinator import Coordinator
+from fedpriv.errors import ConnectError, PermissionDenied
+from fedpriv.transport import open_channel
+from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
+from tests.helpers import make_config
+
+
+@pytest.fixture
+def coordinator(tmp_path, pki):
+    config = make_config(tmp_path, pki.root, {"w": np.zeros(2, np.float32)}, allowed=("silo-a", "silo-b"))
+    with Coordinator(config) as running:
+        yield running
+
+
+def _join(channel: grpc.Channel) -> fleet_pb2.JoinReply:
+    return fleet_pb2_grpc.FleetStub(channel).Join(fleet_pb2.JoinRequest(), timeout=5)
+
+
+def test_allowed_silo_joins_under_its_certificate_name(coordinator, pki):
+    with open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a")) as channel:
+        reply = _join(channel)
+    assert reply.silo == "silo-a"
+    assert coordinator.federation.available() == ["silo-a"]
+
+
+def test_certificate_from_another_ca_fails_the_handshake(coordinator, pki):
+    with open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a", foreign=True)) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _join(channel)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert coordinator.federation.available() == []
+
+
+def test_sdk_reports_foreign_certificate_as_connect_error_with_hint(coordinator, pki, array_client):
+    with pytest.raises(ConnectError, match="certificate was issued by the federation CA"):
+        run_client(
+            array_client(), coordinator=f"127.0.0.1:{coordinator.port}",
+            tls=pki.tls("silo-a", foreign=True), reconnect_timeout_s=1.0,
+        )
+
+
+def test_valid_certificate_not_on_allow_list_gets_permission_denied(coordinator, pki, array_client):
+    with open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("intruder")) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _join(channel)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "intruder" in caught.value.details() and "allow list" in caught.value.details()
+    with pytest.raises(PermissionDenied):
+        run_client(array_client(), coordinator=f"127.0.0.1:{coordinator.port}", tls=pki.tls("intruder"))
+    assert coordinator.federation.available() == []
+
+
+def test_client_without_certificate_cannot_connect(coordinator, pki):
+    credentials = grpc.ssl_channel_credentials(root_certificates=(pki.root / "ca.crt").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{coordinator.port}", credentials) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _join(channel)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert coordinator.federation.available() == []
+
+
+def test_plain_text_client_cannot_talk_to_tls_coordinator(coordinator):
+    with grpc.insecure_channel(f"127.0.0.1:{coordinator.port}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _join(channel)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_silo_refuses_coordinator_whose_certificate_another_ca_signed(tmp_path, pki):
+    # The silo pins the foreign CA: the real coordinator's certificate must not verify.
+    from fedpriv.transport import TLSConfig
+
+    config = make_config(tmp_path, pki.root, {"w": np.zeros(2, np.float32)})
+    with Coordinator(config) as running:
+        tls = TLSConfig.from_files(
+            ca=pki.foreign / "ca.crt", cert=pki.foreign / "silo-a.crt", key=pki.foreign / "silo-a.key"
+        )
+        with open_channel(f"127.0.0.1:{running.port}", tls=tls) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                _join(channel)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_connection_negotiates_tls13(coordinator, pki):
+    # The interceptor refuses anything else; a successful call proves TLS 1.3 was used.
+    with open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-b")) as channel:
+        assert _join(channel).silo == "silo-b"
+
+
+def test_insecure_mode_requires_the_explicit_flag(tmp_path, pki):
+    from fedpriv.errors import ConfigError
+
+    config = make_config(tmp_path, None, {"w": np.zeros(2, np.float32)})
+    with pytest.raises(ConfigError, match="--insecure"):
+        Coordinator(config)
