@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pathlib
+import tomllib
+
+import pytest
+
+from fedpriv.client.config import ClientConfig
+from fedpriv.coordinator import CoordinatorConfig
+from fedpriv.errors import ConfigError
+
+GOOD = """
+[federation]
+name = "digits"
+allowed_silos = ["a", "b"]
+[server]
+address = "0.0.0.0:7443"
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/c.crt"
+key = "pki/c.key"
+[rounds]
+num_rounds = 4
+min_clients = 2
+deadline_s = 30
+client_config = { epochs = 2, lr = 0.01 }
+[model]
+factory = "pkg.mod:make"
+[store]
+dir = "state"
+"""
+
+
+def parse(text: str) -> CoordinatorConfig:
+    return CoordinatorConfig.from_dict(tomllib.loads(text), base_dir=pathlib.Path("/etc/fed"))
+
+
+def test_good_config_parses_with_paths_relative_to_the_file():
+    config = parse(GOOD)
+    assert config.rounds.num_rounds == 4 and config.rounds.deadline_s == 30.0
+    assert config.allowed_silos == frozenset({"a", "b"})
+    assert config.tls is not None and config.tls.ca == pathlib.Path("/etc/fed/pki/ca.crt")
+    assert config.state_dir == pathlib.Path("/etc/fed/state")
+    assert dict(config.rounds.client_config) == {"epochs": 2, "lr": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("num_rounds = 4", "num_rounds = \"4\""), "rounds.num_rounds: expected int, got str '4'"),
+        (("num_rounds = 4", "num_rounds = 0"), "rounds.num_rounds = 0: must be >= 1"),
+        (("min_clients = 2", "min_clients = 2\nmin_clinets = 3"), "unknown key(s) in [rounds]: min_clinets"),
+        (("[store]", "[storage]"), "unknown key(s) in the top level: storage"),
+        (("factory = \"pkg.mod:make\"", "factory = \"pkg.mod\""), "expected 'module:function'"),
+        (("deadline_s = 30", "deadline_s = -1"), "rounds.deadline_s = -1.0: must be > 0"),
+        (("key = \"pki/c.key\"", ""), "[tls] is missing tls.key"),
+        (("allowed_silos = [\"a\", \"b\"]", "allowed_silos = []"), "allowed_silos is empty"),
+        (("allowed_silos = [\"a\", \"b\"]", "allowed_silos = \"a\""), "expected a list of strings"),
+        (("client_config = { epochs = 2, lr = 0.01 }", "client_config = { epochs = [2] }"), "client_config.epochs"),
+        (("min_clients = 2", "min_clients = 2\nmin_results = 3"), "rounds.min_results = 3"),
+    ],
+)
+def test_bad_config_fails_naming_the_field(change, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(GOOD.replace(*change))
+    assert message in str(caught.value)
+
+
+def test_client_config_requires_the_coordinator_address():
+    with pytest.raises(ConfigError, match="coordinator.address is required"):
+        ClientConfig.from_dict({"coordinator": {}}, base_dir=pathlib.Path("."))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[client\]: poll_wait"):
+        ClientConfig.from_dict({"coordinator": {"address": "h:1"}, "client": {"poll_wait": 3}}, base_dir=pathlib.Path("."))
