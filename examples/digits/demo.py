@@ -105,24 +105,26 @@ def main() -> int:
     write_configs(work, rounds=args.rounds, silos=args.silos, port=free_port())
     print(f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS; files in {work}", flush=True)
 
-    coordinator = subprocess.Popen(
-        fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
-        cwd=ROOT,
-        stderr=open(work / "logs" / "coordinator.log", "w"),
-    )
+    def log(name: str):
+        return open(work / "logs" / f"{name}.log", "w")
+
+    with log("coordinator") as handle:
+        coordinator = subprocess.Popen(
+            fedpriv("coordinator", "--config", str(work / "coordinator.toml")), cwd=ROOT, stderr=handle
+        )
     # One intra-op thread per silo: three silos share two cores here, and torch's
     # default (one thread per core each) makes them spin against each other.
     silo_env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    silos = [
-        subprocess.Popen(
-            fedpriv("client", "--app", "examples.digits.app:make_client", "--config", str(work / f"{name}.toml")),
-            cwd=ROOT,
-            env=silo_env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "logs" / f"{name}.log", "w"),
-        )
-        for name in names
-    ]
+    silos = []
+    for name in names:
+        with log(name) as handle:
+            silos.append(
+                subprocess.Popen(
+                    fedpriv("client", "--app", "examples.digits.app:make_client",
+                            "--config", str(work / f"{name}.toml")),
+                    cwd=ROOT, env=silo_env, stdout=subprocess.DEVNULL, stderr=handle,
+                )
+            )
     codes = {}
     try:
         codes["coordinator"] = coordinator.wait(timeout=900)
