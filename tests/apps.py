@@ -28,7 +28,9 @@ class DeltaClient:
             metrics={"train_loss": self.delta},
         )
 
-    def evaluate(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> EvaluateResult:
+    def evaluate(
+        self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]
+    ) -> EvaluateResult:
         return EvaluateResult(num_examples=10, metrics={"loss": float(parameters["b"].mean())})
 
 

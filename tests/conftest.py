@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,9 @@ class Pki:
 
     def tls(self, name: str, *, foreign: bool = False) -> TLSConfig:
         base = self.foreign if foreign else self.root
-        return TLSConfig.from_files(ca=self.root / "ca.crt", cert=base / f"{name}.crt", key=base / f"{name}.key")
+        return TLSConfig.from_files(
+            ca=self.root / "ca.crt", cert=base / f"{name}.crt", key=base / f"{name}.key"
+        )
 
     def server_tls(self) -> TLSConfig:
         return self.tls("coordinator")
@@ -58,9 +60,13 @@ class ArrayClient:
             metrics={"train_loss": float(self.delta)},
         )
 
-    def evaluate(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> EvaluateResult:
+    def evaluate(
+        self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]
+    ) -> EvaluateResult:
         mean = float(np.mean([float(v.mean()) for v in parameters.values()]))
-        return EvaluateResult(num_examples=self.num_examples, metrics={"loss": mean, "accuracy": 0.5})
+        return EvaluateResult(
+            num_examples=self.num_examples, metrics={"loss": mean, "accuracy": 0.5}
+        )
 
 
 @pytest.fixture

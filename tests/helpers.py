@@ -12,7 +12,6 @@ import numpy as np
 
 from fedpriv.client import ClientStats, run_client
 from fedpriv.coordinator import (
-    Coordinator,
     CoordinatorConfig,
     ModelSource,
     RoundConfig,
@@ -49,7 +48,11 @@ def make_config(
     write_checkpoint(checkpoint, Model.from_arrays(arrays, chunk_bytes=chunk_bytes))
     tls = None
     if pki_root is not None:
-        tls = TLSFiles(ca=pki_root / "ca.crt", cert=pki_root / "coordinator.crt", key=pki_root / "coordinator.key")
+        tls = TLSFiles(
+            ca=pki_root / "ca.crt",
+            cert=pki_root / "coordinator.crt",
+            key=pki_root / "coordinator.key",
+        )
     settings = {"num_rounds": 1, "min_clients": 2, "deadline_s": 60.0, **rounds}
     return CoordinatorConfig(
         address="127.0.0.1:0",
@@ -65,7 +68,12 @@ def make_config(
 
 @contextlib.contextmanager
 def silo_thread(
-    client: Any, *, port: int, tls: TLSConfig | None, insecure: bool = False, identity: str | None = None,
+    client: Any,
+    *,
+    port: int,
+    tls: TLSConfig | None,
+    insecure: bool = False,
+    identity: str | None = None,
     reconnect_timeout_s: float = 30.0,
 ) -> Iterator[dict[str, Any]]:
     """Run a silo in a thread; the yielded dict gets 'stats' or 'error' when it ends."""
@@ -75,8 +83,14 @@ def silo_thread(
     def target() -> None:
         try:
             outcome["stats"] = run_client(
-                client, coordinator=f"127.0.0.1:{port}", tls=tls, insecure=insecure, identity=identity,
-                poll_wait_s=2, reconnect_timeout_s=reconnect_timeout_s, stop=stop,
+                client,
+                coordinator=f"127.0.0.1:{port}",
+                tls=tls,
+                insecure=insecure,
+                identity=identity,
+                poll_wait_s=2,
+                reconnect_timeout_s=reconnect_timeout_s,
+                stop=stop,
             )
         except Exception as err:  # recorded for the test to assert on
             outcome["error"] = err

@@ -46,7 +46,11 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_non_iid(
-    labels: np.ndarray, *, num_silos: int, skew: float = 0.7, test_fraction: float = 0.2,
+    labels: np.ndarray,
+    *,
+    num_silos: int,
+    skew: float = 0.7,
+    test_fraction: float = 0.2,
     seed: int = SEED,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Return (train indices, test indices) for each silo.
@@ -87,8 +91,12 @@ def make_client(config: Mapping[str, Scalar]) -> TorchClient:
     lr = float(config.get("lr", 1e-3))
     features, labels = load_digits_arrays()
     trains, tests = split_non_iid(labels, num_silos=num_silos)
-    train = TensorDataset(torch.from_numpy(features[trains[index]]), torch.from_numpy(labels[trains[index]]))
-    test = TensorDataset(torch.from_numpy(features[tests[index]]), torch.from_numpy(labels[tests[index]]))
+    train = TensorDataset(
+        torch.from_numpy(features[trains[index]]), torch.from_numpy(labels[trains[index]])
+    )
+    test = TensorDataset(
+        torch.from_numpy(features[tests[index]]), torch.from_numpy(labels[tests[index]])
+    )
     generator = torch.Generator().manual_seed(SEED + index)
     return TorchClient(
         make_model(),

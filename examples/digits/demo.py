@@ -99,18 +99,36 @@ def main() -> int:
     pki = str(work / "pki")
     run = lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)  # noqa: E731
     run(fedpriv("pki", "init", "--dir", pki, "--federation", "digits"))
-    run(fedpriv("pki", "issue", "coordinator", "--server", "--host", "127.0.0.1", "--host", "localhost", "--dir", pki))
+    run(
+        fedpriv(
+            "pki",
+            "issue",
+            "coordinator",
+            "--server",
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "localhost",
+            "--dir",
+            pki,
+        )
+    )
     for name in names:
         run(fedpriv("pki", "issue", name, "--client", "--dir", pki))
     write_configs(work, rounds=args.rounds, silos=args.silos, port=free_port())
-    print(f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS; files in {work}", flush=True)
+    print(
+        f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS; files in {work}",
+        flush=True,
+    )
 
     def log(name: str):
         return open(work / "logs" / f"{name}.log", "w")
 
     with log("coordinator") as handle:
         coordinator = subprocess.Popen(
-            fedpriv("coordinator", "--config", str(work / "coordinator.toml")), cwd=ROOT, stderr=handle
+            fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
+            cwd=ROOT,
+            stderr=handle,
         )
     # One intra-op thread per silo: three silos share two cores here, and torch's
     # default (one thread per core each) makes them spin against each other.
@@ -120,15 +138,23 @@ def main() -> int:
         with log(name) as handle:
             silos.append(
                 subprocess.Popen(
-                    fedpriv("client", "--app", "examples.digits.app:make_client",
-                            "--config", str(work / f"{name}.toml")),
-                    cwd=ROOT, env=silo_env, stdout=subprocess.DEVNULL, stderr=handle,
+                    fedpriv(
+                        "client",
+                        "--app",
+                        "examples.digits.app:make_client",
+                        "--config",
+                        str(work / f"{name}.toml"),
+                    ),
+                    cwd=ROOT,
+                    env=silo_env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=handle,
                 )
             )
     codes = {}
     try:
         codes["coordinator"] = coordinator.wait(timeout=900)
-        for name, silo in zip(names, silos):
+        for name, silo in zip(names, silos, strict=True):
             codes[name] = silo.wait(timeout=60)
     finally:
         for process in [coordinator, *silos]:

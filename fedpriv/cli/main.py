@@ -8,9 +8,10 @@ import pathlib
 import signal
 import sys
 import threading
-import tomllib
 from collections.abc import Sequence
 from typing import Any
+
+import tomllib
 
 from fedpriv.errors import ConfigError, FedprivError
 
@@ -89,7 +90,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
     data, base = _read_toml(args.config)
     config = ClientConfig.from_dict(data, base_dir=base)
     if not config.has_tls and not args.insecure:
-        raise ConfigError("[tls] ca, cert and key are required; use --insecure only on a trusted network")
+        raise ConfigError(
+            "[tls] ca, cert and key are required; use --insecure only on a trusted network"
+        )
     tls = (
         None
         if args.insecure or config.ca is None or config.cert is None or config.key is None
@@ -112,7 +115,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
     logger.info(
         "silo=%s trained=%d evaluated=%d rejected=%d bytes_sent=%d",
-        stats.silo, stats.trained, stats.evaluated, stats.rejected, stats.bytes_sent,
+        stats.silo,
+        stats.trained,
+        stats.evaluated,
+        stats.rejected,
+        stats.bytes_sent,
     )
     return 0
 
@@ -131,7 +138,9 @@ def _cmd_pki_init(args: argparse.Namespace) -> int:
 def _cmd_pki_issue(args: argparse.Namespace) -> int:
     from fedpriv.pki import CertificateAuthority, Role
 
-    ca = CertificateAuthority.load(pathlib.Path(args.dir), passphrase=_passphrase(args.passphrase_file))
+    ca = CertificateAuthority.load(
+        pathlib.Path(args.dir), passphrase=_passphrase(args.passphrase_file)
+    )
     role = Role.SERVER if args.server else Role.CLIENT
     issued = ca.issue(
         args.name,

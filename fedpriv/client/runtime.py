@@ -151,7 +151,9 @@ def _run_task(
     client: Client, stub: fleet_pb2_grpc.FleetStub, received: _Task, stats: ClientStats
 ) -> None:
     task = received.task
-    assert received.layout is not None and received.payload is not None  # TRAIN/EVALUATE carry a model
+    assert (
+        received.layout is not None and received.payload is not None
+    )  # TRAIN/EVALUATE carry a model
     arrays = arrays_from_payload(received.layout, received.payload)
     config = _config(task)
     timeout = max(1.0, task.deadline_unix_s - time.time()) if task.deadline_unix_s else None

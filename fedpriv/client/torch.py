@@ -113,7 +113,12 @@ class TorchClient:
             outputs = self.model(inputs)
             total_loss += float(self.loss_fn(outputs, targets)) * len(inputs)
             seen += len(inputs)
-            if classification and outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point():
+            if (
+                classification
+                and outputs.dim() == 2
+                and targets.dim() == 1
+                and not targets.is_floating_point()
+            ):
                 correct += int((outputs.argmax(dim=1) == targets).sum())
             else:
                 classification = False

@@ -97,7 +97,9 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         if (self.factory is None) == (self.checkpoint is None):
-            raise ConfigError("[model] needs exactly one of factory = 'module:function' or checkpoint")
+            raise ConfigError(
+                "[model] needs exactly one of factory = 'module:function' or checkpoint"
+            )
         if self.factory is not None and ":" not in self.factory:
             raise ConfigError(f"model.factory = {self.factory!r}: expected 'module:function'")
         if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes % 8:

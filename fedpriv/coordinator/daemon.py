@@ -154,7 +154,9 @@ class Coordinator:
         self._handle = self._server_cm.__enter__()
         logger.info(
             "coordinator listening port=%d federation=%s tls=%s",
-            self._handle.port, self.config.federation, not self._insecure,
+            self._handle.port,
+            self.config.federation,
+            not self._insecure,
         )
         self._thread = threading.Thread(target=self._run, name="fedpriv-rounds", daemon=True)
         self._thread.start()

@@ -87,8 +87,11 @@ class _LogReporter:
     def round_completed(self, summary: RoundSummary) -> None:
         logger.info(
             "round=%d accepted=%d selected=%d metrics=%s duration_s=%.2f",
-            summary.round, summary.accepted, summary.selected,
-            dict(summary.evaluation_metrics), summary.duration_s,
+            summary.round,
+            summary.accepted,
+            summary.selected,
+            dict(summary.evaluation_metrics),
+            summary.duration_s,
         )
 
     def round_failed(self, round: int, reason: str) -> None:
@@ -223,7 +226,12 @@ class Federation:
         with self._cond:
             self._last_seen.pop(silo, None)
             phase = self._phase
-            if phase and silo in phase.tasks and silo not in phase.outcomes and silo not in phase.uploads:
+            if (
+                phase
+                and silo in phase.tasks
+                and silo not in phase.outcomes
+                and silo not in phase.uploads
+            ):
                 self._resolve(phase, silo, "dropped", f"left: {reason}")
             self._cond.notify_all()
         logger.info("left silo=%s reason=%s", silo, reason)
@@ -347,7 +355,9 @@ class Federation:
                     upload.release()
                 elif result is not None:
                     upload.revert()
-                    failure = ProtocolError(f"round {upload.round} closed before the upload completed")
+                    failure = ProtocolError(
+                        f"round {upload.round} closed before the upload completed"
+                    )
                     self._resolve(phase, upload.silo, "late", str(failure))
                 else:
                     outcome = "rejected" if isinstance(failure, UpdateRejected) else "dropped"
@@ -360,7 +370,12 @@ class Federation:
             raise failure
 
     def _resolve(
-        self, phase: _Phase, silo: str, outcome: str, detail: str, result: UploadResult | None = None
+        self,
+        phase: _Phase,
+        silo: str,
+        outcome: str,
+        detail: str,
+        result: UploadResult | None = None,
     ) -> None:
         """Record a silo's outcome for the phase (caller holds the lock)."""
         if silo in phase.outcomes:
@@ -369,7 +384,11 @@ class Federation:
         if outcome != "accepted":
             logger.warning(
                 "[%s] silo=%s round=%d outcome=%s detail=%s",
-                phase.kind.name, silo, phase.round, outcome, detail,
+                phase.kind.name,
+                silo,
+                phase.round,
+                outcome,
+                detail,
             )
         self._store.record_participant(
             round=phase.round,
@@ -436,7 +455,9 @@ class Federation:
             available = self.available()
             if len(available) >= needed:
                 if self._rounds.max_clients and len(available) > self._rounds.max_clients:
-                    available = sorted(secrets.SystemRandom().sample(available, self._rounds.max_clients))
+                    available = sorted(
+                        secrets.SystemRandom().sample(available, self._rounds.max_clients)
+                    )
                 return available
             if not announced:
                 logger.info("waiting for silos have=%d need=%d", len(available), needed)

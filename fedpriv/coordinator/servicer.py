@@ -31,7 +31,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
             raise ProtocolError("caller has no identity")
         return silo
 
-    def Join(self, request: fleet_pb2.JoinRequest, context: grpc.ServicerContext) -> fleet_pb2.JoinReply:  # noqa: N802, D102
+    def Join(  # noqa: N802, D102
+        self, request: fleet_pb2.JoinRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.JoinReply:
         with rpc_error_translator(context, "Fleet.Join"):
             silo = self._silo(context)
             logger.info("[Fleet.Join] silo=%s sdk=%s", silo, request.sdk_version[:64])
@@ -61,7 +63,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
             )
             if task.model is None:
                 return
-            logger.info("[Fleet.PullTask] silo=%s round=%d kind=%s", silo, task.round, task.kind.name)
+            logger.info(
+                "[Fleet.PullTask] silo=%s round=%d kind=%s", silo, task.round, task.kind.name
+            )
             for offset, view in task.model.chunks():
                 if not context.is_active():
                     return
@@ -86,7 +90,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 kind = TaskKind(header.kind)
             except ValueError:
                 raise ProtocolError(f"unknown result kind {header.kind}") from None
-            logger.info("[Fleet.PushResult] silo=%s round=%d kind=%s", silo, header.round, kind.name)
+            logger.info(
+                "[Fleet.PushResult] silo=%s round=%d kind=%s", silo, header.round, kind.name
+            )
             upload = self._federation.open_upload(
                 silo,
                 task_id=header.task_id,
@@ -121,4 +127,3 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
         with rpc_error_translator(context, "Fleet.Leave"):
             self._federation.leave(self._silo(context), request.reason[:200])
             return fleet_pb2.LeaveReply()
-

@@ -114,15 +114,15 @@ class Upload:
                 return
             if self._scan.fatal is not None:
                 return
-            expected = self._layout.chunk_range(self._received // self._layout.chunk_bytes)
-            if (
-                self._received >= self._layout.payload_bytes
-                or offset != self._received
-                or len(data) != expected[1]
-            ):
+            expected_length = (
+                self._layout.chunk_range(self._received // self._layout.chunk_bytes)[1]
+                if self._received < self._layout.payload_bytes
+                else 0
+            )
+            if offset != self._received or len(data) != expected_length or not expected_length:
                 self._scan.fatal = (
                     f"chunk at offset {offset} with {len(data)} bytes; expected offset "
-                    f"{self._received} with {expected[1] if self._received < self._layout.payload_bytes else 0} bytes"
+                    f"{self._received} with {expected_length} bytes"
                 )
                 self._undo()
                 return
@@ -144,7 +144,10 @@ class Upload:
             if not spec.dtype.is_floating:
                 continue
             values = np.frombuffer(
-                data, spec.dtype.storage, count=segment.count, offset=segment.payload_offset - offset
+                data,
+                spec.dtype.storage,
+                count=segment.count,
+                offset=segment.payload_offset - offset,
             )
             if spec.dtype is DType.BFLOAT16:
                 values = bfloat16_to_float32(values)
@@ -163,7 +166,9 @@ class Upload:
             offset, length = self._layout.chunk_range(index)
             chunk = os.pread(self._spool, length, offset)
             self._aggregator.fold(offset, chunk, weight=-self._weight)
-        logger.info("undid partial upload silo=%s round=%d bytes=%d", self.silo, self.round, self._folded)
+        logger.info(
+            "undid partial upload silo=%s round=%d bytes=%d", self.silo, self.round, self._folded
+        )
         self._folded = 0
 
     def finish(self) -> UploadResult:
@@ -184,7 +189,8 @@ class Upload:
                     f"stream ended after {self._received} of {self._layout.payload_bytes} bytes"
                 )
             problems.extend(
-                f"{name}: {count} NaN or infinite values" for name, count in self._scan.nonfinite.items()
+                f"{name}: {count} NaN or infinite values"
+                for name, count in self._scan.nonfinite.items()
             )
             if problems:
                 self._undo()

@@ -234,8 +234,10 @@ class CertificateAuthority:
             alt_names.append(
                 x509.UniformResourceIdentifier(f"fedpriv://{self.federation}/silo/{name}")
             )
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if role is Role.SERVER else (
-            ExtendedKeyUsageOID.CLIENT_AUTH
+        usage = (
+            ExtendedKeyUsageOID.SERVER_AUTH
+            if role is Role.SERVER
+            else (ExtendedKeyUsageOID.CLIENT_AUTH)
         )
         ca_ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         cert = (

@@ -21,13 +21,27 @@ def _accumulator_dtype(dtype: DType) -> np.dtype[np.floating]:
 
 
 class FedAvgAggregator:
-    """Running weighted sum of updates; memory is one accumulator per tensor."""
+    """Running weighted sum of updates; memory is one model-sized buffer.
+
+    float32 and float64 tensors are summed in place inside the buffer that
+    becomes the next model's payload, so finalizing allocates nothing more.
+    Narrower or integer tensors get a float32/float64 accumulator of their own.
+    """
 
     def __init__(self, layout: TensorLayout) -> None:
         self._layout = layout
-        self._sums: list[npt.NDArray[np.floating] | None] = [
-            np.zeros(spec.numel, dtype=_accumulator_dtype(spec.dtype)) for spec in layout.specs
-        ]
+        self._payload = np.zeros(layout.payload_bytes, dtype=np.uint8)
+        self._sums: list[npt.NDArray[np.floating] | None] = []
+        self._in_place: list[bool] = []
+        for spec, offset in zip(layout.specs, layout.offsets, strict=True):
+            dtype = _accumulator_dtype(spec.dtype)
+            in_place = dtype == spec.dtype.storage
+            self._in_place.append(in_place)
+            self._sums.append(
+                np.frombuffer(self._payload, dtype=dtype, count=spec.numel, offset=offset)
+                if in_place
+                else np.zeros(spec.numel, dtype=dtype)
+            )
         # Chunks never share bytes, so one lock per chunk lets different chunks fold in parallel.
         self._locks = [threading.Lock() for _ in range(max(layout.num_chunks, 1))]
 
@@ -54,7 +68,7 @@ class FedAvgAggregator:
         """Divide by the total weight and lay the average out in the model's dtypes."""
         if total_weight <= 0:
             raise ValueError(f"total_weight must be positive, got {total_weight}")
-        payload = np.zeros(self._layout.payload_bytes, dtype=np.uint8)
+        payload = self._payload
         for index, (spec, offset) in enumerate(
             zip(self._layout.specs, self._layout.offsets, strict=True)
         ):
@@ -62,16 +76,18 @@ class FedAvgAggregator:
             if total is None:
                 raise RuntimeError("finalize called twice")
             total /= total.dtype.type(total_weight)
-            out = np.frombuffer(payload, dtype=spec.dtype.storage, count=spec.numel, offset=offset)
-            if spec.dtype is DType.BFLOAT16:
-                out[...] = float32_to_bfloat16(total.astype(np.float32, copy=False))
-            elif spec.dtype is DType.BOOL:
-                out[...] = total >= 0.5
-            elif not spec.dtype.is_floating:
-                out[...] = np.rint(total)
-            else:
-                out[...] = total
-            # Free each sum as soon as it is written: peak memory stays near 2x the model.
+            if not self._in_place[index]:
+                out = np.frombuffer(
+                    payload, dtype=spec.dtype.storage, count=spec.numel, offset=offset
+                )
+                if spec.dtype is DType.BFLOAT16:
+                    out[...] = float32_to_bfloat16(total.astype(np.float32, copy=False))
+                elif spec.dtype is DType.BOOL:
+                    out[...] = total >= 0.5
+                elif not spec.dtype.is_floating:
+                    out[...] = np.rint(total)
+                else:
+                    out[...] = total
             self._sums[index] = None
         return Model(layout=self._layout, payload=payload)
 

@@ -34,4 +34,5 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     # A model upload may take minutes; never cut a connection for its age.
     ("grpc.max_connection_age_ms", 2**31 - 1),
+    ("grpc.http2.bdp_probe", 0),
 ]

@@ -101,9 +101,12 @@ def encode_chunks(
             position = segment.payload_offset + len(piece)
         if position < offset + length:
             pieces.append(bytes(offset + length - position))
-        yield offset, pieces[0].tobytes() if len(pieces) == 1 and isinstance(
-            pieces[0], memoryview
-        ) else b"".join(pieces)
+        yield (
+            offset,
+            pieces[0].tobytes()
+            if len(pieces) == 1 and isinstance(pieces[0], memoryview)
+            else b"".join(pieces),
+        )
 
 
 def layout_from_proto(header: tensor_pb2.TensorHeader) -> tuple[TensorLayout | None, list[str]]:
@@ -172,7 +175,9 @@ class PayloadAssembler:
         Raises:
             ValueError: The chunk is out of order or of the wrong length.
         """
-        expected_offset, expected_length = self.layout.chunk_range(offset // self.layout.chunk_bytes)
+        expected_offset, expected_length = self.layout.chunk_range(
+            offset // self.layout.chunk_bytes
+        )
         if offset != self._received or offset != expected_offset or len(data) != expected_length:
             raise ValueError(
                 f"chunk at offset {offset} with {len(data)} bytes does not follow "

@@ -35,7 +35,7 @@ class Model:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         layout: TensorLayout | None = None,
     ) -> Model:
-        """Lay `arrays` out in a new payload (one copy), inferring specs unless `layout` is given."""
+        """Lay `arrays` out in a new payload (one copy); specs are inferred unless given."""
         if layout is None:
             layout = TensorLayout.from_specs(specs_from_arrays(arrays), chunk_bytes=chunk_bytes)
         payload = np.empty(layout.payload_bytes, dtype=np.uint8)

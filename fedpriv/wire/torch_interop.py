@@ -18,7 +18,12 @@ from fedpriv.wire.model import Model
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["arrays_from_state_dict", "copy_arrays_into", "layout_for_state_dict", "model_from_state_dict"]
+__all__ = [
+    "arrays_from_state_dict",
+    "copy_arrays_into",
+    "layout_for_state_dict",
+    "model_from_state_dict",
+]
 
 
 def _dtype_of(tensor: torch.Tensor) -> DType:

@@ -9,7 +9,14 @@ import pytest
 from fedpriv.coordinator import Coordinator, Store
 from fedpriv.transport import open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
-from fedpriv.wire import DType, PayloadAssembler, TensorLayout, encode_chunks, layout_from_proto, specs_from_arrays
+from fedpriv.wire import (
+    DType,
+    PayloadAssembler,
+    TensorLayout,
+    encode_chunks,
+    layout_from_proto,
+    specs_from_arrays,
+)
 from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
 
 CHUNK = 64 << 10
@@ -30,8 +37,11 @@ def _pull_train_task(stub):
 
 def _push(stub, task, layout: TensorLayout, arrays, *, round=None, header_layout=None):
     header = fleet_pb2.ResultHeader(
-        task_id=task.task_id, round=task.round if round is None else round, kind=task.kind,
-        num_examples=5, update=(header_layout or layout).to_proto(),
+        task_id=task.task_id,
+        round=task.round if round is None else round,
+        kind=task.kind,
+        num_examples=5,
+        update=(header_layout or layout).to_proto(),
     )
 
     def messages():
@@ -43,7 +53,10 @@ def _push(stub, task, layout: TensorLayout, arrays, *, round=None, header_layout
 
 
 def _layout_with(name: str, dtype: DType, shape) -> TensorLayout:
-    specs = [s if s.name != name else type(s)(name=name, dtype=dtype, shape=shape) for s in specs_from_arrays(ARRAYS)]
+    specs = [
+        s if s.name != name else type(s)(name=name, dtype=dtype, shape=shape)
+        for s in specs_from_arrays(ARRAYS)
+    ]
     return TensorLayout.from_specs(specs, chunk_bytes=CHUNK)
 
 
@@ -56,33 +69,52 @@ def _nan_in_last_chunk():
 
 CASES = {
     "wrong_shape": (
-        lambda: (_layout_with("w", DType.FLOAT32, (512, 256)), {"w": np.ones((512, 256), np.float32), "b": np.ones(512, np.float32)}),
+        lambda: (
+            _layout_with("w", DType.FLOAT32, (512, 256)),
+            {"w": np.ones((512, 256), np.float32), "b": np.ones(512, np.float32)},
+        ),
         ["w: shape (512, 256) != expected (512, 512)"],
     ),
     "wrong_dtype": (
-        lambda: (_layout_with("b", DType.FLOAT64, (512,)), {"w": np.ones((512, 512), np.float32), "b": np.ones(512)}),
+        lambda: (
+            _layout_with("b", DType.FLOAT64, (512,)),
+            {"w": np.ones((512, 512), np.float32), "b": np.ones(512)},
+        ),
         ["b: dtype float64 != expected float32"],
     ),
     "nan_and_inf": (
-        lambda: (TensorLayout.from_specs(specs_from_arrays(ARRAYS), chunk_bytes=CHUNK), _nan_in_last_chunk()),
+        lambda: (
+            TensorLayout.from_specs(specs_from_arrays(ARRAYS), chunk_bytes=CHUNK),
+            _nan_in_last_chunk(),
+        ),
         ["w: 2 NaN or infinite values"],
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_update_is_rejected_and_round_completes_with_other_silos(case, tmp_path, pki, array_client):
+def test_bad_update_is_rejected_and_round_completes_with_other_silos(
+    case, tmp_path, pki, array_client
+):
     # Arrange: three silos must connect; two valid results are enough to finish
     make_bad, expected_problems = CASES[case]
     config = make_config(
-        tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK, num_rounds=1, min_clients=3, min_results=2,
+        tmp_path,
+        pki.root,
+        ARRAYS,
+        chunk_bytes=CHUNK,
+        num_rounds=1,
+        min_clients=3,
+        min_results=2,
         federated_evaluation=False,
     )
     reporter = CollectingReporter()
     with Coordinator(config, reporter=reporter) as coordinator:
-        with silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")) as a, \
-             silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")) as b, \
-             open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-c")) as channel:
+        with (
+            silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")) as a,
+            silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")) as b,
+            open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-c")) as channel,
+        ):
             stub = fleet_pb2_grpc.FleetStub(channel)
             stub.Join(fleet_pb2.JoinRequest(), timeout=5)
             task, layout, _ = _pull_train_task(stub)
@@ -109,17 +141,33 @@ def test_bad_update_is_rejected_and_round_completes_with_other_silos(case, tmp_p
 
 
 def test_update_for_wrong_round_is_rejected(tmp_path, pki, array_client):
-    config = make_config(tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK, num_rounds=1, min_clients=3,
-                         min_results=2, federated_evaluation=False)
+    config = make_config(
+        tmp_path,
+        pki.root,
+        ARRAYS,
+        chunk_bytes=CHUNK,
+        num_rounds=1,
+        min_clients=3,
+        min_results=2,
+        federated_evaluation=False,
+    )
     with Coordinator(config) as coordinator:
-        with silo_thread(array_client(), port=coordinator.port, tls=pki.tls("silo-a")) as a, \
-             silo_thread(array_client(), port=coordinator.port, tls=pki.tls("silo-b")) as b, \
-             open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-c")) as channel:
+        with (
+            silo_thread(array_client(), port=coordinator.port, tls=pki.tls("silo-a")) as a,
+            silo_thread(array_client(), port=coordinator.port, tls=pki.tls("silo-b")) as b,
+            open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-c")) as channel,
+        ):
             stub = fleet_pb2_grpc.FleetStub(channel)
             stub.Join(fleet_pb2.JoinRequest(), timeout=5)
             task, layout, payload = _pull_train_task(stub)
             with pytest.raises(grpc.RpcError) as caught:
-                _push(stub, task, layout, {k: v.copy() for k, v in ARRAYS.items()}, round=task.round + 1)
+                _push(
+                    stub,
+                    task,
+                    layout,
+                    {k: v.copy() for k, v in ARRAYS.items()},
+                    round=task.round + 1,
+                )
             # The same task again (a replay) is refused: the silo already has an outcome.
             with pytest.raises(grpc.RpcError) as replay:
                 _push(stub, task, layout, {k: v.copy() for k, v in ARRAYS.items()})
@@ -133,8 +181,10 @@ def test_update_for_wrong_round_is_rejected(tmp_path, pki, array_client):
 
 def test_upload_from_silo_without_task_is_refused(tmp_path, pki):
     config = make_config(tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK)
-    with Coordinator(config) as coordinator, \
-         open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-d")) as channel:
+    with (
+        Coordinator(config) as coordinator,
+        open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-d")) as channel,
+    ):
         stub = fleet_pb2_grpc.FleetStub(channel)
         forged = fleet_pb2.Task(task_id="forged", round=1, kind=fleet_pb2.TASK_KIND_TRAIN)
         layout = TensorLayout.from_specs(specs_from_arrays(ARRAYS), chunk_bytes=CHUNK)

@@ -16,8 +16,18 @@ def test_two_silos_complete_rounds_and_model_is_weighted_average(tmp_path, pki, 
     reporter = CollectingReporter()
     # Act
     with Coordinator(config, reporter=reporter) as coordinator:
-        with silo_thread(array_client(delta=1.0, num_examples=10), port=coordinator.port, tls=pki.tls("silo-a")) as a, \
-             silo_thread(array_client(delta=4.0, num_examples=30), port=coordinator.port, tls=pki.tls("silo-b")) as b:
+        with (
+            silo_thread(
+                array_client(delta=1.0, num_examples=10),
+                port=coordinator.port,
+                tls=pki.tls("silo-a"),
+            ) as a,
+            silo_thread(
+                array_client(delta=4.0, num_examples=30),
+                port=coordinator.port,
+                tls=pki.tls("silo-b"),
+            ) as b,
+        ):
             assert coordinator.wait(timeout_s=60)
             stats = wait_silos([a, b])
     # Assert: each round adds (1*10 + 4*30) / 40 = 3.25
@@ -42,11 +52,15 @@ def test_model_larger_than_grpc_message_limit_completes_a_round(tmp_path, pki, a
         "bias": np.zeros(4099, np.float32),
     }
     assert sum(a.nbytes for a in arrays.values()) > 64e6
-    config = make_config(tmp_path, pki.root, arrays, num_rounds=1, chunk_bytes=4 << 20, federated_evaluation=False)
+    config = make_config(
+        tmp_path, pki.root, arrays, num_rounds=1, chunk_bytes=4 << 20, federated_evaluation=False
+    )
     # Act
     with Coordinator(config) as coordinator:
-        with silo_thread(array_client(delta=2.0), port=coordinator.port, tls=pki.tls("silo-a")) as a, \
-             silo_thread(array_client(delta=4.0), port=coordinator.port, tls=pki.tls("silo-b")) as b:
+        with (
+            silo_thread(array_client(delta=2.0), port=coordinator.port, tls=pki.tls("silo-a")) as a,
+            silo_thread(array_client(delta=4.0), port=coordinator.port, tls=pki.tls("silo-b")) as b,
+        ):
             assert coordinator.wait(timeout_s=120)
             stats = wait_silos([a, b])
         final = coordinator.federation.model.arrays()
@@ -64,9 +78,16 @@ def test_silo_started_before_coordinator_connects_with_backoff(tmp_path, pki, ar
         port = sock.getsockname()[1]
     arrays = {"w": np.zeros(3, np.float32)}
     config = make_config(tmp_path, pki.root, arrays, num_rounds=1)
-    config = type(config)(**{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "address": f"127.0.0.1:{port}"})
-    with silo_thread(array_client(), port=port, tls=pki.tls("silo-a")) as a, \
-         silo_thread(array_client(), port=port, tls=pki.tls("silo-b")) as b:
+    config = type(config)(
+        **{
+            **{f: getattr(config, f) for f in config.__dataclass_fields__},
+            "address": f"127.0.0.1:{port}",
+        }
+    )
+    with (
+        silo_thread(array_client(), port=port, tls=pki.tls("silo-a")) as a,
+        silo_thread(array_client(), port=port, tls=pki.tls("silo-b")) as b,
+    ):
         import time
 
         time.sleep(2.0)  # both silos are retrying against a closed port

@@ -12,7 +12,6 @@ from examples.digits import app
 from fedpriv.coordinator import Coordinator, ModelSource
 from tests.helpers import make_config, silo_thread, wait_silos
 
-
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
@@ -55,7 +54,9 @@ class RecordingProxy:
             record = bytearray()
             with self._lock:
                 self.connections.append(record)
-            threading.Thread(target=self._pipe, args=(client, upstream, record), daemon=True).start()
+            threading.Thread(
+                target=self._pipe, args=(client, upstream, record), daemon=True
+            ).start()
             threading.Thread(target=self._pipe, args=(upstream, client, None), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, record: bytearray | None) -> None:
@@ -99,16 +100,26 @@ def test_no_training_sample_bytes_in_anything_a_silo_sends(tmp_path):
     features, labels = app.load_digits_arrays()
     trains, _ = app.split_non_iid(labels, num_silos=2)
     config = make_config(tmp_path, None, {"x": np.zeros(1, np.float32)}, num_rounds=2)
-    config = type(config)(**{
-        **{f: getattr(config, f) for f in config.__dataclass_fields__},
-        "model": ModelSource(factory="examples.digits.app:make_model"),
-    })
-    clients = [RecordingClient(app.make_client({"silo_index": k, "num_silos": 2})) for k in range(2)]
+    config = type(config)(
+        **{
+            **{f: getattr(config, f) for f in config.__dataclass_fields__},
+            "model": ModelSource(factory="examples.digits.app:make_model"),
+        }
+    )
+    clients = [
+        RecordingClient(app.make_client({"silo_index": k, "num_silos": 2})) for k in range(2)
+    ]
     # Act
     with Coordinator(config, insecure=True) as coordinator:
         proxy = RecordingProxy(coordinator.port)
-        with silo_thread(clients[0], port=proxy.port, tls=None, insecure=True, identity="silo-a") as a, \
-             silo_thread(clients[1], port=proxy.port, tls=None, insecure=True, identity="silo-b") as b:
+        with (
+            silo_thread(
+                clients[0], port=proxy.port, tls=None, insecure=True, identity="silo-a"
+            ) as a,
+            silo_thread(
+                clients[1], port=proxy.port, tls=None, insecure=True, identity="silo-b"
+            ) as b,
+        ):
             assert coordinator.wait(timeout_s=120)
             stats = wait_silos([a, b])
         proxy.close()

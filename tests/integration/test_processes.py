@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import signal
 import socket
@@ -97,10 +96,22 @@ def test_coordinator_killed_mid_federation_resumes_without_losing_rounds(federat
     # Arrange
     work = federation_dir
     silos = [
-        start(fedpriv("client", "--app", "tests.apps:make_client", "--config", str(work / f"silo-{k}.toml")), work / f"silo-{k}.log")
+        start(
+            fedpriv(
+                "client",
+                "--app",
+                "tests.apps:make_client",
+                "--config",
+                str(work / f"silo-{k}.toml"),
+            ),
+            work / f"silo-{k}.log",
+        )
         for k in (1, 2)
     ]
-    coordinator = start(fedpriv("coordinator", "--config", str(work / "coordinator.toml")), work / "coordinator-1.log")
+    coordinator = start(
+        fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
+        work / "coordinator-1.log",
+    )
     try:
         deadline = time.monotonic() + 60
         while max(committed_rounds(work / "state" / "state.sqlite3") or [0]) < 2:
@@ -112,7 +123,10 @@ def test_coordinator_killed_mid_federation_resumes_without_losing_rounds(federat
         coordinator.stdout.close()
         killed_after = committed_rounds(work / "state" / "state.sqlite3")
         time.sleep(1.0)
-        coordinator = start(fedpriv("coordinator", "--config", str(work / "coordinator.toml")), work / "coordinator-2.log")
+        coordinator = start(
+            fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
+            work / "coordinator-2.log",
+        )
         out, _ = coordinator.communicate(timeout=120)
         codes = [s.wait(60) for s in silos]
     finally:
@@ -139,8 +153,18 @@ def test_coordinator_killed_mid_federation_resumes_without_losing_rounds(federat
 
 def test_digits_demo_reaches_90_percent_and_exits_cleanly(tmp_path):
     result = subprocess.run(
-        [sys.executable, "examples/digits/demo.py", "--rounds", "5", "--workdir", str(tmp_path / "demo")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "examples/digits/demo.py",
+            "--rounds",
+            "5",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -16,7 +16,9 @@ from tests.helpers import make_config
 
 @pytest.fixture
 def coordinator(tmp_path, pki):
-    config = make_config(tmp_path, pki.root, {"w": np.zeros(2, np.float32)}, allowed=("silo-a", "silo-b"))
+    config = make_config(
+        tmp_path, pki.root, {"w": np.zeros(2, np.float32)}, allowed=("silo-a", "silo-b")
+    )
     with Coordinator(config) as running:
         yield running
 
@@ -33,7 +35,9 @@ def test_allowed_silo_joins_under_its_certificate_name(coordinator, pki):
 
 
 def test_certificate_from_another_ca_fails_the_handshake(coordinator, pki):
-    with open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a", foreign=True)) as channel:
+    with open_channel(
+        f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a", foreign=True)
+    ) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             _join(channel)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -43,8 +47,10 @@ def test_certificate_from_another_ca_fails_the_handshake(coordinator, pki):
 def test_sdk_reports_foreign_certificate_as_connect_error_with_hint(coordinator, pki, array_client):
     with pytest.raises(ConnectError, match="certificate was issued by the federation CA"):
         run_client(
-            array_client(), coordinator=f"127.0.0.1:{coordinator.port}",
-            tls=pki.tls("silo-a", foreign=True), reconnect_timeout_s=1.0,
+            array_client(),
+            coordinator=f"127.0.0.1:{coordinator.port}",
+            tls=pki.tls("silo-a", foreign=True),
+            reconnect_timeout_s=1.0,
         )
 
 
@@ -55,7 +61,9 @@ def test_valid_certificate_not_on_allow_list_gets_permission_denied(coordinator,
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "intruder" in caught.value.details() and "allow list" in caught.value.details()
     with pytest.raises(PermissionDenied):
-        run_client(array_client(), coordinator=f"127.0.0.1:{coordinator.port}", tls=pki.tls("intruder"))
+        run_client(
+            array_client(), coordinator=f"127.0.0.1:{coordinator.port}", tls=pki.tls("intruder")
+        )
     assert coordinator.federation.available() == []
 
 
@@ -82,7 +90,9 @@ def test_silo_refuses_coordinator_whose_certificate_another_ca_signed(tmp_path, 
     config = make_config(tmp_path, pki.root, {"w": np.zeros(2, np.float32)})
     with Coordinator(config) as running:
         tls = TLSConfig.from_files(
-            ca=pki.foreign / "ca.crt", cert=pki.foreign / "silo-a.crt", key=pki.foreign / "silo-a.key"
+            ca=pki.foreign / "ca.crt",
+            cert=pki.foreign / "silo-a.crt",
+            key=pki.foreign / "silo-a.key",
         )
         with open_channel(f"127.0.0.1:{running.port}", tls=tls) as channel:
             with pytest.raises(grpc.RpcError) as caught:

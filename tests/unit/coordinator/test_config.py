@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pathlib
-import tomllib
 
 import pytest
+import tomllib
 
 from fedpriv.client.config import ClientConfig
 from fedpriv.coordinator import CoordinatorConfig
@@ -47,16 +47,22 @@ def test_good_config_parses_with_paths_relative_to_the_file():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (("num_rounds = 4", "num_rounds = \"4\""), "rounds.num_rounds: expected int, got str '4'"),
+        (("num_rounds = 4", 'num_rounds = "4"'), "rounds.num_rounds: expected int, got str '4'"),
         (("num_rounds = 4", "num_rounds = 0"), "rounds.num_rounds = 0: must be >= 1"),
-        (("min_clients = 2", "min_clients = 2\nmin_clinets = 3"), "unknown key(s) in [rounds]: min_clinets"),
+        (
+            ("min_clients = 2", "min_clients = 2\nmin_clinets = 3"),
+            "unknown key(s) in [rounds]: min_clinets",
+        ),
         (("[store]", "[storage]"), "unknown key(s) in the top level: storage"),
-        (("factory = \"pkg.mod:make\"", "factory = \"pkg.mod\""), "expected 'module:function'"),
+        (('factory = "pkg.mod:make"', 'factory = "pkg.mod"'), "expected 'module:function'"),
         (("deadline_s = 30", "deadline_s = -1"), "rounds.deadline_s = -1.0: must be > 0"),
-        (("key = \"pki/c.key\"", ""), "[tls] is missing tls.key"),
-        (("allowed_silos = [\"a\", \"b\"]", "allowed_silos = []"), "allowed_silos is empty"),
-        (("allowed_silos = [\"a\", \"b\"]", "allowed_silos = \"a\""), "expected a list of strings"),
-        (("client_config = { epochs = 2, lr = 0.01 }", "client_config = { epochs = [2] }"), "client_config.epochs"),
+        (('key = "pki/c.key"', ""), "[tls] is missing tls.key"),
+        (('allowed_silos = ["a", "b"]', "allowed_silos = []"), "allowed_silos is empty"),
+        (('allowed_silos = ["a", "b"]', 'allowed_silos = "a"'), "expected a list of strings"),
+        (
+            ("client_config = { epochs = 2, lr = 0.01 }", "client_config = { epochs = [2] }"),
+            "client_config.epochs",
+        ),
         (("min_clients = 2", "min_clients = 2\nmin_results = 3"), "rounds.min_results = 3"),
     ],
 )
@@ -70,4 +76,7 @@ def test_client_config_requires_the_coordinator_address():
     with pytest.raises(ConfigError, match="coordinator.address is required"):
         ClientConfig.from_dict({"coordinator": {}}, base_dir=pathlib.Path("."))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[client\]: poll_wait"):
-        ClientConfig.from_dict({"coordinator": {"address": "h:1"}, "client": {"poll_wait": 3}}, base_dir=pathlib.Path("."))
+        ClientConfig.from_dict(
+            {"coordinator": {"address": "h:1"}, "client": {"poll_wait": 3}},
+            base_dir=pathlib.Path("."),
+        )

@@ -35,8 +35,12 @@ def test_committed_rounds_survive_reopening(tmp_path):
     store = Store(tmp_path)
     model = Model.from_arrays({"w": np.ones(4, np.float32)})
     for round in (0, 1, 2):
-        store.commit_round(round=round, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=5.0)
-    store.record_metrics(round=2, source="evaluate", values={"accuracy": 0.9, "note": "x", "flag": True})
+        store.commit_round(
+            round=round, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=5.0
+        )
+    store.record_metrics(
+        round=2, source="evaluate", values={"accuracy": 0.9, "note": "x", "flag": True}
+    )
     store.close()
     # An orphan checkpoint (crash after rename, before commit) does not count.
     write_checkpoint(Store(tmp_path).checkpoint_path(3), model)

@@ -14,17 +14,27 @@ from fedpriv.pki import CertificateAuthority, Role, identity_from_pem
 def test_leaf_certificates_carry_the_extensions_tls_checks(tmp_path):
     ca = CertificateAuthority.create(tmp_path, federation="fed")
     server = x509.load_pem_x509_certificate(
-        ca.issue("coord", role=Role.SERVER, out_dir=tmp_path, hosts=["127.0.0.1", "coord.example"]).cert_path.read_bytes()
+        ca.issue(
+            "coord", role=Role.SERVER, out_dir=tmp_path, hosts=["127.0.0.1", "coord.example"]
+        ).cert_path.read_bytes()
     )
-    client = x509.load_pem_x509_certificate(ca.issue("silo-1", role=Role.CLIENT, out_dir=tmp_path).cert_path.read_bytes())
+    client = x509.load_pem_x509_certificate(
+        ca.issue("silo-1", role=Role.CLIENT, out_dir=tmp_path).cert_path.read_bytes()
+    )
     assert server.extensions.get_extension_for_class(x509.BasicConstraints).critical
-    assert server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    assert server.extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage
+    ).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["coord.example"]
     assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    uris = client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+    uris = client.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.UniformResourceIdentifier)
     assert uris == ["fedpriv://fed/silo/silo-1"]
-    assert client.not_valid_after_utc - client.not_valid_before_utc <= dt.timedelta(days=90, minutes=5)
+    assert client.not_valid_after_utc - client.not_valid_before_utc <= dt.timedelta(
+        days=90, minutes=5
+    )
     client.verify_directly_issued_by(ca.certificate)
     assert identity_from_pem(client.public_bytes(serialization.Encoding.PEM)) == "silo-1"
 

@@ -14,10 +14,19 @@ PACKAGE = ROOT / "fedpriv"
 # Lower layers never import higher ones (STYLE.md §1).
 LAYERS = {
     "cli": 4,
-    "coordinator": 3, "client": 3,
-    "strategy": 2, "privacy": 2, "secagg": 2,
-    "transport": 1, "wire": 1, "pki": 1,
-    "v1": 0, "errors": 0, "_types": 0, "_config": 0, "storage": 0,
+    "coordinator": 3,
+    "client": 3,
+    "strategy": 2,
+    "privacy": 2,
+    "secagg": 2,
+    "transport": 1,
+    "wire": 1,
+    "pki": 1,
+    "v1": 0,
+    "errors": 0,
+    "_types": 0,
+    "_config": 0,
+    "storage": 0,
 }
 
 
@@ -28,9 +37,13 @@ def test_generated_protocol_code_is_up_to_date(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "proto"))
     fresh = generate(tmp_path)
-    committed = sorted(p for p in (PACKAGE / "v1").iterdir() if p.name.endswith((".py", ".pyi")) and p.name != "__init__.py")
+    committed = sorted(
+        p
+        for p in (PACKAGE / "v1").iterdir()
+        if p.name.endswith((".py", ".pyi")) and p.name != "__init__.py"
+    )
     assert [p.name for p in fresh] == [p.name for p in committed]
-    for new, old in zip(fresh, committed):
+    for new, old in zip(fresh, committed, strict=True):
         assert new.read_text() == old.read_text(), f"{old.name} is stale: run `make proto`"
 
 
@@ -75,12 +88,18 @@ def test_imports_only_flow_downward():
 
 
 def test_only_the_adapters_import_flwr():
-    offenders = [m for m, p in _modules() if "import flwr" in p.read_text() or "from flwr" in p.read_text()]
+    offenders = [
+        m for m, p in _modules() if "import flwr" in p.read_text() or "from flwr" in p.read_text()
+    ]
     assert all(m.endswith(".flower") for m in offenders), offenders
 
 
 def test_no_hazmat_outside_pki_and_secagg():
-    offenders = [m for m, p in _modules() if "hazmat" in p.read_text() and m.split(".")[1] not in ("pki", "secagg")]
+    offenders = [
+        m
+        for m, p in _modules()
+        if "hazmat" in p.read_text() and m.split(".")[1] not in ("pki", "secagg")
+    ]
     assert offenders == []
 
 

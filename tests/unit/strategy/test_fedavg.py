@@ -5,7 +5,14 @@ import threading
 import numpy as np
 
 from fedpriv.strategy import FedAvg
-from fedpriv.wire import DType, Model, TensorLayout, TensorSpec, bfloat16_to_float32, float32_to_bfloat16
+from fedpriv.wire import (
+    DType,
+    Model,
+    TensorLayout,
+    TensorSpec,
+    bfloat16_to_float32,
+    float32_to_bfloat16,
+)
 
 
 def fold_model(aggregator, model: Model, weight: float) -> None:
@@ -16,32 +23,46 @@ def fold_model(aggregator, model: Model, weight: float) -> None:
 def test_weighted_average_of_several_dtypes():
     rng = np.random.default_rng(0)
     updates = [
-        {"w": rng.normal(size=(30, 7)).astype(np.float32), "h": rng.normal(size=5).astype(np.float16),
-         "n": np.array(i * 10, np.int64), "d": rng.normal(size=3)}
+        {
+            "w": rng.normal(size=(30, 7)).astype(np.float32),
+            "h": rng.normal(size=5).astype(np.float16),
+            "n": np.array(i * 10, np.int64),
+            "d": rng.normal(size=3),
+        }
         for i in range(4)
     ]
     weights = [1, 2, 3, 10]
     base = Model.from_arrays(updates[0], chunk_bytes=64)
     aggregator = FedAvg().begin_round(1, model=base)
-    for update, weight in zip(updates, weights):
+    for update, weight in zip(updates, weights, strict=True):
         fold_model(aggregator, Model.from_arrays(update, chunk_bytes=64), weight)
     out = aggregator.finalize(total_weight=sum(weights)).arrays()
     for name in ("w", "h", "d"):
-        expected = sum(w * u[name].astype(np.float64) for u, w in zip(updates, weights)) / sum(weights)
-        np.testing.assert_allclose(out[name], expected, rtol=2e-3 if name == "h" else 1e-6, atol=1e-6)
+        expected = sum(w * u[name].astype(np.float64) for u, w in zip(updates, weights, strict=True)) / sum(
+            weights
+        )
+        np.testing.assert_allclose(
+            out[name], expected, rtol=2e-3 if name == "h" else 1e-6, atol=1e-6
+        )
         assert out[name].dtype == updates[0][name].dtype
     assert int(out["n"]) == round((0 * 1 + 10 * 2 + 20 * 3 + 30 * 10) / 16)
 
 
 def test_bfloat16_average_is_rounded_back_to_bfloat16():
-    layout = TensorLayout.from_specs([TensorSpec(name="b", dtype=DType.BFLOAT16, shape=(3,))], chunk_bytes=8)
+    layout = TensorLayout.from_specs(
+        [TensorSpec(name="b", dtype=DType.BFLOAT16, shape=(3,))], chunk_bytes=8
+    )
     values = [np.array([1.0, 2.0, -4.0], np.float32), np.array([3.0, 2.0, 4.0], np.float32)]
-    aggregator = FedAvg().begin_round(1, model=Model.from_arrays({"b": float32_to_bfloat16(values[0])}, layout=layout))
+    aggregator = FedAvg().begin_round(
+        1, model=Model.from_arrays({"b": float32_to_bfloat16(values[0])}, layout=layout)
+    )
     for v in values:
         fold_model(aggregator, Model.from_arrays({"b": float32_to_bfloat16(v)}, layout=layout), 1.0)
     out = aggregator.finalize(total_weight=2.0)
     np.testing.assert_array_equal(out.arrays()["b"], [2.0, 2.0, 0.0])
-    np.testing.assert_array_equal(bfloat16_to_float32(np.frombuffer(out.payload, "<u2", 3)), [2.0, 2.0, 0.0])
+    np.testing.assert_array_equal(
+        bfloat16_to_float32(np.frombuffer(out.payload, "<u2", 3)), [2.0, 2.0, 0.0]
+    )
 
 
 def test_negative_weight_removes_a_contribution():
@@ -52,16 +73,22 @@ def test_negative_weight_removes_a_contribution():
     fold_model(aggregator, keep, 3.0)
     fold_model(aggregator, drop, 5.0)
     fold_model(aggregator, drop, -5.0)
-    np.testing.assert_array_equal(aggregator.finalize(total_weight=3.0).arrays()["w"], np.full(1000, 2.0))
+    np.testing.assert_array_equal(
+        aggregator.finalize(total_weight=3.0).arrays()["w"], np.full(1000, 2.0)
+    )
 
 
 def test_concurrent_folds_from_many_threads_are_exact():
     base = Model.from_arrays({"w": np.zeros(50_000, np.float32)}, chunk_bytes=4096)
     aggregator = FedAvg().begin_round(1, model=base)
     update = Model.from_arrays({"w": np.ones(50_000, np.float32)}, chunk_bytes=4096)
-    threads = [threading.Thread(target=fold_model, args=(aggregator, update, 1.0)) for _ in range(8)]
+    threads = [
+        threading.Thread(target=fold_model, args=(aggregator, update, 1.0)) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    np.testing.assert_array_equal(aggregator.finalize(total_weight=8.0).arrays()["w"], np.ones(50_000))
+    np.testing.assert_array_equal(
+        aggregator.finalize(total_weight=8.0).arrays()["w"], np.ones(50_000)
+    )

@@ -3,8 +3,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from fedpriv.transport import AuthInterceptor, error_from_rpc
 from fedpriv import errors
+from fedpriv.transport import AuthInterceptor, error_from_rpc
 
 
 class Aborted(Exception):
@@ -42,7 +42,9 @@ TLS13 = {"ssl_tls_version": [b"TLSv1.3"], "x509_common_name": [b"silo-a"]}
 
 
 def test_allowed_identity_over_tls13_passes():
-    assert run_guarded(AuthInterceptor(allowed=["silo-a"], insecure=False), FakeContext(TLS13)) == "ok"
+    assert (
+        run_guarded(AuthInterceptor(allowed=["silo-a"], insecure=False), FakeContext(TLS13)) == "ok"
+    )
 
 
 def test_tls12_is_refused_even_with_a_valid_certificate():
@@ -63,12 +65,20 @@ def test_insecure_mode_takes_identity_from_metadata_only_when_enabled():
     context = FakeContext({}, metadata=(("fedpriv-silo", "silo-a"),))
     assert run_guarded(AuthInterceptor(allowed=["silo-a"], insecure=True), context) == "ok"
     with pytest.raises(Aborted):
-        run_guarded(AuthInterceptor(allowed=["silo-a"], insecure=False), FakeContext({}, metadata=(("fedpriv-silo", "silo-a"),)))
+        run_guarded(
+            AuthInterceptor(allowed=["silo-a"], insecure=False),
+            FakeContext({}, metadata=(("fedpriv-silo", "silo-a"),)),
+        )
 
 
 def test_health_checks_bypass_the_allow_list():
     context = FakeContext({})
-    assert run_guarded(AuthInterceptor(allowed=["x"], insecure=False), context, "/grpc.health.v1.Health/Check") == "ok"
+    assert (
+        run_guarded(
+            AuthInterceptor(allowed=["x"], insecure=False), context, "/grpc.health.v1.Health/Check"
+        )
+        == "ok"
+    )
 
 
 class FakeRpcError(grpc.RpcError):

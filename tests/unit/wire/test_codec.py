@@ -25,7 +25,9 @@ from fedpriv.wire import (
 
 def roundtrip(arrays, chunk_bytes=64, layout=None):
     layout = layout or TensorLayout.from_specs(specs_from_arrays(arrays), chunk_bytes=chunk_bytes)
-    wire_layout, problems = layout_from_proto(tensor_pb2.TensorHeader.FromString(layout.to_proto().SerializeToString()))
+    wire_layout, problems = layout_from_proto(
+        tensor_pb2.TensorHeader.FromString(layout.to_proto().SerializeToString())
+    )
     assert problems == []
     assembler = PayloadAssembler(wire_layout)
     for offset, data in encode_chunks(layout, arrays):
@@ -57,7 +59,9 @@ def test_tensor_roundtrips_exactly(array):
 def test_bfloat16_roundtrips_and_rounds_half_to_even():
     values = np.array([1.0, -2.5, 3.140625, 1e30, 0.0, np.inf, -np.inf], dtype=np.float32)
     bits = float32_to_bfloat16(values)
-    layout = TensorLayout.from_specs([TensorSpec(name="h", dtype=DType.BFLOAT16, shape=(7,))], chunk_bytes=8)
+    layout = TensorLayout.from_specs(
+        [TensorSpec(name="h", dtype=DType.BFLOAT16, shape=(7,))], chunk_bytes=8
+    )
     out = roundtrip({"h": bits}, chunk_bytes=8, layout=layout)["h"]
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, bfloat16_to_float32(bits))
@@ -127,7 +131,10 @@ def test_chunks_never_exceed_4_mib():
 )
 def test_malformed_headers_are_reported(mutate, problem):
     header = TensorLayout.from_specs(
-        [TensorSpec(name="w", dtype=DType.FLOAT32, shape=(4,)), TensorSpec(name="b", dtype=DType.FLOAT32, shape=(2,))],
+        [
+            TensorSpec(name="w", dtype=DType.FLOAT32, shape=(4,)),
+            TensorSpec(name="b", dtype=DType.FLOAT32, shape=(2,)),
+        ],
         chunk_bytes=8,
     ).to_proto()
     mutate(header)
@@ -137,7 +144,9 @@ def test_malformed_headers_are_reported(mutate, problem):
 
 
 def test_out_of_order_or_short_chunks_are_refused():
-    layout = TensorLayout.from_specs([TensorSpec(name="w", dtype=DType.FLOAT32, shape=(4,))], chunk_bytes=8)
+    layout = TensorLayout.from_specs(
+        [TensorSpec(name="w", dtype=DType.FLOAT32, shape=(4,))], chunk_bytes=8
+    )
     assembler = PayloadAssembler(layout)
     with pytest.raises(ValueError, match="does not follow"):
         assembler.add(8, b"\0" * 8)
@@ -153,13 +162,19 @@ def test_unsupported_dtype_is_named():
         specs_from_arrays({"z": np.zeros(2, np.complex128)})
 
 
-dtypes = st.sampled_from([np.float32, np.float16, np.float64, np.int64, np.int32, np.int8, np.uint8])
+dtypes = st.sampled_from(
+    [np.float32, np.float16, np.float64, np.int64, np.int32, np.int8, np.uint8]
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     arrays=st.lists(
-        dtypes.flatmap(lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7))),
+        dtypes.flatmap(
+            lambda d: hnp.arrays(
+                d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7)
+            )
+        ),
         min_size=1,
         max_size=5,
     ),

@@ -1,0 +1,37 @@
+"""Client and model used by the benchmarks: 'training' adds a small perturbation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedpriv.client import EvaluateResult, FitResult
+
+
+class PerturbClient:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
+        step = np.float32(self.rng.uniform(-1e-3, 1e-3))
+        return FitResult(parameters={k: v + step for k, v in parameters.items()}, num_examples=100)
+
+    def evaluate(
+        self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]
+    ) -> EvaluateResult:
+        return EvaluateResult(num_examples=100)
+
+
+def make_client(config: Mapping[str, Any]) -> PerturbClient:
+    return PerturbClient(int(config.get("seed", 0)))
+
+
+def model_arrays(params: int, *, pieces: int = 4) -> dict[str, np.ndarray]:
+    """`params` float32 parameters split over `pieces` arrays (plus a remainder)."""
+    size = params // pieces
+    arrays = {f"layer{i}.weight": np.zeros(size, np.float32) for i in range(pieces)}
+    if params - size * pieces:
+        arrays["tail"] = np.zeros(params - size * pieces, np.float32)
+    return arrays

@@ -1,0 +1,204 @@
+"""Round time, bytes per client and coordinator peak RSS, with real processes over mTLS.
+
+Starts `fedpriv coordinator` and N `fedpriv client` processes on 127.0.0.1 with
+certificates from a fresh CA, runs R rounds of FedAvg on a model of P float32
+parameters, and prints one row per (P, N). The coordinator's peak RSS is the
+kernel's high-water mark for that process (wait4 ru_maxrss), not a sample.
+
+    python benchmarks/round_bench.py                 # P in {1M, 10M, 50M}, N in {2, 8}
+    python benchmarks/round_bench.py --smoke         # tiny sizes, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_app import model_arrays  # noqa: E402
+from fedpriv.coordinator import write_checkpoint  # noqa: E402
+from fedpriv.pki import CertificateAuthority, Role  # noqa: E402
+from fedpriv.wire import Model  # noqa: E402
+
+RSS_LIMIT_FACTOR = 4.0
+
+
+@dataclass
+class Row:
+    params: int
+    clients: int
+    rounds: int
+    median_round_s: float
+    sent_per_client_mb: float
+    coordinator_peak_rss_mb: float
+
+    @property
+    def model_mb(self) -> float:
+        return self.params * 4 / 1e6
+
+    @property
+    def rss_ratio(self) -> float:
+        return self.coordinator_peak_rss_mb / self.model_mb
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_pki(work: pathlib.Path, clients: int) -> None:
+    ca = CertificateAuthority.create(work / "pki", federation="bench")
+    ca.issue("coordinator", role=Role.SERVER, out_dir=work / "pki", hosts=["127.0.0.1"])
+    for k in range(clients):
+        ca.issue(f"silo-{k}", role=Role.CLIENT, out_dir=work / "pki")
+
+
+def run_one(params: int, clients: int, rounds: int, work: pathlib.Path) -> Row:
+    make_pki(work, clients)
+    port = free_port()
+    write_checkpoint(work / "initial.fpck", Model.from_arrays(model_arrays(params)))
+    (work / "coordinator.toml").write_text(f"""
+[server]
+address = "127.0.0.1:{port}"
+poll_wait_s = 5
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "pki/coordinator.key"
+[rounds]
+num_rounds = {rounds}
+min_clients = {clients}
+deadline_s = 900
+federated_evaluation = false
+[model]
+checkpoint = "initial.fpck"
+[store]
+dir = "state"
+""")
+    for k in range(clients):
+        (work / f"silo-{k}.toml").write_text(f"""
+[coordinator]
+address = "127.0.0.1:{port}"
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/silo-{k}.crt"
+key = "pki/silo-{k}.key"
+[client]
+poll_wait_s = 5
+[app]
+seed = {k}
+""")
+    command = [sys.executable, "-m", "fedpriv", "--log-level", "INFO"]
+    with open(work / "coordinator.log", "w") as log:
+        coordinator = subprocess.Popen(
+            [*command, "coordinator", "--quiet", "--config", str(work / "coordinator.toml")],
+            cwd=ROOT,
+            stderr=log,
+            stdout=subprocess.DEVNULL,
+        )
+    silos = []
+    for k in range(clients):
+        with open(work / f"silo-{k}.log", "w") as log:
+            silos.append(
+                subprocess.Popen(
+                    [
+                        *command,
+                        "client",
+                        "--app",
+                        "benchmarks.bench_app:make_client",
+                        "--config",
+                        str(work / f"silo-{k}.toml"),
+                    ],
+                    cwd=ROOT,
+                    stderr=log,
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+    _, status, usage = os.wait4(coordinator.pid, 0)
+    coordinator.returncode = os.waitstatus_to_exitcode(status)
+    codes = [s.wait(120) for s in silos]
+    if coordinator.returncode != 0 or any(codes):
+        raise RuntimeError(
+            f"benchmark processes failed ({coordinator.returncode}, {codes}); see {work}"
+        )
+    with sqlite3.connect(work / "state" / "state.sqlite3") as db:
+        durations = [
+            end - start
+            for start, end in db.execute(
+                "SELECT started_unix_s, finished_unix_s FROM rounds WHERE round > 0 ORDER BY round"
+            )
+        ]
+    sent = [
+        int(re.search(r"bytes_sent=(\d+)", (work / f"silo-{k}.log").read_text()).group(1))  # type: ignore[union-attr]
+        for k in range(clients)
+    ]
+    return Row(
+        params=params,
+        clients=clients,
+        rounds=rounds,
+        median_round_s=statistics.median(durations),
+        sent_per_client_mb=statistics.mean(sent) / rounds / 1e6,
+        # Linux reports ru_maxrss in KiB.
+        coordinator_peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    print(
+        f"{'params':>10} {'clients':>7} {'model MB':>9} {'median round s':>15} "
+        f"{'MB sent/client/round':>21} {'coord peak RSS MB':>18} {'RSS/model':>10}"
+    )
+    for r in rows:
+        print(
+            f"{r.params:>10,} {r.clients:>7} {r.model_mb:>9.1f} {r.median_round_s:>15.2f} "
+            f"{r.sent_per_client_mb:>21.1f} {r.coordinator_peak_rss_mb:>18.0f} {r.rss_ratio:>9.2f}x"
+        )
+    for r in rows:
+        if r.params >= 50_000_000 and r.clients >= 8:
+            verdict = "PASS" if r.rss_ratio < RSS_LIMIT_FACTOR else "FAIL"
+            print(
+                f"target: coordinator peak RSS < {RSS_LIMIT_FACTOR:.0f}x model bytes at "
+                f"P={r.params:,}, N={r.clients}: {r.rss_ratio:.2f}x -> {verdict}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--params", type=int, nargs="+", default=[1_000_000, 10_000_000, 50_000_000]
+    )
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: P=10k, N=2, 2 rounds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.params, args.clients, args.rounds = [10_000], [2], 2
+    rows = []
+    for params in args.params:
+        for clients in args.clients:
+            with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as tmp:
+                started = time.monotonic()
+                rows.append(run_one(params, clients, args.rounds, pathlib.Path(tmp)))
+                print(
+                    f"# P={params:,} N={clients} done in {time.monotonic() - started:.0f} s",
+                    file=sys.stderr,
+                )
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
