@@ -67,16 +67,23 @@ class Table:
             raise ConfigError(f"{self.name(key)} = {value!r}: {problem}")
         return value
 
+    def optional(self, key: str, kind: type[T]) -> T | None:
+        """Read a field that may be absent (None then)."""
+        if key not in self._data:
+            self._seen.add(key)
+            return None
+        return self.require(key, kind)
+
     def require(self, key: str, kind: type[T]) -> T:
         """Read a field that must be present."""
         if key not in self._data:
             raise ConfigError(f"{self.name(key)} is required")
-        value: T = self.get(key, kind, None)  # type: ignore[arg-type]  # present, so never None
-        return value
+        present: T = self._data[key]  # checked against `kind` by get()
+        return self.get(key, kind, present)
 
     def path(self, key: str, default: str | None = None) -> pathlib.Path | None:
         """Read a path, relative to the config file's folder."""
-        raw = self.get(key, str, default)  # type: ignore[arg-type]  # None default is allowed
+        raw = self.optional(key, str) or default
         if raw is None:
             return None
         path = pathlib.Path(raw).expanduser()

@@ -48,6 +48,7 @@ class Client(Protocol):
     into your model rather than modifying them.
 
     Example:
+        >>> import numpy as np
         >>> class Mean:
         ...     def fit(self, parameters, *, config):
         ...         return FitResult(parameters={k: v + 1 for k, v in parameters.items()},

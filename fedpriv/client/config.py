@@ -66,11 +66,11 @@ class ClientConfig:
         client = top.table("client")
         config = cls(
             coordinator=coordinator.require("address", str),
-            server_name=coordinator.get("server_name", str, None),  # type: ignore[arg-type]  # optional
+            server_name=coordinator.optional("server_name", str),
             ca=tls.path("ca"),
             cert=tls.path("cert"),
             key=tls.path("key"),
-            identity=client.get("identity", str, None),  # type: ignore[arg-type]  # optional
+            identity=client.optional("identity", str),
             poll_wait_s=client.get("poll_wait_s", int, 30),
             reconnect_timeout_s=client.get("reconnect_timeout_s", float, 300.0, check_positive),
             app=top.scalars("app"),

@@ -85,7 +85,7 @@ class TorchClient:
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(inputs), targets)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch stub gap
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(inputs)
                 seen += len(inputs)

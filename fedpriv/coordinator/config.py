@@ -160,13 +160,13 @@ class CoordinatorConfig:
         store = top.table("store")
         allowed = fed.strings("allowed_silos")
         tls = None
-        if tls_table.has("ca") or tls_table.has("cert") or tls_table.has("key"):
-            paths = {k: tls_table.path(k) for k in ("ca", "cert", "key")}
-            missing = [k for k, v in paths.items() if v is None]
-            if missing:
-                raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")
-            tls = TLSFiles(ca=paths["ca"], cert=paths["cert"], key=paths["key"])  # type: ignore[arg-type]  # checked above
-        state_dir = store.path("dir", "state")
+        ca, cert, key = (tls_table.path(k) for k in ("ca", "cert", "key"))
+        if ca is not None and cert is not None and key is not None:
+            tls = TLSFiles(ca=ca, cert=cert, key=key)
+        elif ca or cert or key:
+            missing = [n for n, v in (("ca", ca), ("cert", cert), ("key", key)) if v is None]
+            raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")
+        state_dir = store.path("dir", "state") or base_dir / "state"
         config = cls(
             federation=fed.get("name", str, "fedpriv"),
             address=server.get("address", str, DEFAULT_ADDRESS),
@@ -186,11 +186,11 @@ class CoordinatorConfig:
                 client_config=rounds.scalars("client_config"),
             ),
             model=ModelSource(
-                factory=model.get("factory", str, None),  # type: ignore[arg-type]  # optional
+                factory=model.optional("factory", str),
                 checkpoint=model.path("checkpoint"),
                 chunk_bytes=model.get("chunk_bytes", int, DEFAULT_CHUNK_BYTES),
             ),
-            state_dir=state_dir,  # type: ignore[arg-type]  # has a default
+            state_dir=state_dir,
         )
         for table in (fed, server, tls_table, rounds, model, store, top):
             table.finish()

@@ -83,7 +83,7 @@ def write_checkpoint(path: pathlib.Path, model: Model) -> str:
     The payload is written straight from the model's buffer, without a copy.
     """
     header = model.layout.to_proto().SerializeToString()
-    parts = [_MAGIC, _LENGTH.pack(len(header)), header, memoryview(model.payload)]
+    parts = [_MAGIC, _LENGTH.pack(len(header)), header, model.payload.data]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
@@ -112,12 +112,12 @@ def read_checkpoint(path: pathlib.Path, *, sha256: str | None = None) -> Model:
             if layout is None:
                 raise StoreError(f"{path}: corrupt header: {'; '.join(problems)}")
             payload = np.empty(layout.payload_bytes, dtype=np.uint8)
-            if handle.readinto(memoryview(payload)) != layout.payload_bytes or handle.read(1):
+            if handle.readinto(payload.data) != layout.payload_bytes or handle.read(1):
                 raise StoreError(f"{path}: payload length differs from its header")
     except OSError as err:
         raise StoreError(f"cannot read checkpoint {path}: {err.strerror}") from err
     if sha256 is not None:
-        for part in (magic, raw_length, raw_header, memoryview(payload)):
+        for part in (magic, raw_length, raw_header, payload.data):
             digest.update(part)
         if digest.hexdigest() != sha256:
             raise StoreError(f"{path}: SHA-256 differs from the committed round; file corrupt")

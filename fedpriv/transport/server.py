@@ -148,7 +148,7 @@ class _IdentityMetadata(
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = tuple(details.metadata or ()) + self._metadata
-        return details._replace(metadata=metadata)  # type: ignore[no-any-return]
+        return details._replace(metadata=metadata)
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return continuation(self._details(details), request)

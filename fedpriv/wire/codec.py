@@ -48,7 +48,7 @@ def float32_to_bfloat16(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint1
     """Round float32 values to bfloat16 bit patterns (round half to even, NaN kept NaN)."""
     bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
     rounding = ((bits >> 16) & 1) + 0x7FFF
-    rounded = ((bits + rounding) >> 16).astype("<u2")
+    rounded: npt.NDArray[np.uint16] = ((bits + rounding) >> 16).astype("<u2")
     nan = np.isnan(values)
     if nan.any():
         rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype("<u2")
@@ -71,7 +71,8 @@ def _wire_bytes(spec: TensorSpec, array: npt.NDArray[np.generic]) -> memoryview:
             wire = float32_to_bfloat16(np.asarray(array, dtype="<f4"))
     else:
         wire = np.ascontiguousarray(array, dtype=spec.dtype.storage)
-    return memoryview(wire.reshape(-1).view(np.uint8))
+    flat: npt.NDArray[np.uint8] = wire.reshape(-1).view(np.uint8)
+    return flat.data
 
 
 def encode_chunks(

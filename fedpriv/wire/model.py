@@ -49,7 +49,7 @@ class Model:
 
     def chunks(self) -> Iterator[tuple[int, memoryview]]:
         """Yield ``(offset, view)`` for every chunk, without copying."""
-        view = memoryview(self.payload)
+        view = self.payload.data
         for index in range(self.layout.num_chunks):
             offset, length = self.layout.chunk_range(index)
             yield offset, view[offset : offset + length]

@@ -38,9 +38,9 @@ def test_weighted_average_of_several_dtypes():
         fold_model(aggregator, Model.from_arrays(update, chunk_bytes=64), weight)
     out = aggregator.finalize(total_weight=sum(weights)).arrays()
     for name in ("w", "h", "d"):
-        expected = sum(w * u[name].astype(np.float64) for u, w in zip(updates, weights, strict=True)) / sum(
-            weights
-        )
+        expected = sum(
+            w * u[name].astype(np.float64) for u, w in zip(updates, weights, strict=True)
+        ) / sum(weights)
         np.testing.assert_allclose(
             out[name], expected, rtol=2e-3 if name == "h" else 1e-6, atol=1e-6
         )
