@@ -97,7 +97,12 @@ def main() -> int:
     (work / "logs").mkdir(parents=True)
     names = [f"silo-{k + 1}" for k in range(args.silos)]
     pki = str(work / "pki")
-    run = lambda cmd: subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)  # noqa: E731
+
+    def run(cmd: list[str]) -> None:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+
     run(fedpriv("pki", "init", "--dir", pki, "--federation", "digits"))
     run(
         fedpriv(

@@ -8,10 +8,9 @@ import pathlib
 import signal
 import sys
 import threading
+import tomllib
 from collections.abc import Sequence
 from typing import Any
-
-import tomllib
 
 from fedpriv.errors import ConfigError, FedprivError
 

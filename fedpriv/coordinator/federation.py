@@ -554,7 +554,8 @@ class Federation:
             phase = self._open_phase(
                 TaskKind.EVALUATE, round, evaluators, self._rounds.evaluation_deadline_s
             )
-            self._wait_phase(phase, needed=len(evaluators))
+            # Wait for every evaluator (or the deadline): a missing one must not cut the others.
+            self._wait_phase(phase, needed=min(1, len(evaluators)))
             evaluation = weighted_means(phase.results)
             self._store.record_metrics(round=round, source="evaluate", values=evaluation)
         with self._cond:

@@ -60,7 +60,7 @@ class IssuedCertificate:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _check_name(name: str) -> None:

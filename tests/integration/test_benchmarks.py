@@ -12,7 +12,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_round_bench_smoke_prints_its_table():
     result = subprocess.run(
         [sys.executable, "benchmarks/round_bench.py", "--smoke"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     header, row = result.stdout.strip().splitlines()[-2:]

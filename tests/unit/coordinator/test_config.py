@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pathlib
+import tomllib
 
 import pytest
-import tomllib
 
 from fedpriv.client.config import ClientConfig
 from fedpriv.coordinator import CoordinatorConfig
