@@ -1,0 +1,7 @@
+"""Differential privacy: accounting (pure), the silo's ledger and budget, Opacus training."""
+
+from __future__ import annotations
+
+from fedpriv.privacy.accounting import DEFAULT_ORDERS, GaussianSteps, epsilon, noise_multiplier_for
+
+__all__ = ["DEFAULT_ORDERS", "GaussianSteps", "epsilon", "noise_multiplier_for"]
