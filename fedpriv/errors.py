@@ -11,6 +11,7 @@
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
     ├── UpdateRejected            an update failed validation (lists every problem)
     ├── RoundFailed               a round could not complete; no model was published
+    ├── PrivacyBudgetExceeded     a silo refused to train: the round would overspend its budget
     ├── PKIError                  certificate authority and certificate handling
     └── StoreError                durable state could not be read or written
 
@@ -30,6 +31,7 @@ __all__ = [
     "FedprivError",
     "PKIError",
     "PermissionDenied",
+    "PrivacyBudgetExceeded",
     "ProtocolError",
     "RoundFailed",
     "StoreError",
@@ -107,6 +109,32 @@ class UpdateRejected(FedprivError):
 
 class RoundFailed(FedprivError):
     """A round ended without enough accepted updates; the global model is unchanged."""
+
+
+class PrivacyBudgetExceeded(FedprivError):
+    """Training this round would take the silo's epsilon past its budget.
+
+    Args:
+        spent_epsilon: Epsilon already spent (from the ledger).
+        projected_epsilon: Epsilon after the refused round.
+        budget_epsilon: The silo's limit.
+        delta: The delta all three are computed at.
+    """
+
+    grpc_status = "FAILED_PRECONDITION"
+
+    def __init__(
+        self, *, spent_epsilon: float, projected_epsilon: float, budget_epsilon: float, delta: float
+    ) -> None:
+        self.spent_epsilon = spent_epsilon
+        self.projected_epsilon = projected_epsilon
+        self.budget_epsilon = budget_epsilon
+        self.delta = delta
+        super().__init__(
+            f"privacy budget exceeded: training this round would raise epsilon from "
+            f"{spent_epsilon:.3f} to {projected_epsilon:.3f} (delta={delta:g}), over the "
+            f"budget of {budget_epsilon:g}; the silo refuses to train and sends nothing"
+        )
 
 
 class PKIError(FedprivError):

@@ -37,6 +37,7 @@ class _RoundPrinter:
         self._quiet = quiet
         self._header = False
         self.last_accuracy: float | None = None
+        self.silo_epsilon: dict[str, tuple[float, float]] = {}
 
     def _print(self, line: str) -> None:
         if not self._quiet:
@@ -44,16 +45,28 @@ class _RoundPrinter:
 
     def round_completed(self, summary: Any) -> None:
         if not self._header:
-            self._print(f"{'round':>5}  {'silos':>5}  {'loss':>8}  {'accuracy':>8}  {'seconds':>8}")
+            self._print(
+                f"{'round':>5}  {'silos':>5}  {'loss':>8}  {'accuracy':>8}  {'seconds':>8}  "
+                f"{'max silo eps':>12}"
+            )
             self._header = True
+        for silo, values in summary.silo_metrics.items():
+            if "epsilon" in values:
+                self.silo_epsilon[silo] = (
+                    float(values["epsilon"]),
+                    float(values.get("delta", 0.0)),
+                )
+        epsilons = [float(v["epsilon"]) for v in summary.silo_metrics.values() if "epsilon" in v]
         metrics = summary.evaluation_metrics or summary.fit_metrics
         loss = metrics.get("loss", summary.fit_metrics.get("train_loss", float("nan")))
         accuracy = metrics.get("accuracy")
         if accuracy is not None:
             self.last_accuracy = accuracy
+        shown_accuracy = "-" if accuracy is None else format(accuracy, ".4f")
+        shown_epsilon = format(max(epsilons), ".3f") if epsilons else "-"
         self._print(
             f"{summary.round:>5}  {summary.accepted:>2}/{summary.selected:<2}  {loss:>8.4f}  "
-            f"{'-' if accuracy is None else format(accuracy, '.4f'):>8}  {summary.duration_s:>8.2f}"
+            f"{shown_accuracy:>8}  {summary.duration_s:>8.2f}  {shown_epsilon:>12}"
         )
 
     def round_failed(self, round: int, reason: str) -> None:
@@ -77,6 +90,11 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             return 0
     if printer.last_accuracy is not None:
         print(f"final accuracy: {printer.last_accuracy:.3f}", flush=True)
+    for silo, (epsilon, delta) in sorted(printer.silo_epsilon.items()):
+        print(
+            f"{silo} epsilon: {epsilon:.3f} (delta {delta:g}, sample-level, from its ledger)",
+            flush=True,
+        )
     return 0
 
 
@@ -97,6 +115,19 @@ def _cmd_client(args: argparse.Namespace) -> int:
         if args.insecure or config.ca is None or config.cert is None or config.key is None
         else TLSConfig.from_files(ca=config.ca, cert=config.cert, key=config.key)
     )
+    ledger = None
+    if config.budget is not None and config.ledger is not None:
+        from fedpriv.privacy.ledger import PrivacyLedger
+
+        ledger = PrivacyLedger.open(config.ledger, budget=config.budget)
+        logger.info(
+            "privacy ledger %s: %d runs, epsilon %.4f of %g (delta %g)",
+            config.ledger,
+            len(ledger.entries),
+            ledger.spent_epsilon(),
+            config.budget.epsilon,
+            config.budget.delta,
+        )
     factory = load_factory(args.app, field="--app")
     client = factory(dict(config.app))
     stop = threading.Event()
@@ -207,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        # Some libraries (opacus) install a root handler when imported; ours wins.
+        force=True,
     )
     try:
         return int(args.run(args))

@@ -10,6 +10,7 @@ from typing import Any
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
+from fedpriv.privacy.ledger import PrivacyBudget
 
 __all__ = ["ClientConfig"]
 
@@ -28,6 +29,9 @@ class ClientConfig:
         poll_wait_s: Long-poll length.
         reconnect_timeout_s: Give up after this long without reaching the coordinator.
         app: Values passed to the app factory (data paths, silo index, ...).
+        budget: The silo's privacy budget; with it every round is checked and
+            recorded in the ledger at `ledger`.
+        ledger: Where the privacy ledger is kept (on the silo's own disk).
     """
 
     coordinator: str
@@ -39,8 +43,12 @@ class ClientConfig:
     poll_wait_s: int = 30
     reconnect_timeout_s: float = 300.0
     app: Mapping[str, Scalar] = field(default_factory=dict)
+    budget: PrivacyBudget | None = None
+    ledger: pathlib.Path | None = None
 
     def __post_init__(self) -> None:
+        if (self.budget is None) != (self.ledger is None):
+            raise ConfigError("[privacy] needs both epsilon and ledger (the ledger file's path)")
         given = [k for k in ("ca", "cert", "key") if getattr(self, k) is not None]
         if given and len(given) != 3:
             missing = sorted({"ca", "cert", "key"} - set(given))
@@ -64,6 +72,13 @@ class ClientConfig:
         coordinator = top.table("coordinator")
         tls = top.table("tls")
         client = top.table("client")
+        privacy = top.table("privacy")
+        budget_epsilon = privacy.optional("epsilon", float)
+        budget = (
+            None
+            if budget_epsilon is None
+            else PrivacyBudget(epsilon=budget_epsilon, delta=privacy.get("delta", float, 1e-5))
+        )
         config = cls(
             coordinator=coordinator.require("address", str),
             server_name=coordinator.optional("server_name", str),
@@ -74,7 +89,9 @@ class ClientConfig:
             poll_wait_s=client.get("poll_wait_s", int, 30),
             reconnect_timeout_s=client.get("reconnect_timeout_s", float, 300.0, check_positive),
             app=top.scalars("app"),
+            budget=budget,
+            ledger=privacy.path("ledger"),
         )
-        for table in (coordinator, tls, client, top):
+        for table in (coordinator, tls, client, privacy, top):
             table.finish()
         return config

@@ -17,7 +17,15 @@ import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import Client
-from fedpriv.errors import AuthenticationError, ConnectError, PermissionDenied, ProtocolError
+from fedpriv.errors import (
+    AuthenticationError,
+    ConnectError,
+    PermissionDenied,
+    PrivacyBudgetExceeded,
+    ProtocolError,
+)
+from fedpriv.privacy.accounting import GaussianSteps
+from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
 from fedpriv.wire import (
@@ -74,6 +82,7 @@ class ClientStats:
     trained: int = 0
     evaluated: int = 0
     rejected: int = 0
+    declined: int = 0
     reconnects: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -147,8 +156,43 @@ def _config(task: fleet_pb2.Task) -> dict[str, Scalar]:
     return values
 
 
+def _decline(
+    stub: fleet_pb2_grpc.FleetStub, task: fleet_pb2.Task, reason: str, stats: ClientStats
+) -> None:
+    logger.warning("declining round=%d: %s", task.round, reason)
+    header = fleet_pb2.ResultHeader(
+        task_id=task.task_id, round=task.round, kind=task.kind, declined_reason=reason[:1000]
+    )
+    stub.PushResult(iter([fleet_pb2.ResultMessage(header=header)]), timeout=30)
+    stats.declined += 1
+
+
+def _privacy_plan(
+    client: Client, config: Mapping[str, Scalar], ledger: PrivacyLedger | None
+) -> tuple[GaussianSteps | None, str | None]:
+    """The run's mechanism and, if the silo must refuse it, why."""
+    plan_fn = getattr(client, "plan_privacy", None)
+    planned: GaussianSteps | None = plan_fn(config) if plan_fn is not None else None
+    if ledger is None:
+        return planned, None
+    if planned is None:
+        return None, (
+            "this silo has a privacy budget but its client does not train with differential "
+            "privacy; refusing to release an update whose privacy cost is unbounded"
+        )
+    try:
+        ledger.check(planned)
+    except PrivacyBudgetExceeded as exceeded:
+        return planned, str(exceeded)
+    return planned, None
+
+
 def _run_task(
-    client: Client, stub: fleet_pb2_grpc.FleetStub, received: _Task, stats: ClientStats
+    client: Client,
+    stub: fleet_pb2_grpc.FleetStub,
+    received: _Task,
+    stats: ClientStats,
+    ledger: PrivacyLedger | None,
 ) -> None:
     task = received.task
     assert (
@@ -158,13 +202,27 @@ def _run_task(
     config = _config(task)
     timeout = max(1.0, task.deadline_unix_s - time.time()) if task.deadline_unix_s else None
     if task.kind == fleet_pb2.TASK_KIND_TRAIN:
+        planned, refusal = _privacy_plan(client, config, ledger)
+        if refusal is not None:
+            _decline(stub, task, refusal, stats)
+            return
         fit = client.fit(arrays, config=config)
+        metrics = dict(fit.metrics)
+        if ledger is not None and planned is not None:
+            # Recorded (and fsynced) before the first byte of the update leaves the silo.
+            privacy = getattr(client, "privacy", None)
+            metrics["epsilon"] = ledger.record(
+                planned,
+                round=task.round,
+                max_grad_norm=float(getattr(privacy, "max_grad_norm", 0.0)),
+            )
+            metrics["delta"] = ledger.budget.delta
         header = fleet_pb2.ResultHeader(
             task_id=task.task_id,
             round=task.round,
             kind=task.kind,
             num_examples=fit.num_examples,
-            metrics=scalars_to_proto(fit.metrics),
+            metrics=scalars_to_proto(metrics),
             update=received.layout.to_proto(),
         )
         messages = _result_messages(header, received.layout, fit.parameters, stats)
@@ -194,6 +252,7 @@ def run_client(
     poll_wait_s: int = 30,
     reconnect_timeout_s: float = 300.0,
     stop: threading.Event | None = None,
+    ledger: PrivacyLedger | None = None,
 ) -> ClientStats:
     """Serve `client` to the coordinator until the federation finishes.
 
@@ -207,6 +266,9 @@ def run_client(
         poll_wait_s: How long each long-poll may wait.
         reconnect_timeout_s: Give up after being unable to reach the coordinator this long.
         stop: Set to make the loop leave the federation and return.
+        ledger: The silo's privacy ledger and budget. With a ledger, every training
+            run is checked against the budget before it starts (and refused if it
+            would overspend), and recorded durably before its update is sent.
 
     Returns:
         Counters of what the silo did.
@@ -253,7 +315,7 @@ def run_client(
                     "task round=%d kind=%s", received.task.round, fleet_pb2.TaskKind.Name(kind)
                 )
                 with _heartbeats(stub, heartbeat_s):
-                    _run_task(client, stub, received, stats)
+                    _run_task(client, stub, received, stats, ledger)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
                 if isinstance(error, AuthenticationError | PermissionDenied):

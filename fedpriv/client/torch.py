@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
+from fedpriv.privacy.accounting import GaussianSteps
+from fedpriv.privacy.local import LocalDP, prepare_module, private_plan, train_private
 from fedpriv.wire.torch_interop import arrays_from_state_dict, copy_arrays_into
 
 __all__ = ["TorchClient", "best_device"]
@@ -46,6 +48,9 @@ class TorchClient:
         val_loader: Local validation data for ``evaluate``; None reports nothing.
         epochs: Local epochs per round (a task's ``epochs`` config overrides it).
         device: Where to train; default :func:`best_device`.
+        privacy: Train with DP-SGD (Opacus) under these settings. Layers Opacus
+            cannot train privately (BatchNorm) are replaced by its validator.
+            ``loss_fn`` must then accept ``reduction=``, as the functional losses do.
     """
 
     def __init__(
@@ -58,9 +63,14 @@ class TorchClient:
         val_loader: DataLoader[Any] | None = None,
         epochs: int = 1,
         device: torch.device | str | None = None,
+        privacy: LocalDP | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else best_device()
+        self.privacy = privacy
+        if privacy is not None:
+            model = prepare_module(model)
         self.model = model.to(self.device)
+        self._plans: dict[int, GaussianSteps] = {}
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.loss_fn = loss_fn
@@ -70,6 +80,17 @@ class TorchClient:
     def _load(self, parameters: Mapping[str, npt.NDArray[Any]]) -> None:
         copy_arrays_into(self.model.state_dict(), parameters)
 
+    def plan_privacy(self, config: Mapping[str, Scalar]) -> GaussianSteps | None:
+        """The DP mechanism ``fit`` will run with `config` (None without privacy)."""
+        if self.privacy is None:
+            return None
+        epochs = int(config.get("epochs", self.epochs))
+        if epochs not in self._plans:
+            self._plans[epochs] = private_plan(
+                self.privacy, batches_per_epoch=len(self.train_loader), epochs=epochs
+            )
+        return self._plans[epochs]
+
     def fit(
         self, parameters: Mapping[str, npt.NDArray[Any]], *, config: Mapping[str, Scalar]
     ) -> FitResult:
@@ -77,6 +98,23 @@ class TorchClient:
         self._load(parameters)
         epochs = int(config.get("epochs", self.epochs))
         optimizer = self.optimizer_factory(self.model.parameters())
+        plan = self.plan_privacy(config)
+        if self.privacy is not None and plan is not None:
+            mean_loss = train_private(
+                self.model,
+                loader=self.train_loader,
+                loss_fn=self.loss_fn,
+                optimizer=optimizer,
+                dp=self.privacy,
+                plan=plan,
+                epochs=epochs,
+                device=self.device,
+            )
+            return FitResult(
+                parameters=arrays_from_state_dict(self.model.state_dict()),
+                num_examples=_dataset_size(self.train_loader),
+                metrics={"train_loss": mean_loss, "noise_multiplier": plan.noise_multiplier},
+            )
         self.model.train()
         total_loss = 0.0
         seen = 0

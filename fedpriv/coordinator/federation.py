@@ -65,8 +65,10 @@ class RoundSummary:
     accepted: int
     rejected: int
     dropped: int
+    declined: int
     fit_metrics: Mapping[str, float]
     evaluation_metrics: Mapping[str, float]
+    silo_metrics: Mapping[str, Mapping[str, Scalar]]
     bytes_received: int
     duration_s: float
 
@@ -267,6 +269,20 @@ class Federation:
                 if remaining <= 0 or self._stop.is_set():
                     return Assignment(kind=TaskKind.WAIT)
                 self._cond.wait(remaining)
+
+    def decline(self, silo: str, *, task_id: str, round: int, reason: str) -> None:
+        """Record that `silo` refused its task (for example: privacy budget exhausted).
+
+        Raises:
+            ProtocolError: The silo has no open task with that id.
+        """
+        with self._cond:
+            self._touch(silo)
+            phase = self._phase
+            if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
+                raise ProtocolError(f"silo {silo!r} has no open task {task_id!r} for round {round}")
+            self._resolve(phase, silo, "declined", reason[:1000])
+            self._cond.notify_all()
 
     def open_upload(
         self,
@@ -548,6 +564,9 @@ class Federation:
             self._model = model
         fit_metrics = weighted_means(train.results)
         self._store.record_metrics(round=round, source="fit", values=fit_metrics)
+        silo_metrics = {r.silo: dict(r.metrics) for r in train.results}
+        for silo, values in silo_metrics.items():
+            self._store.record_metrics(round=round, source=f"silo:{silo}", values=values)
         evaluation: dict[str, float] = {}
         if self._rounds.federated_evaluation:
             evaluators = [r.silo for r in train.results if r.silo in self.available()]
@@ -567,9 +586,14 @@ class Federation:
                 selected=len(silos),
                 accepted=train.accepted,
                 rejected=train.count("rejected"),
-                dropped=len(silos) - train.accepted - train.count("rejected"),
+                dropped=len(silos)
+                - train.accepted
+                - train.count("rejected")
+                - train.count("declined"),
+                declined=train.count("declined"),
                 fit_metrics=fit_metrics,
                 evaluation_metrics=evaluation,
+                silo_metrics=silo_metrics,
                 bytes_received=train.bytes_received,
                 duration_s=self._clock() - started,
             )

@@ -82,6 +82,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
             if first is None or first.WhichOneof("part") != "header":
                 raise ProtocolError("PushResult must start with a ResultHeader message")
             header = first.header
+            if header.declined_reason:
+                self._federation.decline(
+                    silo, task_id=header.task_id, round=header.round, reason=header.declined_reason
+                )
+                return fleet_pb2.PushReply(accepted=False)
             layout, header_problems = (
                 layout_from_proto(header.update) if header.HasField("update") else (None, [])
             )

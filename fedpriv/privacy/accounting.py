@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from fedpriv.errors import ConfigError
 
@@ -71,6 +69,10 @@ def epsilon(
     active = [h for h in history if h.steps > 0]
     if not active:
         return 0.0
+    # Imported here: opacus imports torch, which the coordinator should not pay for
+    # unless it accounts for central DP.
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = np.zeros(len(orders))
     for item in active:
         rdp += rdp_analysis.compute_rdp(
@@ -93,6 +95,8 @@ def noise_multiplier_for(
     """
     if not target_epsilon > 0:
         raise ConfigError(f"target_epsilon = {target_epsilon}: must be > 0")
+    from opacus.accountants.utils import get_noise_multiplier
+
     sigma = get_noise_multiplier(
         target_epsilon=target_epsilon,
         target_delta=delta,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedpriv.v1 import tensor_pb2 as fedpriv_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64priv/v1/fleet.proto\x12\nfedpriv.v1\x1a\x17\x66\x65\x64priv/v1/tensor.proto\"k\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\"\n\x0bJoinRequest\x12\x13\n\x0bsdk_version\x18\x01 \x01(\t\"K\n\tJoinReply\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"!\n\x0fPullTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\r\"\xfd\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\r\n\x05round\x18\x03 \x01(\x04\x12,\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x1c.fedpriv.v1.Task.ConfigEntry\x12\'\n\x05model\x18\x05 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x06 \x01(\x01\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\"a\n\x0bTaskMessage\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedpriv.v1.TaskH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x8e\x02\n\x0cResultHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpriv.v1.ResultHeader.MetricsEntry\x12(\n\x06update\x18\x06 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\"m\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpriv.v1.ResultHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x1d\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x12\n\x10HeartbeatRequest\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04\x32\xc7\x02\n\x05\x46leet\x12\x36\n\x04Join\x12\x17.fedpriv.v1.JoinRequest\x1a\x15.fedpriv.v1.JoinReply\x12\x42\n\x08PullTask\x12\x1b.fedpriv.v1.PullTaskRequest\x1a\x17.fedpriv.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedpriv.v1.ResultMessage\x1a\x15.fedpriv.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedpriv.v1.HeartbeatRequest\x1a\x1a.fedpriv.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedpriv.v1.LeaveRequest\x1a\x16.fedpriv.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64priv/v1/fleet.proto\x12\nfedpriv.v1\x1a\x17\x66\x65\x64priv/v1/tensor.proto\"k\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\"\n\x0bJoinRequest\x12\x13\n\x0bsdk_version\x18\x01 \x01(\t\"K\n\tJoinReply\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"!\n\x0fPullTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\r\"\xfd\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\r\n\x05round\x18\x03 \x01(\x04\x12,\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x1c.fedpriv.v1.Task.ConfigEntry\x12\'\n\x05model\x18\x05 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x06 \x01(\x01\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\"a\n\x0bTaskMessage\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedpriv.v1.TaskH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\xa7\x02\n\x0cResultHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpriv.v1.ResultHeader.MetricsEntry\x12(\n\x06update\x18\x06 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x63lined_reason\x18\x07 \x01(\t\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\"m\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpriv.v1.ResultHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x1d\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x12\n\x10HeartbeatRequest\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04\x32\xc7\x02\n\x05\x46leet\x12\x36\n\x04Join\x12\x17.fedpriv.v1.JoinRequest\x1a\x15.fedpriv.v1.JoinReply\x12\x42\n\x08PullTask\x12\x1b.fedpriv.v1.PullTaskRequest\x1a\x17.fedpriv.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedpriv.v1.ResultMessage\x1a\x15.fedpriv.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedpriv.v1.HeartbeatRequest\x1a\x1a.fedpriv.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedpriv.v1.LeaveRequest\x1a\x16.fedpriv.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASK_CONFIGENTRY']._serialized_options = b'8\001'
   _globals['_RESULTHEADER_METRICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1189
-  _globals['_TASKKIND']._serialized_end=1315
+  _globals['_TASKKIND']._serialized_start=1214
+  _globals['_TASKKIND']._serialized_end=1340
   _globals['_SCALAR']._serialized_start=63
   _globals['_SCALAR']._serialized_end=170
   _globals['_JOINREQUEST']._serialized_start=172
@@ -53,21 +53,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKMESSAGE']._serialized_start=576
   _globals['_TASKMESSAGE']._serialized_end=673
   _globals['_RESULTHEADER']._serialized_start=676
-  _globals['_RESULTHEADER']._serialized_end=946
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=880
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=946
-  _globals['_RESULTMESSAGE']._serialized_start=948
-  _globals['_RESULTMESSAGE']._serialized_end=1057
-  _globals['_PUSHREPLY']._serialized_start=1059
-  _globals['_PUSHREPLY']._serialized_end=1088
-  _globals['_HEARTBEATREQUEST']._serialized_start=1090
-  _globals['_HEARTBEATREQUEST']._serialized_end=1108
-  _globals['_HEARTBEATREPLY']._serialized_start=1110
-  _globals['_HEARTBEATREPLY']._serialized_end=1141
-  _globals['_LEAVEREQUEST']._serialized_start=1143
-  _globals['_LEAVEREQUEST']._serialized_end=1173
-  _globals['_LEAVEREPLY']._serialized_start=1175
-  _globals['_LEAVEREPLY']._serialized_end=1187
-  _globals['_FLEET']._serialized_start=1318
-  _globals['_FLEET']._serialized_end=1645
+  _globals['_RESULTHEADER']._serialized_end=971
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=905
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=971
+  _globals['_RESULTMESSAGE']._serialized_start=973
+  _globals['_RESULTMESSAGE']._serialized_end=1082
+  _globals['_PUSHREPLY']._serialized_start=1084
+  _globals['_PUSHREPLY']._serialized_end=1113
+  _globals['_HEARTBEATREQUEST']._serialized_start=1115
+  _globals['_HEARTBEATREQUEST']._serialized_end=1133
+  _globals['_HEARTBEATREPLY']._serialized_start=1135
+  _globals['_HEARTBEATREPLY']._serialized_end=1166
+  _globals['_LEAVEREQUEST']._serialized_start=1168
+  _globals['_LEAVEREQUEST']._serialized_end=1198
+  _globals['_LEAVEREPLY']._serialized_start=1200
+  _globals['_LEAVEREPLY']._serialized_end=1212
+  _globals['_FLEET']._serialized_start=1343
+  _globals['_FLEET']._serialized_end=1670
 # @@protoc_insertion_point(module_scope)
