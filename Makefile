@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test proto lint typecheck bench clean
+demo-dp: $(STAMP)
+	$(PY) examples/digits/demo.py --dp
+
+.PHONY: demo demo-dp test proto lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

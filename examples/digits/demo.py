@@ -1,6 +1,6 @@
 """Run the digits federation on this machine: a CA, a coordinator and three silos, all mTLS.
 
-Usage: python examples/digits/demo.py [--rounds N] [--silos N] [--workdir DIR]
+Usage: python examples/digits/demo.py [--dp] [--rounds N] [--silos N] [--workdir DIR]
 
 Every process is a real ``fedpriv`` command talking gRPC over 127.0.0.1 with
 certificates from a fresh CA. The coordinator prints one line per round and
@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_configs(work: pathlib.Path, *, rounds: int, silos: int, port: int) -> None:
+# DP-SGD to epsilon 8 at delta 1e-5 over the planned rounds; the silo's own ledger
+# enforces the same budget.
+PRIVATE_APP = """target_epsilon = 8.0
+delta = 1e-5
+planned_rounds = {rounds}
+max_grad_norm = 1.0
+batch_size = 192
+lr = 0.03
+"""
+PRIVACY = """[privacy]
+epsilon = 8.0
+delta = 1e-5
+ledger = "ledgers/{name}.json"
+"""
+
+
+def write_configs(work: pathlib.Path, *, rounds: int, silos: int, port: int, dp: bool) -> None:
     names = [f"silo-{k + 1}" for k in range(silos)]
     allowed = ", ".join(f'"{n}"' for n in names)
     (work / "coordinator.toml").write_text(
@@ -54,10 +71,10 @@ key = "pki/coordinator.key"
 num_rounds = {rounds}
 min_clients = {silos}
 deadline_s = 300
-client_config = {{ epochs = 3 }}
+client_config = {{ epochs = {4 if dp else 3} }}
 
 [model]
-factory = "examples.digits.app:make_model"
+factory = "examples.digits.app:{'make_private_model' if dp else 'make_model'}"
 
 [store]
 dir = "state"
@@ -80,17 +97,19 @@ reconnect_timeout_s = 120
 [app]
 silo_index = {k}
 num_silos = {silos}
-lr = 0.001
-"""
+{PRIVATE_APP.format(rounds=rounds) if dp else 'lr = 0.001'}
+{PRIVACY.format(name=name) if dp else ''}"""
         )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, help="default: 8, or 5 with --dp")
+    parser.add_argument("--dp", action="store_true", help="DP-SGD in every silo, epsilon <= 8")
     parser.add_argument("--silos", type=int, default=3)
     parser.add_argument("--workdir", help="keep state, certificates and logs here")
     args = parser.parse_args()
+    args.rounds = args.rounds or (5 if args.dp else 8)
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fedpriv-digits-"))
     if work.exists() and args.workdir:
         shutil.rmtree(work)
@@ -120,9 +139,10 @@ def main() -> int:
     )
     for name in names:
         run(fedpriv("pki", "issue", name, "--client", "--dir", pki))
-    write_configs(work, rounds=args.rounds, silos=args.silos, port=free_port())
+    write_configs(work, rounds=args.rounds, silos=args.silos, port=free_port(), dp=args.dp)
+    mode = "DP-SGD in every silo (epsilon <= 8, delta 1e-5)" if args.dp else "no DP"
     print(
-        f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS; files in {work}",
+        f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS, {mode}; files in {work}",
         flush=True,
     )
 
@@ -146,7 +166,7 @@ def main() -> int:
                     fedpriv(
                         "client",
                         "--app",
-                        "examples.digits.app:make_client",
+                        "examples.digits.app:make_private_client" if args.dp else "examples.digits.app:make_client",
                         "--config",
                         str(work / f"{name}.toml"),
                     ),
@@ -158,7 +178,14 @@ def main() -> int:
             )
     codes = {}
     try:
-        codes["coordinator"] = coordinator.wait(timeout=900)
+        deadline = time.monotonic() + 900
+        while coordinator.poll() is None:
+            crashed = [n for n, silo in zip(names, silos, strict=True) if silo.poll() not in (None, 0)]
+            if crashed or time.monotonic() > deadline:
+                print(f"silos failed: {crashed or 'timeout'}; see {work / 'logs'}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        codes["coordinator"] = coordinator.returncode
         for name, silo in zip(names, silos, strict=True):
             codes[name] = silo.wait(timeout=60)
     finally:

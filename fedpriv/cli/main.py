@@ -142,13 +142,15 @@ def _cmd_client(args: argparse.Namespace) -> int:
         poll_wait_s=config.poll_wait_s,
         reconnect_timeout_s=config.reconnect_timeout_s,
         stop=stop,
+        ledger=ledger,
     )
     logger.info(
-        "silo=%s trained=%d evaluated=%d rejected=%d bytes_sent=%d",
+        "silo=%s trained=%d evaluated=%d rejected=%d declined=%d bytes_sent=%d",
         stats.silo,
         stats.trained,
         stats.evaluated,
         stats.rejected,
+        stats.declined,
         stats.bytes_sent,
     )
     return 0

@@ -162,6 +162,7 @@ def train_private(
     generator = torch.Generator(device=device)
     generator.manual_seed(secrets.randbits(63))
     criterion = _Criterion(loss_fn)
+    module.train()  # Opacus refuses modules left in eval mode (by evaluate())
     with warnings.catch_warnings():
         # Opacus warns that its torchcsprng-based secure mode is off; the noise
         # generator passed below is seeded from the OS CSPRNG instead.
