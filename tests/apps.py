@@ -36,3 +36,38 @@ class DeltaClient:
 
 def make_client(config: Mapping[str, Any]) -> DeltaClient:
     return DeltaClient(float(config.get("delta", 1.0)), float(config.get("sleep_s", 0.0)))
+
+
+def make_private_client(config: Mapping[str, Any]):
+    """A tiny DP-SGD silo whose parameters match make_model (w, b); functorch per-sample grads."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedpriv.client.torch import TorchClient
+    from fedpriv.privacy.local import GradSampleMode, LocalDP
+
+    class Linear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(64, 32))
+            self.b = nn.Parameter(torch.zeros(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.w + self.b
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(100, 64, generator=generator), torch.randint(0, 32, (100,), generator=generator)
+    )
+    return TorchClient(
+        Linear(),
+        train_loader=DataLoader(data, batch_size=20),
+        loss_fn=nn.functional.cross_entropy,
+        optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.1),
+        privacy=LocalDP(
+            noise_multiplier=float(config.get("noise_multiplier", 2.0)),
+            grad_sample_mode=GradSampleMode.FUNCTORCH,
+        ),
+        device="cpu",
+    )

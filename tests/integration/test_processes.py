@@ -172,3 +172,24 @@ def test_digits_demo_reaches_90_percent_and_exits_cleanly(tmp_path):
     final = [line for line in lines if line.startswith("final accuracy:")]
     assert final and float(final[0].split(":")[1]) >= 0.90
     assert "all processes exited cleanly" in result.stdout
+
+
+def test_private_digits_demo_reaches_85_percent_with_every_silo_under_epsilon_8(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "examples/digits/demo.py", "--dp", "--workdir", str(tmp_path / "demo")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    final = [line for line in lines if line.startswith("final accuracy:")]
+    assert final and float(final[0].split(":")[1]) >= 0.85
+    epsilons = [
+        float(line.split()[2])
+        for line in lines
+        if line.startswith("silo-") and " epsilon: " in line
+    ]
+    assert len(epsilons) == 3 and all(0 < e <= 8.0 for e in epsilons)
+    assert all("(delta 1e-05" in line for line in lines if " epsilon: " in line)

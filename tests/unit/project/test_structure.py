@@ -117,3 +117,12 @@ def test_grpc_message_limit_leaves_room_for_the_largest_chunk():
     from fedpriv.wire import MAX_CHUNK_BYTES
 
     assert MAX_MESSAGE_BYTES >= MAX_CHUNK_BYTES + (1 << 20)
+
+
+def test_coordinator_does_not_import_torch():
+    # torch costs the coordinator hundreds of MB; it is imported only for torch models.
+    code = "import sys, fedpriv.coordinator, fedpriv.cli.main; print('torch' in sys.modules)"
+    out = __import__("subprocess").run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,155 @@
+"""A silo's privacy budget is enforced by the silo, survives kill -9, and is reported."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from fedpriv.privacy import GaussianSteps, epsilon
+from tests.integration.test_processes import ROOT, fedpriv, free_port
+
+SIGMA, SAMPLE_RATE, STEPS = 2.0, 0.2, 5  # tests.apps.make_private_client: 100 examples, batch 20
+
+
+def outcomes(db: pathlib.Path, silo: str) -> list[tuple[int, str]]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute(
+                "SELECT round, outcome FROM participants WHERE silo = ? AND task = 'train' ORDER BY id",
+                (silo,),
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+def start(cmd, log):
+    with open(log, "w") as handle:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=handle)
+
+
+@pytest.fixture
+def work(tmp_path):
+    pki = tmp_path / "pki"
+    for cmd in (
+        ["pki", "init", "--dir", str(pki)],
+        ["pki", "issue", "coordinator", "--server", "--host", "127.0.0.1", "--dir", str(pki)],
+        ["pki", "issue", "open-silo", "--client", "--dir", str(pki)],
+        ["pki", "issue", "private-silo", "--client", "--dir", str(pki)],
+    ):
+        subprocess.run(fedpriv(*cmd), check=True, cwd=ROOT, capture_output=True)
+    port = free_port()
+    (tmp_path / "coordinator.toml").write_text(f"""
+[server]
+address = "127.0.0.1:{port}"
+heartbeat_interval_s = 1
+poll_wait_s = 2
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "pki/coordinator.key"
+[rounds]
+num_rounds = 4
+min_clients = 2
+min_results = 1
+deadline_s = 60
+federated_evaluation = false
+[model]
+factory = "tests.apps:make_model"
+[store]
+dir = "state"
+""")
+    one = epsilon(
+        [GaussianSteps(noise_multiplier=SIGMA, sample_rate=SAMPLE_RATE, steps=STEPS)], delta=1e-5
+    )
+    two = epsilon(
+        [GaussianSteps(noise_multiplier=SIGMA, sample_rate=SAMPLE_RATE, steps=2 * STEPS)],
+        delta=1e-5,
+    )
+    for name, extra in (
+        ("open-silo", ""),
+        (
+            "private-silo",
+            f'[privacy]\nepsilon = {(one + two) / 2}\ndelta = 1e-5\nledger = "ledger.json"\n',
+        ),
+    ):
+        (tmp_path / f"{name}.toml").write_text(f"""
+[coordinator]
+address = "127.0.0.1:{port}"
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/{name}.crt"
+key = "pki/{name}.key"
+[client]
+poll_wait_s = 2
+reconnect_timeout_s = 60
+{extra}""")
+    return tmp_path, one
+
+
+def test_tiny_budget_trains_once_then_refuses_even_after_kill_9(work):
+    # Arrange
+    tmp, one_round_epsilon = work
+    db = tmp / "state" / "state.sqlite3"
+    coordinator = start(
+        fedpriv("coordinator", "--config", str(tmp / "coordinator.toml")), tmp / "coordinator.log"
+    )
+    open_silo = start(
+        fedpriv(
+            "client", "--app", "tests.apps:make_client", "--config", str(tmp / "open-silo.toml")
+        ),
+        tmp / "open.log",
+    )
+    private_cmd = fedpriv(
+        "client",
+        "--app",
+        "tests.apps:make_private_client",
+        "--config",
+        str(tmp / "private-silo.toml"),
+    )
+    private = start(private_cmd, tmp / "private-1.log")
+    processes = [coordinator, open_silo, private]
+    try:
+        deadline = time.monotonic() + 90
+        while "declined" not in [o for _, o in outcomes(db, "private-silo")]:
+            assert time.monotonic() < deadline, (tmp / "private-1.log").read_text()
+            time.sleep(0.1)
+        ledger_before = json.loads((tmp / "ledger.json").read_text())
+        # Act: kill -9 the private silo, then start it again on the same ledger
+        private.send_signal(signal.SIGKILL)
+        private.wait(10)
+        private = start(private_cmd, tmp / "private-2.log")
+        processes.append(private)
+        assert coordinator.wait(120) == 0, (tmp / "coordinator.log").read_text()
+        assert private.wait(60) == 0 and open_silo.wait(60) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    # Assert: exactly one training run ever recorded; every later round refused
+    ledger_after = json.loads((tmp / "ledger.json").read_text())
+    assert len(ledger_before["entries"]) == 1
+    assert ledger_after == ledger_before
+    history = outcomes(db, "private-silo")
+    assert history[0] == (1, "accepted")
+    assert [o for _, o in history[1:]] == ["declined"] * (len(history) - 1) and len(history) == 4
+    restarted = (tmp / "private-2.log").read_text()
+    assert f"epsilon {one_round_epsilon:.4f}" in restarted  # the restarted silo read the same spend
+    assert "privacy budget exceeded" in restarted
+    with sqlite3.connect(db) as conn:
+        details = [
+            d for (d,) in conn.execute("SELECT detail FROM participants WHERE outcome = 'declined'")
+        ]
+        eps = conn.execute(
+            "SELECT value FROM metrics WHERE source = 'silo:private-silo' AND name = 'epsilon'"
+        ).fetchall()
+    assert all("privacy budget exceeded" in d for d in details)
+    assert eps == [(pytest.approx(one_round_epsilon),)]
