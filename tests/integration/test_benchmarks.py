@@ -23,3 +23,18 @@ def test_round_bench_smoke_prints_its_table():
     fields = row.split()
     assert fields[0] == "10,000" and fields[1] == "2"
     assert float(fields[3]) > 0 and float(fields[4]) > 0.03  # 40 kB sent per round
+
+
+def test_dp_bench_smoke_prints_a_ratio_for_every_mode():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/dp_bench.py", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    modes = {row[-3] for row in rows}
+    assert modes == {"sgd", "ghost", "hooks", "functorch"}
+    assert all(float(row[-1].rstrip("x")) > 0 for row in rows)
