@@ -41,10 +41,6 @@ class Table:
         """Dotted name of `key` for messages."""
         return f"{self._path}.{key}" if self._path else key
 
-    def has(self, key: str) -> bool:
-        """Whether `key` is present."""
-        return key in self._data
-
     def get(
         self,
         key: str,

@@ -94,11 +94,6 @@ class Upload:
             os.unlink(name)
             self._spool = fd
 
-    @property
-    def bytes_received(self) -> int:
-        """Payload bytes received so far."""
-        return self._received
-
     def add_chunk(self, offset: int, data: bytes) -> None:
         """Validate and fold one chunk.
 

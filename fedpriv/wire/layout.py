@@ -208,10 +208,6 @@ class TensorLayout:
             chunk_bytes=self.chunk_bytes,
         )
 
-    def same_tensors(self, other: TensorLayout) -> bool:
-        """Whether both layouts hold the same names, dtypes and shapes in order."""
-        return self.specs == other.specs
-
 
 def _align(position: int) -> int:
     return -(-position // ALIGN_BYTES) * ALIGN_BYTES

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from fedpriv.privacy import GaussianSteps, epsilon
-from tests.integration.test_processes import ROOT, fedpriv, free_port
+from tests.integration.test_processes import ROOT, cli_pki, fedpriv, free_port
 
 SIGMA, SAMPLE_RATE, STEPS = 2.0, 0.2, 5  # tests.apps.make_private_client: 100 examples, batch 20
 
@@ -37,14 +37,7 @@ def start(cmd, log):
 
 @pytest.fixture
 def work(tmp_path):
-    pki = tmp_path / "pki"
-    for cmd in (
-        ["pki", "init", "--dir", str(pki)],
-        ["pki", "issue", "coordinator", "--server", "--host", "127.0.0.1", "--dir", str(pki)],
-        ["pki", "issue", "open-silo", "--client", "--dir", str(pki)],
-        ["pki", "issue", "private-silo", "--client", "--dir", str(pki)],
-    ):
-        subprocess.run(fedpriv(*cmd), check=True, cwd=ROOT, capture_output=True)
+    cli_pki(tmp_path / "pki", ["open-silo", "private-silo"])
     port = free_port()
     (tmp_path / "coordinator.toml").write_text(f"""
 [server]

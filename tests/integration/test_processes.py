@@ -28,16 +28,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def federation_dir(tmp_path):
-    pki = tmp_path / "pki"
-    for cmd in (
+def cli_pki(pki: pathlib.Path, silos: list[str]) -> None:
+    """Create a CA, a coordinator certificate and silo certificates with the CLI."""
+    commands = [
         ["pki", "init", "--dir", str(pki), "--federation", "proc"],
         ["pki", "issue", "coordinator", "--server", "--host", "127.0.0.1", "--dir", str(pki)],
-        ["pki", "issue", "silo-1", "--client", "--dir", str(pki)],
-        ["pki", "issue", "silo-2", "--client", "--dir", str(pki)],
-    ):
+        *(["pki", "issue", silo, "--client", "--dir", str(pki)] for silo in silos),
+    ]
+    for cmd in commands:
         subprocess.run(fedpriv(*cmd), check=True, cwd=ROOT, capture_output=True)
+
+
+@pytest.fixture
+def federation_dir(tmp_path):
+    cli_pki(tmp_path / "pki", ["silo-1", "silo-2"])
     port = free_port()
     (tmp_path / "coordinator.toml").write_text(f"""
 [federation]
