@@ -113,6 +113,14 @@ class Table:
         self._seen.add(key)
         return Table(self._data.get(key, {}), self.name(key), base_dir=self._base_dir)
 
+    def __bool__(self) -> bool:
+        """Whether the table has any keys."""
+        return bool(self._data)
+
+    def ignore_rest(self) -> None:
+        """Accept every key of a table that is switched off (``enabled = false``)."""
+        self._seen.update(self._data)
+
     def finish(self) -> None:
         """Raise if the table holds keys that were never read (typos)."""
         unknown = sorted(set(self._data) - self._seen)

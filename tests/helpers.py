@@ -19,6 +19,7 @@ from fedpriv.coordinator import (
     TLSFiles,
     write_checkpoint,
 )
+from fedpriv.privacy.central import CentralDP
 from fedpriv.transport import TLSConfig
 from fedpriv.wire import Model
 
@@ -42,6 +43,7 @@ def make_config(
     *,
     allowed: tuple[str, ...] | None = None,
     chunk_bytes: int = 1 << 20,
+    dp: CentralDP | None = None,
     **rounds: Any,
 ) -> CoordinatorConfig:
     checkpoint = tmp / "initial.fpck"
@@ -63,6 +65,7 @@ def make_config(
         state_dir=tmp / "state",
         heartbeat_interval_s=1,
         poll_wait_s=2,
+        dp=dp,
     )
 
 

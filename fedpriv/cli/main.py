@@ -38,6 +38,7 @@ class _RoundPrinter:
         self._header = False
         self.last_accuracy: float | None = None
         self.silo_epsilon: dict[str, tuple[float, float]] = {}
+        self.federation_epsilon: tuple[float, float] | None = None
 
     def _print(self, line: str) -> None:
         if not self._quiet:
@@ -47,7 +48,7 @@ class _RoundPrinter:
         if not self._header:
             self._print(
                 f"{'round':>5}  {'silos':>5}  {'loss':>8}  {'accuracy':>8}  {'seconds':>8}  "
-                f"{'max silo eps':>12}"
+                f"{'max silo eps':>12}  {'fed eps':>8}"
             )
             self._header = True
         for silo, values in summary.silo_metrics.items():
@@ -64,9 +65,15 @@ class _RoundPrinter:
             self.last_accuracy = accuracy
         shown_accuracy = "-" if accuracy is None else format(accuracy, ".4f")
         shown_epsilon = format(max(epsilons), ".3f") if epsilons else "-"
+        federation = summary.federation_metrics
+        shown_federation = "-"
+        if "epsilon" in federation:
+            self.federation_epsilon = (federation["epsilon"], federation["delta"])
+            shown_federation = format(federation["epsilon"], ".3f")
         self._print(
             f"{summary.round:>5}  {summary.accepted:>2}/{summary.selected:<2}  {loss:>8.4f}  "
-            f"{shown_accuracy:>8}  {summary.duration_s:>8.2f}  {shown_epsilon:>12}"
+            f"{shown_accuracy:>8}  {summary.duration_s:>8.2f}  {shown_epsilon:>12}  "
+            f"{shown_federation:>8}"
         )
 
     def round_failed(self, round: int, reason: str) -> None:
@@ -93,6 +100,13 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     for silo, (epsilon, delta) in sorted(printer.silo_epsilon.items()):
         print(
             f"{silo} epsilon: {epsilon:.3f} (delta {delta:g}, sample-level, from its ledger)",
+            flush=True,
+        )
+    if printer.federation_epsilon is not None:
+        epsilon, delta = printer.federation_epsilon
+        print(
+            f"federation epsilon: {epsilon:.3f} (delta {delta:g}, silo-level, "
+            "from the coordinator's accountant)",
             flush=True,
         )
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
+from fedpriv.privacy.central import CentralDP
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 
 __all__ = [
@@ -124,6 +125,7 @@ class CoordinatorConfig:
         state_dir: SQLite database, checkpoints and spool files.
         heartbeat_interval_s: How often silos report while training.
         poll_wait_s: How long a silo's PullTask may wait before answering WAIT.
+        dp: Silo-level DP-FedAvg (clipping, central noise, federation epsilon); None: off.
     """
 
     federation: str = "fedpriv"
@@ -135,6 +137,7 @@ class CoordinatorConfig:
     state_dir: pathlib.Path
     heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S
     poll_wait_s: int = DEFAULT_POLL_WAIT_S
+    dp: CentralDP | None = None
 
     def __post_init__(self) -> None:
         if self.allowed_silos is not None and not self.allowed_silos:
@@ -158,6 +161,7 @@ class CoordinatorConfig:
         rounds = top.table("rounds")
         model = top.table("model")
         store = top.table("store")
+        dp_table = top.table("dp")
         allowed = fed.strings("allowed_silos")
         tls = None
         ca, cert, key = (tls_table.path(k) for k in ("ca", "cert", "key"))
@@ -167,6 +171,22 @@ class CoordinatorConfig:
             missing = [n for n, v in (("ca", ca), ("cert", cert), ("key", key)) if v is None]
             raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")
         state_dir = store.path("dir", "state") or base_dir / "state"
+        min_clients = rounds.get("min_clients", int, 2)
+        dp = None
+        # A [dp] table turns DP-FedAvg on unless it says enabled = false.
+        if dp_table.get("enabled", bool, bool(dp_table)):
+            dp = CentralDP(
+                noise_multiplier=dp_table.require("noise_multiplier", float),
+                clip_norm=dp_table.require("clip_norm", float),
+                adaptive=dp_table.get("adaptive", bool, False),
+                target_quantile=dp_table.get("target_quantile", float, 0.5),
+                clip_learning_rate=dp_table.get("clip_learning_rate", float, 0.2),
+                clipped_count_stddev=dp_table.optional("clipped_count_stddev", float),
+                expected_clients=dp_table.get("expected_clients", int, min_clients),
+                delta=dp_table.get("delta", float, 1e-5),
+            )
+        else:
+            dp_table.ignore_rest()
         config = cls(
             federation=fed.get("name", str, "fedpriv"),
             address=server.get("address", str, DEFAULT_ADDRESS),
@@ -176,7 +196,7 @@ class CoordinatorConfig:
             allowed_silos=None if allowed is None else frozenset(allowed),
             rounds=RoundConfig(
                 num_rounds=rounds.get("num_rounds", int, 3),
-                min_clients=rounds.get("min_clients", int, 2),
+                min_clients=min_clients,
                 min_results=rounds.get("min_results", int, 0),
                 max_clients=rounds.get("max_clients", int, 0),
                 deadline_s=rounds.get("deadline_s", float, DEFAULT_DEADLINE_S, check_positive),
@@ -191,7 +211,8 @@ class CoordinatorConfig:
                 chunk_bytes=model.get("chunk_bytes", int, DEFAULT_CHUNK_BYTES),
             ),
             state_dir=state_dir,
+            dp=dp,
         )
-        for table in (fed, server, tls_table, rounds, model, store, top):
+        for table in (fed, server, tls_table, rounds, model, store, dp_table, top):
             table.finish()
         return config

@@ -21,8 +21,10 @@ from fedpriv._types import Scalar
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.upload import Upload, UploadResult
-from fedpriv.errors import ProtocolError, RoundFailed, UpdateRejected
-from fedpriv.strategy import Aggregator, Strategy
+from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
+from fedpriv.privacy.accounting import GaussianSteps, epsilon
+from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
+from fedpriv.strategy import Aggregator, NoisyAggregator, Strategy
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import Model, TensorLayout
 
@@ -69,6 +71,7 @@ class RoundSummary:
     fit_metrics: Mapping[str, float]
     evaluation_metrics: Mapping[str, float]
     silo_metrics: Mapping[str, Mapping[str, Scalar]]
+    federation_metrics: Mapping[str, float]
     bytes_received: int
     duration_s: float
 
@@ -112,6 +115,7 @@ class _Phase:
     deadline: float
     deadline_unix_s: float
     aggregator: Aggregator | None
+    clip_norm: float | None = None
     outcomes: dict[str, str] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     results: list[UploadResult] = field(default_factory=list)
@@ -183,6 +187,32 @@ class Federation:
         self._stop = threading.Event()
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
+        self._clip: ClipState | None = None
+        self._dp_history: list[GaussianSteps] = []
+        if config.dp is not None:
+            self._resume_dp(strategy, model)
+
+    def _resume_dp(self, strategy: Strategy, model: Model) -> None:
+        """Check the strategy can add noise; rebuild the accountant and clipping norm."""
+        assert self.config.dp is not None  # caller checked
+        if not isinstance(strategy.begin_round(0, model=model), NoisyAggregator):
+            raise ConfigError(
+                f"[dp] needs a strategy whose aggregator can add noise; {strategy.name!r} cannot"
+            )
+        per_round: dict[int, dict[str, float]] = {}
+        for round, _, name, value in self._store.metrics(source="federation"):
+            per_round.setdefault(round, {})[name] = value
+        clip_norm = None
+        for round in sorted(per_round):
+            values = per_round[round]
+            if round < self._next_round and "noise_multiplier" in values:
+                self._dp_history.append(
+                    GaussianSteps(
+                        noise_multiplier=values["noise_multiplier"], sample_rate=1.0, steps=1
+                    )
+                )
+                clip_norm = values.get("next_clip_norm", clip_norm)
+        self._clip = ClipState(self.config.dp, clip_norm=clip_norm)
 
     # ---- state read by the servicer and status ------------------------------------------
 
@@ -337,6 +367,10 @@ class Federation:
                 metrics=metrics,
                 spool_dir=self._store.directory / "spool",
                 on_chunk=lambda: self._last_seen.__setitem__(silo, self._clock()),
+                # DP-FedAvg weighs every silo equally: the sum's sensitivity is then C.
+                weight=1.0 if phase.clip_norm is not None else None,
+                base=phase.model if phase.clip_norm is not None else None,
+                clip_norm=phase.clip_norm,
             )
             phase.uploads[silo] = upload
             return upload
@@ -366,7 +400,9 @@ class Federation:
                     phase.results.append(result)
                     phase.bytes_received += result.bytes_received
                     if phase.aggregator is not None:
-                        phase.total_weight += result.num_examples
+                        phase.total_weight += (
+                            1.0 if phase.clip_norm is not None else result.num_examples
+                        )
                     self._resolve(phase, upload.silo, "accepted", "", result)
                     upload.release()
                 elif result is not None:
@@ -499,6 +535,7 @@ class Federation:
             deadline=self._clock() + deadline_s,
             deadline_unix_s=time.time() + deadline_s,
             aggregator=aggregator,
+            clip_norm=self._clip.clip_norm if self._clip and kind is TaskKind.TRAIN else None,
         )
         with self._cond:
             self._phase = phase
@@ -548,7 +585,9 @@ class Federation:
                 round=round, started_unix_s=started_unix, outcome="failed", detail=detail
             )
             raise RoundFailed(f"round {round}: {detail}; the global model is unchanged")
+        federation_metrics = self._privatize(train)
         model = train.aggregator.finalize(total_weight=train.total_weight)
+        # The privacy spend is committed with the model it paid for, in one transaction.
         self._store.commit_round(
             round=round,
             model=model,
@@ -556,6 +595,7 @@ class Federation:
             selected=len(silos),
             accepted=train.accepted,
             total_weight=train.total_weight,
+            metrics={"federation": federation_metrics} if federation_metrics else None,
         )
         self._store.record_attempt(
             round=round, started_unix_s=started_unix, outcome="completed", detail=""
@@ -594,10 +634,46 @@ class Federation:
                 fit_metrics=fit_metrics,
                 evaluation_metrics=evaluation,
                 silo_metrics=silo_metrics,
+                federation_metrics=federation_metrics,
                 bytes_received=train.bytes_received,
                 duration_s=self._clock() - started,
             )
         )
+
+    def _privatize(self, train: _Phase) -> dict[str, float]:
+        """DP-FedAvg: noise the sum of clipped updates and adapt the norm (no-op without [dp])."""
+        if self._clip is None or train.clip_norm is None:
+            return {}
+        dp = self._clip.dp
+        aggregator = train.aggregator
+        assert isinstance(aggregator, NoisyAggregator)  # checked at start
+        rng = secure_generator()
+        stddev = self._clip.noise_stddev()
+        aggregator.perturb_sums(lambda sums: add_gaussian_noise(sums, stddev=stddev, rng=rng))
+        unclipped = sum(1 for r in train.results if r.clip_scale == 1.0)
+        noised_fraction = self._clip.update(unclipped=unclipped, count=train.accepted, rng=rng)
+        self._dp_history.append(
+            GaussianSteps(noise_multiplier=dp.noise_multiplier, sample_rate=1.0, steps=1)
+        )
+        # Every silo takes part in every round (no sampling amplification is claimed).
+        spent = epsilon(self._dp_history, delta=dp.delta)
+        logger.info(
+            "dp round=%d clip_norm=%.4g noise_stddev=%.4g epsilon=%.4f delta=%g",
+            train.round,
+            train.clip_norm,
+            stddev,
+            spent,
+            dp.delta,
+        )
+        return {
+            "epsilon": spent,
+            "delta": dp.delta,
+            "noise_multiplier": dp.noise_multiplier,
+            "clip_norm": train.clip_norm,
+            "noise_stddev": stddev,
+            "next_clip_norm": self._clip.clip_norm,
+            "unclipped_fraction": noised_fraction,
+        }
 
 
 def _compare_layout(layout: TensorLayout | None, expected: TensorLayout) -> list[str]:

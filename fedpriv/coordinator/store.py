@@ -77,6 +77,16 @@ CREATE TABLE IF NOT EXISTS silos (
 """
 
 
+def _numeric_rows(
+    round: int, source: str, values: Mapping[str, Scalar]
+) -> list[tuple[int, str, str, float]]:
+    return [
+        (round, source, name, float(value))
+        for name, value in values.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
 def write_checkpoint(path: pathlib.Path, model: Model) -> str:
     """Write `model` atomically to `path` and return the file's SHA-256 (hex).
 
@@ -192,23 +202,43 @@ class Store:
         selected: int,
         accepted: int,
         total_weight: float,
+        metrics: Mapping[str, Mapping[str, Scalar]] | None = None,
     ) -> CommittedRound:
-        """Checkpoint `model` as the result of `round`, then commit the round."""
+        """Checkpoint `model` as the result of `round`, then commit the round.
+
+        `metrics` (per source) are committed in the same transaction as the round,
+        so a published model and its privacy spend are never recorded apart.
+        """
         path = self.checkpoint_path(round)
         digest = write_checkpoint(path, model)
-        self._write(
-            "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                round,
-                started_unix_s,
-                time.time(),
-                selected,
-                accepted,
-                total_weight,
-                str(path.relative_to(self.directory)),
-                digest,
-            ),
+        row = (
+            round,
+            started_unix_s,
+            time.time(),
+            selected,
+            accepted,
+            total_weight,
+            str(path.relative_to(self.directory)),
+            digest,
         )
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
+                    )
+                    for source, values in (metrics or {}).items():
+                        self._db.executemany(
+                            "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                            _numeric_rows(round, source, values),
+                        )
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot commit round {round}: {err}") from err
         return CommittedRound(round=round, checkpoint=path, sha256=digest)
 
     def record_attempt(
@@ -241,11 +271,7 @@ class Store:
 
     def record_metrics(self, *, round: int, source: str, values: Mapping[str, Scalar]) -> None:
         """Store the numeric entries of `values` for `round` under `source`."""
-        numeric = [
-            (round, source, name, float(value))
-            for name, value in values.items()
-            if isinstance(value, int | float) and not isinstance(value, bool)
-        ]
+        numeric = _numeric_rows(round, source, values)
         try:
             with self._lock:
                 self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", numeric)

@@ -5,11 +5,17 @@ aggregator as soon as it arrives. Folded chunks are also appended to an
 anonymous spool file, so that an upload that fails half way (a NaN in a later
 chunk, a dropped connection, the round's deadline) can be subtracted again:
 the aggregate only ever holds complete, valid updates.
+
+With DP-FedAvg on, each chunk's difference from the global model also adds to a
+running squared norm. When the stream ends, an update longer than the clipping
+norm C is scaled back onto the ball: w + (s - 1)(w - w_global) for s = C/‖Δ‖,
+folded from the spool, so clipping needs no second model-sized buffer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 import tempfile
@@ -21,8 +27,9 @@ import numpy as np
 
 from fedpriv._types import Scalar
 from fedpriv.errors import ProtocolError, UpdateRejected
+from fedpriv.privacy.central import clip_factor
 from fedpriv.strategy import Aggregator
-from fedpriv.wire import DType, TensorLayout, bfloat16_to_float32
+from fedpriv.wire import DType, Model, TensorLayout, bfloat16_to_float32
 
 __all__ = ["Upload", "UploadResult"]
 
@@ -37,6 +44,8 @@ class UploadResult:
     num_examples: int
     metrics: Mapping[str, Scalar]
     bytes_received: int
+    update_norm: float | None = None
+    clip_scale: float = 1.0
 
 
 @dataclass(slots=True)
@@ -57,6 +66,10 @@ class Upload:
         metrics: Validated metrics sent with the header.
         spool_dir: Folder for the undo spool.
         on_chunk: Called after each chunk (liveness).
+        weight: The update's weight in the aggregate (default `num_examples`).
+        base: The global model the update started from; with `clip_norm`, the
+            update's difference from it is clipped to that L2 norm.
+        clip_norm: Clipping norm of DP-FedAvg (needs `base`).
     """
 
     def __init__(
@@ -70,12 +83,21 @@ class Upload:
         metrics: Mapping[str, Scalar],
         spool_dir: pathlib.Path,
         on_chunk: Callable[[], None] = lambda: None,
+        weight: float | None = None,
+        base: Model | None = None,
+        clip_norm: float | None = None,
     ) -> None:
+        if clip_norm is not None and (base is None or layout is None):
+            raise ValueError("clipping needs the base model and a layout")
         self.silo = silo
         self.round = round
         self._layout = layout
         self._aggregator = aggregator
-        self._weight = float(num_examples)
+        self._weight = float(num_examples if weight is None else weight)
+        self._base = base
+        self._clip_norm = clip_norm
+        self._squared_norm = 0.0
+        self._scale = 1.0
         self._num_examples = num_examples
         self._metrics = dict(metrics)
         self._on_chunk = on_chunk
@@ -123,6 +145,8 @@ class Upload:
                 return
             clean = self._count_nonfinite(offset, data)
             self._received += len(data)
+            if clean and not self._scan.nonfinite and self._clip_norm is not None:
+                self._squared_norm += self._squared_distance(offset, data)
             if clean and not self._scan.nonfinite:
                 assert self._spool is not None and self._aggregator is not None  # set with layout
                 os.write(self._spool, data)
@@ -152,19 +176,54 @@ class Upload:
                 self._scan.nonfinite[spec.name] = self._scan.nonfinite.get(spec.name, 0) + bad
         return clean
 
-    def _undo(self) -> None:
-        """Subtract every folded chunk again (caller holds the lock)."""
-        if not self._folded:
-            return
+    def _squared_distance(self, offset: int, data: bytes) -> float:
+        """Squared L2 distance of this chunk from the base model's, in float64."""
+        assert self._layout is not None and self._base is not None  # checked in __init__
+        base = self._base.payload
+        total = 0.0
+        for segment in self._layout.segments(offset, len(data)):
+            spec = self._layout.specs[segment.index]
+            start = segment.payload_offset
+            new = np.frombuffer(data, spec.dtype.storage, segment.count, start - offset)
+            old = np.frombuffer(base, spec.dtype.storage, segment.count, start)
+            if spec.dtype is DType.BFLOAT16:
+                new, old = bfloat16_to_float32(new), bfloat16_to_float32(old)
+            diff = new.astype(np.float64) - old.astype(np.float64)
+            total += float(np.dot(diff, diff))
+        return total
+
+    def _fold_spool(self, weight: float, base_weight: float) -> None:
+        """Fold ``weight`` × the spooled update and ``base_weight`` × the base model."""
         assert self._layout is not None and self._aggregator is not None and self._spool is not None
         for index in range(-(-self._folded // self._layout.chunk_bytes)):
             offset, length = self._layout.chunk_range(index)
             chunk = os.pread(self._spool, length, offset)
-            self._aggregator.fold(offset, chunk, weight=-self._weight)
+            self._aggregator.fold(offset, chunk, weight=weight)
+            if base_weight and self._base is not None:
+                base_chunk = self._base.payload[offset : offset + length].data
+                self._aggregator.fold(offset, base_chunk, weight=base_weight)
+
+    def _undo(self) -> None:
+        """Subtract every folded chunk again (caller holds the lock)."""
+        if not self._folded:
+            return
+        # The aggregate holds s·w + (1 - s)·w_global (s = 1 unless clipped).
+        self._fold_spool(-self._weight * self._scale, -self._weight * (1.0 - self._scale))
         logger.info(
             "undid partial upload silo=%s round=%d bytes=%d", self.silo, self.round, self._folded
         )
         self._folded = 0
+        self._scale = 1.0
+
+    def _clip(self) -> float:
+        """Scale a complete update's difference onto the clipping ball; return its norm."""
+        norm = math.sqrt(self._squared_norm)
+        assert self._clip_norm is not None  # callers checked
+        scale = clip_factor(norm, self._clip_norm)
+        if scale < 1.0:
+            self._fold_spool(self._weight * (scale - 1.0), self._weight * (1.0 - scale))
+            self._scale = scale
+        return norm
 
     def finish(self) -> UploadResult:
         """Check that the stream was complete and valid.
@@ -191,12 +250,15 @@ class Upload:
                 self._undo()
                 self._close()
                 raise UpdateRejected(silo=self.silo, round=self.round, problems=problems)
+            norm = self._clip() if self._clip_norm is not None else None
             self._done = True
             return UploadResult(
                 silo=self.silo,
                 num_examples=self._num_examples,
                 metrics=self._metrics,
                 bytes_received=self._received,
+                update_norm=norm,
+                clip_scale=self._scale,
             )
 
     def cancel(self, reason: str) -> bool:

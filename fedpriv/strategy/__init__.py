@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedpriv.strategy.base import Aggregator, Strategy
+from fedpriv.strategy.base import Aggregator, NoisyAggregator, Strategy
 from fedpriv.strategy.fedavg import FedAvg
 
-__all__ = ["Aggregator", "FedAvg", "Strategy"]
+__all__ = ["Aggregator", "FedAvg", "NoisyAggregator", "Strategy"]

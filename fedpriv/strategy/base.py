@@ -8,11 +8,15 @@ rules that need every update at once (median, Krum) must spool to disk.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
 
 from fedpriv.wire import Model
 
-__all__ = ["Aggregator", "Strategy"]
+__all__ = ["Aggregator", "NoisyAggregator", "Strategy"]
 
 
 class Aggregator(Protocol):
@@ -29,6 +33,15 @@ class Aggregator(Protocol):
 
     def finalize(self, *, total_weight: float) -> Model:
         """Return the next global model from everything folded; call once."""
+        ...
+
+
+@runtime_checkable
+class NoisyAggregator(Aggregator, Protocol):
+    """An aggregator of sums that can be perturbed before finalizing (DP-FedAvg noise)."""
+
+    def perturb_sums(self, perturb: Callable[[npt.NDArray[np.floating]], None]) -> None:
+        """Apply `perturb` in place to each tensor's running (unnormalised) sum."""
         ...
 
 

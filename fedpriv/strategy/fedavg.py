@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -63,6 +64,13 @@ class FedAvgAggregator:
                     raise RuntimeError("fold after finalize")
                 target = total[segment.first_element : segment.first_element + segment.count]
                 target += values * total.dtype.type(weight)
+
+    def perturb_sums(self, perturb: Callable[[npt.NDArray[np.floating]], None]) -> None:
+        """Apply `perturb` in place to each tensor's running (unnormalised) sum."""
+        for total in self._sums:
+            if total is None:
+                raise RuntimeError("perturb_sums after finalize")
+            perturb(total)
 
     def finalize(self, *, total_weight: float) -> Model:
         """Divide by the total weight and lay the average out in the model's dtypes."""

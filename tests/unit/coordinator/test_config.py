@@ -80,3 +80,31 @@ def test_client_config_requires_the_coordinator_address():
             {"coordinator": {"address": "h:1"}, "client": {"poll_wait": 3}},
             base_dir=pathlib.Path("."),
         )
+
+
+def test_dp_table_turns_dp_fedavg_on_with_defaults_from_rounds():
+    config = parse(
+        GOOD + "[dp]\nnoise_multiplier = 1.1\nclip_norm = 0.5\nadaptive = true\n"
+        "clipped_count_stddev = 1.0\n"
+    )
+    assert config.dp is not None
+    assert (config.dp.noise_multiplier, config.dp.clip_norm, config.dp.adaptive) == (1.1, 0.5, True)
+    assert config.dp.expected_clients == 2 and config.dp.delta == 1e-5
+    assert parse(GOOD).dp is None
+    assert parse(GOOD + "[dp]\nenabled = false\nnoise_multiplier = 1.0\nclip_norm = 1\n").dp is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("[dp]\nclip_norm = 1.0\n", r"dp\.noise_multiplier is required"),
+        (
+            "[dp]\nnoise_multiplier = '1'\nclip_norm = 1.0\n",
+            r"dp\.noise_multiplier: expected float",
+        ),
+        ("[dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\nclip = 2\n", r"unknown key.*\[dp\]: clip"),
+    ],
+)
+def test_bad_dp_table_names_the_field(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(GOOD + extra)

@@ -69,3 +69,68 @@ def test_truncated_stream_is_rejected(tmp_path):
     np.testing.assert_array_equal(
         aggregator.finalize(total_weight=1.0).arrays()["w"], np.zeros(1000)
     )
+
+
+def clipping_upload(tmp_path, base, clip_norm):
+    aggregator = FedAvg().begin_round(1, model=base)
+    upload = Upload(
+        silo="s",
+        round=1,
+        layout=base.layout,
+        aggregator=aggregator,
+        num_examples=7,
+        metrics={},
+        spool_dir=tmp_path,
+        weight=1.0,
+        base=base,
+        clip_norm=clip_norm,
+    )
+    return aggregator, upload
+
+
+def test_update_longer_than_clip_norm_is_scaled_onto_the_ball(tmp_path):
+    # Arrange: base 1.0 everywhere, update moves it by +2 (norm 2 * sqrt(1000) = 63.2)
+    base = Model.from_arrays(
+        {"w": np.ones(1000, np.float32), "b": np.ones(24, np.float64)}, chunk_bytes=512
+    )
+    aggregator, upload = clipping_upload(tmp_path, base, clip_norm=1.0)
+    sent = Model.from_arrays(
+        {"w": np.full(1000, 3.0, np.float32), "b": np.full(24, 3.0)}, chunk_bytes=512
+    )
+    # Act
+    for offset, chunk in sent.chunks():
+        upload.add_chunk(offset, bytes(chunk))
+    result = upload.finish()
+    out = aggregator.finalize(total_weight=1.0).arrays()
+    # Assert: w_global + clipped delta, with ||clipped delta|| == 1
+    norm = 2.0 * np.sqrt(1024)
+    assert result.update_norm == pytest.approx(norm)
+    assert result.clip_scale == pytest.approx(1.0 / norm)
+    delta = np.concatenate([out["w"] - 1.0, out["b"] - 1.0])
+    assert np.linalg.norm(delta) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(out["w"], 1.0 + 2.0 / norm, rtol=1e-6)
+
+
+def test_update_within_clip_norm_is_unchanged_and_weighted_equally(tmp_path):
+    base = Model.from_arrays({"w": np.zeros(100, np.float32)}, chunk_bytes=128)
+    aggregator, upload = clipping_upload(tmp_path, base, clip_norm=10.0)
+    for offset, chunk in Model.from_arrays(
+        {"w": np.full(100, 0.5, np.float32)}, chunk_bytes=128
+    ).chunks():
+        upload.add_chunk(offset, bytes(chunk))
+    result = upload.finish()
+    assert result.clip_scale == 1.0 and result.update_norm == pytest.approx(5.0)
+    # weight 1.0, not num_examples (7): the sum holds the update once
+    np.testing.assert_allclose(aggregator.finalize(total_weight=1.0).arrays()["w"], 0.5)
+
+
+def test_reverting_a_clipped_upload_removes_all_of_it(tmp_path):
+    base = Model.from_arrays({"w": np.ones(1000, np.float32)}, chunk_bytes=512)
+    aggregator, upload = clipping_upload(tmp_path, base, clip_norm=1.0)
+    for offset, chunk in Model.from_arrays(
+        {"w": np.full(1000, 9.0, np.float32)}, chunk_bytes=512
+    ).chunks():
+        upload.add_chunk(offset, bytes(chunk))
+    upload.finish()
+    upload.revert()
+    np.testing.assert_allclose(aggregator.finalize(total_weight=1.0).arrays()["w"], 0.0, atol=1e-6)
