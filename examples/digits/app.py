@@ -127,8 +127,12 @@ def make_private_client(config: Mapping[str, Scalar]) -> TorchClient:
     num_silos = int(config.get("num_silos", 3))
     features, labels = load_digits_arrays()
     trains, tests = split_non_iid(labels, num_silos=num_silos)
-    train = TensorDataset(torch.from_numpy(features[trains[index]]), torch.from_numpy(labels[trains[index]]))
-    test = TensorDataset(torch.from_numpy(features[tests[index]]), torch.from_numpy(labels[tests[index]]))
+    train = TensorDataset(
+        torch.from_numpy(features[trains[index]]), torch.from_numpy(labels[trains[index]])
+    )
+    test = TensorDataset(
+        torch.from_numpy(features[tests[index]]), torch.from_numpy(labels[tests[index]])
+    )
     privacy = LocalDP(
         max_grad_norm=float(config.get("max_grad_norm", 1.0)),
         target_epsilon=float(config.get("target_epsilon", 8.0)),

@@ -49,7 +49,29 @@ ledger = "ledgers/{name}.json"
 """
 
 
-def write_configs(work: pathlib.Path, *, rounds: int, silos: int, port: int, dp: bool) -> None:
+# Silo-level DP-FedAvg at the coordinator: each silo's update is clipped to an
+# adaptive norm and Gaussian noise is added to their sum. With three silos the
+# count of unclipped updates needs noise of its own of at least z/2 (Andrew et al.).
+CENTRAL_DP = """
+[dp]
+noise_multiplier = {z}
+clip_norm = {clip}
+adaptive = true
+clipped_count_stddev = {z}
+delta = 1e-5
+"""
+
+
+def write_configs(
+    work: pathlib.Path,
+    *,
+    rounds: int,
+    silos: int,
+    port: int,
+    dp: bool,
+    fed_noise: float,
+    clip: float,
+) -> None:
     names = [f"silo-{k + 1}" for k in range(silos)]
     allowed = ", ".join(f'"{n}"' for n in names)
     (work / "coordinator.toml").write_text(
@@ -74,11 +96,12 @@ deadline_s = 300
 client_config = {{ epochs = {4 if dp else 3} }}
 
 [model]
-factory = "examples.digits.app:{'make_private_model' if dp else 'make_model'}"
+factory = "examples.digits.app:{"make_private_model" if dp else "make_model"}"
 
 [store]
 dir = "state"
 """
+        + (CENTRAL_DP.format(z=fed_noise, clip=clip) if dp and fed_noise > 0 else "")
     )
     for k, name in enumerate(names):
         (work / f"{name}.toml").write_text(
@@ -97,8 +120,8 @@ reconnect_timeout_s = 120
 [app]
 silo_index = {k}
 num_silos = {silos}
-{PRIVATE_APP.format(rounds=rounds) if dp else 'lr = 0.001'}
-{PRIVACY.format(name=name) if dp else ''}"""
+{PRIVATE_APP.format(rounds=rounds) if dp else "lr = 0.001"}
+{PRIVACY.format(name=name) if dp else ""}"""
         )
 
 
@@ -107,6 +130,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="default: 8, or 5 with --dp")
     parser.add_argument("--dp", action="store_true", help="DP-SGD in every silo, epsilon <= 8")
     parser.add_argument("--silos", type=int, default=3)
+    parser.add_argument(
+        "--fed-noise",
+        type=float,
+        default=0.02,
+        help="with --dp: noise multiplier of silo-level DP-FedAvg at the coordinator (0: off)",
+    )
+    parser.add_argument(
+        "--fed-clip", type=float, default=5.0, help="with --dp: initial DP-FedAvg clipping norm"
+    )
     parser.add_argument("--workdir", help="keep state, certificates and logs here")
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.dp else 8)
@@ -139,7 +171,15 @@ def main() -> int:
     )
     for name in names:
         run(fedpriv("pki", "issue", name, "--client", "--dir", pki))
-    write_configs(work, rounds=args.rounds, silos=args.silos, port=free_port(), dp=args.dp)
+    write_configs(
+        work,
+        rounds=args.rounds,
+        silos=args.silos,
+        port=free_port(),
+        dp=args.dp,
+        fed_noise=args.fed_noise,
+        clip=args.fed_clip,
+    )
     mode = "DP-SGD in every silo (epsilon <= 8, delta 1e-5)" if args.dp else "no DP"
     print(
         f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS, {mode}; files in {work}",
@@ -166,7 +206,9 @@ def main() -> int:
                     fedpriv(
                         "client",
                         "--app",
-                        "examples.digits.app:make_private_client" if args.dp else "examples.digits.app:make_client",
+                        "examples.digits.app:make_private_client"
+                        if args.dp
+                        else "examples.digits.app:make_client",
                         "--config",
                         str(work / f"{name}.toml"),
                     ),
@@ -180,7 +222,9 @@ def main() -> int:
     try:
         deadline = time.monotonic() + 900
         while coordinator.poll() is None:
-            crashed = [n for n, silo in zip(names, silos, strict=True) if silo.poll() not in (None, 0)]
+            crashed = [
+                n for n, silo in zip(names, silos, strict=True) if silo.poll() not in (None, 0)
+            ]
             if crashed or time.monotonic() > deadline:
                 print(f"silos failed: {crashed or 'timeout'}; see {work / 'logs'}", file=sys.stderr)
                 return 1

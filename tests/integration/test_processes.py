@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fedpriv.coordinator import Store, read_checkpoint
+from fedpriv.privacy import GaussianSteps, epsilon
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -197,3 +198,18 @@ def test_private_digits_demo_reaches_85_percent_with_every_silo_under_epsilon_8(
     ]
     assert len(epsilons) == 3 and all(0 < e <= 8.0 for e in epsilons)
     assert all("(delta 1e-05" in line for line in lines if " epsilon: " in line)
+    # Silo-level DP-FedAvg ran too: the printed federation epsilon is the stored one,
+    # recomputed here from the stored noise multipliers.
+    federation = [line for line in lines if line.startswith("federation epsilon:")]
+    assert len(federation) == 1
+    store = Store(tmp_path / "demo" / "state")
+    rows: dict[int, dict[str, float]] = {}
+    for round, _, name, value in store.metrics(source="federation"):
+        rows.setdefault(round, {})[name] = value
+    store.close()
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    history = [
+        GaussianSteps(noise_multiplier=r["noise_multiplier"], sample_rate=1.0, steps=1)
+        for r in rows.values()
+    ]
+    assert float(federation[0].split()[2]) == pytest.approx(epsilon(history, delta=1e-5), abs=1e-3)
