@@ -170,6 +170,54 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedpriv.client.audit import audit_client
+    from fedpriv.client.torch import TorchClient
+    from fedpriv.coordinator.daemon import load_factory
+
+    app: dict[str, Any] = {}
+    if args.config:
+        data, _ = _read_toml(args.config)
+        app = dict(data.get("app", {}))
+    client = load_factory(args.app, field="--app")(app)
+    if not isinstance(client, TorchClient):
+        raise ConfigError(f"--app {args.app!r} must return a fedpriv.TorchClient to be audited")
+    result = audit_client(
+        client,
+        canaries=args.canaries,
+        guesses=args.guesses,
+        rounds=args.rounds,
+        epochs=args.epochs,
+        delta=args.delta,
+        confidence=args.confidence,
+        seed=args.seed,
+    )
+    print(
+        f"canaries: {result.canaries} ({result.included} trained on); "
+        f"guesses: {result.correct}/{result.guesses} correct",
+        flush=True,
+    )
+    print(
+        f"empirical epsilon lower bound: {result.epsilon_lower_bound:.3f} "
+        f"({result.confidence:.0%} confidence, delta {result.delta:g})",
+        flush=True,
+    )
+    if result.accountant_epsilon is None:
+        print("accountant epsilon: none (the client trains without DP)", flush=True)
+    else:
+        print(
+            f"accountant epsilon: {result.accountant_epsilon:.3f} (delta {result.delta:g})",
+            flush=True,
+        )
+        if result.epsilon_lower_bound > result.accountant_epsilon:
+            print(
+                "AUDIT FAILED: the empirical lower bound exceeds the accountant's epsilon",
+                flush=True,
+            )
+            return 3
+    return 0
+
+
 def _cmd_pki_init(args: argparse.Namespace) -> int:
     from fedpriv.pki import CertificateAuthority
 
@@ -225,6 +273,20 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
     client.add_argument("--identity", help="silo name to claim with --insecure")
     client.set_defaults(run=_cmd_client)
+
+    audit = commands.add_parser(
+        "audit", help="canary membership-inference audit: empirical epsilon lower bound"
+    )
+    audit.add_argument("--app", required=True, help="module:factory returning a TorchClient")
+    audit.add_argument("--config", help="silo TOML file; its [app] table goes to the factory")
+    audit.add_argument("--canaries", type=int, default=1000, help="canaries drawn (default 1000)")
+    audit.add_argument("--guesses", type=int, default=200, help="even number (default 200)")
+    audit.add_argument("--rounds", type=int, default=1, help="rounds of local training")
+    audit.add_argument("--epochs", type=int, help="epochs per round (default: the client's)")
+    audit.add_argument("--delta", type=float, help="default: the client's DP delta, else 1e-5")
+    audit.add_argument("--confidence", type=float, default=0.95)
+    audit.add_argument("--seed", type=int, default=0)
+    audit.set_defaults(run=_cmd_audit)
 
     pki = commands.add_parser("pki", help="certificate authority and certificates")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)
