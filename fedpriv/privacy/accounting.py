@@ -17,7 +17,14 @@ import numpy as np
 
 from fedpriv.errors import ConfigError
 
-__all__ = ["DEFAULT_ORDERS", "GaussianSteps", "epsilon", "noise_multiplier_for"]
+__all__ = [
+    "DEFAULT_ORDERS",
+    "GaussianSteps",
+    "SkellamSum",
+    "epsilon",
+    "epsilon_from_rdp",
+    "noise_multiplier_for",
+]
 
 # Fine orders near 1 matter for large epsilon, large ones for small epsilon; this
 # grid is Opacus's default plus the large orders of Google's dp-accounting.
@@ -119,3 +126,44 @@ def noise_multiplier_for(
     ):
         sigma *= 1.01
     return float(sigma)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkellamSum:
+    """One release of an integer sum with Skellam noise of total variance `mu`.
+
+    Args:
+        mu: Variance of the Skellam noise in the released sum (integer units).
+        l1_sensitivity: Largest L1 change of the sum when one party is added or removed.
+        l2_sensitivity: Largest L2 change, likewise.
+    """
+
+    mu: float
+    l1_sensitivity: float
+    l2_sensitivity: float
+
+    def rdp(self, orders: Sequence[float]) -> np.ndarray:
+        """Rényi DP at each order (Agarwal, Kairouz and Liu, 2021, Theorem 3.5).
+
+        ε(α) = α·Δ2²/(2μ) + min(((2α − 1)·Δ2² + 6·Δ1) / (4μ²), 3·Δ1/(2μ)); the first
+        term is the Gaussian mechanism's, the second the price of integers.
+        """
+        a = np.asarray(orders, dtype=np.float64)
+        d1, d2, mu = self.l1_sensitivity, self.l2_sensitivity, self.mu
+        return a * d2**2 / (2 * mu) + np.minimum(
+            ((2 * a - 1) * d2**2 + 6 * d1) / (4 * mu**2), 3 * d1 / (2 * mu)
+        )
+
+
+def epsilon_from_rdp(
+    rdp: np.ndarray, *, delta: float, orders: Sequence[float] = DEFAULT_ORDERS
+) -> float:
+    """Convert accumulated RDP at `orders` into epsilon at `delta` (Balle et al., 2020)."""
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta = {delta}: must be in (0, 1)")
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(eps)

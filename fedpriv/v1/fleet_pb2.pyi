@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -144,3 +144,85 @@ class LeaveRequest(_message.Message):
 class LeaveReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("task_id", "round", "advertise", "share", "roster", "unmask")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    round: int
+    advertise: AdvertiseKeys
+    share: ShareKeys
+    roster: RosterRequest
+    unmask: UnmaskShares
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., advertise: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share: _Optional[_Union[ShareKeys, _Mapping]] = ..., roster: _Optional[_Union[RosterRequest, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskShares, _Mapping]] = ...) -> None: ...
+
+class AdvertiseKeys(_message.Message):
+    __slots__ = ("cipher_public_key", "mask_public_key")
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("silo", "cipher_public_key", "mask_public_key")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, silo: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class EncryptedShares(_message.Message):
+    __slots__ = ("silo", "ciphertext")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    ciphertext: bytes
+    def __init__(self, silo: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeys(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ...) -> None: ...
+
+class RosterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("silo", "x", "y")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    x: int
+    y: bytes
+    def __init__(self, silo: _Optional[str] = ..., x: _Optional[int] = ..., y: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskShares(_message.Message):
+    __slots__ = ("self_mask", "mask_key")
+    SELF_MASK_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_FIELD_NUMBER: _ClassVar[int]
+    self_mask: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    mask_key: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, self_mask: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., mask_key: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("peers", "shares", "survivors", "dropped")
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...

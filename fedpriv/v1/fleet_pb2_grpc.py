@@ -59,6 +59,11 @@ class FleetStub:
                 request_serializer=fedpriv_dot_v1_dot_fleet__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=fedpriv_dot_v1_dot_fleet__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/fedpriv.v1.Fleet/SecAgg',
+                request_serializer=fedpriv_dot_v1_dot_fleet__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=fedpriv_dot_v1_dot_fleet__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -94,6 +99,14 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Secure aggregation steps of a TRAIN task. Each call is a barrier: it returns
+        when every silo of the round has taken the step, or the step's deadline passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +134,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedpriv_dot_v1_dot_fleet__pb2.LeaveRequest.FromString,
                     response_serializer=fedpriv_dot_v1_dot_fleet__pb2.LeaveReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=fedpriv_dot_v1_dot_fleet__pb2.SecAggRequest.FromString,
+                    response_serializer=fedpriv_dot_v1_dot_fleet__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +276,33 @@ class Fleet:
             '/fedpriv.v1.Fleet/Leave',
             fedpriv_dot_v1_dot_fleet__pb2.LeaveRequest.SerializeToString,
             fedpriv_dot_v1_dot_fleet__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpriv.v1.Fleet/SecAgg',
+            fedpriv_dot_v1_dot_fleet__pb2.SecAggRequest.SerializeToString,
+            fedpriv_dot_v1_dot_fleet__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,291 @@
+"""The coordinator's side of one secure-aggregation round.
+
+Each step is a barrier over the silos still in the round: a call returns once
+every live silo took the step, or the step's deadline passed; silos that miss a
+step leave the round. The coordinator relays public keys and ciphertexts it
+cannot read, folds masked updates like any other (modular addition), then
+collects shares and removes the masks from the sum:
+
+    Σ y_u − Σ_{u ∈ survivors} PRG(b_u) ∓ Σ_{d dropped, u ∈ survivors} PRG(s_du) = Σ x_u
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpriv.errors import ProtocolError, RoundFailed
+from fedpriv.secagg import crypto, shamir
+from fedpriv.secagg.client import MASK_SLICE, pair_context
+
+__all__ = ["ServerSession"]
+
+_KEY_BYTES = 32
+_Share = tuple[str, int, bytes]  # (whose secret, x, y)
+_MAX_CIPHERTEXT = 512
+
+
+class ServerSession:
+    """Relay and unmasking state of one round.
+
+    Args:
+        session: The round's secure-aggregation id, announced to every silo.
+        tasks: Task id of each silo selected for the round.
+        threshold: t, shares needed to recover a secret.
+        deadline: Monotonic time by which each barrier gives up waiting.
+        alive: Whether a silo is still connected (a gone silo is not waited for).
+        clock: Monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        session: str,
+        tasks: Mapping[str, str],
+        threshold: int,
+        deadline: float,
+        alive: Callable[[str], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self.tasks = dict(tasks)
+        self.threshold = threshold
+        self.deadline = deadline
+        self._alive = alive
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._keys: dict[str, tuple[bytes, bytes]] = {}
+        self._advertise_closed = False
+        self._mailbox: dict[str, dict[str, bytes]] = {}
+        self._shared: set[str] = set()
+        self._share_closed = False
+        self._survivors: list[str] | None = None
+        self._dropped: list[str] = []
+        self._revealed: dict[str, tuple[list[_Share], list[_Share]]] = {}
+        self._cancelled: str | None = None
+
+    # ---- barriers --------------------------------------------------------------------------
+
+    def _wait(self, done: Callable[[], bool], until: float) -> None:
+        while not done() and self._cancelled is None:
+            remaining = until - self._clock()
+            if remaining <= 0:
+                return
+            self._cond.wait(min(0.5, remaining))
+
+    def _check(self, silo: str, task_id: str) -> None:
+        if self._cancelled is not None:
+            raise ProtocolError(self._cancelled)
+        if self.tasks.get(silo) != task_id:
+            raise ProtocolError(f"silo {silo!r} has no secure-aggregation task {task_id!r}")
+
+    def cancel(self, reason: str) -> None:
+        """End the round's secure aggregation; waiting silos get `reason`."""
+        with self._cond:
+            self._cancelled = reason
+            self._cond.notify_all()
+
+    def advertise(
+        self, silo: str, task_id: str, *, cipher_key: bytes, mask_key: bytes
+    ) -> dict[str, tuple[bytes, bytes]]:
+        """Record `silo`'s public keys; return every advertised silo's keys.
+
+        The keys are bound to `silo`, the authenticated TLS identity of the caller,
+        so no silo can advertise keys in another's name.
+
+        Raises:
+            ProtocolError: Wrong task, malformed keys, a second advertisement, or the
+                step closed without `silo` or with fewer than t silos.
+        """
+        if len(cipher_key) != _KEY_BYTES or len(mask_key) != _KEY_BYTES:
+            raise ProtocolError("public keys must be 32-byte X25519 keys")
+        if cipher_key == mask_key:
+            raise ProtocolError("the cipher and mask keys must differ")
+        with self._cond:
+            self._check(silo, task_id)
+            if self._advertise_closed:
+                raise ProtocolError("the key advertisement step has closed")
+            if silo in self._keys:
+                raise ProtocolError(f"silo {silo!r} already advertised keys")
+            self._keys[silo] = (cipher_key, mask_key)
+            self._cond.notify_all()
+            self._wait(
+                lambda: (
+                    all(s in self._keys or not self._alive(s) for s in self.tasks)
+                    or self._advertise_closed
+                ),
+                self.deadline,
+            )
+            self._advertise_closed = True
+            self._cond.notify_all()
+            if self._cancelled is not None:
+                raise ProtocolError(self._cancelled)
+            if len(self._keys) < self.threshold:
+                raise ProtocolError(
+                    f"only {len(self._keys)} silos advertised keys, {self.threshold} needed"
+                )
+            return dict(sorted(self._keys.items()))
+
+    def share(self, silo: str, task_id: str, shares: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Relay `silo`'s encrypted shares; return those addressed to it.
+
+        Raises:
+            ProtocolError: Wrong task, `silo` did not advertise, the shares are not
+                exactly one per other advertised silo, or fewer than t silos shared.
+        """
+        with self._cond:
+            self._check(silo, task_id)
+            if silo not in self._keys or not self._advertise_closed:
+                raise ProtocolError(f"silo {silo!r} did not take part in key advertisement")
+            if self._share_closed or silo in self._shared:
+                raise ProtocolError("the share step has closed, or this silo already shared")
+            expected = set(self._keys) - {silo}
+            if set(shares) != expected:
+                raise ProtocolError(
+                    f"shares must be addressed to exactly {sorted(expected)}; got {sorted(shares)}"
+                )
+            if any(len(c) > _MAX_CIPHERTEXT for c in shares.values()):
+                raise ProtocolError(f"a share ciphertext is longer than {_MAX_CIPHERTEXT} bytes")
+            for recipient, ciphertext in shares.items():
+                self._mailbox.setdefault(recipient, {})[silo] = ciphertext
+            self._shared.add(silo)
+            self._cond.notify_all()
+            self._wait(
+                lambda: (
+                    all(s in self._shared or not self._alive(s) for s in self._keys)
+                    or self._share_closed
+                ),
+                self.deadline,
+            )
+            self._share_closed = True
+            self._cond.notify_all()
+            if self._cancelled is not None:
+                raise ProtocolError(self._cancelled)
+            if len(self._shared) < self.threshold:
+                raise ProtocolError(
+                    f"only {len(self._shared)} silos shared keys, {self.threshold} needed"
+                )
+            mailbox = self._mailbox.get(silo, {})
+            return {sender: mailbox[sender] for sender in sorted(self._shared) if sender in mailbox}
+
+    def may_upload(self, silo: str) -> bool:
+        """Whether `silo` shared keys (only then can its masks be removed)."""
+        with self._cond:
+            return self._share_closed and silo in self._shared
+
+    def set_roster(self, survivors: Sequence[str]) -> None:
+        """Name the silos whose masked updates are in the sum; wakes roster calls."""
+        with self._cond:
+            self._survivors = sorted(survivors)
+            self._dropped = sorted(self._shared - set(survivors))
+            self._cond.notify_all()
+
+    def roster(self, silo: str, task_id: str, *, until: float) -> tuple[list[str], list[str]]:
+        """Wait for the roster; return (survivors, dropped).
+
+        Raises:
+            ProtocolError: Wrong task, or no roster by `until`.
+        """
+        with self._cond:
+            self._check(silo, task_id)
+            self._wait(lambda: self._survivors is not None, until)
+            if self._cancelled is not None:
+                raise ProtocolError(self._cancelled)
+            if self._survivors is None:
+                raise ProtocolError("the round's updates were not summed in time")
+            return list(self._survivors), list(self._dropped)
+
+    def unmask(
+        self,
+        silo: str,
+        task_id: str,
+        *,
+        self_mask: Sequence[tuple[str, int, bytes]],
+        mask_key: Sequence[tuple[str, int, bytes]],
+    ) -> None:
+        """Record `silo`'s revealed shares.
+
+        Raises:
+            ProtocolError: `silo` is not a survivor, answered twice, or the shares do
+                not cover exactly the survivors' seeds and the dropped silos' keys.
+        """
+        with self._cond:
+            self._check(silo, task_id)
+            if self._survivors is None or silo not in self._survivors:
+                raise ProtocolError(f"silo {silo!r} is not a survivor of this round")
+            if silo in self._revealed:
+                raise ProtocolError(f"silo {silo!r} already revealed its shares")
+            if sorted(s for s, _, _ in self_mask) != self._survivors:
+                raise ProtocolError("self-mask shares must cover exactly the survivors")
+            if sorted(s for s, _, _ in mask_key) != self._dropped:
+                raise ProtocolError("mask-key shares must cover exactly the dropped silos")
+            if any(len(y) != shamir.SHARE_BYTES for _, _, y in [*self_mask, *mask_key]):
+                raise ProtocolError(f"each share must be {shamir.SHARE_BYTES} bytes")
+            self._revealed[silo] = (list(self_mask), list(mask_key))
+            self._cond.notify_all()
+
+    def wait_for_shares(self, *, until: float) -> int:
+        """Wait until every live survivor revealed its shares (or `until`); return how many did."""
+        with self._cond:
+            assert self._survivors is not None  # set_roster ran
+            survivors = self._survivors
+            self._wait(
+                lambda: all(s in self._revealed or not self._alive(s) for s in survivors),
+                until,
+            )
+            return len(self._revealed)
+
+    # ---- unmasking -------------------------------------------------------------------------
+
+    def _recover(self, owner: str, which: int) -> bytes:
+        shares = []
+        for seeds, keys in self._revealed.values():
+            for name, x, y in (seeds, keys)[which]:
+                if name == owner:
+                    shares.append((x, y))
+        try:
+            return shamir.combine(shares, threshold=self.threshold)
+        except ValueError as err:
+            raise RoundFailed(f"cannot recover the secret of silo {owner!r}: {err}") from err
+
+    def unmask_sum(self, total: npt.NDArray[np.uint32]) -> None:
+        """Remove every mask from the ring sum `total`, in place.
+
+        Raises:
+            RoundFailed: Fewer than t silos revealed shares, or a secret cannot be recovered.
+        """
+        with self._cond:
+            if self._survivors is None:
+                raise RoundFailed("no roster: the round's updates were never summed")
+            if len(self._revealed) < self.threshold:
+                raise RoundFailed(
+                    f"only {len(self._revealed)} silos revealed shares, {self.threshold} needed"
+                )
+            survivors, dropped = list(self._survivors), list(self._dropped)
+            seeds = [self._recover(s, 0) for s in survivors]
+            pairwise: list[tuple[bytes, bool]] = []
+            for gone in dropped:
+                key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
+                for alive in survivors:
+                    seed = crypto.agree(
+                        key,
+                        self._keys[alive][1],
+                        purpose="mask",
+                        context=pair_context(self.session, gone, alive),
+                    )
+                    # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
+                    pairwise.append((seed, alive < gone))
+        for start in range(0, total.size, MASK_SLICE):
+            part = total[start : start + MASK_SLICE]
+            for seed in seeds:
+                part -= crypto.mask_elements(seed, first=start, count=part.size)
+            for seed, survivor_added in pairwise:
+                mask = crypto.mask_elements(seed, first=start, count=part.size)
+                if survivor_added:
+                    part -= mask
+                else:
+                    part += mask
