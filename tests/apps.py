@@ -71,3 +71,35 @@ def make_private_client(config: Mapping[str, Any]):
         ),
         device="cpu",
     )
+
+
+def random_update(index: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The update silo `index` sends (deterministic, so a test can recompute it)."""
+    rng = np.random.default_rng(1000 + index)
+    return {name: rng.normal(0.0, 0.05, shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+class RandomUpdateClient:
+    """Adds a fixed random update (seeded by silo index) to the model it receives."""
+
+    def __init__(self, index: int, sleep_s: float = 0.0) -> None:
+        self.index = index
+        self.sleep_s = sleep_s
+
+    def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
+        time.sleep(self.sleep_s)
+        update = random_update(self.index, {k: v.shape for k, v in parameters.items()})
+        return FitResult(
+            parameters={k: v + update[k] for k, v in parameters.items()},
+            num_examples=10,
+            metrics={"train_loss": 0.0},
+        )
+
+    def evaluate(
+        self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]
+    ) -> EvaluateResult:
+        return EvaluateResult(num_examples=10, metrics={"loss": 0.0})
+
+
+def make_random_client(config: Mapping[str, Any]) -> RandomUpdateClient:
+    return RandomUpdateClient(int(config["index"]), float(config.get("sleep_s", 0.0)))

@@ -110,9 +110,7 @@ def audit_client(
         privacy=client.privacy,
     )
     config = {"epochs": audited.epochs}
-    parameters: Mapping[str, npt.NDArray[Any]] = arrays_from_state_dict(
-        audited.model.state_dict()
-    )
+    parameters: Mapping[str, npt.NDArray[Any]] = arrays_from_state_dict(audited.model.state_dict())
     for round in range(1, rounds + 1):
         parameters = audited.fit(parameters, config=config).parameters
         logger.info("audit round %d/%d trained on %d examples", round, rounds, len(train))

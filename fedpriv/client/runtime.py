@@ -25,12 +25,16 @@ from fedpriv.errors import (
     ProtocolError,
 )
 from fedpriv.privacy.accounting import GaussianSteps
+from fedpriv.privacy.central import secure_generator
 from fedpriv.privacy.ledger import PrivacyLedger
+from fedpriv.secagg import ClientSession, RingCodec
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
 from fedpriv.wire import (
+    DType,
     PayloadAssembler,
     TensorLayout,
+    TensorSpec,
     arrays_from_payload,
     encode_chunks,
     layout_from_proto,
@@ -187,6 +191,116 @@ def _privacy_plan(
     return planned, None
 
 
+class SecureUpload:
+    """This silo's part in a secure-aggregation round (see :mod:`fedpriv.secagg`)."""
+
+    def __init__(
+        self,
+        stub: fleet_pb2_grpc.FleetStub,
+        task: fleet_pb2.Task,
+        config: Mapping[str, Scalar],
+        stats: ClientStats,
+    ) -> None:
+        try:
+            self.codec = RingCodec(
+                clip_norm=float(config["secagg.clip_norm"]),
+                scale=float(config["secagg.scale"]),
+                size=int(config["secagg.size"]),
+                noise_variance=float(config["secagg.noise_variance"]),
+            )
+            self.layout = TensorLayout.from_specs(
+                [TensorSpec(name="secagg", dtype=DType.INT32, shape=(self.codec.size,))],
+                chunk_bytes=int(config["secagg.chunk_bytes"]),
+            )
+            self.session = ClientSession(
+                silo=stats.silo,
+                session=str(config["secagg.session"]),
+                threshold=int(config["secagg.threshold"]),
+            )
+        except (KeyError, ValueError) as err:
+            raise ProtocolError(
+                f"coordinator sent incomplete secure-aggregation settings: {err}"
+            ) from err
+        self._stub = stub
+        self._task = task
+        self._stats = stats
+
+    def _call(self, timeout: float | None, **step: Any) -> fleet_pb2.SecAggReply:
+        request = fleet_pb2.SecAggRequest(
+            task_id=self._task.task_id, round=self._task.round, **step
+        )
+        reply: fleet_pb2.SecAggReply = self._stub.SecAgg(request, timeout=timeout)
+        return reply
+
+    def setup(self, *, timeout: float | None) -> None:
+        """Advertise keys, then exchange encrypted shares with the other silos."""
+        cipher, mask = self.session.advertise()
+        reply = self._call(
+            timeout,
+            advertise=fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask),
+        )
+        self.session.set_peers(
+            {p.silo: (p.cipher_public_key, p.mask_public_key) for p in reply.peers}
+        )
+        shares = self.session.share()
+        reply = self._call(
+            timeout,
+            share=fleet_pb2.ShareKeys(
+                shares=[
+                    fleet_pb2.EncryptedShares(silo=name, ciphertext=ciphertext)
+                    for name, ciphertext in shares.items()
+                ]
+            ),
+        )
+        self.session.receive({s.silo: s.ciphertext for s in reply.shares})
+
+    def push(
+        self,
+        parameters: Mapping[str, npt.NDArray[Any]],
+        start: Mapping[str, npt.NDArray[Any]],
+        *,
+        num_examples: int,
+        metrics: Mapping[str, Scalar],
+        timeout: float | None,
+    ) -> None:
+        """Mask and send the update, then reveal shares so the sum can be unmasked."""
+        delta = np.concatenate(
+            [
+                (np.asarray(parameters[name], np.float64) - np.asarray(value, np.float64)).ravel()
+                for name, value in start.items()
+            ]
+        )
+        ring, norm = self.codec.encode(delta, rng=secure_generator())
+        self.session.mask(ring)
+        header = fleet_pb2.ResultHeader(
+            task_id=self._task.task_id,
+            round=self._task.round,
+            kind=self._task.kind,
+            num_examples=num_examples,
+            metrics=scalars_to_proto(metrics),
+            update=self.layout.to_proto(),
+        )
+        messages = _result_messages(
+            header, self.layout, {"secagg": ring.view(np.int32)}, self._stats
+        )
+        self._stub.PushResult(messages, timeout=timeout)
+        logger.info("masked update sent round=%d update_norm=%.4g", self._task.round, norm)
+        # The roster comes when the round's uploads are summed: wait as long as the round.
+        reply = self._call(
+            None if timeout is None else timeout + 600, roster=fleet_pb2.RosterRequest()
+        )
+        seeds, keys = self.session.reveal(
+            survivors=list(reply.survivors), dropped=list(reply.dropped)
+        )
+        self._call(
+            60.0,
+            unmask=fleet_pb2.UnmaskShares(
+                self_mask=[fleet_pb2.RevealedShare(silo=n, x=x, y=y) for n, x, y in seeds],
+                mask_key=[fleet_pb2.RevealedShare(silo=n, x=x, y=y) for n, x, y in keys],
+            ),
+        )
+
+
 def _run_task(
     client: Client,
     stub: fleet_pb2_grpc.FleetStub,
@@ -206,6 +320,12 @@ def _run_task(
         if refusal is not None:
             _decline(stub, task, refusal, stats)
             return
+        secure = None
+        if "secagg.session" in config:
+            # Keys are agreed before training, so a round that cannot reach the
+            # threshold fails before anyone spends time or privacy on it.
+            secure = SecureUpload(stub, task, config, stats)
+            secure.setup(timeout=timeout)
         fit = client.fit(arrays, config=config)
         metrics = dict(fit.metrics)
         if ledger is not None and planned is not None:
@@ -217,6 +337,16 @@ def _run_task(
                 max_grad_norm=float(getattr(privacy, "max_grad_norm", 0.0)),
             )
             metrics["delta"] = ledger.budget.delta
+        if secure is not None:
+            secure.push(
+                fit.parameters,
+                arrays,
+                num_examples=fit.num_examples,
+                metrics=metrics,
+                timeout=timeout,
+            )
+            stats.trained += 1
+            return
         header = fleet_pb2.ResultHeader(
             task_id=task.task_id,
             round=task.round,
@@ -315,7 +445,12 @@ def run_client(
                     "task round=%d kind=%s", received.task.round, fleet_pb2.TaskKind.Name(kind)
                 )
                 with _heartbeats(stub, heartbeat_s):
-                    _run_task(client, stub, received, stats, ledger)
+                    try:
+                        _run_task(client, stub, received, stats, ledger)
+                    except ProtocolError as err:
+                        # A task this silo cannot complete safely (for example: too few
+                        # silos for secure aggregation); the coordinator counts it dropped.
+                        logger.error("abandoning task round=%d: %s", received.task.round, err)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
                 if isinstance(error, AuthenticationError | PermissionDenied):

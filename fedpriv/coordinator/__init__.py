@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from fedpriv.coordinator.config import CoordinatorConfig, ModelSource, RoundConfig, TLSFiles
+from fedpriv.coordinator.config import (
+    CoordinatorConfig,
+    ModelSource,
+    RoundConfig,
+    SecAggConfig,
+    TLSFiles,
+)
 from fedpriv.coordinator.daemon import Coordinator, load_initial_model
 from fedpriv.coordinator.federation import Federation, RoundReporter, RoundSummary
 from fedpriv.coordinator.store import Store, read_checkpoint, write_checkpoint
@@ -15,6 +21,7 @@ __all__ = [
     "RoundConfig",
     "RoundReporter",
     "RoundSummary",
+    "SecAggConfig",
     "Store",
     "TLSFiles",
     "load_initial_model",

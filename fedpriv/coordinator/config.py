@@ -18,6 +18,7 @@ __all__ = [
     "CoordinatorConfig",
     "ModelSource",
     "RoundConfig",
+    "SecAggConfig",
     "TLSFiles",
 ]
 
@@ -89,6 +90,35 @@ class RoundConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggConfig:
+    """Secure aggregation settings (``secure_aggregation = true`` and the ``[secagg]`` table).
+
+    Args:
+        threshold: t, silos whose shares recover a secret; rounds need at least t
+            survivors. 0: a majority of the round's silos (n // 2 + 1).
+        clip_norm: L2 norm each update is clipped to before quantisation (without
+            ``[dp]``; with it, ``dp.clip_norm`` is used).
+        unmask_deadline_s: Time survivors have to reveal their shares.
+    """
+
+    threshold: int = 0
+    clip_norm: float = 10.0
+    unmask_deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError(f"secagg.threshold = {self.threshold}: must be >= 0")
+        if not self.clip_norm > 0:
+            raise ConfigError(f"secagg.clip_norm = {self.clip_norm}: must be > 0")
+        if not self.unmask_deadline_s > 0:
+            raise ConfigError(f"secagg.unmask_deadline_s = {self.unmask_deadline_s}: must be > 0")
+
+    def threshold_for(self, clients: int) -> int:
+        """T for a round of `clients` silos."""
+        return self.threshold or clients // 2 + 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSource:
     """Where the initial global model comes from: a factory or a checkpoint (one of them)."""
 
@@ -126,6 +156,8 @@ class CoordinatorConfig:
         heartbeat_interval_s: How often silos report while training.
         poll_wait_s: How long a silo's PullTask may wait before answering WAIT.
         dp: Silo-level DP-FedAvg (clipping, central noise, federation epsilon); None: off.
+        secure_aggregation: Secure aggregation; None: off. With ``dp`` as well, the
+            noise is distributed: each silo adds Skellam noise before masking.
     """
 
     federation: str = "fedpriv"
@@ -138,8 +170,28 @@ class CoordinatorConfig:
     heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S
     poll_wait_s: int = DEFAULT_POLL_WAIT_S
     dp: CentralDP | None = None
+    secure_aggregation: SecAggConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.secure_aggregation is not None:
+            threshold = self.secure_aggregation.threshold
+            if threshold > self.rounds.min_clients:
+                raise ConfigError(
+                    f"secagg.threshold = {threshold}: must be <= rounds.min_clients "
+                    f"({self.rounds.min_clients}), or no round could ever be unmasked"
+                )
+            if self.rounds.required_results < self.secure_aggregation.threshold_for(
+                self.rounds.min_clients
+            ):
+                raise ConfigError(
+                    f"rounds.min_results = {self.rounds.min_results}: with secure aggregation a "
+                    "round needs at least secagg.threshold updates"
+                )
+            if self.dp is not None and self.dp.adaptive:
+                raise ConfigError(
+                    "dp.adaptive = true is not supported with secure_aggregation = true: the "
+                    "coordinator never sees an update's norm; use a fixed dp.clip_norm"
+                )
         if self.allowed_silos is not None and not self.allowed_silos:
             raise ConfigError(
                 "federation.allowed_silos is empty: no silo could join; list them or omit the key"
@@ -162,6 +214,7 @@ class CoordinatorConfig:
         model = top.table("model")
         store = top.table("store")
         dp_table = top.table("dp")
+        secagg_table = top.table("secagg")
         allowed = fed.strings("allowed_silos")
         tls = None
         ca, cert, key = (tls_table.path(k) for k in ("ca", "cert", "key"))
@@ -187,6 +240,15 @@ class CoordinatorConfig:
             )
         else:
             dp_table.ignore_rest()
+        secure_aggregation = None
+        if top.get("secure_aggregation", bool, False):
+            secure_aggregation = SecAggConfig(
+                threshold=secagg_table.get("threshold", int, 0),
+                clip_norm=secagg_table.get("clip_norm", float, 10.0),
+                unmask_deadline_s=secagg_table.get("unmask_deadline_s", float, 60.0),
+            )
+        else:
+            secagg_table.ignore_rest()
         config = cls(
             federation=fed.get("name", str, "fedpriv"),
             address=server.get("address", str, DEFAULT_ADDRESS),
@@ -212,7 +274,8 @@ class CoordinatorConfig:
             ),
             state_dir=state_dir,
             dp=dp,
+            secure_aggregation=secure_aggregation,
         )
-        for table in (fed, server, tls_table, rounds, model, store, dp_table, top):
+        for table in (fed, server, tls_table, rounds, model, store, dp_table, secagg_table, top):
             table.finish()
         return config

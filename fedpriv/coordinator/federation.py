@@ -17,16 +17,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from fedpriv._types import Scalar
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.upload import Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
-from fedpriv.privacy.accounting import GaussianSteps, epsilon
+from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, epsilon_from_rdp, total_rdp
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
+from fedpriv.secagg import RingCodec, ServerSession
+from fedpriv.secagg.server import RingSum
 from fedpriv.strategy import Aggregator, NoisyAggregator, Strategy
 from fedpriv.v1 import fleet_pb2
-from fedpriv.wire import Model, TensorLayout
+from fedpriv.wire import DType, Model, TensorLayout, TensorSpec
 
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
@@ -103,6 +107,16 @@ class _LogReporter:
         logger.warning("round=%d failed reason=%s", round, reason)
 
 
+@dataclass(slots=True, kw_only=True)
+class _SecAggRound:
+    """Secure aggregation state of one TRAIN phase."""
+
+    session: ServerSession
+    codec: RingCodec
+    layout: TensorLayout
+    ring: RingSum
+
+
 @dataclass(slots=True)
 class _Phase:
     """One task (TRAIN or EVALUATE) sent to a set of silos in one round."""
@@ -116,6 +130,7 @@ class _Phase:
     deadline_unix_s: float
     aggregator: Aggregator | None
     clip_norm: float | None = None
+    secagg: _SecAggRound | None = None
     outcomes: dict[str, str] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     results: list[UploadResult] = field(default_factory=list)
@@ -188,14 +203,24 @@ class Federation:
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
         self._clip: ClipState | None = None
-        self._dp_history: list[GaussianSteps] = []
+        # Every silo-level release so far, central (Gaussian) or distributed (Skellam).
+        self._dp_history: list[GaussianSteps | SkellamSum] = []
+        if config.secure_aggregation is not None:
+            bad = [s.describe() for s in model.layout.specs if not s.dtype.is_floating]
+            if bad:
+                raise ConfigError(
+                    "secure_aggregation = true needs a model of floating-point tensors only; "
+                    f"this one also has {', '.join(bad)}"
+                )
         if config.dp is not None:
             self._resume_dp(strategy, model)
 
     def _resume_dp(self, strategy: Strategy, model: Model) -> None:
         """Check the strategy can add noise; rebuild the accountant and clipping norm."""
         assert self.config.dp is not None  # caller checked
-        if not isinstance(strategy.begin_round(0, model=model), NoisyAggregator):
+        if self.config.secure_aggregation is None and not isinstance(
+            strategy.begin_round(0, model=model), NoisyAggregator
+        ):
             raise ConfigError(
                 f"[dp] needs a strategy whose aggregator can add noise; {strategy.name!r} cannot"
             )
@@ -205,7 +230,15 @@ class Federation:
         clip_norm = None
         for round in sorted(per_round):
             values = per_round[round]
-            if round < self._next_round and "noise_multiplier" in values:
+            if round < self._next_round and "skellam_mu" in values:
+                self._dp_history.append(
+                    SkellamSum(
+                        mu=values["skellam_mu"],
+                        l1_sensitivity=values["l1_sensitivity"],
+                        l2_sensitivity=values["l2_sensitivity"],
+                    )
+                )
+            elif round < self._next_round and "noise_multiplier" in values:
                 self._dp_history.append(
                     GaussianSteps(
                         noise_multiplier=values["noise_multiplier"], sample_rate=1.0, steps=1
@@ -351,24 +384,32 @@ class Federation:
                 problems.append(f"result kind {kind.name} != task kind {phase.kind.name}")
             if not 0 < num_examples <= MAX_NUM_EXAMPLES:
                 problems.append(f"num_examples {num_examples} must be in [1, 2**53]")
-            if phase.kind is TaskKind.TRAIN:
+            if phase.secagg is not None:
+                if not phase.secagg.session.may_upload(silo):
+                    problems.append(
+                        "this silo did not share its keys: its masks could not be removed"
+                    )
+                problems.extend(_compare_layout(layout, phase.secagg.layout))
+            elif phase.kind is TaskKind.TRAIN:
                 problems.extend(_compare_layout(layout, phase.model.layout))
             elif layout is not None and layout.specs:
                 problems.append("an evaluation result must not carry tensors")
             if problems:
                 self._resolve(phase, silo, "rejected", "; ".join(problems))
                 raise UpdateRejected(silo=silo, round=round, problems=problems)
+            expected = phase.secagg.layout if phase.secagg is not None else phase.model.layout
             upload = Upload(
                 silo=silo,
                 round=phase.round,
-                layout=phase.model.layout if phase.kind is TaskKind.TRAIN else None,
-                aggregator=phase.aggregator,
+                layout=expected if phase.kind is TaskKind.TRAIN else None,
+                aggregator=phase.aggregator if phase.secagg is None else phase.secagg.ring,
                 num_examples=num_examples,
                 metrics=metrics,
                 spool_dir=self._store.directory / "spool",
                 on_chunk=lambda: self._last_seen.__setitem__(silo, self._clock()),
                 # DP-FedAvg weighs every silo equally: the sum's sensitivity is then C.
-                weight=1.0 if phase.clip_norm is not None else None,
+                # A ring sum adds each masked update once.
+                weight=1.0 if phase.clip_norm is not None or phase.secagg else None,
                 base=phase.model if phase.clip_norm is not None else None,
                 clip_norm=phase.clip_norm,
             )
@@ -401,7 +442,9 @@ class Federation:
                     phase.bytes_received += result.bytes_received
                     if phase.aggregator is not None:
                         phase.total_weight += (
-                            1.0 if phase.clip_norm is not None else result.num_examples
+                            1.0
+                            if phase.clip_norm is not None or phase.secagg is not None
+                            else result.num_examples
                         )
                     self._resolve(phase, upload.silo, "accepted", "", result)
                     upload.release()
@@ -521,27 +564,164 @@ class Federation:
     def _open_phase(
         self, kind: TaskKind, round: int, silos: list[str], deadline_s: float
     ) -> _Phase:
+        secure = kind is TaskKind.TRAIN and self.config.secure_aggregation is not None
         aggregator = (
-            self._strategy.begin_round(round, model=self._model) if kind is TaskKind.TRAIN else None
+            self._strategy.begin_round(round, model=self._model)
+            if kind is TaskKind.TRAIN and not secure
+            else None
         )
         config = dict(self._rounds.client_config)
         config["round"] = round
+        tasks = {silo: uuid.uuid4().hex for silo in silos}
+        deadline = self._clock() + deadline_s
+        secagg = self._open_secagg(tasks, deadline, config) if secure else None
         phase = _Phase(
             kind=kind,
             round=round,
-            tasks={silo: uuid.uuid4().hex for silo in silos},
+            tasks=tasks,
             model=self._model,
             config=config,
-            deadline=self._clock() + deadline_s,
+            deadline=deadline,
             deadline_unix_s=time.time() + deadline_s,
-            aggregator=aggregator,
-            clip_norm=self._clip.clip_norm if self._clip and kind is TaskKind.TRAIN else None,
+            aggregator=aggregator if secagg is None else secagg.ring,
+            clip_norm=(
+                self._clip.clip_norm
+                if self._clip and kind is TaskKind.TRAIN and secagg is None
+                else None
+            ),
+            secagg=secagg,
         )
         with self._cond:
             self._phase = phase
             self._cond.notify_all()
         logger.info("[%s] round=%d silos=%s", kind.name, round, ",".join(silos))
         return phase
+
+    def _alive(self, silo: str) -> bool:
+        seen = self._last_seen.get(silo)
+        return seen is not None and self._clock() - seen <= self.liveness_s
+
+    def _open_secagg(
+        self, tasks: Mapping[str, str], deadline: float, config: dict[str, Scalar]
+    ) -> _SecAggRound:
+        """Plan the ring and start the session; announce both in the task config."""
+        settings = self.config.secure_aggregation
+        assert settings is not None  # caller checked
+        threshold = settings.threshold_for(len(tasks))
+        size = sum(spec.numel for spec in self._model.layout.specs)
+        dp = self.config.dp
+        codec = RingCodec.plan(
+            clip_norm=dp.clip_norm if dp is not None else settings.clip_norm,
+            size=size,
+            clients=len(tasks),
+            threshold=threshold,
+            noise_multiplier=dp.noise_multiplier if dp is not None else 0.0,
+        )
+        layout = TensorLayout.from_specs(
+            [TensorSpec(name="secagg", dtype=DType.INT32, shape=(size,))],
+            chunk_bytes=self._model.layout.chunk_bytes,
+        )
+        session = ServerSession(
+            session=uuid.uuid4().hex,
+            tasks=tasks,
+            threshold=threshold,
+            deadline=deadline,
+            alive=self._alive,
+            clock=self._clock,
+        )
+        config.update(
+            {
+                "secagg.session": session.session,
+                "secagg.threshold": threshold,
+                "secagg.clip_norm": codec.clip_norm,
+                "secagg.scale": codec.scale,
+                "secagg.size": size,
+                "secagg.noise_variance": codec.noise_variance,
+                "secagg.chunk_bytes": layout.chunk_bytes,
+            }
+        )
+        return _SecAggRound(
+            session=session,
+            codec=codec,
+            layout=layout,
+            ring=RingSum(size, chunk_bytes=layout.chunk_bytes),
+        )
+
+    def secagg_session(self, silo: str, task_id: str) -> ServerSession:
+        """The secure-aggregation session of `silo`'s open TRAIN task.
+
+        Raises:
+            ProtocolError: No such task, or the round has no secure aggregation.
+        """
+        with self._cond:
+            self._touch(silo)
+            phase = self._phase
+            if phase is None or phase.secagg is None or phase.tasks.get(silo) != task_id:
+                raise ProtocolError(
+                    f"silo {silo!r} has no secure-aggregation task {task_id!r} in this round"
+                )
+            return phase.secagg.session
+
+    def _unmask(self, train: _Phase, started_unix: float) -> tuple[Model, dict[str, float]]:
+        """Remove the masks from the ring sum and decode the new model (secure aggregation)."""
+        secagg = train.secagg
+        assert secagg is not None and self.config.secure_aggregation is not None
+        survivors = [r.silo for r in train.results]
+        session = secagg.session
+        try:
+            if len(survivors) < session.threshold:
+                raise RoundFailed(
+                    f"round {train.round}: {len(survivors)} masked updates, "
+                    f"{session.threshold} needed to unmask; no model is published"
+                )
+            session.set_roster(survivors)
+            session.wait_for_shares(
+                until=self._clock() + self.config.secure_aggregation.unmask_deadline_s
+            )
+            session.unmask_sum(secagg.ring.total)
+        except RoundFailed as err:
+            session.cancel(str(err))
+            self._store.record_attempt(
+                round=train.round, started_unix_s=started_unix, outcome="failed", detail=str(err)
+            )
+            raise
+        session.cancel("the round's secure aggregation is complete")
+        total = secagg.codec.decode(secagg.ring.total)
+        total /= len(survivors)
+        arrays = {}
+        position = 0
+        for spec, current in zip(
+            self._model.layout.specs, self._model.arrays().values(), strict=True
+        ):
+            part = total[position : position + spec.numel].reshape(spec.shape)
+            position += spec.numel
+            arrays[spec.name] = (current.astype(np.float64) + part).astype(current.dtype)
+        model = Model.from_arrays(arrays, layout=self._model.layout)
+        metrics: dict[str, float] = {"survivors": float(len(survivors))}
+        dp = self.config.dp
+        if dp is not None:
+            release = SkellamSum(
+                mu=len(survivors) * secagg.codec.noise_variance,
+                l1_sensitivity=secagg.codec.l1_sensitivity,
+                l2_sensitivity=secagg.codec.l2_sensitivity,
+            )
+            self._dp_history.append(release)
+            spent = epsilon_from_rdp(total_rdp(self._dp_history), delta=dp.delta)
+            metrics.update(
+                {
+                    "epsilon": spent,
+                    "delta": dp.delta,
+                    "skellam_mu": release.mu,
+                    "l1_sensitivity": release.l1_sensitivity,
+                    "l2_sensitivity": release.l2_sensitivity,
+                    "clip_norm": secagg.codec.clip_norm,
+                    "noise_multiplier": dp.noise_multiplier,
+                }
+            )
+            logger.info(
+                "distributed dp round=%d epsilon=%.4f delta=%g", train.round, spent, dp.delta
+            )
+        return model, metrics
 
     def _wait_phase(self, phase: _Phase, *, needed: int) -> None:
         """Wait until every silo answered, the deadline passed, or `needed` is out of reach."""
@@ -585,8 +765,11 @@ class Federation:
                 round=round, started_unix_s=started_unix, outcome="failed", detail=detail
             )
             raise RoundFailed(f"round {round}: {detail}; the global model is unchanged")
-        federation_metrics = self._privatize(train)
-        model = train.aggregator.finalize(total_weight=train.total_weight)
+        if train.secagg is not None:
+            model, federation_metrics = self._unmask(train, started_unix)
+        else:
+            federation_metrics = self._privatize(train)
+            model = train.aggregator.finalize(total_weight=train.total_weight)
         # The privacy spend is committed with the model it paid for, in one transaction.
         self._store.commit_round(
             round=round,
@@ -656,7 +839,7 @@ class Federation:
             GaussianSteps(noise_multiplier=dp.noise_multiplier, sample_rate=1.0, steps=1)
         )
         # Every silo takes part in every round (no sampling amplification is claimed).
-        spent = epsilon(self._dp_history, delta=dp.delta)
+        spent = epsilon_from_rdp(total_rdp(self._dp_history), delta=dp.delta)
         logger.info(
             "dp round=%d clip_norm=%.4g noise_stddev=%.4g epsilon=%.4f delta=%g",
             train.round,

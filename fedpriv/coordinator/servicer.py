@@ -24,6 +24,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
     def __init__(self, federation: Federation, *, insecure: bool) -> None:
         self._federation = federation
         self._insecure = insecure
+        settings = federation.config.secure_aggregation
+        self._unmask_deadline_s = settings.unmask_deadline_s if settings is not None else 60.0
 
     def _silo(self, context: grpc.ServicerContext) -> str:
         silo = peer_identity(context, insecure=self._insecure)
@@ -132,3 +134,50 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
         with rpc_error_translator(context, "Fleet.Leave"):
             self._federation.leave(self._silo(context), request.reason[:200])
             return fleet_pb2.LeaveReply()
+
+    def SecAgg(  # noqa: N802, D102
+        self, request: fleet_pb2.SecAggRequest, context: grpc.ServicerContext
+    ) -> fleet_pb2.SecAggReply:
+        with rpc_error_translator(context, "Fleet.SecAgg"):
+            silo = self._silo(context)
+            task_id = request.task_id
+            session = self._federation.secagg_session(silo, task_id)
+            step = request.WhichOneof("step")
+            if step == "advertise":
+                peers = session.advertise(
+                    silo,
+                    task_id,
+                    cipher_key=request.advertise.cipher_public_key,
+                    mask_key=request.advertise.mask_public_key,
+                )
+                return fleet_pb2.SecAggReply(
+                    peers=[
+                        fleet_pb2.PeerKeys(silo=name, cipher_public_key=c, mask_public_key=m)
+                        for name, (c, m) in peers.items()
+                    ]
+                )
+            if step == "share":
+                shares = {s.silo: s.ciphertext for s in request.share.shares}
+                if len(shares) != len(request.share.shares):
+                    raise ProtocolError("two shares are addressed to the same silo")
+                received = session.share(silo, task_id, shares)
+                return fleet_pb2.SecAggReply(
+                    shares=[
+                        fleet_pb2.EncryptedShares(silo=sender, ciphertext=ciphertext)
+                        for sender, ciphertext in received.items()
+                    ]
+                )
+            if step == "roster":
+                survivors, dropped = session.roster(
+                    silo, task_id, until=session.deadline + self._unmask_deadline_s
+                )
+                return fleet_pb2.SecAggReply(survivors=survivors, dropped=dropped)
+            if step == "unmask":
+                session.unmask(
+                    silo,
+                    task_id,
+                    self_mask=[(r.silo, r.x, r.y) for r in request.unmask.self_mask],
+                    mask_key=[(r.silo, r.x, r.y) for r in request.unmask.mask_key],
+                )
+                return fleet_pb2.SecAggReply()
+            raise ProtocolError("a SecAgg request must carry one step")

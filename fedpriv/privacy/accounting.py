@@ -23,6 +23,7 @@ __all__ = [
     "SkellamSum",
     "epsilon",
     "epsilon_from_rdp",
+    "total_rdp",
     "noise_multiplier_for",
 ]
 
@@ -153,6 +154,26 @@ class SkellamSum:
         return a * d2**2 / (2 * mu) + np.minimum(
             ((2 * a - 1) * d2**2 + 6 * d1) / (4 * mu**2), 3 * d1 / (2 * mu)
         )
+
+
+def total_rdp(
+    history: Sequence[GaussianSteps | SkellamSum], *, orders: Sequence[float] = DEFAULT_ORDERS
+) -> np.ndarray:
+    """RDP at `orders` of every release in `history` composed."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    total = np.zeros(len(orders))
+    for item in history:
+        if isinstance(item, SkellamSum):
+            total += item.rdp(orders)
+        elif item.steps > 0:
+            total += rdp_analysis.compute_rdp(
+                q=item.sample_rate,
+                noise_multiplier=item.noise_multiplier,
+                steps=item.steps,
+                orders=list(orders),
+            )
+    return total
 
 
 def epsilon_from_rdp(
