@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 
 import numpy as np
-import pytest
 
 from fedpriv.coordinator import Coordinator, SecAggConfig, Store, read_checkpoint
 from fedpriv.coordinator.upload import Upload
