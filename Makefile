@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 demo-dp: $(STAMP)
 	$(PY) examples/digits/demo.py --dp
 
-.PHONY: demo demo-dp test proto lint typecheck bench clean
+demo-secure: $(STAMP)
+	$(PY) examples/digits/demo.py --dp --secagg
+
+.PHONY: demo demo-dp demo-secure test proto lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

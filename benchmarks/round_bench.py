@@ -67,11 +67,14 @@ def make_pki(work: pathlib.Path, clients: int) -> None:
         ca.issue(f"silo-{k}", role=Role.CLIENT, out_dir=work / "pki")
 
 
-def run_one(params: int, clients: int, rounds: int, work: pathlib.Path) -> Row:
+def run_one(
+    params: int, clients: int, rounds: int, work: pathlib.Path, *, extra_config: str = ""
+) -> Row:
+    """One federation; `extra_config` is put at the top of the coordinator's TOML."""
     make_pki(work, clients)
     port = free_port()
     write_checkpoint(work / "initial.fpck", Model.from_arrays(model_arrays(params)))
-    (work / "coordinator.toml").write_text(f"""
+    (work / "coordinator.toml").write_text(f"""{extra_config}
 [server]
 address = "127.0.0.1:{port}"
 poll_wait_s = 5

@@ -56,7 +56,7 @@ CENTRAL_DP = """
 [dp]
 noise_multiplier = {z}
 clip_norm = {clip}
-adaptive = true
+adaptive = {adaptive}
 clipped_count_stddev = {z}
 delta = 1e-5
 """
@@ -71,11 +71,13 @@ def write_configs(
     dp: bool,
     fed_noise: float,
     clip: float,
+    secagg: bool,
 ) -> None:
     names = [f"silo-{k + 1}" for k in range(silos)]
     allowed = ", ".join(f'"{n}"' for n in names)
     (work / "coordinator.toml").write_text(
-        f"""[federation]
+        ("secure_aggregation = true\n\n" if secagg else "")
+        + f"""[federation]
 name = "digits"
 allowed_silos = [{allowed}]
 
@@ -101,7 +103,11 @@ factory = "examples.digits.app:{"make_private_model" if dp else "make_model"}"
 [store]
 dir = "state"
 """
-        + (CENTRAL_DP.format(z=fed_noise, clip=clip) if dp and fed_noise > 0 else "")
+        + (
+            CENTRAL_DP.format(z=fed_noise, clip=clip, adaptive=str(not secagg).lower())
+            if dp and fed_noise > 0
+            else ""
+        )
     )
     for k, name in enumerate(names):
         (work / f"{name}.toml").write_text(
@@ -130,6 +136,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="default: 8, or 5 with --dp")
     parser.add_argument("--dp", action="store_true", help="DP-SGD in every silo, epsilon <= 8")
     parser.add_argument("--silos", type=int, default=3)
+    parser.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation: the coordinator sees only the sum; with --dp the silo-level "
+        "noise is added by the silos (distributed Skellam) before masking",
+    )
     parser.add_argument(
         "--fed-noise",
         type=float,
@@ -179,8 +191,11 @@ def main() -> int:
         dp=args.dp,
         fed_noise=args.fed_noise,
         clip=args.fed_clip,
+        secagg=args.secagg,
     )
     mode = "DP-SGD in every silo (epsilon <= 8, delta 1e-5)" if args.dp else "no DP"
+    if args.secagg:
+        mode += ", secure aggregation"
     print(
         f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS, {mode}; files in {work}",
         flush=True,

@@ -270,8 +270,11 @@ class SecureUpload:
                 for name, value in start.items()
             ]
         )
-        ring, norm = self.codec.encode(delta, rng=secure_generator())
+        started = time.perf_counter()
+        ring, _ = self.codec.encode(delta, rng=secure_generator())
+        encoded = time.perf_counter()
         self.session.mask(ring)
+        masked = time.perf_counter()
         header = fleet_pb2.ResultHeader(
             task_id=self._task.task_id,
             round=self._task.round,
@@ -284,7 +287,12 @@ class SecureUpload:
             header, self.layout, {"secagg": ring.view(np.int32)}, self._stats
         )
         self._stub.PushResult(messages, timeout=timeout)
-        logger.info("masked update sent round=%d update_norm=%.4g", self._task.round, norm)
+        logger.info(
+            "masked update sent round=%d encode_s=%.3f mask_s=%.3f",
+            self._task.round,
+            encoded - started,
+            masked - encoded,
+        )
         # The roster comes when the round's uploads are summed: wait as long as the round.
         reply = self._call(
             None if timeout is None else timeout + 600, roster=fleet_pb2.RosterRequest()

@@ -678,7 +678,15 @@ class Federation:
             session.wait_for_shares(
                 until=self._clock() + self.config.secure_aggregation.unmask_deadline_s
             )
+            unmask_started = time.perf_counter()
             session.unmask_sum(secagg.ring.total)
+            logger.info(
+                "unmasked round=%d survivors=%d dropped=%d unmask_s=%.3f",
+                train.round,
+                len(survivors),
+                len(secagg.session.tasks) - len(survivors),
+                time.perf_counter() - unmask_started,
+            )
         except RoundFailed as err:
             session.cancel(str(err))
             self._store.record_attempt(

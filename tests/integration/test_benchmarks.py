@@ -38,3 +38,21 @@ def test_dp_bench_smoke_prints_a_ratio_for_every_mode():
     modes = {row[-3] for row in rows}
     assert modes == {"sgd", "ghost", "hooks", "functorch"}
     assert all(float(row[-1].rstrip("x")) > 0 for row in rows)
+
+
+def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/secagg_bench.py", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    header, row = result.stdout.strip().splitlines()[-2:]
+    assert "silo mask s" in header and "coord unmask s" in header
+    fields = row.split()
+    assert fields[0] == "10,000" and fields[1] == "3"
+    # every time was measured (a missing log line would print nan)
+    assert all(float(f) >= 0 for f in fields[2:7])
+    assert float(fields[7].rstrip("x")) > 0

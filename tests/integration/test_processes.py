@@ -213,3 +213,30 @@ def test_private_digits_demo_reaches_85_percent_with_every_silo_under_epsilon_8(
         for r in rows.values()
     ]
     assert float(federation[0].split()[2]) == pytest.approx(epsilon(history, delta=1e-5), abs=1e-3)
+
+
+def test_digits_demo_with_dp_and_secure_aggregation_reaches_85_percent(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "examples/digits/demo.py",
+            "--dp",
+            "--secagg",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    final = [line for line in lines if line.startswith("final accuracy:")]
+    assert final and float(final[0].split(":")[1]) >= 0.85
+    assert any(line.startswith("federation epsilon:") for line in lines)
+    # The coordinator summed masked updates: every round was unmasked with all three silos.
+    store = Store(tmp_path / "demo" / "state")
+    survivors = [v for _, _, name, v in store.metrics(source="federation") if name == "survivors"]
+    store.close()
+    assert survivors == [3.0] * 5

@@ -1,0 +1,122 @@
+"""Secure aggregation against plain aggregation, with real processes over mTLS.
+
+For each (P, N) it runs the same federation twice, plain FedAvg and with
+secure_aggregation = true, and prints the silos' masking time (clip, quantise,
+round, then pairwise and self masks), the coordinator's unmasking time, and the
+round times with their ratio. Masking and unmasking times come from the
+processes' own logs; round time is the coordinator's, from its SQLite store.
+
+    python benchmarks/secagg_bench.py                 # N in {4, 8, 16}, P in {1M, 10M}
+    python benchmarks/secagg_bench.py --smoke         # tiny sizes, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.round_bench import run_one  # noqa: E402
+
+TARGET_RATIO = 1.5
+SECURE = "secure_aggregation = true\n[secagg]\nclip_norm = 100.0\n"
+
+
+@dataclass
+class Row:
+    params: int
+    clients: int
+    plain_round_s: float
+    secure_round_s: float
+    mask_s: float
+    encode_s: float
+    unmask_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.secure_round_s / self.plain_round_s
+
+
+def _median_from_logs(paths: list[pathlib.Path], key: str) -> float:
+    values = [
+        float(m.group(1))
+        for path in paths
+        for m in re.finditer(rf"{key}=([0-9.]+)", path.read_text())
+    ]
+    return statistics.median(values) if values else float("nan")
+
+
+def measure(params: int, clients: int, rounds: int) -> Row:
+    with tempfile.TemporaryDirectory(prefix="fedpriv-secagg-") as tmp:
+        plain = run_one(params, clients, rounds, pathlib.Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="fedpriv-secagg-") as tmp:
+        work = pathlib.Path(tmp)
+        secure = run_one(params, clients, rounds, work, extra_config=SECURE)
+        silo_logs = [work / f"silo-{k}.log" for k in range(clients)]
+        return Row(
+            params=params,
+            clients=clients,
+            plain_round_s=plain.median_round_s,
+            secure_round_s=secure.median_round_s,
+            mask_s=_median_from_logs(silo_logs, "mask_s"),
+            encode_s=_median_from_logs(silo_logs, "encode_s"),
+            unmask_s=_median_from_logs([work / "coordinator.log"], "unmask_s"),
+        )
+
+
+def print_table(rows: list[Row]) -> None:
+    print(
+        f"{'params':>10} {'clients':>7} {'silo encode s':>13} {'silo mask s':>11} "
+        f"{'coord unmask s':>14} {'plain round s':>13} {'secagg round s':>14} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r.params:>10,} {r.clients:>7} {r.encode_s:>13.3f} {r.mask_s:>11.3f} "
+            f"{r.unmask_s:>14.3f} {r.plain_round_s:>13.3f} {r.secure_round_s:>14.3f} "
+            f"{r.ratio:>5.2f}x"
+        )
+    for r in rows:
+        if r.params == 10_000_000 and r.clients == 8:
+            verdict = (
+                "PASS" if r.ratio <= TARGET_RATIO else f"MISS by {r.ratio / TARGET_RATIO:.2f}x"
+            )
+            print(
+                f"target: secure round <= {TARGET_RATIO}x plain at P=10,000,000, N=8: "
+                f"{r.ratio:.2f}x -> {verdict}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--clients", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: P=10k, N=3, 2 rounds")
+    args = parser.parse_args(argv)
+    logging.getLogger("fedpriv.pki").setLevel(logging.ERROR)
+    if args.smoke:
+        args.params, args.clients, args.rounds = [10_000], [3], 2
+    rows = []
+    for params in args.params:
+        for clients in args.clients:
+            started = time.monotonic()
+            rows.append(measure(params, clients, args.rounds))
+            print(
+                f"# P={params:,} N={clients} done in {time.monotonic() - started:.0f} s",
+                file=sys.stderr,
+            )
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
