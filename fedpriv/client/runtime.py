@@ -264,12 +264,19 @@ class SecureUpload:
         timeout: float | None,
     ) -> None:
         """Mask and send the update, then reveal shares so the sum can be unmasked."""
-        delta = np.concatenate(
-            [
-                (np.asarray(parameters[name], np.float64) - np.asarray(value, np.float64)).ravel()
-                for name, value in start.items()
-            ]
-        )
+        delta = np.empty(self.codec.size, dtype=np.float64)
+        position = 0
+        for name, value in start.items():
+            size = np.size(value)
+            np.subtract(
+                np.asarray(parameters[name]).ravel(),
+                np.asarray(value).ravel(),
+                out=delta[position : position + size],
+                dtype=np.float64,
+            )
+            position += size
+        if position != self.codec.size:
+            raise ProtocolError(f"the model has {position} elements, the ring {self.codec.size}")
         started = time.perf_counter()
         ring, _ = self.codec.encode(delta, rng=secure_generator())
         encoded = time.perf_counter()

@@ -134,10 +134,11 @@ class ClientSession:
                 context=pair_context(self.session, self.silo, name),
             )
             seeds.append((pairwise, self.silo < name))
+        buffer = bytearray(4 * MASK_SLICE + 32)
         for start in range(0, values.size, MASK_SLICE):
             part = values[start : start + MASK_SLICE]
             for seed, add in seeds:
-                mask = crypto.mask_elements(seed, first=start, count=part.size)
+                mask = crypto.mask_elements(seed, first=start, count=part.size, buffer=buffer)
                 if add:
                     part += mask
                 else:

@@ -86,12 +86,18 @@ def decrypt(key: bytes, ciphertext: bytes, *, associated: bytes) -> bytes:
     return AESGCM(key).decrypt(_NONCE, ciphertext, associated)
 
 
-def mask_elements(seed: bytes, *, first: int, count: int) -> npt.NDArray[np.uint32]:
+_ZEROS = bytes((1 << 22) + 32)  # plaintext for keystream slices of up to 4 MiB
+
+
+def mask_elements(
+    seed: bytes, *, first: int, count: int, buffer: bytearray | None = None
+) -> npt.NDArray[np.uint32]:
     """Elements ``first .. first + count`` of the uint32 mask that `seed` expands to.
 
     The mask is the AES-256-CTR keystream of `seed` (counter from 0), read as
     little-endian uint32. CTR can start at any block, so a chunk of the mask is
-    computed without the elements before it.
+    computed without the elements before it. Pass the same `buffer` to reuse its
+    memory (the result is then a view into it, valid until the next call).
 
     Example:
         >>> whole = mask_elements(bytes(32), first=0, count=10)
@@ -103,6 +109,9 @@ def mask_elements(seed: bytes, *, first: int, count: int) -> npt.NDArray[np.uint
     total = skip + 4 * count
     padded = -(-total // 16) * 16
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(block.to_bytes(16, "big"))).encryptor()
-    stream = bytearray(padded + 15)  # update_into wants room for one more block
-    encryptor.update_into(bytes(padded), stream)
-    return np.frombuffer(stream, dtype="<u4", count=count, offset=skip)
+    needed = padded + 15  # update_into wants room for one more block
+    if buffer is None or len(buffer) < needed:
+        buffer = bytearray(needed)
+    plain = memoryview(_ZEROS)[:padded] if padded <= len(_ZEROS) else bytes(padded)
+    encryptor.update_into(plain, buffer)
+    return np.frombuffer(buffer, dtype="<u4", count=count, offset=skip)

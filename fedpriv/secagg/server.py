@@ -280,12 +280,13 @@ class ServerSession:
                     )
                     # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
                     pairwise.append((seed, alive < gone))
+        buffer = bytearray(4 * MASK_SLICE + 32)
         for start in range(0, total.size, MASK_SLICE):
             part = total[start : start + MASK_SLICE]
             for seed in seeds:
-                part -= crypto.mask_elements(seed, first=start, count=part.size)
+                part -= crypto.mask_elements(seed, first=start, count=part.size, buffer=buffer)
             for seed, survivor_added in pairwise:
-                mask = crypto.mask_elements(seed, first=start, count=part.size)
+                mask = crypto.mask_elements(seed, first=start, count=part.size, buffer=buffer)
                 if survivor_added:
                     part -= mask
                 else:
