@@ -224,6 +224,10 @@ class SecureUpload:
         self._stub = stub
         self._task = task
         self._stats = stats
+        self._mask: npt.NDArray[np.uint32] | None = None
+        self._mask_error: Exception | None = None
+        self._mask_s = 0.0
+        self._mask_thread = threading.Thread()
 
     def _call(self, timeout: float | None, **step: Any) -> fleet_pb2.SecAggReply:
         request = fleet_pb2.SecAggRequest(
@@ -253,6 +257,19 @@ class SecureUpload:
             ),
         )
         self.session.receive({s.silo: s.ciphertext for s in reply.shares})
+        # The masks do not depend on the update: expand them while the silo trains.
+        self._mask_thread = threading.Thread(
+            target=self._expand_masks, name="fedpriv-secagg-masks", daemon=True
+        )
+        self._mask_thread.start()
+
+    def _expand_masks(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._mask = self.session.total_mask(self.codec.size)
+        except Exception as err:  # handed to push(), which re-raises it
+            self._mask_error = err
+        self._mask_s = time.perf_counter() - started
 
     def push(
         self,
@@ -280,7 +297,12 @@ class SecureUpload:
         started = time.perf_counter()
         ring, _ = self.codec.encode(delta, rng=secure_generator())
         encoded = time.perf_counter()
-        self.session.mask(ring)
+        self._mask_thread.join()
+        if self._mask is None:
+            raise ProtocolError(
+                f"expanding the secure-aggregation masks failed: {self._mask_error}"
+            )
+        ring += self._mask
         masked = time.perf_counter()
         header = fleet_pb2.ResultHeader(
             task_id=self._task.task_id,
@@ -295,9 +317,10 @@ class SecureUpload:
         )
         self._stub.PushResult(messages, timeout=timeout)
         logger.info(
-            "masked update sent round=%d encode_s=%.3f mask_s=%.3f",
+            "masked update sent round=%d encode_s=%.3f mask_s=%.3f mask_wait_s=%.3f",
             self._task.round,
             encoded - started,
+            self._mask_s,
             masked - encoded,
         )
         # The roster comes when the round's uploads are summed: wait as long as the round.

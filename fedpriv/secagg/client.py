@@ -121,6 +121,15 @@ class ClientSession:
         if len(self._sharers) < self.threshold:
             raise ProtocolError(f"{len(self._sharers)} silos shared keys, {self.threshold} needed")
 
+    def total_mask(self, size: int) -> npt.NDArray[np.uint32]:
+        """The sum of this silo's self mask and pairwise masks, for `size` elements.
+
+        It does not depend on the update, so a silo can compute it while it trains.
+        """
+        total = np.zeros(size, dtype=np.uint32)
+        self.mask(total)
+        return total
+
     def mask(self, values: npt.NDArray[np.uint32]) -> None:
         """Add the self mask and the pairwise masks to `values` in place (mod 2^32)."""
         seeds: list[tuple[bytes, bool]] = [(self._seed, True)]

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 
 import numpy as np
+import pytest
 
 from fedpriv.coordinator import Coordinator, SecAggConfig, Store, read_checkpoint
 from fedpriv.coordinator.upload import Upload
@@ -76,3 +77,48 @@ def test_five_silos_sum_is_exact_and_no_masked_vector_correlates_with_its_update
         assert abs(correlation) < 0.05, (name, correlation)
         # the masked vector looks uniform over the ring: mean ~ 2^31
         assert abs(masked.astype(np.float64).mean() / 2**31 - 1) < 0.02
+
+
+def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):
+    # Arrange: silo-b..silo-e run normally; silo-a is driven by hand over its own mTLS channel
+    import grpc
+
+    from fedpriv.transport import open_channel
+    from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
+
+    config = secure_config(tmp_path, pki, threshold=3)
+    with Coordinator(config) as coordinator, contextlib.ExitStack() as stack:
+        for i, name in enumerate(SILOS[1:], start=1):
+            stack.enter_context(
+                silo_thread(RandomUpdateClient(i), port=coordinator.port, tls=pki.tls(name))
+            )
+        channel = open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a"))
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        stub.Join(fleet_pb2.JoinRequest(sdk_version="test"), timeout=10)
+        task = None
+        for _ in range(20):
+            messages = list(stub.PullTask(fleet_pb2.PullTaskRequest(wait_s=2), timeout=30))
+            if messages[0].task.kind == fleet_pb2.TASK_KIND_TRAIN:
+                task = messages[0].task
+                break
+        assert task is not None
+        other_task = coordinator.federation._phase.tasks["silo-b"]  # test-only peek
+        keys = fleet_pb2.AdvertiseKeys(cipher_public_key=bytes(32), mask_public_key=bytes([1]) * 32)
+        # Act: silo-a presents silo-b's task id with its own certificate
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SecAgg(
+                fleet_pb2.SecAggRequest(task_id=other_task, round=1, advertise=keys), timeout=10
+            )
+        # ... and then advertises for itself: its keys are listed under its own name only
+        reply = stub.SecAgg(
+            fleet_pb2.SecAggRequest(task_id=task.task_id, round=1, advertise=keys), timeout=30
+        )
+        channel.close()
+        coordinator.federation.stop()
+    # Assert
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "silo-a" in refused.value.details() and other_task in refused.value.details()
+    listed = {p.silo: (p.cipher_public_key, p.mask_public_key) for p in reply.peers}
+    assert sorted(listed) == sorted(SILOS)
+    assert listed["silo-a"] == (bytes(32), bytes([1]) * 32)
+    assert all(listed[name] != listed["silo-a"] for name in SILOS[1:])
