@@ -131,8 +131,8 @@ class ClipState:
         Returns the noised unclipped fraction that was used; the true one is never released.
 
         Example:
-            >>> state = ClipState(CentralDP(noise_multiplier=1.0, clip_norm=1.0, adaptive=True,
-            ...                             clipped_count_stddev=1e-9))
+            >>> state = ClipState(CentralDP(noise_multiplier=1e-3, clip_norm=1.0, adaptive=True,
+            ...                             clipped_count_stddev=1e-3))
             >>> _ = state.update(unclipped=4, count=4, rng=np.random.default_rng(0))
             >>> round(state.clip_norm, 4)  # every update was unclipped: C shrinks by exp(-0.1)
             0.9048
