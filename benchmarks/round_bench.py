@@ -68,9 +68,19 @@ def make_pki(work: pathlib.Path, clients: int) -> None:
 
 
 def run_one(
-    params: int, clients: int, rounds: int, work: pathlib.Path, *, extra_config: str = ""
+    params: int,
+    clients: int,
+    rounds: int,
+    work: pathlib.Path,
+    *,
+    extra_config: str = "",
+    insecure: bool = False,
 ) -> Row:
-    """One federation; `extra_config` is put at the top of the coordinator's TOML."""
+    """One federation; `extra_config` is put at the top of the coordinator's TOML.
+
+    With `insecure`, every process runs with --insecure (plain-text gRPC), for
+    like-for-like comparisons with systems that run without TLS.
+    """
     make_pki(work, clients)
     port = free_port()
     write_checkpoint(work / "initial.fpck", Model.from_arrays(model_arrays(params)))
@@ -108,7 +118,14 @@ seed = {k}
     command = [sys.executable, "-m", "fedpriv", "--log-level", "INFO"]
     with open(work / "coordinator.log", "w") as log:
         coordinator = subprocess.Popen(
-            [*command, "coordinator", "--quiet", "--config", str(work / "coordinator.toml")],
+            [
+                *command,
+                "coordinator",
+                "--quiet",
+                "--config",
+                str(work / "coordinator.toml"),
+                *(["--insecure"] if insecure else []),
+            ],
             cwd=ROOT,
             stderr=log,
             stdout=subprocess.DEVNULL,
@@ -125,6 +142,7 @@ seed = {k}
                         "benchmarks.bench_app:make_client",
                         "--config",
                         str(work / f"silo-{k}.toml"),
+                        *(["--insecure", "--identity", f"silo-{k}"] if insecure else []),
                     ],
                     cwd=ROOT,
                     stderr=log,

@@ -56,3 +56,34 @@ def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
     # every time was measured (a missing log line would print nan)
     assert all(float(f) >= 0 for f in fields[2:8])
     assert float(fields[8].rstrip("x")) > 0
+
+
+def test_vs_flower_smoke_runs_both_systems_and_prints_ratios():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/vs_flower.py", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    header, row = [line for line in result.stdout.splitlines() if not line.startswith("#")][-2:]
+    assert "flower s" in header and "RSS ratio" in header
+    fields = row.split()
+    assert fields[:2] == ["10,000", "2"]
+    # both systems completed their rounds: every cell is a number, no "fail"
+    assert "fail" not in fields, result.stdout
+    assert float(fields[3]) > 0 and float(fields[6]) > 0
+
+
+def test_limits_smoke_prints_ceilings_and_fractions():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/limits.py", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "raw gRPC loopback stream, mutual TLS" in result.stdout
+    assert result.stdout.count("% of") == 3
