@@ -25,7 +25,6 @@ import argparse
 import logging
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
