@@ -72,6 +72,7 @@ def write_configs(
     fed_noise: float,
     clip: float,
     secagg: bool,
+    compression: str = "none",
 ) -> None:
     names = [f"silo-{k + 1}" for k in range(silos)]
     allowed = ", ".join(f'"{n}"' for n in names)
@@ -95,6 +96,7 @@ key = "pki/coordinator.key"
 num_rounds = {rounds}
 min_clients = {silos}
 deadline_s = 300
+update_compression = "{compression}"
 client_config = {{ epochs = {4 if dp else 3} }}
 
 [model]
@@ -136,6 +138,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="default: 8, or 5 with --dp")
     parser.add_argument("--dp", action="store_true", help="DP-SGD in every silo, epsilon <= 8")
     parser.add_argument("--silos", type=int, default=3)
+    parser.add_argument(
+        "--compression",
+        choices=["none", "fp16", "bf16", "int8"],
+        default="none",
+        help="how silos compress their updates on the wire",
+    )
     parser.add_argument(
         "--secagg",
         action="store_true",
@@ -192,10 +200,13 @@ def main() -> int:
         fed_noise=args.fed_noise,
         clip=args.fed_clip,
         secagg=args.secagg,
+        compression=args.compression,
     )
     mode = "DP-SGD in every silo (epsilon <= 8, delta 1e-5)" if args.dp else "no DP"
     if args.secagg:
         mode += ", secure aggregation"
+    if args.compression != "none":
+        mode += f", {args.compression} updates"
     print(
         f"digits federation: {args.silos} silos, {args.rounds} rounds, mTLS, {mode}; files in {work}",
         flush=True,

@@ -31,6 +31,7 @@ from fedpriv.secagg import ClientSession, RingCodec
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
 from fedpriv.wire import (
+    Compression,
     DType,
     PayloadAssembler,
     TensorLayout,
@@ -151,6 +152,46 @@ def _result_messages(
     for offset, data in encode_chunks(layout, parameters):
         stats.bytes_sent += len(data)
         yield fleet_pb2.ResultMessage(chunk=tensor_pb2.TensorChunk(offset=offset, data=data))
+
+
+class ErrorFeedback:
+    """What compression lost in earlier rounds, added to the next update (one per silo run)."""
+
+    def __init__(self) -> None:
+        self._residual: npt.NDArray[np.float32] | None = None
+        self._key: tuple[str, int] = ("", 0)
+
+    def residual(self, compression: Compression, size: int) -> npt.NDArray[np.float32]:
+        """The residual for `size` float32 values (zeros when the setting or model changed)."""
+        key = (compression.value, size)
+        if self._residual is None or self._key != key:
+            self._residual = np.zeros(size, np.float32)
+            self._key = key
+        return self._residual
+
+
+def _compressed_messages(
+    header: fleet_pb2.ResultHeader,
+    layout: TensorLayout,
+    parameters: Mapping[str, npt.NDArray[Any]],
+    base: npt.NDArray[np.uint8],
+    compression: Compression,
+    feedback: ErrorFeedback,
+    stats: ClientStats,
+) -> Iterator[fleet_pb2.ResultMessage]:
+    """The update as compressed differences from `base`, chunk by chunk, with error feedback."""
+    yield fleet_pb2.ResultMessage(header=header)
+    residual = feedback.residual(compression, layout.payload_bytes // 4)
+    for offset, data in encode_chunks(layout, parameters):
+        first, count = offset // 4, len(data) // 4
+        difference = np.frombuffer(data, dtype="<f4") - np.frombuffer(
+            base, dtype="<f4", count=count, offset=offset
+        )
+        difference += residual[first : first + count]
+        wire, decoded = compression.compress(difference)
+        residual[first : first + count] = difference - decoded
+        stats.bytes_sent += len(wire)
+        yield fleet_pb2.ResultMessage(chunk=tensor_pb2.TensorChunk(offset=offset, data=wire))
 
 
 def _config(task: fleet_pb2.Task) -> dict[str, Scalar]:
@@ -345,6 +386,7 @@ def _run_task(
     received: _Task,
     stats: ClientStats,
     ledger: PrivacyLedger | None,
+    feedback: ErrorFeedback,
 ) -> None:
     task = received.task
     assert (
@@ -385,6 +427,12 @@ def _run_task(
             )
             stats.trained += 1
             return
+        try:
+            compression = Compression(str(config.get("compression", "none")))
+        except ValueError:
+            raise ProtocolError(
+                f"coordinator asked for unknown compression {config.get('compression')!r}"
+            ) from None
         header = fleet_pb2.ResultHeader(
             task_id=task.task_id,
             round=task.round,
@@ -392,8 +440,20 @@ def _run_task(
             num_examples=fit.num_examples,
             metrics=scalars_to_proto(metrics),
             update=received.layout.to_proto(),
+            compression=compression.value,
         )
-        messages = _result_messages(header, received.layout, fit.parameters, stats)
+        if compression is Compression.NONE:
+            messages = _result_messages(header, received.layout, fit.parameters, stats)
+        else:
+            messages = _compressed_messages(
+                header,
+                received.layout,
+                fit.parameters,
+                received.payload,
+                compression,
+                feedback,
+                stats,
+            )
         stats.trained += 1
     else:
         evaluation = client.evaluate(arrays, config=config)
@@ -449,6 +509,7 @@ def run_client(
     stop = stop or threading.Event()
     stats = ClientStats()
     backoff = Backoff()
+    feedback = ErrorFeedback()
     channel = open_channel(
         coordinator, tls=tls, insecure=insecure, identity=identity, server_name=server_name
     )
@@ -484,7 +545,7 @@ def run_client(
                 )
                 with _heartbeats(stub, heartbeat_s):
                     try:
-                        _run_task(client, stub, received, stats, ledger)
+                        _run_task(client, stub, received, stats, ledger, feedback)
                     except ProtocolError as err:
                         # A task this silo cannot complete safely (for example: too few
                         # silos for secure aggregation); the coordinator counts it dropped.

@@ -11,7 +11,7 @@ from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.central import CentralDP
-from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -26,6 +26,16 @@ DEFAULT_ADDRESS = "127.0.0.1:7443"
 DEFAULT_DEADLINE_S = 600.0
 DEFAULT_HEARTBEAT_S = 10
 DEFAULT_POLL_WAIT_S = 30
+
+
+def _compression(value: str) -> Compression:
+    try:
+        return Compression(value)
+    except ValueError:
+        allowed = ", ".join(repr(c.value) for c in Compression)
+        raise ConfigError(
+            f"rounds.update_compression = {value!r}: must be one of {allowed}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +63,8 @@ class RoundConfig:
         max_failed_attempts: Consecutive failed attempts at one round before the
             coordinator gives up.
         client_config: Values sent to silos with every task (epochs, lr, ...).
+        update_compression: How silos compress their updates on the wire
+            ("none", "fp16", "bf16" or "int8"; float32 models only).
     """
 
     num_rounds: int = 3
@@ -64,6 +76,7 @@ class RoundConfig:
     evaluation_deadline_s: float = 120.0
     max_failed_attempts: int = 3
     client_config: Mapping[str, Scalar] = field(default_factory=dict)
+    update_compression: Compression = Compression.NONE
 
     @property
     def required_results(self) -> int:
@@ -187,6 +200,12 @@ class CoordinatorConfig:
                     f"rounds.min_results = {self.rounds.min_results}: with secure aggregation a "
                     "round needs at least secagg.threshold updates"
                 )
+            if self.rounds.update_compression is not Compression.NONE:
+                raise ConfigError(
+                    f"rounds.update_compression = {self.rounds.update_compression.value!r} "
+                    "cannot be combined with secure_aggregation = true, which sends updates "
+                    "in its own fixed-point ring; use 'none'"
+                )
             if self.dp is not None and self.dp.adaptive:
                 raise ConfigError(
                     "dp.adaptive = true is not supported with secure_aggregation = true: the "
@@ -266,6 +285,7 @@ class CoordinatorConfig:
                 evaluation_deadline_s=rounds.get("evaluation_deadline_s", float, 120.0),
                 max_failed_attempts=rounds.get("max_failed_attempts", int, 3),
                 client_config=rounds.scalars("client_config"),
+                update_compression=_compression(rounds.get("update_compression", str, "none")),
             ),
             model=ModelSource(
                 factory=model.optional("factory", str),

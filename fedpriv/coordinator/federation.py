@@ -30,7 +30,7 @@ from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.server import RingSum
 from fedpriv.strategy import Aggregator, NoisyAggregator, Strategy
 from fedpriv.v1 import fleet_pb2
-from fedpriv.wire import DType, Model, TensorLayout, TensorSpec
+from fedpriv.wire import Compression, DType, Model, TensorLayout, TensorSpec
 
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
@@ -212,6 +212,13 @@ class Federation:
                     "secure_aggregation = true needs a model of floating-point tensors only; "
                     f"this one also has {', '.join(bad)}"
                 )
+        if self._rounds.update_compression is not Compression.NONE:
+            bad = [s.describe() for s in model.layout.specs if s.dtype is not DType.FLOAT32]
+            if bad:
+                raise ConfigError(
+                    f"rounds.update_compression = {self._rounds.update_compression.value!r} "
+                    f"needs a float32 model; this one also has {', '.join(bad)}"
+                )
         if config.dp is not None:
             self._resume_dp(strategy, model)
 
@@ -359,6 +366,7 @@ class Federation:
         metric_problems: list[str],
         layout: TensorLayout | None,
         header_problems: list[str],
+        compression: str = "",
     ) -> Upload:
         """Check a result header against the silo's task and open its upload.
 
@@ -384,6 +392,16 @@ class Federation:
                 problems.append(f"result kind {kind.name} != task kind {phase.kind.name}")
             if not 0 < num_examples <= MAX_NUM_EXAMPLES:
                 problems.append(f"num_examples {num_examples} must be in [1, 2**53]")
+            announced = (
+                self._rounds.update_compression
+                if phase.kind is TaskKind.TRAIN and phase.secagg is None
+                else Compression.NONE
+            )
+            if (compression or "none") != announced.value:
+                problems.append(
+                    f"compression {compression or 'none'!r} != {announced.value!r}, "
+                    "the federation's update compression"
+                )
             if phase.secagg is not None:
                 if not phase.secagg.session.may_upload(silo):
                     problems.append(
@@ -410,8 +428,13 @@ class Federation:
                 # DP-FedAvg weighs every silo equally: the sum's sensitivity is then C.
                 # A ring sum adds each masked update once.
                 weight=1.0 if phase.clip_norm is not None or phase.secagg else None,
-                base=phase.model if phase.clip_norm is not None else None,
+                base=(
+                    phase.model
+                    if phase.clip_norm is not None or announced is not Compression.NONE
+                    else None
+                ),
                 clip_norm=phase.clip_norm,
+                compression=announced,
             )
             phase.uploads[silo] = upload
             return upload
@@ -572,6 +595,12 @@ class Federation:
         )
         config = dict(self._rounds.client_config)
         config["round"] = round
+        if (
+            kind is TaskKind.TRAIN
+            and not secure
+            and self._rounds.update_compression is not Compression.NONE
+        ):
+            config["compression"] = self._rounds.update_compression.value
         tasks = {silo: uuid.uuid4().hex for silo in silos}
         deadline = self._clock() + deadline_s
         secagg = self._open_secagg(tasks, deadline, config) if secure else None

@@ -110,6 +110,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 metric_problems=metric_problems,
                 layout=layout,
                 header_problems=header_problems or [],
+                compression=header.compression,
             )
             try:
                 for message in request_iterator:

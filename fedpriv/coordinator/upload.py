@@ -29,7 +29,7 @@ from fedpriv._types import Scalar
 from fedpriv.errors import ProtocolError, UpdateRejected
 from fedpriv.privacy.central import clip_factor
 from fedpriv.strategy import Aggregator
-from fedpriv.wire import DType, Model, TensorLayout, bfloat16_to_float32
+from fedpriv.wire import Compression, DType, Model, TensorLayout, bfloat16_to_float32
 
 __all__ = ["Upload", "UploadResult"]
 
@@ -70,6 +70,8 @@ class Upload:
         base: The global model the update started from; with `clip_norm`, the
             update's difference from it is clipped to that L2 norm.
         clip_norm: Clipping norm of DP-FedAvg (needs `base`).
+        compression: How chunks are compressed; anything but NONE carries each
+            chunk's difference from `base`, which is added back before folding.
     """
 
     def __init__(
@@ -86,9 +88,14 @@ class Upload:
         weight: float | None = None,
         base: Model | None = None,
         clip_norm: float | None = None,
+        compression: Compression = Compression.NONE,
     ) -> None:
-        if clip_norm is not None and (base is None or layout is None):
-            raise ValueError("clipping needs the base model and a layout")
+        if (clip_norm is not None or compression is not Compression.NONE) and (
+            base is None or layout is None
+        ):
+            raise ValueError("clipping and compression need the base model and a layout")
+        self._compression = compression
+        self._wire_bytes = 0
         self.silo = silo
         self.round = round
         self._layout = layout
@@ -131,6 +138,13 @@ class Upload:
                 return
             if self._scan.fatal is not None:
                 return
+            self._wire_bytes += len(data)
+            if self._compression is not Compression.NONE:
+                decoded = self._decompress(offset, data)
+                if decoded is None:
+                    self._undo()
+                    return
+                data = decoded
             expected_length = (
                 self._layout.chunk_range(self._received // self._layout.chunk_bytes)[1]
                 if self._received < self._layout.payload_bytes
@@ -154,6 +168,22 @@ class Upload:
                 self._folded = self._received
             else:
                 self._undo()
+
+    def _decompress(self, offset: int, data: bytes) -> bytes | None:
+        """The model-layout chunk at `offset`: base plus the decoded difference (None: bad)."""
+        assert self._layout is not None and self._base is not None  # checked in __init__
+        index, misaligned = divmod(offset, self._layout.chunk_bytes)
+        if misaligned or offset != self._received or index >= self._layout.num_chunks:
+            self._scan.fatal = f"compressed chunk at offset {offset}; expected {self._received}"
+            return None
+        length = self._layout.chunk_range(index)[1]
+        try:
+            difference = self._compression.decompress(data, length // 4)
+        except ValueError as err:
+            self._scan.fatal = f"{self._compression.value} chunk at offset {offset}: {err}"
+            return None
+        base = np.frombuffer(self._base.payload, dtype="<f4", count=length // 4, offset=offset)
+        return (base + difference).astype("<f4").tobytes()
 
     def _count_nonfinite(self, offset: int, data: bytes) -> bool:
         assert self._layout is not None  # callers checked
@@ -256,7 +286,7 @@ class Upload:
                 silo=self.silo,
                 num_examples=self._num_examples,
                 metrics=self._metrics,
-                bytes_received=self._received,
+                bytes_received=self._wire_bytes,
                 update_norm=norm,
                 clip_scale=self._scale,
             )

@@ -87,7 +87,7 @@ class TaskMessage(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("task_id", "round", "kind", "num_examples", "metrics", "update", "declined_reason")
+    __slots__ = ("task_id", "round", "kind", "num_examples", "metrics", "update", "declined_reason", "compression")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class ResultHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     DECLINED_REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     kind: TaskKind
@@ -109,7 +110,8 @@ class ResultHeader(_message.Message):
     metrics: _containers.MessageMap[str, Scalar]
     update: _tensor_pb2.TensorHeader
     declined_reason: str
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., update: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., declined_reason: _Optional[str] = ...) -> None: ...
+    compression: str
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., update: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., declined_reason: _Optional[str] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -14,6 +14,7 @@ from fedpriv.wire.codec import (
     layout_from_proto,
     specs_from_arrays,
 )
+from fedpriv.wire.compression import Compression
 from fedpriv.wire.layout import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
@@ -26,6 +27,7 @@ from fedpriv.wire.scalars import scalars_from_proto, scalars_to_proto
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "Compression",
     "MAX_CHUNK_BYTES",
     "DType",
     "Model",

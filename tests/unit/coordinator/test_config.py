@@ -108,3 +108,17 @@ def test_dp_table_turns_dp_fedavg_on_with_defaults_from_rounds():
 def test_bad_dp_table_names_the_field(extra, message):
     with pytest.raises(ConfigError, match=message):
         parse(GOOD + extra)
+
+
+def test_update_compression_is_read_and_checked():
+    assert (
+        parse(
+            GOOD.replace("[rounds]\n", '[rounds]\nupdate_compression = "int8"\n')
+        ).rounds.update_compression.value
+        == "int8"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"rounds\.update_compression = 'int4': must be one of 'none', 'fp16', 'bf16', 'int8'",
+    ):
+        parse(GOOD.replace("[rounds]\n", '[rounds]\nupdate_compression = "int4"\n'))

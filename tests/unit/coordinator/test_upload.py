@@ -134,3 +134,27 @@ def test_reverting_a_clipped_upload_removes_all_of_it(tmp_path):
     upload.finish()
     upload.revert()
     np.testing.assert_allclose(aggregator.finalize(total_weight=1.0).arrays()["w"], 0.0, atol=1e-6)
+
+
+def test_compressed_chunk_of_the_wrong_length_rejects_the_update(tmp_path):
+    from fedpriv.wire import Compression
+
+    base = Model.from_arrays({"w": np.zeros(1000, np.float32)}, chunk_bytes=512)
+    aggregator = FedAvg().begin_round(1, model=base)
+    upload = Upload(
+        silo="s",
+        round=1,
+        layout=base.layout,
+        aggregator=aggregator,
+        num_examples=1,
+        metrics={},
+        spool_dir=tmp_path,
+        base=base,
+        compression=Compression.INT8,
+    )
+    good, _ = Compression.INT8.compress(np.full(128, 0.5, np.float32))
+    upload.add_chunk(0, good)
+    upload.add_chunk(512, good[:-1])
+    with pytest.raises(UpdateRejected, match="int8 chunk at offset 512: 131 bytes, expected 132"):
+        upload.finish()
+    np.testing.assert_array_equal(aggregator.finalize(total_weight=1.0).arrays()["w"], 0.0)
