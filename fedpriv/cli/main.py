@@ -142,8 +142,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
             config.budget.epsilon,
             config.budget.delta,
         )
-    factory = load_factory(args.app, field="--app")
-    client = factory(dict(config.app))
+    if args.flower_app:
+        from fedpriv.client.flower import from_client_fn
+
+        client = from_client_fn(
+            load_factory(args.flower_app, field="--flower-app"), node_config=dict(config.app)
+        )
+    else:
+        client = load_factory(args.app, field="--app")(dict(config.app))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stats = run_client(
@@ -268,7 +274,12 @@ def _parser() -> argparse.ArgumentParser:
     coordinator.set_defaults(run=_cmd_coordinator)
 
     client = commands.add_parser("client", help="run a silo")
-    client.add_argument("--app", required=True, help="module:factory returning a fedpriv Client")
+    app = client.add_mutually_exclusive_group(required=True)
+    app.add_argument("--app", help="module:factory returning a fedpriv Client")
+    app.add_argument(
+        "--flower-app",
+        help="module:client_fn of an unmodified Flower client (NumPyClient or Client)",
+    )
     client.add_argument("--config", required=True, help="silo TOML file")
     client.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
     client.add_argument("--identity", help="silo name to claim with --insecure")

@@ -19,6 +19,7 @@ __all__ = [
     "ModelSource",
     "RoundConfig",
     "SecAggConfig",
+    "StrategyConfig",
     "TLSFiles",
 ]
 
@@ -132,6 +133,20 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StrategyConfig:
+    """The aggregation rule (the ``[strategy]`` table).
+
+    Args:
+        flower: Name of a strategy in ``flwr.server.strategy`` (``FedAdam``,
+            ``FedTrimmedAvg``, ``Krum``, ...); None: fedpriv's streaming FedAvg.
+        options: Keyword arguments for the Flower strategy.
+    """
+
+    flower: str | None = None
+    options: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSource:
     """Where the initial global model comes from: a factory or a checkpoint (one of them)."""
 
@@ -184,8 +199,16 @@ class CoordinatorConfig:
     poll_wait_s: int = DEFAULT_POLL_WAIT_S
     dp: CentralDP | None = None
     secure_aggregation: SecAggConfig | None = None
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
+        if self.strategy.flower is not None and (
+            self.dp is not None or self.secure_aggregation is not None
+        ):
+            raise ConfigError(
+                f"strategy.flower = {self.strategy.flower!r} cannot be combined with [dp] or "
+                "secure_aggregation: those need fedpriv's own streaming sum"
+            )
         if self.secure_aggregation is not None:
             threshold = self.secure_aggregation.threshold
             if threshold > self.rounds.min_clients:
@@ -234,6 +257,7 @@ class CoordinatorConfig:
         store = top.table("store")
         dp_table = top.table("dp")
         secagg_table = top.table("secagg")
+        strategy_table = top.table("strategy")
         allowed = fed.strings("allowed_silos")
         tls = None
         ca, cert, key = (tls_table.path(k) for k in ("ca", "cert", "key"))
@@ -295,7 +319,12 @@ class CoordinatorConfig:
             state_dir=state_dir,
             dp=dp,
             secure_aggregation=secure_aggregation,
+            strategy=StrategyConfig(
+                flower=strategy_table.optional("flower", str),
+                options=strategy_table.scalars("options"),
+            ),
         )
-        for table in (fed, server, tls_table, rounds, model, store, dp_table, secagg_table, top):
+        tables = (fed, server, tls_table, rounds, model, store, dp_table, secagg_table)
+        for table in (*tables, strategy_table, top):
             table.finish()
         return config

@@ -117,6 +117,12 @@ class Coordinator:
             model = read_checkpoint(committed.checkpoint, sha256=committed.sha256)
             next_round = committed.round + 1
             logger.info("resuming after committed round=%d", committed.round)
+        if strategy is None and config.strategy.flower is not None:
+            from fedpriv.strategy.flower import flower_strategy
+
+            strategy = flower_strategy(
+                config.strategy.flower, model=model, options=config.strategy.options
+            )
         self.federation = Federation(
             config=config,
             strategy=strategy or FedAvg(),

@@ -416,11 +416,18 @@ class Federation:
                 self._resolve(phase, silo, "rejected", "; ".join(problems))
                 raise UpdateRejected(silo=silo, round=round, problems=problems)
             expected = phase.secagg.layout if phase.secagg is not None else phase.model.layout
+            sink: Aggregator | None = (
+                phase.aggregator if phase.secagg is None else phase.secagg.ring
+            )
+            opener = getattr(sink, "open_update", None)
+            if opener is not None and phase.kind is TaskKind.TRAIN:
+                # Strategies that need whole updates (Flower's) get one sink per silo.
+                sink = opener(silo, weight=float(num_examples))
             upload = Upload(
                 silo=silo,
                 round=phase.round,
                 layout=expected if phase.kind is TaskKind.TRAIN else None,
-                aggregator=phase.aggregator if phase.secagg is None else phase.secagg.ring,
+                aggregator=sink,
                 num_examples=num_examples,
                 metrics=metrics,
                 spool_dir=self._store.directory / "spool",

@@ -1,0 +1,187 @@
+"""Flower strategies (FedAdam, FedProx, FedTrimmedAvg, Krum, ...) as fedpriv strategies.
+
+Flower's ``Strategy.aggregate_fit`` needs every update of a round at once, so
+this adapter cannot fold as updates stream in. It writes each update to a
+memory-mapped spool file as its chunks arrive. When the round closes, it hands
+the complete ones to the Flower strategy as ``FitRes`` objects. Memory is then
+what the Flower strategy itself needs; updates that were cancelled or rejected
+are left out.
+
+Only ``aggregate_fit`` is used. fedpriv's coordinator does the scheduling, so
+``configure_fit`` values (FedProx's ``proximal_mu``, for example) belong in
+``rounds.client_config``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pathlib
+import tempfile
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy as FlowerStrategyBase
+
+from fedpriv._types import Scalar
+from fedpriv.errors import ConfigError, RoundFailed
+from fedpriv.wire import Model, TensorLayout
+
+__all__ = ["FlowerStrategy", "flower_strategy"]
+
+
+class _Proxy(ClientProxy):
+    """Stands for a silo in ``aggregate_fit``'s results; the strategy never calls it."""
+
+    def _unused(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("fedpriv schedules rounds itself")
+
+    get_properties = get_parameters = fit = evaluate = reconnect = _unused
+
+
+class _UpdateSpool:
+    """One silo's update, written to a memory-mapped file chunk by chunk."""
+
+    def __init__(self, layout: TensorLayout, directory: pathlib.Path, *, weight: float) -> None:
+        self.layout = layout
+        self.weight = weight
+        handle = tempfile.NamedTemporaryFile(dir=directory, suffix=".update", delete=False)
+        handle.close()
+        self.path = pathlib.Path(handle.name)
+        self.payload = np.memmap(
+            self.path, dtype=np.uint8, mode="w+", shape=(layout.payload_bytes,)
+        )
+        self._net = np.zeros(max(layout.num_chunks, 1), dtype=np.int64)
+        self._lock = threading.Lock()
+
+    def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
+        """Store a chunk (positive weight) or forget it again (negative weight)."""
+        index = offset // self.layout.chunk_bytes
+        with self._lock:
+            if weight > 0:
+                self.payload[offset : offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                self._net[index] += 1
+            else:
+                self._net[index] -= 1
+
+    @property
+    def complete(self) -> bool:
+        return bool((self._net == 1).all())
+
+    def close(self) -> None:
+        del self.payload
+        self.path.unlink(missing_ok=True)
+
+
+class FlowerAggregator:
+    """One round of a Flower strategy over spooled updates."""
+
+    def __init__(self, strategy: FlowerStrategyBase, round: int, model: Model) -> None:
+        self._strategy = strategy
+        self._round = round
+        self._model = model
+        self._directory = pathlib.Path(tempfile.mkdtemp(prefix="fedpriv-flower-"))
+        self._updates: list[tuple[str, _UpdateSpool]] = []
+        self._lock = threading.Lock()
+
+    def open_update(self, silo: str, *, weight: float) -> _UpdateSpool:
+        """A sink for one silo's update (used by the coordinator instead of ``fold``)."""
+        spool = _UpdateSpool(self._model.layout, self._directory, weight=weight)
+        with self._lock:
+            self._updates.append((silo, spool))
+        return spool
+
+    def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
+        """Not used: each update goes to its own sink from :meth:`open_update`."""
+        raise RuntimeError("a Flower strategy aggregates whole updates; use open_update")
+
+    def finalize(self, *, total_weight: float) -> Model:
+        """Call the Flower strategy's ``aggregate_fit`` with every complete update."""
+        results: list[tuple[ClientProxy, FitRes]] = []
+        for silo, spool in self._updates:
+            if not spool.complete:
+                continue
+            arrays = list(
+                Model(layout=self._model.layout, payload=np.asarray(spool.payload))
+                .arrays()
+                .values()
+            )
+            results.append(
+                (
+                    _Proxy(silo),
+                    FitRes(
+                        status=Status(code=Code.OK, message=""),
+                        parameters=ndarrays_to_parameters(arrays),
+                        num_examples=int(spool.weight),
+                        metrics={},
+                    ),
+                )
+            )
+        try:
+            parameters, _ = self._strategy.aggregate_fit(self._round, results, [])
+        finally:
+            for _, spool in self._updates:
+                spool.close()
+            self._directory.rmdir()
+        if parameters is None:
+            raise RoundFailed(f"the Flower strategy returned no model for round {self._round}")
+        new = parameters_to_ndarrays(parameters)
+        names = [spec.name for spec in self._model.layout.specs]
+        if len(new) != len(names):
+            raise RoundFailed(f"the Flower strategy returned {len(new)} arrays for {len(names)}")
+        return Model.from_arrays(dict(zip(names, new, strict=True)), layout=self._model.layout)
+
+
+class FlowerStrategy:
+    """A fedpriv :class:`~fedpriv.strategy.Strategy` that delegates to a Flower strategy.
+
+    Args:
+        strategy: A Flower strategy instance, e.g. ``flwr.server.strategy.FedAdam(...)``.
+    """
+
+    def __init__(self, strategy: FlowerStrategyBase) -> None:
+        if not isinstance(strategy, FlowerStrategyBase):
+            raise ConfigError(f"expected a Flower Strategy, got {type(strategy).__name__}")
+        self.strategy = strategy
+
+    @property
+    def name(self) -> str:
+        """The Flower class name."""
+        return f"flower:{type(self.strategy).__name__}"
+
+    def begin_round(self, round: int, *, model: Model) -> FlowerAggregator:
+        """Open a round; the strategy keeps its own state (FedAdam's moments) across rounds."""
+        return FlowerAggregator(self.strategy, round, model)
+
+
+def flower_strategy(
+    name: str, *, model: Model, options: Mapping[str, Scalar] | None = None
+) -> FlowerStrategy:
+    """Build ``flwr.server.strategy.<name>(**options)``.
+
+    Strategies that take ``initial_parameters`` (FedAdam, FedYogi, ...) get the
+    global model; the scheduling arguments (``min_fit_clients`` ...) are left at
+    Flower's defaults, as fedpriv's coordinator schedules rounds itself.
+
+    Raises:
+        ConfigError: No such strategy, or options it does not accept.
+    """
+    module = importlib.import_module("flwr.server.strategy")
+    cls = getattr(module, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, FlowerStrategyBase)):
+        raise ConfigError(f"strategy.flower = {name!r}: flwr.server.strategy has no such strategy")
+    kwargs: dict[str, Any] = dict(options or {})
+    accepted = inspect.signature(cls.__init__).parameters
+    if "initial_parameters" in accepted and "initial_parameters" not in kwargs:
+        kwargs["initial_parameters"] = ndarrays_to_parameters(list(model.arrays().values()))
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"strategy.options: {name} does not accept {', '.join(unknown)}")
+    try:
+        return FlowerStrategy(cls(**kwargs))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"strategy.options for {name}: {err}") from err
