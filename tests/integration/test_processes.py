@@ -240,3 +240,41 @@ def test_digits_demo_with_dp_and_secure_aggregation_reaches_85_percent(tmp_path)
     survivors = [v for _, _, name, v in store.metrics(source="federation") if name == "survivors"]
     store.close()
     assert survivors == [3.0] * 5
+
+
+def _demo_accuracy(tmp_path, *extra: str) -> float:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "examples/digits/demo.py",
+            "--rounds",
+            "5",
+            *extra,
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = [line for line in result.stdout.splitlines() if line.startswith("final accuracy:")]
+    return float(final[0].split(":")[1])
+
+
+def test_int8_compressed_demo_stays_within_one_point_of_uncompressed(tmp_path):
+    plain = _demo_accuracy(tmp_path / "plain")
+    int8 = _demo_accuracy(tmp_path / "int8", "--compression", "int8")
+    assert int8 >= plain - 0.01, (plain, int8)
+    db = sqlite3.connect(tmp_path / "int8" / "state" / "state.sqlite3")
+    sent = db.execute(
+        "SELECT SUM(bytes_received) FROM participants WHERE task = 'train'"
+    ).fetchone()[0]
+    db.close()
+    db = sqlite3.connect(tmp_path / "plain" / "state" / "state.sqlite3")
+    full = db.execute(
+        "SELECT SUM(bytes_received) FROM participants WHERE task = 'train'"
+    ).fetchone()[0]
+    db.close()
+    assert sent < 0.26 * full  # a quarter, plus one 4-byte scale per chunk
