@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,10 +60,9 @@ class ServerSession:
         self._clock = clock
         self._cond = threading.Condition()
         self._keys: dict[str, tuple[bytes, bytes]] = {}
-        self._advertise_closed = False
+        self._closed: set[str] = set()  # barrier steps that have closed
         self._mailbox: dict[str, dict[str, bytes]] = {}
         self._shared: set[str] = set()
-        self._share_closed = False
         self._survivors: list[str] | None = None
         self._dropped: list[str] = []
         self._revealed: dict[str, tuple[list[_Share], list[_Share]]] = {}
@@ -77,6 +76,26 @@ class ServerSession:
             if remaining <= 0:
                 return
             self._cond.wait(min(0.5, remaining))
+
+    def _barrier(
+        self, step: str, *, taken: Collection[str], among: Collection[str], what: str
+    ) -> None:
+        """Wait until every live silo of `among` took `step` (or the deadline); close the step.
+
+        Raises:
+            ProtocolError: The session was cancelled, or fewer than t silos took the step.
+        """
+        self._cond.notify_all()
+        self._wait(
+            lambda: step in self._closed or all(s in taken or not self._alive(s) for s in among),
+            self.deadline,
+        )
+        self._closed.add(step)
+        self._cond.notify_all()
+        if self._cancelled is not None:
+            raise ProtocolError(self._cancelled)
+        if len(taken) < self.threshold:
+            raise ProtocolError(f"only {len(taken)} silos {what}, {self.threshold} needed")
 
     def _check(self, silo: str, task_id: str) -> None:
         if self._cancelled is not None:
@@ -108,27 +127,12 @@ class ServerSession:
             raise ProtocolError("the cipher and mask keys must differ")
         with self._cond:
             self._check(silo, task_id)
-            if self._advertise_closed:
+            if "advertise" in self._closed:
                 raise ProtocolError("the key advertisement step has closed")
             if silo in self._keys:
                 raise ProtocolError(f"silo {silo!r} already advertised keys")
             self._keys[silo] = (cipher_key, mask_key)
-            self._cond.notify_all()
-            self._wait(
-                lambda: (
-                    all(s in self._keys or not self._alive(s) for s in self.tasks)
-                    or self._advertise_closed
-                ),
-                self.deadline,
-            )
-            self._advertise_closed = True
-            self._cond.notify_all()
-            if self._cancelled is not None:
-                raise ProtocolError(self._cancelled)
-            if len(self._keys) < self.threshold:
-                raise ProtocolError(
-                    f"only {len(self._keys)} silos advertised keys, {self.threshold} needed"
-                )
+            self._barrier("advertise", taken=self._keys, among=self.tasks, what="advertised keys")
             return dict(sorted(self._keys.items()))
 
     def share(self, silo: str, task_id: str, shares: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -140,9 +144,9 @@ class ServerSession:
         """
         with self._cond:
             self._check(silo, task_id)
-            if silo not in self._keys or not self._advertise_closed:
+            if silo not in self._keys or "advertise" not in self._closed:
                 raise ProtocolError(f"silo {silo!r} did not take part in key advertisement")
-            if self._share_closed or silo in self._shared:
+            if "share" in self._closed or silo in self._shared:
                 raise ProtocolError("the share step has closed, or this silo already shared")
             expected = set(self._keys) - {silo}
             if set(shares) != expected:
@@ -154,29 +158,14 @@ class ServerSession:
             for recipient, ciphertext in shares.items():
                 self._mailbox.setdefault(recipient, {})[silo] = ciphertext
             self._shared.add(silo)
-            self._cond.notify_all()
-            self._wait(
-                lambda: (
-                    all(s in self._shared or not self._alive(s) for s in self._keys)
-                    or self._share_closed
-                ),
-                self.deadline,
-            )
-            self._share_closed = True
-            self._cond.notify_all()
-            if self._cancelled is not None:
-                raise ProtocolError(self._cancelled)
-            if len(self._shared) < self.threshold:
-                raise ProtocolError(
-                    f"only {len(self._shared)} silos shared keys, {self.threshold} needed"
-                )
+            self._barrier("share", taken=self._shared, among=self._keys, what="shared keys")
             mailbox = self._mailbox.get(silo, {})
             return {sender: mailbox[sender] for sender in sorted(self._shared) if sender in mailbox}
 
     def may_upload(self, silo: str) -> bool:
         """Whether `silo` shared keys (only then can its masks be removed)."""
         with self._cond:
-            return self._share_closed and silo in self._shared
+            return "share" in self._closed and silo in self._shared
 
     def set_roster(self, survivors: Sequence[str]) -> None:
         """Name the silos whose masked updates are in the sum; wakes roster calls."""
