@@ -103,3 +103,19 @@ class RandomUpdateClient:
 
 def make_random_client(config: Mapping[str, Any]) -> RandomUpdateClient:
     return RandomUpdateClient(int(config["index"]), float(config.get("sleep_s", 0.0)))
+
+
+def flower_client_fn(context):
+    """A Flower client_fn, as a Flower app defines it (used with --flower-app)."""
+    from flwr.client import NumPyClient
+
+    step = float(context.node_config.get("step", 1.0))
+
+    class Quickstart(NumPyClient):
+        def fit(self, parameters, config):
+            return [p + np.float32(step) for p in parameters], 10, {}
+
+        def evaluate(self, parameters, config):
+            return 0.0, 10, {}
+
+    return Quickstart().to_client()

@@ -136,3 +136,42 @@ def test_client_fn_gets_the_silo_app_table_as_node_config():
     result = adapter.fit({"w": np.zeros(2, np.float32)}, config={})
     np.testing.assert_allclose(result.parameters["w"], 1.0)
     assert result.num_examples == 10
+
+
+def test_fedpriv_client_runs_a_flower_client_fn_as_a_process(tmp_path, pki):
+    import subprocess
+    import sys
+
+    from tests.integration.test_processes import ROOT
+
+    config = make_config(
+        tmp_path, pki.root, ARRAYS, num_rounds=1, min_clients=1, federated_evaluation=False
+    )
+    with Coordinator(config) as coordinator:
+        (tmp_path / "silo.toml").write_text(
+            f'[coordinator]\naddress = "127.0.0.1:{coordinator.port}"\n'
+            f'[tls]\nca = "{pki.root / "ca.crt"}"\ncert = "{pki.root / "silo-a.crt"}"\n'
+            f'key = "{pki.root / "silo-a.key"}"\n[app]\nstep = 2.5\n'
+        )
+        silo = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedpriv",
+                "client",
+                "--flower-app",
+                "tests.apps:flower_client_fn",
+                "--config",
+                str(tmp_path / "silo.toml"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert coordinator.wait(timeout_s=30)
+    assert silo.returncode == 0, silo.stderr
+    store = Store(config.state_dir)
+    committed = store.last_committed()
+    store.close()
+    np.testing.assert_allclose(read_checkpoint(committed.checkpoint).arrays()["w"], 2.5)
