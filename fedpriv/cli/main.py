@@ -224,6 +224,16 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedpriv.cli.report import write_report
+
+    run_dir = pathlib.Path(args.run_dir)
+    out = pathlib.Path(args.out) if args.out else run_dir / "report"
+    for name, points in write_report(run_dir, out).items():
+        print(f"{out / name}: {points} points", flush=True)
+    return 0
+
+
 def _cmd_pki_init(args: argparse.Namespace) -> int:
     from fedpriv.pki import CertificateAuthority
 
@@ -298,6 +308,13 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--confidence", type=float, default=0.95)
     audit.add_argument("--seed", type=int, default=0)
     audit.set_defaults(run=_cmd_audit)
+
+    report = commands.add_parser(
+        "report", help="plot a run: accuracy, loss, epsilon, participation"
+    )
+    report.add_argument("run_dir", help="the coordinator's state dir (holds metrics.jsonl)")
+    report.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
+    report.set_defaults(run=_cmd_report)
 
     pki = commands.add_parser("pki", help="certificate authority and certificates")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)

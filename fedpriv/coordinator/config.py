@@ -184,6 +184,7 @@ class CoordinatorConfig:
         heartbeat_interval_s: How often silos report while training.
         poll_wait_s: How long a silo's PullTask may wait before answering WAIT.
         dp: Silo-level DP-FedAvg (clipping, central noise, federation epsilon); None: off.
+        prometheus: ``host:port`` for the Prometheus ``/metrics`` endpoint; None: none.
         secure_aggregation: Secure aggregation; None: off. With ``dp`` as well, the
             noise is distributed: each silo adds Skellam noise before masking.
     """
@@ -200,8 +201,14 @@ class CoordinatorConfig:
     dp: CentralDP | None = None
     secure_aggregation: SecAggConfig | None = None
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    prometheus: str | None = None
 
     def __post_init__(self) -> None:
+        if self.prometheus is not None and not self.prometheus.rpartition(":")[2].isdigit():
+            raise ConfigError(
+                f"metrics.prometheus = {self.prometheus!r}: expected 'host:port', "
+                "for example '127.0.0.1:9464'"
+            )
         if self.strategy.flower is not None and (
             self.dp is not None or self.secure_aggregation is not None
         ):
@@ -258,6 +265,7 @@ class CoordinatorConfig:
         dp_table = top.table("dp")
         secagg_table = top.table("secagg")
         strategy_table = top.table("strategy")
+        metrics_table = top.table("metrics")
         allowed = fed.strings("allowed_silos")
         tls = None
         ca, cert, key = (tls_table.path(k) for k in ("ca", "cert", "key"))
@@ -323,8 +331,9 @@ class CoordinatorConfig:
                 flower=strategy_table.optional("flower", str),
                 options=strategy_table.scalars("options"),
             ),
+            prometheus=metrics_table.optional("prometheus", str),
         )
         tables = (fed, server, tls_table, rounds, model, store, dp_table, secagg_table)
-        for table in (*tables, strategy_table, top):
+        for table in (*tables, strategy_table, metrics_table, top):
             table.finish()
         return config

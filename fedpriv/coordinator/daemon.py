@@ -17,6 +17,7 @@ from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
 from fedpriv.coordinator.servicer import FleetServicer
 from fedpriv.coordinator.store import Store, read_checkpoint
+from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.strategy import FedAvg, Strategy
 from fedpriv.transport import ServerHandle, TLSConfig, serve
@@ -123,13 +124,14 @@ class Coordinator:
             strategy = flower_strategy(
                 config.strategy.flower, model=model, options=config.strategy.options
             )
+        self.telemetry = Telemetry(config.state_dir, inner=reporter, prometheus=config.prometheus)
         self.federation = Federation(
             config=config,
             strategy=strategy or FedAvg(),
             store=self.store,
             model=model,
             next_round=next_round,
-            reporter=reporter,
+            reporter=self.telemetry,
         )
         self._server_cm: Any = None
         self._handle: ServerHandle | None = None
@@ -200,4 +202,5 @@ class Coordinator:
             self._thread.join(10)
         if self._server_cm is not None:
             self._server_cm.__exit__(None, None, None)
+        self.telemetry.close()
         self.store.close()

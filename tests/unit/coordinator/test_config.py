@@ -122,3 +122,11 @@ def test_update_compression_is_read_and_checked():
         match=r"rounds\.update_compression = 'int4': must be one of 'none', 'fp16', 'bf16', 'int8'",
     ):
         parse(GOOD.replace("[rounds]\n", '[rounds]\nupdate_compression = "int4"\n'))
+
+
+def test_prometheus_address_is_checked():
+    assert parse(GOOD + '[metrics]\nprometheus = "0.0.0.0:9464"\n').prometheus == "0.0.0.0:9464"
+    with pytest.raises(
+        ConfigError, match=r"metrics\.prometheus = 'localhost': expected 'host:port'"
+    ):
+        parse(GOOD + '[metrics]\nprometheus = "localhost"\n')

@@ -1,0 +1,124 @@
+"""``fedpriv report RUN_DIR``: PNG plots of a run from the coordinator's ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from fedpriv.errors import ConfigError
+
+__all__ = ["write_report"]
+
+
+def _rounds(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: point fedpriv report at a coordinator state dir")
+    completed: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not JSON: {err}") from err
+        if record.get("event") == "round_completed":
+            completed[int(record["round"])] = record  # a rerun after a crash replaces it
+    return [completed[r] for r in sorted(completed)]
+
+
+def write_report(run_dir: pathlib.Path, out_dir: pathlib.Path) -> dict[str, int]:
+    """Write accuracy.png, epsilon.png and participation.png; return points plotted per file.
+
+    Raises:
+        ConfigError: No ``metrics.jsonl`` in `run_dir`, or it has no completed round.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = _rounds(run_dir / "metrics.jsonl")
+    if not rounds:
+        raise ConfigError(f"{run_dir / 'metrics.jsonl'} has no completed round yet")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [r["round"] for r in rounds]
+    points: dict[str, int] = {}
+
+    figure, left = plt.subplots(figsize=(7, 4))
+    count = 0
+    for source in ("evaluate", "fit"):
+        series = [(r["round"], r[source].get("accuracy")) for r in rounds]
+        series = [(x, y) for x, y in series if y is not None]
+        if series:
+            left.plot(*zip(*series, strict=True), marker="o", label=f"accuracy ({source})")
+            count += len(series)
+            break
+    right = left.twinx()
+    for source, key in (("evaluate", "loss"), ("fit", "train_loss")):
+        series = [(r["round"], r[source].get(key)) for r in rounds]
+        series = [(x, y) for x, y in series if y is not None]
+        if series:
+            right.plot(*zip(*series, strict=True), marker="s", color="tab:red", label=key)
+            count += len(series)
+            break
+    left.set_xlabel("round")
+    left.set_ylabel("accuracy")
+    right.set_ylabel("loss")
+    figure.legend(loc="lower center", ncol=2)
+    figure.tight_layout()
+    figure.savefig(out_dir / "accuracy.png", dpi=100)
+    plt.close(figure)
+    points["accuracy.png"] = count
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    count = 0
+    silos = sorted({s for r in rounds for s, v in r["silos"].items() if "epsilon" in v})
+    for silo in silos:
+        series = [
+            (r["round"], r["silos"][silo]["epsilon"])
+            for r in rounds
+            if "epsilon" in r["silos"].get(silo, {})
+        ]
+        axes.plot(*zip(*series, strict=True), marker="o", label=f"{silo} (sample-level)")
+        count += len(series)
+    federation = [
+        (r["round"], r["federation"]["epsilon"]) for r in rounds if "epsilon" in r["federation"]
+    ]
+    if federation:
+        axes.plot(
+            *zip(*federation, strict=True),
+            marker="s",
+            linestyle="--",
+            label="federation (silo-level)",
+        )
+        count += len(federation)
+    axes.set_xlabel("round")
+    axes.set_ylabel("epsilon")
+    if count:
+        axes.legend()
+    else:
+        axes.text(
+            0.5, 0.5, "no differential privacy in this run", ha="center", transform=axes.transAxes
+        )
+    figure.tight_layout()
+    figure.savefig(out_dir / "epsilon.png", dpi=100)
+    plt.close(figure)
+    points["epsilon.png"] = count
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    names = sorted({s for r in rounds for s in r["silos"]})
+    count = 0
+    for row, silo in enumerate(names):
+        took_part = [r["round"] for r in rounds if silo in r["silos"]]
+        axes.scatter(took_part, [row] * len(took_part), marker="s")
+        count += len(took_part)
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xticks(numbers)
+    axes.set_xlabel("round")
+    axes.set_title("accepted updates per silo")
+    figure.tight_layout()
+    figure.savefig(out_dir / "participation.png", dpi=100)
+    plt.close(figure)
+    points["participation.png"] = count
+    return points
