@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pathlib
 import signal
@@ -30,27 +31,71 @@ def _read_toml(path: str) -> tuple[dict[str, Any], pathlib.Path]:
         raise ConfigError(f"{file} is not valid TOML: {err}") from err
 
 
-class _RoundPrinter:
-    """Prints one line per round to stdout (the round table)."""
+_COLUMNS = (
+    "round",
+    "in/sel",
+    "out",
+    "MB in",
+    "loss",
+    "accuracy",
+    "seconds",
+    "max silo eps",
+    "fed eps",
+)
+_WIDTHS = (5, 6, 3, 8, 8, 8, 8, 12, 8)
 
-    def __init__(self, *, quiet: bool) -> None:
+
+def _line(cells: tuple[str, ...]) -> str:
+    return "  ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True))
+
+
+class _RoundPrinter:
+    """The round table: a live rich table on a terminal, one plain line per round otherwise."""
+
+    def __init__(self, *, quiet: bool, live: bool | None = None) -> None:
         self._quiet = quiet
         self._header = False
         self.last_accuracy: float | None = None
         self.silo_epsilon: dict[str, tuple[float, float]] = {}
         self.federation_epsilon: tuple[float, float] | None = None
+        self._rows: list[tuple[str, ...]] = []
+        self._live: Any = None
+        if not quiet and (sys.stdout.isatty() if live is None else live):
+            from rich.live import Live
 
-    def _print(self, line: str) -> None:
-        if not self._quiet:
-            print(line, flush=True)
+            self._live = Live(self._table(), auto_refresh=False)
+            self._live.start()
 
-    def round_completed(self, summary: Any) -> None:
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="fedpriv rounds")
+        for name in _COLUMNS:
+            table.add_column(name, justify="right")
+        for row in self._rows[-30:]:
+            table.add_row(*row)
+        return table
+
+    def _emit(self, row: tuple[str, ...]) -> None:
+        if self._quiet:
+            return
+        self._rows.append(row)
+        if self._live is not None:
+            self._live.update(self._table(), refresh=True)
+            return
         if not self._header:
-            self._print(
-                f"{'round':>5}  {'silos':>5}  {'loss':>8}  {'accuracy':>8}  {'seconds':>8}  "
-                f"{'max silo eps':>12}  {'fed eps':>8}"
+            print(
+                "  ".join(f"{c:>{w}}" for c, w in zip(_COLUMNS, _WIDTHS, strict=True)), flush=True
             )
             self._header = True
+        print("  ".join(f"{c:>{w}}" for c, w in zip(row, _WIDTHS, strict=True)), flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def round_completed(self, summary: Any) -> None:
         for silo, values in summary.silo_metrics.items():
             if "epsilon" in values:
                 self.silo_epsilon[silo] = (
@@ -63,21 +108,31 @@ class _RoundPrinter:
         accuracy = metrics.get("accuracy")
         if accuracy is not None:
             self.last_accuracy = accuracy
-        shown_accuracy = "-" if accuracy is None else format(accuracy, ".4f")
-        shown_epsilon = format(max(epsilons), ".3f") if epsilons else "-"
         federation = summary.federation_metrics
         shown_federation = "-"
         if "epsilon" in federation:
             self.federation_epsilon = (federation["epsilon"], federation["delta"])
             shown_federation = format(federation["epsilon"], ".3f")
-        self._print(
-            f"{summary.round:>5}  {summary.accepted:>2}/{summary.selected:<2}  {loss:>8.4f}  "
-            f"{shown_accuracy:>8}  {summary.duration_s:>8.2f}  {shown_epsilon:>12}  "
-            f"{shown_federation:>8}"
+        out = summary.rejected + summary.dropped + summary.declined
+        self._emit(
+            (
+                str(summary.round),
+                f"{summary.accepted}/{summary.selected}",
+                str(out),
+                format(summary.bytes_received / 1e6, ".2f"),
+                format(loss, ".4f"),
+                "-" if accuracy is None else format(accuracy, ".4f"),
+                format(summary.duration_s, ".2f"),
+                format(max(epsilons), ".3f") if epsilons else "-",
+                shown_federation,
+            )
         )
 
     def round_failed(self, round: int, reason: str) -> None:
-        self._print(f"{round:>5}  failed: {reason}")
+        if self._live is not None:
+            self._live.console.log(f"round {round} failed: {reason}")
+        elif not self._quiet:
+            print(f"{round:>5}  failed: {reason}", flush=True)
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
@@ -86,7 +141,10 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     data, base = _read_toml(args.config)
     config = CoordinatorConfig.from_dict(data, base_dir=base)
     printer = _RoundPrinter(quiet=args.quiet)
-    with Coordinator(config, insecure=args.insecure, reporter=printer) as coordinator:
+    with (
+        contextlib.closing(printer),
+        Coordinator(config, insecure=args.insecure, reporter=printer) as coordinator,
+    ):
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         while not stop.is_set():
