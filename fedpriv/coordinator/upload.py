@@ -123,7 +123,7 @@ class Upload:
             os.unlink(name)
             self._spool = fd
 
-    def add_chunk(self, offset: int, data: bytes) -> None:
+    def add_chunk(self, offset: int, data: bytes | memoryview) -> None:
         """Validate and fold one chunk.
 
         Raises:
@@ -169,7 +169,7 @@ class Upload:
             else:
                 self._undo()
 
-    def _decompress(self, offset: int, data: bytes) -> bytes | None:
+    def _decompress(self, offset: int, data: bytes | memoryview) -> memoryview | None:
         """The model-layout chunk at `offset`: base plus the decoded difference (None: bad)."""
         assert self._layout is not None and self._base is not None  # checked in __init__
         index, misaligned = divmod(offset, self._layout.chunk_bytes)
@@ -183,9 +183,11 @@ class Upload:
             self._scan.fatal = f"{self._compression.value} chunk at offset {offset}: {err}"
             return None
         base = np.frombuffer(self._base.payload, dtype="<f4", count=length // 4, offset=offset)
-        return (base + difference).astype("<f4").tobytes()
+        # In place in the decoded buffer: no further copy before the spool and the fold.
+        np.add(difference, base, out=difference)
+        return difference.view(np.uint8).data
 
-    def _count_nonfinite(self, offset: int, data: bytes) -> bool:
+    def _count_nonfinite(self, offset: int, data: bytes | memoryview) -> bool:
         assert self._layout is not None  # callers checked
         clean = True
         for segment in self._layout.segments(offset, len(data)):
@@ -206,7 +208,7 @@ class Upload:
                 self._scan.nonfinite[spec.name] = self._scan.nonfinite.get(spec.name, 0) + bad
         return clean
 
-    def _squared_distance(self, offset: int, data: bytes) -> float:
+    def _squared_distance(self, offset: int, data: bytes | memoryview) -> float:
         """Squared L2 distance of this chunk from the base model's, in float64."""
         assert self._layout is not None and self._base is not None  # checked in __init__
         base = self._base.payload

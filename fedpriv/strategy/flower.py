@@ -14,7 +14,6 @@ Only ``aggregate_fit`` is used. fedpriv's coordinator does the scheduling, so
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import pathlib
 import tempfile
@@ -22,6 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import flwr.server.strategy as flower_strategies
 import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
@@ -35,12 +35,19 @@ __all__ = ["FlowerStrategy", "flower_strategy"]
 
 
 class _Proxy(ClientProxy):
-    """Stands for a silo in ``aggregate_fit``'s results; the strategy never calls it."""
+    """Names a silo in ``aggregate_fit``'s results (``cid`` is the silo's identity).
 
-    def _unused(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("fedpriv schedules rounds itself")
+    A fedpriv silo is only reachable through the coordinator's own rounds, so a
+    strategy that tries to call a client from ``aggregate_fit`` is refused.
+    """
 
-    get_properties = get_parameters = fit = evaluate = reconnect = _unused
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"silo {self.cid!r} cannot be called from a strategy: fedpriv's coordinator "
+            "schedules every task; put per-round settings in rounds.client_config"
+        )
+
+    get_properties = get_parameters = fit = evaluate = reconnect = _refuse
 
 
 class _UpdateSpool:
@@ -84,14 +91,16 @@ class FlowerAggregator:
         self._strategy = strategy
         self._round = round
         self._model = model
-        self._directory = pathlib.Path(tempfile.mkdtemp(prefix="fedpriv-flower-"))
+        self._directory: pathlib.Path | None = None  # made for the first update
         self._updates: list[tuple[str, _UpdateSpool]] = []
         self._lock = threading.Lock()
 
     def open_update(self, silo: str, *, weight: float) -> _UpdateSpool:
         """A sink for one silo's update (used by the coordinator instead of ``fold``)."""
-        spool = _UpdateSpool(self._model.layout, self._directory, weight=weight)
         with self._lock:
+            if self._directory is None:
+                self._directory = pathlib.Path(tempfile.mkdtemp(prefix="fedpriv-flower-"))
+            spool = _UpdateSpool(self._model.layout, self._directory, weight=weight)
             self._updates.append((silo, spool))
         return spool
 
@@ -126,7 +135,8 @@ class FlowerAggregator:
         finally:
             for _, spool in self._updates:
                 spool.close()
-            self._directory.rmdir()
+            if self._directory is not None:
+                self._directory.rmdir()
         if parameters is None:
             raise RoundFailed(f"the Flower strategy returned no model for round {self._round}")
         new = parameters_to_ndarrays(parameters)
@@ -170,8 +180,7 @@ def flower_strategy(
     Raises:
         ConfigError: No such strategy, or options it does not accept.
     """
-    module = importlib.import_module("flwr.server.strategy")
-    cls = getattr(module, name, None)
+    cls = getattr(flower_strategies, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, FlowerStrategyBase)):
         raise ConfigError(f"strategy.flower = {name!r}: flwr.server.strategy has no such strategy")
     kwargs: dict[str, Any] = dict(options or {})

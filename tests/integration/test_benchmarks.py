@@ -9,15 +9,21 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_round_bench_smoke_prints_its_table():
+def smoke(script: str) -> subprocess.CompletedProcess[str]:
+    """Run benchmarks/<script>.py --smoke; fail with its output if it fails."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/round_bench.py", "--smoke"],
+        [sys.executable, f"benchmarks/{script}.py", "--smoke"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_round_bench_smoke_prints_its_table():
+    result = smoke("round_bench")
     header, row = result.stdout.strip().splitlines()[-2:]
     assert "median round s" in header and "coord peak RSS MB" in header
     fields = row.split()
@@ -26,14 +32,7 @@ def test_round_bench_smoke_prints_its_table():
 
 
 def test_dp_bench_smoke_prints_a_ratio_for_every_mode():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/dp_bench.py", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = smoke("dp_bench")
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     modes = {row[-3] for row in rows}
     assert modes == {"sgd", "ghost", "hooks", "functorch"}
@@ -41,14 +40,7 @@ def test_dp_bench_smoke_prints_a_ratio_for_every_mode():
 
 
 def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/secagg_bench.py", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = smoke("secagg_bench")
     header, row = result.stdout.strip().splitlines()[-2:]
     assert "silo mask s" in header and "coord unmask s" in header
     fields = row.split()
@@ -59,14 +51,7 @@ def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
 
 
 def test_vs_flower_smoke_runs_both_systems_and_prints_ratios():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/vs_flower.py", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = smoke("vs_flower")
     header, row = [line for line in result.stdout.splitlines() if not line.startswith("#")][-2:]
     assert "flower s" in header and "RSS ratio" in header
     fields = row.split()
@@ -77,13 +62,6 @@ def test_vs_flower_smoke_runs_both_systems_and_prints_ratios():
 
 
 def test_limits_smoke_prints_ceilings_and_fractions():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/limits.py", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = smoke("limits")
     assert "raw gRPC loopback stream, mutual TLS" in result.stdout
     assert result.stdout.count("% of") == 3
