@@ -48,7 +48,9 @@ def number(text: str) -> float:
 
 def test_audit_bound_separates_dp_off_from_dp_on_and_respects_the_accountant(tmp_path):
     for seed in (1, 2):
-        off = audit(tmp_path, "examples.digits.app:make_client", epochs=3, seed=seed)
+        # Six epochs a round: enough for the non-private model to memorise its canaries
+        # (198/200 guesses right on seeds 1-3; with three epochs 185-194, too close to call).
+        off = audit(tmp_path, "examples.digits.app:make_client", epochs=6, seed=seed)
         on = audit(tmp_path, "examples.digits.app:make_private_client", epochs=4, seed=seed)
         off_bound = number(off["empirical epsilon lower bound"])
         on_bound = number(on["empirical epsilon lower bound"])
@@ -57,8 +59,8 @@ def test_audit_bound_separates_dp_off_from_dp_on_and_respects_the_accountant(tmp
         assert 0 < accountant <= 8.0
         assert on_bound <= accountant
         # Without DP the memorised canaries give the auditor a bound well above the DP run's.
-        assert off_bound >= 2.0
-        assert off_bound >= on_bound + 1.5
+        assert off_bound >= 3.0
+        assert off_bound >= on_bound + 2.0
 
 
 def test_audit_refuses_a_client_it_cannot_train(tmp_path):
