@@ -35,7 +35,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
     ca = CertificateAuthority.create(root, federation="testfed")
     ca.issue("coordinator", role=Role.SERVER, out_dir=root, hosts=["127.0.0.1", "localhost"])
-    for name in (*SILOS, "intruder"):
+    for name in (*SILOS, "intruder", "operator"):
         ca.issue(name, role=Role.CLIENT, out_dir=root)
     foreign_dir = tmp_path_factory.mktemp("foreign-pki")
     foreign = CertificateAuthority.create(foreign_dir, federation="otherfed")

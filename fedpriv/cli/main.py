@@ -33,6 +33,7 @@ def _read_toml(path: str) -> tuple[dict[str, Any], pathlib.Path]:
 
 _COLUMNS = (
     "round",
+    "joined",
     "in/sel",
     "out",
     "MB in",
@@ -42,7 +43,7 @@ _COLUMNS = (
     "max silo eps",
     "fed eps",
 )
-_WIDTHS = (5, 6, 3, 8, 8, 8, 8, 12, 8)
+_WIDTHS = (5, 6, 6, 3, 8, 8, 8, 8, 12, 8)
 
 
 def _line(cells: tuple[str, ...]) -> str:
@@ -117,6 +118,7 @@ class _RoundPrinter:
         self._emit(
             (
                 str(summary.round),
+                str(summary.joined),
                 f"{summary.accepted}/{summary.selected}",
                 str(out),
                 format(summary.bytes_received / 1e6, ".2f"),
@@ -292,6 +294,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fedpriv.cli.status import check_health, format_status, query_status, to_json
+    from fedpriv.client.config import ClientConfig
+
+    data, base = _read_toml(args.config)
+    config = ClientConfig.from_dict(data, base_dir=base)
+    options = {"insecure": args.insecure, "identity": args.identity, "timeout_s": args.timeout}
+    if args.health:
+        serving = check_health(config, **options)
+        print(serving, flush=True)
+        return 0 if serving == "SERVING" else 1
+    status = query_status(config, **options)
+    print(to_json(status) if args.json else format_status(status), flush=True)
+    return 0
+
+
 def _cmd_pki_init(args: argparse.Namespace) -> int:
     from fedpriv.pki import CertificateAuthority
 
@@ -373,6 +391,23 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the coordinator's state dir (holds metrics.jsonl)")
     report.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
     report.set_defaults(run=_cmd_report)
+
+    status = commands.add_parser("status", help="ask a running coordinator for its state")
+    status.add_argument(
+        "--config",
+        required=True,
+        help="TOML with [coordinator] address and [tls] (an operator's certificate)",
+    )
+    status.add_argument(
+        "--health",
+        action="store_true",
+        help="only ask the gRPC health service (exit 1 unless SERVING)",
+    )
+    status.add_argument("--json", action="store_true", help="print the state as JSON")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    status.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
+    status.add_argument("--identity", help="operator name to claim with --insecure")
+    status.set_defaults(run=_cmd_status)
 
     pki = commands.add_parser("pki", help="certificate authority and certificates")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)

@@ -178,6 +178,8 @@ class CoordinatorConfig:
         tls: Certificate files; None only together with the CLI's --insecure.
         allowed_silos: Identities allowed to join; None admits any certificate
             the federation CA signed.
+        operators: Identities allowed to call the Admin service (``fedpriv status``);
+            empty: nobody.
         rounds: Scheduling.
         model: Initial model.
         state_dir: SQLite database, checkpoints and spool files.
@@ -193,6 +195,7 @@ class CoordinatorConfig:
     address: str = DEFAULT_ADDRESS
     tls: TLSFiles | None = None
     allowed_silos: frozenset[str] | None = None
+    operators: frozenset[str] = frozenset()
     rounds: RoundConfig = field(default_factory=RoundConfig)
     model: ModelSource
     state_dir: pathlib.Path
@@ -307,6 +310,7 @@ class CoordinatorConfig:
             poll_wait_s=server.get("poll_wait_s", int, DEFAULT_POLL_WAIT_S),
             tls=tls,
             allowed_silos=None if allowed is None else frozenset(allowed),
+            operators=frozenset(fed.strings("operators") or ()),
             rounds=RoundConfig(
                 num_rounds=rounds.get("num_rounds", int, 3),
                 min_clients=min_clients,

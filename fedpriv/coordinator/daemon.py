@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedpriv.coordinator.admin import AdminServicer
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
 from fedpriv.coordinator.servicer import FleetServicer
@@ -21,7 +22,7 @@ from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.strategy import FedAvg, Strategy
 from fedpriv.transport import ServerHandle, TLSConfig, serve
-from fedpriv.v1 import fleet_pb2_grpc
+from fedpriv.v1 import admin_pb2_grpc, fleet_pb2_grpc
 from fedpriv.wire import Model
 from fedpriv.wire.torch_interop import model_from_state_dict
 
@@ -150,7 +151,8 @@ class Coordinator:
 
         def add(server: grpc.Server) -> list[str]:
             fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
-            return ["fedpriv.v1.Fleet"]
+            admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.federation), server)
+            return ["fedpriv.v1.Fleet", "fedpriv.v1.Admin"]
 
         self._server_cm = serve(
             add,
@@ -158,6 +160,7 @@ class Coordinator:
             tls=self._tls,
             insecure=self._insecure,
             allowed=self.config.allowed_silos,
+            operators=self.config.operators,
         )
         self._handle = self._server_cm.__enter__()
         logger.info(

@@ -62,12 +62,38 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SiloState:
+    """One silo as the coordinator sees it now."""
+
+    name: str
+    seconds_since_seen: float
+    live: bool
+    round_outcome: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationStatus:
+    """A snapshot for operators (``fedpriv status``)."""
+
+    federation: str
+    state: str
+    round: int
+    num_rounds: int
+    completed_rounds: int
+    min_clients: int
+    silos: list[SiloState]
+    last_round_metrics: Mapping[str, float]
+    uptime_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RoundSummary:
     """What happened in one completed round."""
 
     round: int
     num_rounds: int
     selected: int
+    joined: int
     accepted: int
     rejected: int
     dropped: int
@@ -200,6 +226,8 @@ class Federation:
         self._phase: _Phase | None = None
         self._finished = next_round > self._rounds.num_rounds
         self._stop = threading.Event()
+        self._started = clock()
+        self._last_round_metrics: dict[str, float] = {}
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
         self._clip: ClipState | None = None
@@ -271,6 +299,48 @@ class Federation:
         now = self._clock()
         with self._cond:
             return sorted(s for s, t in self._last_seen.items() if now - t <= self.liveness_s)
+
+    def status(self) -> FederationStatus:
+        """What the federation is doing now, for operators."""
+        now = self._clock()
+        with self._cond:
+            phase = self._phase
+            outcomes: dict[str, str] = {}
+            if phase is not None:
+                outcomes = {s: phase.outcomes.get(s, "pending") for s in phase.tasks}
+            if self._finished:
+                state = "finished"
+            elif self._stop.is_set():
+                state = "stopped"
+            elif phase is None:
+                state = "waiting"
+            else:
+                state = "training" if phase.kind is TaskKind.TRAIN else "evaluating"
+            silos = [
+                SiloState(
+                    name=name,
+                    seconds_since_seen=now - seen,
+                    live=now - seen <= self.liveness_s,
+                    round_outcome=outcomes.get(name, ""),
+                )
+                for name, seen in sorted(self._last_seen.items())
+            ]
+            silos += [
+                SiloState(name=name, seconds_since_seen=-1.0, live=False, round_outcome=outcome)
+                for name, outcome in sorted(outcomes.items())
+                if name not in self._last_seen
+            ]
+            return FederationStatus(
+                federation=self.config.federation,
+                state=state,
+                round=min(self._next_round, self._rounds.num_rounds),
+                num_rounds=self._rounds.num_rounds,
+                completed_rounds=self._next_round - 1,
+                min_clients=self._rounds.min_clients,
+                silos=silos,
+                last_round_metrics=dict(self._last_round_metrics),
+                uptime_s=now - self._started,
+            )
 
     # ---- RPC entry points -----------------------------------------------------------------
 
@@ -844,13 +914,20 @@ class Federation:
             self._wait_phase(phase, needed=min(1, len(evaluators)))
             evaluation = weighted_means(phase.results)
             self._store.record_metrics(round=round, source="evaluate", values=evaluation)
+        last = {**fit_metrics, **evaluation}
+        last.update({f"federation_{k}": v for k, v in federation_metrics.items()})
+        epsilons = [float(v["epsilon"]) for v in silo_metrics.values() if "epsilon" in v]
+        if epsilons:
+            last["max_silo_epsilon"] = max(epsilons)
         with self._cond:
             self._phase = None
+            self._last_round_metrics = last
         self._reporter.round_completed(
             RoundSummary(
                 round=round,
                 num_rounds=self._rounds.num_rounds,
                 selected=len(silos),
+                joined=len(self.available()),
                 accepted=train.accepted,
                 rejected=train.count("rejected"),
                 dropped=len(silos)

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 INSECURE_IDENTITY_KEY = "fedpriv-silo"
 _TLS13 = b"TLSv1.3"
 _UNAUTHENTICATED_PATHS = ("/grpc.health.v1.Health/",)
+_ADMIN_PATH = "/fedpriv.v1.Admin/"
 
 
 def peer_identity(context: grpc.ServicerContext, *, insecure: bool) -> str | None:
@@ -49,10 +50,18 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc shi
         allowed: Identities that may call the Fleet service; None admits any
             certificate the federation CA signed.
         insecure: The server runs without TLS; identities are self-declared.
+        operators: Identities that may call the Admin service (and only they).
     """
 
-    def __init__(self, *, allowed: Iterable[str] | None, insecure: bool) -> None:
+    def __init__(
+        self,
+        *,
+        allowed: Iterable[str] | None,
+        insecure: bool,
+        operators: Iterable[str] = (),
+    ) -> None:
         self._allowed = None if allowed is None else frozenset(allowed)
+        self._operators = frozenset(operators)
         self._insecure = insecure
 
     def _check(self, context: grpc.ServicerContext, method: str) -> None:
@@ -69,6 +78,17 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc shi
                 grpc.StatusCode.UNAUTHENTICATED,
                 "no client identity: present a certificate issued by the federation CA",
             )
+        if method.startswith(_ADMIN_PATH):
+            if identity not in self._operators:
+                logger.warning(
+                    "denied identity=%s method=%s reason=not-an-operator", identity, method
+                )
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{identity!r} is not an operator of this coordinator; "
+                    "ask the operator to add it to [federation] operators",
+                )
+            return
         if self._allowed is not None and identity not in self._allowed:
             logger.warning("denied silo=%s method=%s reason=not-on-allow-list", identity, method)
             context.abort(

@@ -50,6 +50,7 @@ def serve(
     tls: TLSConfig | None,
     insecure: bool = False,
     allowed: Iterable[str] | None = None,
+    operators: Iterable[str] = (),
     max_workers: int = DEFAULT_MAX_WORKERS,
 ) -> Iterator[ServerHandle]:
     """Run a gRPC server with mTLS, the allow list and the health service.
@@ -61,6 +62,7 @@ def serve(
         tls: Server credentials; required unless `insecure`.
         insecure: Serve plain text (logs a warning).
         allowed: Identities allowed to call; None admits any CA-signed certificate.
+        operators: Identities allowed to call the Admin service.
         max_workers: Thread-pool size.
 
     Yields:
@@ -75,7 +77,7 @@ def serve(
         raise ConfigError("TLS material is required; pass insecure=True to serve plain text")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedpriv-rpc"),
-        interceptors=[AuthInterceptor(allowed=allowed, insecure=insecure)],
+        interceptors=[AuthInterceptor(allowed=allowed, insecure=insecure, operators=operators)],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.HealthServicer()

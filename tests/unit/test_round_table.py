@@ -15,6 +15,7 @@ def summary(round: int) -> RoundSummary:
         round=round,
         num_rounds=3,
         selected=3,
+        joined=3,
         accepted=2,
         rejected=1,
         dropped=0,
@@ -34,9 +35,10 @@ def test_plain_table_has_one_line_per_round(capsys):
     printer.round_completed(summary(2))
     printer.close()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:3] == ["round", "in/sel", "out"]
+    assert lines[0].split()[:4] == ["round", "joined", "in/sel", "out"]
     assert lines[1].split() == [
         "1",
+        "3",
         "2/3",
         "1",
         "2.00",

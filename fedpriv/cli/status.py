@@ -1,0 +1,120 @@
+"""``fedpriv status``: ask a running coordinator what it is doing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedpriv.client.config import ClientConfig
+from fedpriv.errors import ConfigError
+from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
+from fedpriv.v1 import admin_pb2, admin_pb2_grpc
+
+__all__ = ["check_health", "format_status", "query_status", "to_json"]
+
+
+def _channel(config: ClientConfig, *, insecure: bool, identity: str | None) -> grpc.Channel:
+    if not insecure and (config.ca is None or config.cert is None or config.key is None):
+        raise ConfigError(
+            "[tls] ca, cert and key are required (an operator's certificate); "
+            "use --insecure only on a trusted network"
+        )
+    tls = (
+        None
+        if insecure or config.ca is None or config.cert is None or config.key is None
+        else TLSConfig.from_files(ca=config.ca, cert=config.cert, key=config.key)
+    )
+    return open_channel(
+        config.coordinator,
+        tls=tls,
+        insecure=insecure,
+        identity=identity or config.identity,
+        server_name=config.server_name,
+    )
+
+
+def check_health(
+    config: ClientConfig, *, insecure: bool, identity: str | None, timeout_s: float
+) -> str:
+    """The gRPC health service's answer for the whole server: SERVING, NOT_SERVING, ..."""
+    with _channel(config, insecure=insecure, identity=identity) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def query_status(
+    config: ClientConfig, *, insecure: bool, identity: str | None, timeout_s: float
+) -> dict[str, Any]:
+    """Call ``Admin.Status``; the reply as a plain dict (every field present)."""
+    with _channel(config, insecure=insecure, identity=identity) as channel:
+        try:
+            reply = admin_pb2_grpc.AdminStub(channel).Status(
+                admin_pb2.StatusRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+    return {
+        "federation": reply.federation,
+        "state": reply.state,
+        "round": reply.round,
+        "num_rounds": reply.num_rounds,
+        "completed_rounds": reply.completed_rounds,
+        "min_clients": reply.min_clients,
+        "silos": [
+            {
+                "name": silo.name,
+                "seconds_since_seen": silo.seconds_since_seen,
+                "live": silo.live,
+                "round_outcome": silo.round_outcome,
+            }
+            for silo in reply.silos
+        ],
+        "last_round_metrics": dict(reply.last_round_metrics),
+        "uptime_s": reply.uptime_s,
+        "secure_aggregation": reply.secure_aggregation,
+        "central_dp": reply.central_dp,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Render a status dict as text for a terminal or a log."""
+    on_off = {True: "on", False: "off"}
+    lines = [
+        f"federation: {status['federation']}  state: {status['state']}  "
+        f"round {status['round']}/{status['num_rounds']} "
+        f"({status['completed_rounds']} completed)  uptime {float(status['uptime_s']):.0f} s",
+        f"secure aggregation: {on_off[bool(status['secure_aggregation'])]}  "
+        f"central DP: {on_off[bool(status['central_dp'])]}  "
+        f"min silos per round: {status['min_clients']}",
+    ]
+    silos = status["silos"]
+    if silos:
+        width = max(4, *(len(s["name"]) for s in silos))
+        lines.append(f"{'silo':<{width}}  live  last seen  this round")
+        for silo in silos:
+            seen = float(silo["seconds_since_seen"])
+            shown = "never" if seen < 0 else f"{seen:.1f} s ago"
+            lines.append(
+                f"{silo['name']:<{width}}  {'yes' if silo['live'] else 'no':<4}  "
+                f"{shown:<9}  {silo['round_outcome'] or '-'}"
+            )
+    else:
+        lines.append("no silo has joined yet")
+    metrics = status["last_round_metrics"]
+    if metrics:
+        shown = "  ".join(f"{k} {float(v):.4g}" for k, v in sorted(metrics.items()))
+        lines.append(f"last round: {shown}")
+    return "\n".join(lines)
+
+
+def to_json(status: dict[str, Any]) -> str:
+    """The status as one JSON document."""
+    return json.dumps(status, sort_keys=True)

@@ -1,0 +1,46 @@
+"""The Admin gRPC servicer: a running coordinator's state, for its operators."""
+
+from __future__ import annotations
+
+import grpc
+
+from fedpriv.coordinator.federation import Federation
+from fedpriv.transport import rpc_error_translator
+from fedpriv.v1 import admin_pb2, admin_pb2_grpc
+
+__all__ = ["AdminServicer"]
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]  # generated, untyped
+    """Serves ``Admin.Status``; the interceptor admits only ``[federation] operators``."""
+
+    def __init__(self, federation: Federation) -> None:
+        self._federation = federation
+
+    def Status(  # noqa: N802, D102
+        self, request: admin_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> admin_pb2.StatusReply:
+        with rpc_error_translator(context, "Admin.Status"):
+            status = self._federation.status()
+            config = self._federation.config
+            return admin_pb2.StatusReply(
+                federation=status.federation,
+                state=status.state,
+                round=status.round,
+                num_rounds=status.num_rounds,
+                completed_rounds=status.completed_rounds,
+                min_clients=status.min_clients,
+                silos=[
+                    admin_pb2.SiloStatus(
+                        name=silo.name,
+                        seconds_since_seen=silo.seconds_since_seen,
+                        live=silo.live,
+                        round_outcome=silo.round_outcome,
+                    )
+                    for silo in status.silos
+                ],
+                last_round_metrics=dict(status.last_round_metrics),
+                uptime_s=status.uptime_s,
+                secure_aggregation=config.secure_aggregation is not None,
+                central_dp=config.dp is not None and config.secure_aggregation is None,
+            )

@@ -1,0 +1,56 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SiloStatus(_message.Message):
+    __slots__ = ("name", "seconds_since_seen", "live", "round_outcome")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    seconds_since_seen: float
+    live: bool
+    round_outcome: str
+    def __init__(self, name: _Optional[str] = ..., seconds_since_seen: _Optional[float] = ..., live: _Optional[bool] = ..., round_outcome: _Optional[str] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("federation", "state", "round", "num_rounds", "completed_rounds", "min_clients", "silos", "last_round_metrics", "uptime_s", "secure_aggregation", "central_dp")
+    class LastRoundMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    SILOS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_METRICS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_DP_FIELD_NUMBER: _ClassVar[int]
+    federation: str
+    state: str
+    round: int
+    num_rounds: int
+    completed_rounds: int
+    min_clients: int
+    silos: _containers.RepeatedCompositeFieldContainer[SiloStatus]
+    last_round_metrics: _containers.ScalarMap[str, float]
+    uptime_s: float
+    secure_aggregation: bool
+    central_dp: bool
+    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., num_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round_metrics: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., central_dp: _Optional[bool] = ...) -> None: ...
