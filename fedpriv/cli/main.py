@@ -178,6 +178,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from fedpriv.coordinator.daemon import load_factory
     from fedpriv.transport import TLSConfig
 
+    if args.quiet:
+        from fedpriv.client.progress import ProgressMode, set_mode
+
+        set_mode(ProgressMode.OFF)
     data, base = _read_toml(args.config)
     config = ClientConfig.from_dict(data, base_dir=base)
     if not config.has_tls and not args.insecure:
@@ -369,6 +373,9 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--config", required=True, help="silo TOML file")
     client.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
     client.add_argument("--identity", help="silo name to claim with --insecure")
+    client.add_argument(
+        "--quiet", action="store_true", help="no training progress (bars or per-epoch lines)"
+    )
     client.set_defaults(run=_cmd_client)
 
     audit = commands.add_parser(

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
+from fedpriv.client.progress import training_progress
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.local import LocalDP, prepare_module, private_plan, train_private
 from fedpriv.wire.torch_interop import arrays_from_state_dict, copy_arrays_into
@@ -34,6 +35,13 @@ def _dataset_size(loader: DataLoader[Any]) -> int:
         return len(loader.dataset)  # type: ignore[arg-type]  # sized datasets only
     except TypeError:
         return sum(len(batch[0]) for batch in loader)
+
+
+def _batches(loader: DataLoader[Any]) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable dataset: unknown
+        return None
 
 
 class TorchClient:
@@ -99,17 +107,23 @@ class TorchClient:
         epochs = int(config.get("epochs", self.epochs))
         optimizer = self.optimizer_factory(self.model.parameters())
         plan = self.plan_privacy(config)
+        label = f"round {config['round']}" if "round" in config else "training"
+        batches = _batches(self.train_loader)
         if self.privacy is not None and plan is not None:
-            mean_loss = train_private(
-                self.model,
-                loader=self.train_loader,
-                loss_fn=self.loss_fn,
-                optimizer=optimizer,
-                dp=self.privacy,
-                plan=plan,
-                epochs=epochs,
-                device=self.device,
-            )
+            if self.privacy.max_physical_batch_size:
+                batches = None  # physical batches: their number varies
+            with training_progress(epochs=epochs, batches=batches, label=label) as progress:
+                mean_loss = train_private(
+                    self.model,
+                    loader=self.train_loader,
+                    loss_fn=self.loss_fn,
+                    optimizer=optimizer,
+                    dp=self.privacy,
+                    plan=plan,
+                    epochs=epochs,
+                    device=self.device,
+                    progress=progress,
+                )
             return FitResult(
                 parameters=arrays_from_state_dict(self.model.state_dict()),
                 num_examples=_dataset_size(self.train_loader),
@@ -118,15 +132,21 @@ class TorchClient:
         self.model.train()
         total_loss = 0.0
         seen = 0
-        for _ in range(epochs):
-            for inputs, targets in self.train_loader:
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(inputs), targets)
-                loss.backward()  # type: ignore[no-untyped-call]  # torch stub gap
-                optimizer.step()
-                total_loss += float(loss.detach()) * len(inputs)
-                seen += len(inputs)
+        with training_progress(epochs=epochs, batches=batches, label=label) as progress:
+            for _ in range(epochs):
+                epoch_loss, epoch_seen = 0.0, 0
+                for inputs, targets in self.train_loader:
+                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = self.loss_fn(self.model(inputs), targets)
+                    loss.backward()  # type: ignore[no-untyped-call]  # torch stub gap
+                    optimizer.step()
+                    epoch_loss += float(loss.detach()) * len(inputs)
+                    epoch_seen += len(inputs)
+                    progress.batch()
+                progress.epoch_done(epoch_loss / max(epoch_seen, 1))
+                total_loss += epoch_loss
+                seen += epoch_seen
         return FitResult(
             parameters=arrays_from_state_dict(self.model.state_dict()),
             num_examples=_dataset_size(self.train_loader),

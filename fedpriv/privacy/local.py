@@ -15,7 +15,7 @@ import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from opacus import PrivacyEngine
@@ -26,6 +26,9 @@ from torch.utils.data import DataLoader
 
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps, noise_multiplier_for
+
+if TYPE_CHECKING:
+    from fedpriv.client.progress import EpochProgress
 
 __all__ = ["GradSampleMode", "LocalDP", "prepare_module", "private_plan", "train_private"]
 
@@ -152,6 +155,7 @@ def train_private(
     plan: GaussianSteps,
     epochs: int,
     device: torch.device,
+    progress: EpochProgress | None = None,
 ) -> float:
     """Run `epochs` of DP-SGD on `module` in place; return the mean training loss.
 
@@ -192,6 +196,7 @@ def train_private(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             wrapped.train()
             for _ in range(epochs):
+                before_total, before_seen = total, seen
                 total, seen = _epoch(
                     wrapped,
                     private_loader,
@@ -201,7 +206,10 @@ def train_private(
                     device,
                     total,
                     seen,
+                    progress,
                 )
+                if progress is not None:
+                    progress.epoch_done((total - before_total) / max(seen - before_seen, 1))
     finally:
         wrapped._close()  # remove Opacus's hooks: the module is wrapped afresh each round
     return total / max(seen, 1)
@@ -216,6 +224,7 @@ def _epoch(
     device: torch.device,
     total: float,
     seen: int,
+    progress: EpochProgress | None,
 ) -> tuple[float, int]:
     manager = (
         BatchMemoryManager(
@@ -238,6 +247,8 @@ def _epoch(
             optimizer.step()
             total += float(loss.detach()) * len(inputs)
             seen += len(inputs)
+            if progress is not None:
+                progress.batch()
     finally:
         if manager is not None:
             manager.__exit__(None, None, None)

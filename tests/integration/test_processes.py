@@ -177,6 +177,9 @@ def test_digits_demo_reaches_90_percent_and_exits_cleanly(tmp_path):
     final = [line for line in lines if line.startswith("final accuracy:")]
     assert final and float(final[0].split(":")[1]) >= 0.90
     assert "all processes exited cleanly" in result.stdout
+    # Without a terminal each silo logs one line per local epoch (3 a round).
+    silo_log = (tmp_path / "demo" / "logs" / "silo-1.log").read_text()
+    assert silo_log.count("round 5 epoch ") == 3 and "round 5 epoch 3/3 loss " in silo_log
 
 
 def test_private_digits_demo_reaches_85_percent_with_every_silo_under_epsilon_8(tmp_path):
