@@ -314,6 +314,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from fedpriv.scaffold import scaffold
+
+    root = pathlib.Path(args.dir)
+    made = scaffold(
+        root,
+        silos=args.silos,
+        rounds=args.rounds,
+        address=args.address,
+        federation=args.federation,
+    )
+    silos = args.silos
+    print(f"wrote a {silos}-silo federation to {root}:")
+    print("  ca/           the federation CA (keep ca.key offline)")
+    print("  coordinator/  coordinator.toml and the coordinator's certificate")
+    print(f"  silo-1/ .. silo-{silos}/  each silo's silo.toml and certificate")
+    print("  ops/          an operator's certificate, for fedpriv status")
+    print("  app.py        the example silo app: edit make_client to load your data")
+    print("run it, each command in its own terminal:")
+    print(f"  cd {root}")
+    for command in made.commands:
+        print(f"  {command}")
+    return 0
+
+
 def _cmd_pki_init(args: argparse.Namespace) -> int:
     from fedpriv.pki import CertificateAuthority
 
@@ -415,6 +440,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
     status.add_argument("--identity", help="operator name to claim with --insecure")
     status.set_defaults(run=_cmd_status)
+
+    init = commands.add_parser("init", help="scaffold a federation: CA, certificates, configs, app")
+    init.add_argument("dir", help="a new (or empty) folder")
+    init.add_argument("--silos", type=int, default=3, help="number of silos (default 3)")
+    init.add_argument("--rounds", type=int, default=5, help="rounds to run (default 5)")
+    init.add_argument(
+        "--address", default="127.0.0.1:7443", help="coordinator host:port (default 127.0.0.1:7443)"
+    )
+    init.add_argument("--federation", help="federation name (default: the folder's name)")
+    init.set_defaults(run=_cmd_init)
 
     pki = commands.add_parser("pki", help="certificate authority and certificates")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True)
