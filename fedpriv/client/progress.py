@@ -91,7 +91,7 @@ class EpochProgress:
                 )
         else:
             logger.info(
-                "%s epoch %d/%d loss %.4f (%.1f s)",
+                "%s epoch %d/%d loss %.4f (%.2f s)",
                 self._label,
                 self._epoch,
                 self._epochs,

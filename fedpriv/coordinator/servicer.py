@@ -38,7 +38,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
     ) -> fleet_pb2.JoinReply:
         with rpc_error_translator(context, "Fleet.Join"):
             silo = self._silo(context)
-            logger.info("[Fleet.Join] silo=%s sdk=%s", silo, request.sdk_version[:64])
+            logger.info(
+                "[Fleet.Join] silo=%s peer=%s sdk=%s",
+                silo,
+                context.peer(),
+                request.sdk_version[:64],
+            )
             self._federation.join(silo)
             return fleet_pb2.JoinReply(
                 silo=silo,
