@@ -10,28 +10,14 @@ the final accuracy; silo logs go to WORKDIR/logs.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-
-def fedpriv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedpriv", "--log-level", "INFO", *args]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from examples.launcher import free_port, make_pki, run_federation  # noqa: E402
 
 # DP-SGD to epsilon 8 at delta 1e-5 over the planned rounds; the silo's own ledger
 # enforces the same budget.
@@ -165,32 +151,9 @@ def main() -> int:
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fedpriv-digits-"))
     if work.exists() and args.workdir:
         shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     names = [f"silo-{k + 1}" for k in range(args.silos)]
-    pki = str(work / "pki")
-
-    def run(cmd: list[str]) -> None:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-
-    run(fedpriv("pki", "init", "--dir", pki, "--federation", "digits"))
-    run(
-        fedpriv(
-            "pki",
-            "issue",
-            "coordinator",
-            "--server",
-            "--host",
-            "127.0.0.1",
-            "--host",
-            "localhost",
-            "--dir",
-            pki,
-        )
-    )
-    for name in names:
-        run(fedpriv("pki", "issue", name, "--client", "--dir", pki))
+    make_pki(work / "pki", federation="digits", silos=names)
     write_configs(
         work,
         rounds=args.rounds,
@@ -212,62 +175,12 @@ def main() -> int:
         flush=True,
     )
 
-    def log(name: str):
-        return open(work / "logs" / f"{name}.log", "w")
-
-    with log("coordinator") as handle:
-        coordinator = subprocess.Popen(
-            fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
-            cwd=ROOT,
-            stderr=handle,
-        )
-    # One intra-op thread per silo: three silos share two cores here, and torch's
-    # default (one thread per core each) makes them spin against each other.
-    silo_env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    silos = []
-    for name in names:
-        with log(name) as handle:
-            silos.append(
-                subprocess.Popen(
-                    fedpriv(
-                        "client",
-                        "--app",
-                        "examples.digits.app:make_private_client"
-                        if args.dp
-                        else "examples.digits.app:make_client",
-                        "--config",
-                        str(work / f"{name}.toml"),
-                    ),
-                    cwd=ROOT,
-                    env=silo_env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=handle,
-                )
-            )
-    codes = {}
-    try:
-        deadline = time.monotonic() + 900
-        while coordinator.poll() is None:
-            crashed = [
-                n for n, silo in zip(names, silos, strict=True) if silo.poll() not in (None, 0)
-            ]
-            if crashed or time.monotonic() > deadline:
-                print(f"silos failed: {crashed or 'timeout'}; see {work / 'logs'}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        codes["coordinator"] = coordinator.returncode
-        for name, silo in zip(names, silos, strict=True):
-            codes[name] = silo.wait(timeout=60)
-    finally:
-        for process in [coordinator, *silos]:
-            if process.poll() is None:
-                process.kill()
-    failed = {name: code for name, code in codes.items() if code != 0}
-    if failed or len(codes) != len(names) + 1:
-        print(f"processes failed: {failed}; see {work / 'logs'}", file=sys.stderr)
-        return 1
-    print("all processes exited cleanly", flush=True)
-    return 0
+    app = "examples.digits.app:" + ("make_private_client" if args.dp else "make_client")
+    return run_federation(
+        work,
+        coordinator_config=work / "coordinator.toml",
+        silos={name: (app, work / f"{name}.toml") for name in names},
+    )
 
 
 if __name__ == "__main__":
