@@ -89,6 +89,9 @@ class UpdateRejected(FedprivError):
         silo: Identity of the silo that sent the update.
         round: Round the update claimed to belong to.
         problems: Human-readable descriptions, one per problem.
+        reason: The first problem's kind, for metrics: ``layout``, ``round``,
+            ``kind``, ``num_examples``, ``compression``, ``metrics``, ``secagg``,
+            ``non_finite`` or ``stream``.
 
     Example:
         >>> err = UpdateRejected(silo="hospital-a", round=7, problems=["w: 3 NaN values"])
@@ -98,10 +101,13 @@ class UpdateRejected(FedprivError):
 
     grpc_status = "INVALID_ARGUMENT"
 
-    def __init__(self, *, silo: str, round: int, problems: Sequence[str]) -> None:
+    def __init__(
+        self, *, silo: str, round: int, problems: Sequence[str], reason: str = "invalid"
+    ) -> None:
         self.silo = silo
         self.round = round
         self.problems = tuple(problems)
+        self.reason = reason
         super().__init__(
             f"update from silo {silo!r} for round {round} rejected: " + "; ".join(self.problems)
         )

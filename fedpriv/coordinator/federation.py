@@ -456,12 +456,16 @@ class Federation:
             if silo in phase.outcomes or silo in phase.uploads:
                 raise ProtocolError(f"silo {silo!r} already sent a result for task {task_id!r}")
             problems = list(header_problems) + list(metric_problems)
+            reasons = ["layout"] * len(header_problems) + ["metrics"] * len(metric_problems)
             if round != phase.round:
                 problems.append(f"round {round} != {phase.round}, the round of task {task_id!r}")
+                reasons.append("round")
             if kind is not phase.kind:
                 problems.append(f"result kind {kind.name} != task kind {phase.kind.name}")
+                reasons.append("kind")
             if not 0 < num_examples <= MAX_NUM_EXAMPLES:
                 problems.append(f"num_examples {num_examples} must be in [1, 2**53]")
+                reasons.append("num_examples")
             announced = (
                 self._rounds.update_compression
                 if phase.kind is TaskKind.TRAIN and phase.secagg is None
@@ -472,19 +476,27 @@ class Federation:
                     f"compression {compression or 'none'!r} != {announced.value!r}, "
                     "the federation's update compression"
                 )
+                reasons.append("compression")
             if phase.secagg is not None:
                 if not phase.secagg.session.may_upload(silo):
                     problems.append(
                         "this silo did not share its keys: its masks could not be removed"
                     )
-                problems.extend(_compare_layout(layout, phase.secagg.layout))
+                    reasons.append("secagg")
+                layout_problems = _compare_layout(layout, phase.secagg.layout)
             elif phase.kind is TaskKind.TRAIN:
-                problems.extend(_compare_layout(layout, phase.model.layout))
-            elif layout is not None and layout.specs:
-                problems.append("an evaluation result must not carry tensors")
+                layout_problems = _compare_layout(layout, phase.model.layout)
+            else:
+                layout_problems = (
+                    ["an evaluation result must not carry tensors"]
+                    if layout is not None and layout.specs
+                    else []
+                )
+            problems += layout_problems
+            reasons += ["layout"] * len(layout_problems)
             if problems:
-                self._resolve(phase, silo, "rejected", "; ".join(problems))
-                raise UpdateRejected(silo=silo, round=round, problems=problems)
+                self._resolve(phase, silo, "rejected", "; ".join(problems), reason=reasons[0])
+                raise UpdateRejected(silo=silo, round=round, problems=problems, reason=reasons[0])
             expected = phase.secagg.layout if phase.secagg is not None else phase.model.layout
             sink: Aggregator | None = (
                 phase.aggregator if phase.secagg is None else phase.secagg.ring
@@ -554,9 +566,12 @@ class Federation:
                         f"round {upload.round} closed before the upload completed"
                     )
                     self._resolve(phase, upload.silo, "late", str(failure))
+                elif isinstance(failure, UpdateRejected):
+                    self._resolve(
+                        phase, upload.silo, "rejected", str(failure), reason=failure.reason
+                    )
                 else:
-                    outcome = "rejected" if isinstance(failure, UpdateRejected) else "dropped"
-                    self._resolve(phase, upload.silo, outcome, str(failure))
+                    self._resolve(phase, upload.silo, "dropped", str(failure))
             elif result is not None:
                 upload.revert()
                 failure = ProtocolError(f"round {upload.round} closed before the upload completed")
@@ -571,11 +586,17 @@ class Federation:
         outcome: str,
         detail: str,
         result: UploadResult | None = None,
+        *,
+        reason: str = "",
     ) -> None:
         """Record a silo's outcome for the phase (caller holds the lock)."""
         if silo in phase.outcomes:
             return
         phase.outcomes[silo] = outcome
+        if outcome == "rejected":
+            rejected = getattr(self._reporter, "update_rejected", None)
+            if rejected is not None:
+                rejected(silo=silo, round=phase.round, reason=reason or "invalid", detail=detail)
         if outcome != "accepted":
             logger.warning(
                 "[%s] silo=%s round=%d outcome=%s detail=%s",

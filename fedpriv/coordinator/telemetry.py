@@ -69,6 +69,13 @@ class Telemetry:
             ["outcome"],
             registry=self.registry,
         )
+        self._rejections = Counter(
+            "fedpriv_rejections",
+            "Updates rejected, by the kind of their first problem (layout, round, kind, "
+            "num_examples, compression, metrics, secagg, non_finite, stream)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._silo_epsilon = Gauge(
             "fedpriv_silo_epsilon",
             "Sample-level epsilon a silo reported",
@@ -133,6 +140,23 @@ class Telemetry:
         )
         if self._inner is not None:
             self._inner.round_completed(summary)
+
+    def update_rejected(self, *, silo: str, round: int, reason: str, detail: str) -> None:
+        """Log and count a rejected update; the round goes on without it."""
+        self._rejections.labels(reason).inc()
+        self._append(
+            {
+                "event": "update_rejected",
+                "unix_s": time.time(),
+                "round": round,
+                "silo": silo,
+                "reason": reason,
+                "detail": detail[:1000],
+            }
+        )
+        forward = getattr(self._inner, "update_rejected", None)
+        if forward is not None:
+            forward(silo=silo, round=round, reason=reason, detail=detail)
 
     def round_failed(self, round: int, reason: str) -> None:
         """Log, count, and forward a failed attempt."""

@@ -274,14 +274,19 @@ class Upload:
                 problems.append(
                     f"stream ended after {self._received} of {self._layout.payload_bytes} bytes"
                 )
-            problems.extend(
+            nonfinite = [
                 f"{name}: {count} NaN or infinite values"
                 for name, count in self._scan.nonfinite.items()
-            )
+            ]
+            nonfinite_first = nonfinite[0] if nonfinite else None
+            problems.extend(nonfinite)
             if problems:
                 self._undo()
                 self._close()
-                raise UpdateRejected(silo=self.silo, round=self.round, problems=problems)
+                reason = "stream" if problems[0] != nonfinite_first else "non_finite"
+                raise UpdateRejected(
+                    silo=self.silo, round=self.round, problems=problems, reason=reason
+                )
             norm = self._clip() if self._clip_norm is not None else None
             self._done = True
             return UploadResult(

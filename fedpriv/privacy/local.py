@@ -15,7 +15,7 @@ import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from opacus import PrivacyEngine
@@ -26,9 +26,6 @@ from torch.utils.data import DataLoader
 
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps, noise_multiplier_for
-
-if TYPE_CHECKING:
-    from fedpriv.client.progress import EpochProgress
 
 __all__ = ["GradSampleMode", "LocalDP", "prepare_module", "private_plan", "train_private"]
 
@@ -143,6 +140,16 @@ class _Criterion(nn.Module):
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(outputs, targets, reduction=self.reduction)
+
+
+class EpochProgress(Protocol):
+    """Receives training progress (``fedpriv.client.progress`` shows it)."""
+
+    def batch(self) -> None:
+        """One batch was trained on."""
+
+    def epoch_done(self, mean_loss: float) -> None:
+        """An epoch ended with this mean training loss."""
 
 
 def train_private(

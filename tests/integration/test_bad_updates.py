@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -74,6 +76,7 @@ CASES = {
             {"w": np.ones((512, 256), np.float32), "b": np.ones(512, np.float32)},
         ),
         ["w: shape (512, 256) != expected (512, 512)"],
+        "layout",
     ),
     "wrong_dtype": (
         lambda: (
@@ -81,6 +84,7 @@ CASES = {
             {"w": np.ones((512, 512), np.float32), "b": np.ones(512)},
         ),
         ["b: dtype float64 != expected float32"],
+        "layout",
     ),
     "nan_and_inf": (
         lambda: (
@@ -88,6 +92,7 @@ CASES = {
             _nan_in_last_chunk(),
         ),
         ["w: 2 NaN or infinite values"],
+        "non_finite",
     ),
 }
 
@@ -97,7 +102,7 @@ def test_bad_update_is_rejected_and_round_completes_with_other_silos(
     case, tmp_path, pki, array_client
 ):
     # Arrange: three silos must connect; two valid results are enough to finish
-    make_bad, expected_problems = CASES[case]
+    make_bad, expected_problems, expected_reason = CASES[case]
     config = make_config(
         tmp_path,
         pki.root,
@@ -126,6 +131,9 @@ def test_bad_update_is_rejected_and_round_completes_with_other_silos(
             assert coordinator.wait(timeout_s=60)
             wait_silos([a, b])
         final = coordinator.federation.model.arrays()
+        rejections = coordinator.telemetry.registry.get_sample_value(
+            "fedpriv_rejections_total", {"reason": expected_reason}
+        )
     # Assert: a clear INVALID_ARGUMENT naming every problem...
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for problem in expected_problems:
@@ -138,6 +146,14 @@ def test_bad_update_is_rejected_and_round_completes_with_other_silos(
     outcomes = {(silo, outcome) for _, silo, outcome, _ in store.participants(1)}
     store.close()
     assert ("silo-c", "rejected") in outcomes
+    # ...counted by reason for Prometheus and logged in the run's JSONL.
+    assert rejections == 1.0
+    events = [
+        json.loads(line) for line in (config.state_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    (rejected,) = [e for e in events if e["event"] == "update_rejected"]
+    assert rejected["silo"] == "silo-c" and rejected["reason"] == expected_reason
+    assert expected_problems[0] in rejected["detail"]
 
 
 def test_update_for_wrong_round_is_rejected(tmp_path, pki, array_client):

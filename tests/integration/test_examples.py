@@ -69,8 +69,6 @@ def test_digits_readme_runs_and_plots():
         assert float(out.split("final accuracy:")[1].split()[0]) >= 0.9
         report = run(commands[1])
         plots = [line.split(":")[0] for line in report.splitlines()]
-        assert plots and all(
-            (ROOT / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots
-        )
+        assert plots and all((ROOT / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     finally:
         shutil.rmtree(ROOT / "runs" / "digits", ignore_errors=True)
