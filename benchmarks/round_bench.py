@@ -44,6 +44,9 @@ class Row:
     median_round_s: float
     sent_per_client_mb: float
     coordinator_peak_rss_mb: float
+    # CPU seconds (user + system) over the whole run, per round.
+    coordinator_cpu_s: float = 0.0
+    clients_cpu_s: float = 0.0
 
     @property
     def model_mb(self) -> float:
@@ -151,7 +154,13 @@ seed = {k}
             )
     _, status, usage = os.wait4(coordinator.pid, 0)
     coordinator.returncode = os.waitstatus_to_exitcode(status)
-    codes = [s.wait(120) for s in silos]
+    codes = []
+    clients_cpu = 0.0
+    for silo in silos:
+        _, silo_status, silo_usage = os.wait4(silo.pid, 0)
+        silo.returncode = os.waitstatus_to_exitcode(silo_status)
+        codes.append(silo.returncode)
+        clients_cpu += silo_usage.ru_utime + silo_usage.ru_stime
     if coordinator.returncode != 0 or any(codes):
         raise RuntimeError(
             f"benchmark processes failed ({coordinator.returncode}, {codes}); see {work}"
@@ -175,18 +184,22 @@ seed = {k}
         sent_per_client_mb=statistics.mean(sent) / rounds / 1e6,
         # Linux reports ru_maxrss in KiB.
         coordinator_peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,
+        coordinator_cpu_s=(usage.ru_utime + usage.ru_stime) / rounds,
+        clients_cpu_s=clients_cpu / rounds,
     )
 
 
 def print_table(rows: list[Row]) -> None:
     print(
         f"{'params':>10} {'clients':>7} {'model MB':>9} {'median round s':>15} "
-        f"{'MB sent/client/round':>21} {'coord peak RSS MB':>18} {'RSS/model':>10}"
+        f"{'MB sent/client/round':>21} {'coord peak RSS MB':>18} {'RSS/model':>10} "
+        f"{'coord CPU s/round':>18} {'clients CPU s/round':>20}"
     )
     for r in rows:
         print(
             f"{r.params:>10,} {r.clients:>7} {r.model_mb:>9.1f} {r.median_round_s:>15.3f} "
-            f"{r.sent_per_client_mb:>21.3f} {r.coordinator_peak_rss_mb:>18.0f} {r.rss_ratio:>9.2f}x"
+            f"{r.sent_per_client_mb:>21.3f} {r.coordinator_peak_rss_mb:>18.0f} {r.rss_ratio:>9.2f}x "
+            f"{r.coordinator_cpu_s:>18.2f} {r.clients_cpu_s:>20.2f}"
         )
     for r in rows:
         if r.params >= 50_000_000 and r.clients >= 8:

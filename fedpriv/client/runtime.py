@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -100,7 +101,34 @@ class _Task:
     payload: npt.NDArray[np.uint8] | None
 
 
-def _receive_task(stream: Iterator[fleet_pb2.TaskMessage], stats: ClientStats) -> _Task:
+class _ReceiveBuffer:
+    """The last task's payload buffer, filled again by the next task when nothing holds it.
+
+    A new model-sized buffer costs the kernel a zeroed page for every 4 KiB on
+    first write: about a third of a silo's CPU time in the 50M-parameter
+    benchmark. The buffer is reused only when no array of the last task is
+    still alive (a client that keeps the parameters it was given keeps them intact).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: npt.NDArray[np.uint8] | None = None
+
+    def keep(self, buffer: npt.NDArray[np.uint8] | None) -> None:
+        self._buffer = buffer
+
+    def take(self, size: int) -> npt.NDArray[np.uint8] | None:
+        buffer, self._buffer = self._buffer, None
+        if buffer is None or buffer.nbytes != size:
+            return None
+        # References: `buffer` here and getrefcount's argument. Any more is a live view.
+        return buffer if sys.getrefcount(buffer) <= 2 else None
+
+
+def _receive_task(
+    stream: Iterator[fleet_pb2.TaskMessage],
+    stats: ClientStats,
+    buffers: _ReceiveBuffer | None = None,
+) -> _Task:
     first = next(stream, None)
     if first is None or first.WhichOneof("part") != "task":
         raise ProtocolError("PullTask stream did not start with a Task")
@@ -110,7 +138,8 @@ def _receive_task(stream: Iterator[fleet_pb2.TaskMessage], stats: ClientStats) -
     layout, problems = layout_from_proto(task.model)
     if layout is None:
         raise ProtocolError("coordinator sent a malformed model header: " + "; ".join(problems))
-    assembler = PayloadAssembler(layout)
+    reused = buffers.take(layout.payload_bytes) if buffers is not None else None
+    assembler = PayloadAssembler(layout, buffer=reused)
     for message in stream:
         if message.WhichOneof("part") != "chunk":
             raise ProtocolError("only chunks may follow a Task")
@@ -514,6 +543,7 @@ def run_client(
         coordinator, tls=tls, insecure=insecure, identity=identity, server_name=server_name
     )
     stub = fleet_pb2_grpc.FleetStub(channel)
+    buffers = _ReceiveBuffer()
     joined = False
     heartbeat_s = 10.0
     last_contact = time.monotonic()
@@ -531,7 +561,7 @@ def run_client(
                 stream = stub.PullTask(
                     fleet_pb2.PullTaskRequest(wait_s=poll_wait_s), timeout=poll_wait_s + 600
                 )
-                received = _receive_task(stream, stats)
+                received = _receive_task(stream, stats, buffers)
                 last_contact = time.monotonic()
                 backoff.reset()
                 kind = received.task.kind
@@ -550,6 +580,8 @@ def run_client(
                         # A task this silo cannot complete safely (for example: too few
                         # silos for secure aggregation); the coordinator counts it dropped.
                         logger.error("abandoning task round=%d: %s", received.task.round, err)
+                buffers.keep(received.payload)
+                del received
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
                 if isinstance(error, AuthenticationError | PermissionDenied):

@@ -205,5 +205,6 @@ class Coordinator:
             self._thread.join(10)
         if self._server_cm is not None:
             self._server_cm.__exit__(None, None, None)
+        self.federation.close()
         self.telemetry.close()
         self.store.close()

@@ -22,7 +22,7 @@ import numpy as np
 from fedpriv._types import Scalar
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.store import Store
-from fedpriv.coordinator.upload import Upload, UploadResult
+from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
 from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, epsilon_from_rdp, total_rdp
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
@@ -227,6 +227,9 @@ class Federation:
         self._finished = next_round > self._rounds.num_rounds
         self._stop = threading.Event()
         self._started = clock()
+        # Undo spools, reused so their page-cache pages are rewritten, not reallocated.
+        concurrent = max(config.rounds.min_clients, config.rounds.max_clients)
+        self._spools = SpoolPool(store.directory / "spool", keep=max(8, 2 * concurrent))
         self._last_round_metrics: dict[str, float] = {}
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
@@ -513,6 +516,7 @@ class Federation:
                 num_examples=num_examples,
                 metrics=metrics,
                 spool_dir=self._store.directory / "spool",
+                spools=self._spools,
                 on_chunk=lambda: self._last_seen.__setitem__(silo, self._clock()),
                 # DP-FedAvg weighs every silo equally: the sum's sensitivity is then C.
                 # A ring sum adds each masked update once.
@@ -623,6 +627,10 @@ class Federation:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Free the kept undo spools (after ``stop`` and the server's shutdown)."""
+        self._spools.close()
 
     def run(self) -> None:
         """Run rounds until all are complete or ``stop`` is called.

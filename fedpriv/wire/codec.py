@@ -165,9 +165,18 @@ class PayloadAssembler:
         [1.0, 2.0]
     """
 
-    def __init__(self, layout: TensorLayout) -> None:
+    def __init__(
+        self, layout: TensorLayout, *, buffer: npt.NDArray[np.uint8] | None = None
+    ) -> None:
+        """Fill `buffer` (``layout.payload_bytes`` of uint8, reused), or a new buffer."""
         self.layout = layout
-        self._buffer = np.empty(layout.payload_bytes, dtype=np.uint8)
+        if buffer is not None and (
+            buffer.dtype != np.uint8 or buffer.nbytes != layout.payload_bytes
+        ):
+            raise ValueError(
+                f"a reused buffer must be {layout.payload_bytes} uint8 bytes, not {buffer.nbytes}"
+            )
+        self._buffer = buffer if buffer is not None else np.empty(layout.payload_bytes, np.uint8)
         self._received = 0
 
     def add(self, offset: int, data: bytes) -> None:

@@ -158,3 +158,38 @@ def test_compressed_chunk_of_the_wrong_length_rejects_the_update(tmp_path):
     with pytest.raises(UpdateRejected, match="int8 chunk at offset 512: 131 bytes, expected 132"):
         upload.finish()
     np.testing.assert_array_equal(aggregator.finalize(total_weight=1.0).arrays()["w"], 0.0)
+
+
+def test_a_reused_spool_undoes_only_its_own_upload(tmp_path):
+    # Arrange: one pooled spool file, first filled by a longer, accepted upload
+    from fedpriv.coordinator.upload import SpoolPool
+
+    pool = SpoolPool(tmp_path, keep=1)
+    base = Model.from_arrays({"w": np.zeros(1000, np.float32)}, chunk_bytes=512)
+    aggregator = FedAvg().begin_round(1, model=base)
+
+    def upload(value: float) -> tuple[Upload, list]:
+        made = Upload(
+            silo="s", round=1, layout=base.layout, aggregator=aggregator, num_examples=1,
+            metrics={}, spool_dir=tmp_path, spools=pool,
+        )  # fmt: skip
+        model = Model.from_arrays({"w": np.full(1000, value, np.float32)}, chunk_bytes=512)
+        return made, [(o, bytes(c)) for o, c in model.chunks()]
+
+    first, chunks = upload(5.0)
+    for chunk in chunks:
+        first.add_chunk(*chunk)
+    first.finish()
+    first.release()
+    # Act: the next upload takes the same file, folds 3 chunks and is cut off
+    second, chunks = upload(7.0)
+    assert second._spool is not None and pool._free == []
+    for chunk in chunks[:3]:
+        second.add_chunk(*chunk)
+    assert second.cancel("stream broken")
+    # Assert: only the first upload remains; the file went back to the pool
+    np.testing.assert_array_equal(
+        aggregator.finalize(total_weight=1.0).arrays()["w"], np.full(1000, 5.0)
+    )
+    assert len(pool._free) == 1
+    pool.close()
