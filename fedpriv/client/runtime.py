@@ -30,7 +30,7 @@ from fedpriv.privacy.central import secure_generator
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.secagg import ClientSession, RingCodec
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
-from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc, tensor_pb2
+from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import (
     Compression,
     DType,
@@ -38,11 +38,13 @@ from fedpriv.wire import (
     TensorLayout,
     TensorSpec,
     arrays_from_payload,
+    chunk_pieces,
     encode_chunks,
     layout_from_proto,
     scalars_from_proto,
     scalars_to_proto,
 )
+from fedpriv.wire.frames import RawChunk, chunk_frame, parse_with_chunks, serialize
 
 __all__ = ["Backoff", "ClientStats", "run_client"]
 
@@ -124,6 +126,24 @@ class _ReceiveBuffer:
         return buffer if sys.getrefcount(buffer) <= 2 else None
 
 
+def _fleet_stub(channel: grpc.Channel) -> fleet_pb2_grpc.FleetStub:
+    """The generated stub, with the chunk streams framed by hand (see ``fedpriv.wire.frames``)."""
+    stub = fleet_pb2_grpc.FleetStub(channel)
+    stub.PullTask = channel.unary_stream(
+        "/fedpriv.v1.Fleet/PullTask",
+        request_serializer=fleet_pb2.PullTaskRequest.SerializeToString,
+        response_deserializer=parse_with_chunks(fleet_pb2.TaskMessage.FromString),
+        _registered_method=True,
+    )
+    stub.PushResult = channel.stream_unary(
+        "/fedpriv.v1.Fleet/PushResult",
+        request_serializer=serialize,
+        response_deserializer=fleet_pb2.PushReply.FromString,
+        _registered_method=True,
+    )
+    return stub
+
+
 def _receive_task(
     stream: Iterator[fleet_pb2.TaskMessage],
     stats: ClientStats,
@@ -141,10 +161,15 @@ def _receive_task(
     reused = buffers.take(layout.payload_bytes) if buffers is not None else None
     assembler = PayloadAssembler(layout, buffer=reused)
     for message in stream:
-        if message.WhichOneof("part") != "chunk":
+        data: bytes | memoryview
+        if isinstance(message, RawChunk):
+            offset, data = message.offset, message.data
+        elif message.WhichOneof("part") == "chunk":
+            offset, data = message.chunk.offset, message.chunk.data
+        else:
             raise ProtocolError("only chunks may follow a Task")
-        assembler.add(message.chunk.offset, message.chunk.data)
-        stats.bytes_received += len(message.chunk.data)
+        assembler.add(offset, data)
+        stats.bytes_received += len(data)
     return _Task(task, layout, assembler.finish())
 
 
@@ -174,13 +199,13 @@ def _result_messages(
     layout: TensorLayout | None,
     parameters: Mapping[str, npt.NDArray[Any]] | None,
     stats: ClientStats,
-) -> Iterator[fleet_pb2.ResultMessage]:
+) -> Iterator[fleet_pb2.ResultMessage | bytes]:
     yield fleet_pb2.ResultMessage(header=header)
     if layout is None or parameters is None:
         return
-    for offset, data in encode_chunks(layout, parameters):
-        stats.bytes_sent += len(data)
-        yield fleet_pb2.ResultMessage(chunk=tensor_pb2.TensorChunk(offset=offset, data=data))
+    for offset, length, pieces in chunk_pieces(layout, parameters):
+        stats.bytes_sent += length
+        yield chunk_frame(offset, pieces, length)  # the update's bytes, copied once
 
 
 class ErrorFeedback:
@@ -207,7 +232,7 @@ def _compressed_messages(
     compression: Compression,
     feedback: ErrorFeedback,
     stats: ClientStats,
-) -> Iterator[fleet_pb2.ResultMessage]:
+) -> Iterator[fleet_pb2.ResultMessage | bytes]:
     """The update as compressed differences from `base`, chunk by chunk, with error feedback."""
     yield fleet_pb2.ResultMessage(header=header)
     residual = feedback.residual(compression, layout.payload_bytes // 4)
@@ -220,7 +245,7 @@ def _compressed_messages(
         wire, decoded = compression.compress(difference)
         residual[first : first + count] = difference - decoded
         stats.bytes_sent += len(wire)
-        yield fleet_pb2.ResultMessage(chunk=tensor_pb2.TensorChunk(offset=offset, data=wire))
+        yield chunk_frame(offset, (wire,), len(wire))
 
 
 def _config(task: fleet_pb2.Task) -> dict[str, Scalar]:
@@ -542,7 +567,7 @@ def run_client(
     channel = open_channel(
         coordinator, tls=tls, insecure=insecure, identity=identity, server_name=server_name
     )
-    stub = fleet_pb2_grpc.FleetStub(channel)
+    stub = _fleet_stub(channel)
     buffers = _ReceiveBuffer()
     joined = False
     heartbeat_s = 10.0

@@ -16,13 +16,13 @@ import numpy as np
 from fedpriv.coordinator.admin import AdminServicer
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
-from fedpriv.coordinator.servicer import FleetServicer
+from fedpriv.coordinator.servicer import FleetServicer, add_fleet_servicer
 from fedpriv.coordinator.store import Store, read_checkpoint
 from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.strategy import FedAvg, Strategy
 from fedpriv.transport import ServerHandle, TLSConfig, serve
-from fedpriv.v1 import admin_pb2_grpc, fleet_pb2_grpc
+from fedpriv.v1 import admin_pb2_grpc
 from fedpriv.wire import Model
 from fedpriv.wire.torch_interop import model_from_state_dict
 
@@ -150,7 +150,7 @@ class Coordinator:
         servicer = FleetServicer(self.federation, insecure=self._insecure)
 
         def add(server: grpc.Server) -> list[str]:
-            fleet_pb2_grpc.add_FleetServicer_to_server(servicer, server)
+            add_fleet_servicer(servicer, server)
             admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.federation), server)
             return ["fedpriv.v1.Fleet", "fedpriv.v1.Admin"]
 

@@ -75,13 +75,13 @@ def _wire_bytes(spec: TensorSpec, array: npt.NDArray[np.generic]) -> memoryview:
     return flat.data
 
 
-def encode_chunks(
+def chunk_pieces(
     layout: TensorLayout, arrays: Mapping[str, npt.NDArray[np.generic]]
-) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(offset, data)`` chunks of the payload of `arrays` laid out as `layout`.
+) -> Iterator[tuple[int, int, list[bytes | memoryview]]]:
+    """Yield ``(offset, length, pieces)``: each chunk as views of `arrays` (and padding).
 
-    Arrays are cast to the layout's dtypes when they differ (float32 to bfloat16
-    rounds half to even). Each payload byte is copied once, into its chunk.
+    Nothing is copied unless an array must be cast to the layout's dtype or made
+    contiguous; joining the pieces gives the chunk's bytes.
 
     Raises:
         KeyError: An array named in the layout is missing.
@@ -102,6 +102,22 @@ def encode_chunks(
             position = segment.payload_offset + len(piece)
         if position < offset + length:
             pieces.append(bytes(offset + length - position))
+        yield offset, length, pieces
+
+
+def encode_chunks(
+    layout: TensorLayout, arrays: Mapping[str, npt.NDArray[np.generic]]
+) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(offset, data)`` chunks of the payload of `arrays` laid out as `layout`.
+
+    Arrays are cast to the layout's dtypes when they differ (float32 to bfloat16
+    rounds half to even). Each payload byte is copied once, into its chunk.
+
+    Raises:
+        KeyError: An array named in the layout is missing.
+        ValueError: An array's shape differs from the layout.
+    """
+    for offset, _, pieces in chunk_pieces(layout, arrays):
         yield (
             offset,
             pieces[0].tobytes()
@@ -179,7 +195,7 @@ class PayloadAssembler:
         self._buffer = buffer if buffer is not None else np.empty(layout.payload_bytes, np.uint8)
         self._received = 0
 
-    def add(self, offset: int, data: bytes) -> None:
+    def add(self, offset: int, data: bytes | memoryview) -> None:
         """Copy one chunk into place.
 
         Raises:
