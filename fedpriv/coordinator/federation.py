@@ -411,6 +411,8 @@ class Federation:
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._stop.is_set():
                     return Assignment(kind=TaskKind.WAIT)
+                # A waiting poll must not keep a finished round's model alive.
+                phase = None
                 self._cond.wait(remaining)
 
     def decline(self, silo: str, *, task_id: str, round: int, reason: str) -> None:

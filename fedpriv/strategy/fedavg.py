@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import sys
 import threading
 from collections.abc import Callable
 
@@ -29,9 +31,16 @@ class FedAvgAggregator:
     Narrower or integer tensors get a float32/float64 accumulator of their own.
     """
 
-    def __init__(self, layout: TensorLayout) -> None:
+    def __init__(
+        self, layout: TensorLayout, *, payload: npt.NDArray[np.uint8] | None = None
+    ) -> None:
+        """Sum into `payload` (recycled, ``layout.payload_bytes``; zeroed here) or a new buffer."""
         self._layout = layout
-        self._payload = np.zeros(layout.payload_bytes, dtype=np.uint8)
+        if payload is not None and payload.nbytes == layout.payload_bytes:
+            payload.fill(0)  # resident pages: a memset, not a page fault per 4 KiB
+            self._payload = payload
+        else:
+            self._payload = np.zeros(layout.payload_bytes, dtype=np.uint8)
         self._sums: list[npt.NDArray[np.floating] | None] = []
         self._in_place: list[bool] = []
         for spec, offset in zip(layout.specs, layout.offsets, strict=True):
@@ -45,6 +54,7 @@ class FedAvgAggregator:
             )
         # Chunks never share bytes, so one lock per chunk lets different chunks fold in parallel.
         self._locks = [threading.Lock() for _ in range(max(layout.num_chunks, 1))]
+        # Per aggregator, so they go with the round: RPC threads come and go.
         self._local = threading.local()
 
     def _scratch(self, dtype: np.dtype[np.floating], count: int) -> npt.NDArray[np.floating]:
@@ -134,6 +144,30 @@ class FedAvg:
 
     name = "fedavg"
 
+    def __init__(self) -> None:
+        # Payloads of the models this strategy produced. One that nothing else holds
+        # any more (an old global model) becomes the next round's sum: a fresh
+        # model-sized buffer costs the kernel a zeroed page per 4 KiB (0.7 s for
+        # 200 MB measured here), a recycled one a memset.
+        self._issued: collections.deque[npt.NDArray[np.uint8]] = collections.deque(maxlen=8)
+
+    def _unreferenced(self, size: int) -> npt.NDArray[np.uint8] | None:
+        """One issued payload that nothing else holds; the others nothing holds are freed."""
+        found = None
+        candidates = list(self._issued)
+        self._issued.clear()
+        for payload in candidates:
+            # References: `candidates`, `payload` here and getrefcount's argument.
+            if sys.getrefcount(payload) > 3:
+                self._issued.append(payload)
+            elif found is None and payload.nbytes == size:
+                found = payload
+        return found
+
     def begin_round(self, round: int, *, model: Model) -> FedAvgAggregator:
         """Open a new running average with the global model's layout."""
-        return FedAvgAggregator(model.layout)
+        aggregator = FedAvgAggregator(
+            model.layout, payload=self._unreferenced(model.layout.payload_bytes)
+        )
+        self._issued.append(aggregator._payload)
+        return aggregator

@@ -92,3 +92,35 @@ def test_concurrent_folds_from_many_threads_are_exact():
     np.testing.assert_array_equal(
         aggregator.finalize(total_weight=8.0).arrays()["w"], np.ones(50_000)
     )
+
+
+def test_an_old_model_nobody_holds_becomes_a_later_rounds_sum_and_a_held_one_never_does():
+    import numpy as np
+
+    from fedpriv.strategy import FedAvg
+    from fedpriv.wire import Model
+
+    strategy = FedAvg()
+    model = Model.from_arrays({"w": np.zeros(1000, np.float32)}, chunk_bytes=512)
+
+    def round_with(value: float, base: Model) -> Model:
+        aggregator = strategy.begin_round(1, model=base)
+        update = Model.from_arrays({"w": np.full(1000, value, np.float32)}, chunk_bytes=512)
+        for offset, chunk in update.chunks():
+            aggregator.fold(offset, chunk, weight=2.0)
+        return aggregator.finalize(total_weight=2.0)
+
+    first = round_with(1.0, model)
+    kept = first.arrays()["w"]  # someone still holds the first model's tensors
+    second = round_with(2.0, first)
+    address = second.payload.ctypes.data
+    del first
+    third = round_with(3.0, second)
+    del second
+    fourth = round_with(4.0, third)
+    # The second model's buffer (held by nobody) was summed into again, from zero...
+    assert fourth.payload.ctypes.data == address
+    np.testing.assert_array_equal(fourth.arrays()["w"], np.full(1000, 4.0))
+    # ...while the first model's, still held, was never touched.
+    np.testing.assert_array_equal(kept, np.full(1000, 1.0))
+    np.testing.assert_array_equal(third.arrays()["w"], np.full(1000, 3.0))
