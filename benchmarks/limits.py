@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fold-params", type=int, default=50_000_000)
     parser.add_argument("--round-params", type=int, default=10_000_000)
     parser.add_argument("--round-clients", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    # Eight: the first two rounds allocate the buffers that later rounds reuse.
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--stream-bytes", type=int, default=512 * MIB)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes")
     args = parser.parse_args(argv)
