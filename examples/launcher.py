@@ -18,7 +18,15 @@ from collections.abc import Mapping, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-__all__ = ["ROOT", "fedpriv", "free_port", "make_pki", "run_federation"]
+__all__ = [
+    "ROOT",
+    "coordinator_toml",
+    "fedpriv",
+    "free_port",
+    "make_pki",
+    "run_federation",
+    "silo_toml",
+]
 
 
 def fedpriv(*args: str) -> list[str]:
@@ -58,6 +66,67 @@ def make_pki(pki: pathlib.Path, *, federation: str, silos: Sequence[str]) -> Non
     )
     for name in silos:
         _run(fedpriv("pki", "issue", name, "--client", "--dir", str(pki)))
+
+
+def coordinator_toml(
+    *,
+    federation: str,
+    silos: Sequence[str],
+    port: int,
+    rounds: str,
+    model: str,
+    top: str = "",
+    rest: str = "",
+) -> str:
+    """A coordinator's TOML on 127.0.0.1:`port` with the certificates of :func:`make_pki`.
+
+    `rounds` and `model` are the bodies of those tables; `top` goes before the
+    first table (top-level keys) and `rest` after the last.
+    """
+    allowed = ", ".join(f'"{name}"' for name in silos)
+    return f"""{top}[federation]
+name = "{federation}"
+allowed_silos = [{allowed}]
+
+[server]
+address = "127.0.0.1:{port}"
+heartbeat_interval_s = 5
+poll_wait_s = 10
+
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "pki/coordinator.key"
+
+[rounds]
+{rounds.strip()}
+
+[model]
+{model.strip()}
+
+[store]
+dir = "state"
+{rest}"""
+
+
+def silo_toml(*, name: str, port: int, app: str, rest: str = "") -> str:
+    """Silo `name`'s TOML: the coordinator on 127.0.0.1:`port`, its certificate, `[app]`."""
+    tail = f"\n{rest.strip()}\n" if rest.strip() else ""
+    return f"""[coordinator]
+address = "127.0.0.1:{port}"
+
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/{name}.crt"
+key = "pki/{name}.key"
+
+[client]
+poll_wait_s = 10
+reconnect_timeout_s = 120
+
+[app]
+{app.strip()}
+{tail}"""
 
 
 def run_federation(

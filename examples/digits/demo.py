@@ -17,7 +17,13 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from examples.launcher import free_port, make_pki, run_federation  # noqa: E402
+from examples.launcher import (  # noqa: E402
+    coordinator_toml,
+    free_port,
+    make_pki,
+    run_federation,
+    silo_toml,
+)
 
 # DP-SGD to epsilon 8 at delta 1e-5 over the planned rounds; the silo's own ledger
 # enforces the same budget.
@@ -61,61 +67,30 @@ def write_configs(
     compression: str = "none",
 ) -> None:
     names = [f"silo-{k + 1}" for k in range(silos)]
-    allowed = ", ".join(f'"{n}"' for n in names)
     (work / "coordinator.toml").write_text(
-        ("secure_aggregation = true\n\n" if secagg else "")
-        + f"""[federation]
-name = "digits"
-allowed_silos = [{allowed}]
-
-[server]
-address = "127.0.0.1:{port}"
-heartbeat_interval_s = 5
-poll_wait_s = 10
-
-[tls]
-ca = "pki/ca.crt"
-cert = "pki/coordinator.crt"
-key = "pki/coordinator.key"
-
-[rounds]
+        coordinator_toml(
+            federation="digits",
+            silos=names,
+            port=port,
+            top="secure_aggregation = true\n\n" if secagg else "",
+            rounds=f"""
 num_rounds = {rounds}
 min_clients = {silos}
 deadline_s = 300
 update_compression = "{compression}"
 client_config = {{ epochs = {4 if dp else 3} }}
-
-[model]
-factory = "examples.digits.app:{"make_private_model" if dp else "make_model"}"
-
-[store]
-dir = "state"
-"""
-        + (
-            CENTRAL_DP.format(z=fed_noise, clip=clip, adaptive=str(not secagg).lower())
+""",
+            model=f'factory = "examples.digits.app:{"make_private_model" if dp else "make_model"}"',
+            rest=CENTRAL_DP.format(z=fed_noise, clip=clip, adaptive=str(not secagg).lower())
             if dp and fed_noise > 0
-            else ""
+            else "",
         )
     )
     for k, name in enumerate(names):
+        app = f"silo_index = {k}\nnum_silos = {silos}\n"
+        app += PRIVATE_APP.format(rounds=rounds) if dp else "lr = 0.001"
         (work / f"{name}.toml").write_text(
-            f"""[coordinator]
-address = "127.0.0.1:{port}"
-
-[tls]
-ca = "pki/ca.crt"
-cert = "pki/{name}.crt"
-key = "pki/{name}.key"
-
-[client]
-poll_wait_s = 10
-reconnect_timeout_s = 120
-
-[app]
-silo_index = {k}
-num_silos = {silos}
-{PRIVATE_APP.format(rounds=rounds) if dp else "lr = 0.001"}
-{PRIVACY.format(name=name) if dp else ""}"""
+            silo_toml(name=name, port=port, app=app, rest=PRIVACY.format(name=name) if dp else "")
         )
 
 

@@ -16,7 +16,13 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from examples.launcher import free_port, make_pki, run_federation  # noqa: E402
+from examples.launcher import (  # noqa: E402
+    coordinator_toml,
+    free_port,
+    make_pki,
+    run_federation,
+    silo_toml,
+)
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -24,36 +30,16 @@ HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 def write_configs(
     work: pathlib.Path, *, rounds: int, epsilon: float, fed_noise: float, port: int
 ) -> None:
-    allowed = ", ".join(f'"{h}"' for h in HOSPITALS)
     (work / "coordinator.toml").write_text(
-        f"""# The coordinator sees only the sum of the hospitals' updates, already noised.
-secure_aggregation = true
-
-[federation]
-name = "hospitals"
-allowed_silos = [{allowed}]
-
-[server]
-address = "127.0.0.1:{port}"
-heartbeat_interval_s = 5
-poll_wait_s = 10
-
-[tls]
-ca = "pki/ca.crt"
-cert = "pki/coordinator.crt"
-key = "pki/coordinator.key"
-
-[rounds]
-num_rounds = {rounds}
-min_clients = 3
-deadline_s = 300
-
-[model]
-factory = "examples.hospitals.app:make_model"
-
-[store]
-dir = "state"
-
+        coordinator_toml(
+            federation="hospitals",
+            silos=HOSPITALS,
+            port=port,
+            # The coordinator sees only the sum of the hospitals' updates, already noised.
+            top="secure_aggregation = true\n\n",
+            rounds=f"num_rounds = {rounds}\nmin_clients = 3\ndeadline_s = 300",
+            model='factory = "examples.hospitals.app:make_model"',
+            rest=f"""
 # Hospital-level DP: each update clipped to norm 0.5; the hospitals add the
 # Skellam noise between them before masking.
 [dp]
@@ -63,34 +49,24 @@ delta = 1e-5
 
 [secagg]
 clip_norm = 0.5
-"""
+""",
+        )
     )
     for index, name in enumerate(HOSPITALS):
-        (work / f"{name}.toml").write_text(
-            f"""[coordinator]
-address = "127.0.0.1:{port}"
-
-[tls]
-ca = "pki/ca.crt"
-cert = "pki/{name}.crt"
-key = "pki/{name}.key"
-
-[client]
-poll_wait_s = 10
-
-[app]
+        app = f"""
 hospital_index = {index}
 target_epsilon = {epsilon}
 planned_rounds = {rounds}
 delta = 1e-5
-
+"""
+        budget = f"""
 # The hospital's own budget: a round that would pass it is refused before training.
 [privacy]
 epsilon = {epsilon}
 delta = 1e-5
 ledger = "ledgers/{name}.json"
 """
-        )
+        (work / f"{name}.toml").write_text(silo_toml(name=name, port=port, app=app, rest=budget))
 
 
 def main() -> int:

@@ -42,9 +42,7 @@ PUBLIC_MODULES = (
 
 def encode(text: str) -> torch.Tensor:
     """Characters to token ids."""
-    ids = [
-        0 if c == "\n" else (ord(c) - 31 if 32 <= ord(c) < 127 else VOCAB - 1) for c in text
-    ]
+    ids = [0 if c == "\n" else (ord(c) - 31 if 32 <= ord(c) < 127 else VOCAB - 1) for c in text]
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -22,61 +22,37 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from examples.launcher import free_port, make_pki, run_federation  # noqa: E402
+from examples.launcher import (  # noqa: E402
+    coordinator_toml,
+    free_port,
+    make_pki,
+    run_federation,
+    silo_toml,
+)
 from examples.lm import app  # noqa: E402
 
 SILOS = ("silo-1", "silo-2", "silo-3")
 
 
 def write_configs(work: pathlib.Path, *, rounds: int, port: int) -> None:
-    allowed = ", ".join(f'"{s}"' for s in SILOS)
     (work / "coordinator.toml").write_text(
-        f"""[federation]
-name = "lm"
-allowed_silos = [{allowed}]
-
-[server]
-address = "127.0.0.1:{port}"
-heartbeat_interval_s = 5
-poll_wait_s = 10
-
-[tls]
-ca = "pki/ca.crt"
-cert = "pki/coordinator.crt"
-key = "pki/coordinator.key"
-
-[rounds]
+        coordinator_toml(
+            federation="lm",
+            silos=SILOS,
+            port=port,
+            rounds=f"""
 num_rounds = {rounds}
 min_clients = 3
 deadline_s = 600
 client_config = {{ epochs = 1 }}
-
-[model]
-checkpoint = "pretrained.fpck"   # the pretrained network is the starting point
-
-[store]
-dir = "state"
-"""
+""",
+            # The pretrained network is the starting point.
+            model='checkpoint = "pretrained.fpck"',
+        )
     )
     for index, name in enumerate(SILOS):
-        (work / f"{name}.toml").write_text(
-            f"""[coordinator]
-address = "127.0.0.1:{port}"
-
-[tls]
-ca = "pki/ca.crt"
-cert = "pki/{name}.crt"
-key = "pki/{name}.key"
-
-[client]
-poll_wait_s = 10
-
-[app]
-silo_index = {index}
-num_silos = {len(SILOS)}
-lr = 0.003
-"""
-        )
+        app = f"silo_index = {index}\nnum_silos = {len(SILOS)}\nlr = 0.003"
+        (work / f"{name}.toml").write_text(silo_toml(name=name, port=port, app=app))
 
 
 def held_out_perplexity(model_state: dict[str, object]) -> float:
