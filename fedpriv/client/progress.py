@@ -40,7 +40,10 @@ def set_mode(mode: ProgressMode) -> None:
 class EpochProgress:
     """Progress of one ``fit`` call: a bar per epoch, advanced per batch."""
 
-    def __init__(self, *, epochs: int, batches: int | None, label: str, bars: bool) -> None:
+    def __init__(
+        self, *, epochs: int, batches: int | None, label: str, bars: bool, silent: bool = False
+    ) -> None:
+        self._silent = silent
         self._epochs = epochs
         self._batches = batches
         self._label = label
@@ -50,7 +53,7 @@ class EpochProgress:
         self._last_loss = float("nan")
         self._task: Any = None
         self._progress: Any = None
-        if bars:
+        if bars and not silent:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -89,7 +92,7 @@ class EpochProgress:
                     description=f"{self._label} epoch {self._epoch}/{self._epochs} "
                     f"loss {mean_loss:.4f}",
                 )
-        else:
+        elif not self._silent:
             logger.info(
                 "%s epoch %d/%d loss %.4f (%.2f s)",
                 self._label,
@@ -114,34 +117,18 @@ class EpochProgress:
             )
 
 
-class _Silent(EpochProgress):
-    def __init__(self) -> None:  # noqa: D107  # nothing to set up
-        pass
-
-    def batch(self) -> None:  # noqa: D102
-        pass
-
-    def epoch_done(self, mean_loss: float) -> None:  # noqa: D102
-        pass
-
-    def close(self) -> None:  # noqa: D102
-        pass
-
-
 @contextlib.contextmanager
 def training_progress(*, epochs: int, batches: int | None, label: str) -> Iterator[EpochProgress]:
     """Show the progress of one ``fit`` call as the process-wide mode says."""
     mode = _mode
     if mode is ProgressMode.AUTO:
         mode = ProgressMode.BARS if sys.stderr.isatty() else ProgressMode.LINES
-    if mode is ProgressMode.OFF or (
+    silent = mode is ProgressMode.OFF or (
         mode is ProgressMode.LINES and not logger.isEnabledFor(logging.INFO)
-    ):
-        progress: EpochProgress = _Silent()
-    else:
-        progress = EpochProgress(
-            epochs=epochs, batches=batches, label=label, bars=mode is ProgressMode.BARS
-        )
+    )
+    progress = EpochProgress(
+        epochs=epochs, batches=batches, label=label, bars=mode is ProgressMode.BARS, silent=silent
+    )
     try:
         yield progress
     finally:
