@@ -176,7 +176,6 @@ def _cmd_client(args: argparse.Namespace) -> int:
     from fedpriv.client import run_client
     from fedpriv.client.config import ClientConfig
     from fedpriv.coordinator.daemon import load_factory
-    from fedpriv.transport import TLSConfig
 
     if args.quiet:
         from fedpriv.client.progress import ProgressMode, set_mode
@@ -184,15 +183,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         set_mode(ProgressMode.OFF)
     data, base = _read_toml(args.config)
     config = ClientConfig.from_dict(data, base_dir=base)
-    if not config.has_tls and not args.insecure:
-        raise ConfigError(
-            "[tls] ca, cert and key are required; use --insecure only on a trusted network"
-        )
-    tls = (
-        None
-        if args.insecure or config.ca is None or config.cert is None or config.key is None
-        else TLSConfig.from_files(ca=config.ca, cert=config.cert, key=config.key)
-    )
+    tls = config.tls(insecure=args.insecure)
     ledger = None
     if config.budget is not None and config.ledger is not None:
         from fedpriv.privacy.ledger import PrivacyLedger

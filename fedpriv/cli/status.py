@@ -9,27 +9,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedpriv.client.config import ClientConfig
-from fedpriv.errors import ConfigError
-from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
+from fedpriv.transport import error_from_rpc, open_channel
 from fedpriv.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = ["check_health", "format_status", "query_status", "to_json"]
 
 
 def _channel(config: ClientConfig, *, insecure: bool, identity: str | None) -> grpc.Channel:
-    if not insecure and (config.ca is None or config.cert is None or config.key is None):
-        raise ConfigError(
-            "[tls] ca, cert and key are required (an operator's certificate); "
-            "use --insecure only on a trusted network"
-        )
-    tls = (
-        None
-        if insecure or config.ca is None or config.cert is None or config.key is None
-        else TLSConfig.from_files(ca=config.ca, cert=config.cert, key=config.key)
-    )
     return open_channel(
         config.coordinator,
-        tls=tls,
+        tls=config.tls(insecure=insecure),
         insecure=insecure,
         identity=identity or config.identity,
         server_name=config.server_name,

@@ -11,6 +11,7 @@ from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.ledger import PrivacyBudget
+from fedpriv.transport import TLSConfig
 
 __all__ = ["ClientConfig"]
 
@@ -56,10 +57,19 @@ class ClientConfig:
         if self.poll_wait_s < 1:
             raise ConfigError(f"client.poll_wait_s = {self.poll_wait_s}: must be >= 1")
 
-    @property
-    def has_tls(self) -> bool:
-        """Whether certificate files are configured."""
-        return self.ca is not None
+    def tls(self, *, insecure: bool) -> TLSConfig | None:
+        """The TLS material to connect with; None with `insecure` (plain text).
+
+        Raises:
+            ConfigError: No certificate files are configured and `insecure` is not set.
+        """
+        if insecure:
+            return None
+        if self.ca is None or self.cert is None or self.key is None:
+            raise ConfigError(
+                "[tls] ca, cert and key are required; use --insecure only on a trusted network"
+            )
+        return TLSConfig.from_files(ca=self.ca, cert=self.cert, key=self.key)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: pathlib.Path) -> ClientConfig:
