@@ -210,19 +210,32 @@ def print_table(rows: list[Row]) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--params", type=int, nargs="+", default=[1_000_000, 10_000_000, 50_000_000]
-    )
-    parser.add_argument("--clients", type=int, nargs="+", default=[2, 8])
+def parse_sizes(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    *,
+    params: tuple[int, ...] = (1_000_000, 10_000_000, 50_000_000),
+    clients: tuple[int, ...] = (2, 8),
+    smoke_clients: int = 2,
+) -> argparse.Namespace:
+    """Add the options every round benchmark takes (--params, --clients, --rounds, --smoke) and parse."""
+    parser.add_argument("--params", type=int, nargs="+", default=list(params))
+    parser.add_argument("--clients", type=int, nargs="+", default=list(clients))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: P=10k, N=2, 2 rounds")
+    parser.add_argument(
+        "--smoke", action="store_true", help=f"tiny sizes: P=10k, N={smoke_clients}, 2 rounds"
+    )
     args = parser.parse_args(argv)
     # The benchmark's CA is thrown away with its folder; its unencrypted key is fine.
     logging.getLogger("fedpriv.pki").setLevel(logging.ERROR)
     if args.smoke:
-        args.params, args.clients, args.rounds = [10_000], [2], 2
+        args.params, args.clients, args.rounds = [10_000], [smoke_clients], 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args = parse_sizes(parser, argv)
     rows = []
     for params in args.params:
         for clients in args.clients:

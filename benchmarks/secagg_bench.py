@@ -16,7 +16,6 @@ processes' own logs; round time is the coordinator's, from its SQLite store.
 from __future__ import annotations
 
 import argparse
-import logging
 import pathlib
 import re
 import statistics
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.round_bench import run_one  # noqa: E402
+from benchmarks.round_bench import parse_sizes, run_one  # noqa: E402
 
 TARGET_RATIO = 1.5
 SECURE = "secure_aggregation = true\n[secagg]\nclip_norm = 100.0\n"
@@ -130,14 +129,9 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--clients", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: P=10k, N=3, 2 rounds")
-    args = parser.parse_args(argv)
-    logging.getLogger("fedpriv.pki").setLevel(logging.ERROR)
-    if args.smoke:
-        args.params, args.clients, args.rounds = [10_000], [3], 2
+    args = parse_sizes(
+        parser, argv, params=(1_000_000, 10_000_000), clients=(4, 8, 16), smoke_clients=3
+    )
     rows = []
     for params in args.params:
         for clients in args.clients:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import pathlib
 import statistics
@@ -43,7 +42,7 @@ import psutil
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.round_bench import free_port, run_one  # noqa: E402
+from benchmarks.round_bench import free_port, parse_sizes, run_one  # noqa: E402
 
 FLOWER_APP = ROOT / "benchmarks" / "flower_app"
 ROUND_TARGET = 0.2
@@ -274,17 +273,8 @@ def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--params", type=int, nargs="+", default=[1_000_000, 10_000_000, 50_000_000]
-    )
-    parser.add_argument("--clients", type=int, nargs="+", default=[2, 8])
-    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flower-timeout-s", type=float, default=1200.0)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: P=10k, N=2, 2 rounds")
-    args = parser.parse_args(argv)
-    logging.getLogger("fedpriv.pki").setLevel(logging.ERROR)
-    if args.smoke:
-        args.params, args.clients, args.rounds = [10_000], [2], 2
+    args = parse_sizes(parser, argv)
     rows = []
     for params in args.params:
         for clients in args.clients:
