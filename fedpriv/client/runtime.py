@@ -44,7 +44,7 @@ from fedpriv.wire import (
     scalars_from_proto,
     scalars_to_proto,
 )
-from fedpriv.wire.frames import RawChunk, chunk_frame, parse_with_chunks, serialize
+from fedpriv.wire.frames import chunk_frame, chunk_of, parse_with_chunks, serialize
 
 __all__ = ["Backoff", "ClientStats", "run_client"]
 
@@ -161,15 +161,11 @@ def _receive_task(
     reused = buffers.take(layout.payload_bytes) if buffers is not None else None
     assembler = PayloadAssembler(layout, buffer=reused)
     for message in stream:
-        data: bytes | memoryview
-        if isinstance(message, RawChunk):
-            offset, data = message.offset, message.data
-        elif message.WhichOneof("part") == "chunk":
-            offset, data = message.chunk.offset, message.chunk.data
-        else:
+        chunk = chunk_of(message)
+        if chunk is None:
             raise ProtocolError("only chunks may follow a Task")
-        assembler.add(offset, data)
-        stats.bytes_received += len(data)
+        assembler.add(*chunk)
+        stats.bytes_received += len(chunk[1])
     return _Task(task, layout, assembler.finish())
 
 

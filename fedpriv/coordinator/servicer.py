@@ -12,7 +12,7 @@ from fedpriv.errors import ProtocolError
 from fedpriv.transport import peer_identity, rpc_error_translator
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
-from fedpriv.wire.frames import RawChunk, chunk_frame, parse_with_chunks, serialize
+from fedpriv.wire.frames import chunk_frame, chunk_of, parse_with_chunks, serialize
 
 __all__ = ["FleetServicer", "add_fleet_servicer"]
 
@@ -119,12 +119,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
             )
             try:
                 for message in request_iterator:
-                    if isinstance(message, RawChunk):  # a view into the received message
-                        upload.add_chunk(message.offset, message.data)
-                    elif message.WhichOneof("part") == "chunk":
-                        upload.add_chunk(message.chunk.offset, message.chunk.data)
-                    else:
+                    chunk = chunk_of(message)
+                    if chunk is None:
                         raise ProtocolError("only TensorChunk messages may follow the ResultHeader")
+                    upload.add_chunk(*chunk)
             except Exception as err:
                 self._federation.complete_upload(upload, error=err)
                 raise

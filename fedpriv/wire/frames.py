@@ -17,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["RawChunk", "chunk_frame", "decode_chunk_frame", "parse_with_chunks", "serialize"]
+__all__ = [
+    "RawChunk",
+    "chunk_frame",
+    "chunk_of",
+    "decode_chunk_frame",
+    "parse_with_chunks",
+    "serialize",
+]
 
 _CHUNK_TAG = 0x12  # field 2, length-delimited: the `chunk` of both stream messages
 _OFFSET_TAG = 0x08  # TensorChunk.offset: field 1, varint
@@ -107,6 +114,15 @@ def parse_with_chunks(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         return chunk if chunk is not None else parse(data)
 
     return deserialize
+
+
+def chunk_of(message: Any) -> tuple[int, bytes | memoryview] | None:
+    """``(offset, data)`` of a stream message from :func:`parse_with_chunks`; None if no chunk."""
+    if isinstance(message, RawChunk):  # a view into the received message
+        return message.offset, message.data
+    if message.WhichOneof("part") == "chunk":
+        return message.chunk.offset, message.chunk.data
+    return None
 
 
 def serialize(message: Any) -> bytes:
