@@ -11,7 +11,7 @@ from fedpriv.coordinator.config import (
 )
 from fedpriv.coordinator.daemon import Coordinator, load_initial_model
 from fedpriv.coordinator.federation import Federation, RoundReporter, RoundSummary
-from fedpriv.coordinator.store import Store, read_checkpoint, write_checkpoint
+from fedpriv.coordinator.store import Store, map_checkpoint, read_checkpoint, write_checkpoint
 
 __all__ = [
     "Coordinator",
@@ -25,6 +25,7 @@ __all__ = [
     "Store",
     "TLSFiles",
     "load_initial_model",
+    "map_checkpoint",
     "read_checkpoint",
     "write_checkpoint",
 ]

@@ -17,7 +17,7 @@ from fedpriv.coordinator.admin import AdminServicer
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
 from fedpriv.coordinator.servicer import FleetServicer, add_fleet_servicer
-from fedpriv.coordinator.store import Store, read_checkpoint
+from fedpriv.coordinator.store import Store, map_checkpoint, read_checkpoint
 from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.strategy import FedAvg, Strategy
@@ -110,15 +110,20 @@ class Coordinator:
         self.store = Store(config.state_dir)
         committed = self.store.last_committed()
         if committed is None:
-            model = load_initial_model(config.model)
-            self.store.commit_round(
-                round=0, model=model, started_unix_s=0.0, selected=0, accepted=0, total_weight=0.0
+            committed = self.store.commit_round(
+                round=0,
+                model=load_initial_model(config.model),
+                started_unix_s=0.0,
+                selected=0,
+                accepted=0,
+                total_weight=0.0,
             )
             next_round = 1
         else:
-            model = read_checkpoint(committed.checkpoint, sha256=committed.sha256)
             next_round = committed.round + 1
             logger.info("resuming after committed round=%d", committed.round)
+        # The global model is served from its checkpoint's pages, not held in memory.
+        model = map_checkpoint(committed.checkpoint, sha256=committed.sha256)
         if strategy is None and config.strategy.flower is not None:
             from fedpriv.strategy.flower import flower_strategy
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator.config import CoordinatorConfig
-from fedpriv.coordinator.store import Store
+from fedpriv.coordinator.store import Store, map_checkpoint
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
 from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, epsilon_from_rdp, total_rdp
@@ -841,6 +841,7 @@ class Federation:
             part = total[position : position + spec.numel].reshape(spec.shape)
             position += spec.numel
             arrays[spec.name] = (current.astype(np.float64) + part).astype(current.dtype)
+        self._model.evict(0, self._model.layout.payload_bytes)
         model = Model.from_arrays(arrays, layout=self._model.layout)
         metrics: dict[str, float] = {"survivors": float(len(survivors))}
         dp = self.config.dp
@@ -916,7 +917,7 @@ class Federation:
             federation_metrics = self._privatize(train)
             model = train.aggregator.finalize(total_weight=train.total_weight)
         # The privacy spend is committed with the model it paid for, in one transaction.
-        self._store.commit_round(
+        committed = self._store.commit_round(
             round=round,
             model=model,
             started_unix_s=started_unix,
@@ -928,8 +929,11 @@ class Federation:
         self._store.record_attempt(
             round=round, started_unix_s=started_unix, outcome="completed", detail=""
         )
+        # Served from the checkpoint's pages from now on: the buffer `model` was summed
+        # in is free for the next round's sum, so the process holds one model, not two.
+        served = map_checkpoint(committed.checkpoint)
         with self._cond:
-            self._model = model
+            self._model = served
         fit_metrics = weighted_means(train.results)
         self._store.record_metrics(round=round, source="fit", values=fit_metrics)
         silo_metrics = {r.silo: dict(r.metrics) for r in train.results}

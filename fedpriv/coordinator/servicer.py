@@ -78,7 +78,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 if not context.is_active():
                     return
                 # A hand-made frame: the chunk's bytes are copied once, not four times.
-                yield chunk_frame(offset, (view,), len(view))
+                frame = chunk_frame(offset, (view,), len(view))
+                # The frame holds the bytes now; a model served from its checkpoint
+                # keeps only the chunks in flight mapped in.
+                task.model.evict(offset, len(view))
+                yield frame
 
     def PushResult(  # noqa: N802, D102
         self, request_iterator: Iterator[fleet_pb2.ResultMessage], context: grpc.ServicerContext

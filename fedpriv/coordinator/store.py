@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
+import os
 import pathlib
 import sqlite3
 import struct
@@ -17,16 +19,18 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from fedpriv._types import Scalar
 from fedpriv.errors import StoreError
 from fedpriv.storage import write_atomic_parts
 from fedpriv.v1 import tensor_pb2
-from fedpriv.wire import Model, layout_from_proto
+from fedpriv.wire import Model, TensorLayout, layout_from_proto
 
-__all__ = ["CommittedRound", "Store", "read_checkpoint", "write_checkpoint"]
+__all__ = ["CommittedRound", "Store", "map_checkpoint", "read_checkpoint", "write_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,35 +115,77 @@ def write_checkpoint(path: pathlib.Path, model: Model) -> str:
     return digest.hexdigest()
 
 
+def _read_header(handle: BinaryIO, path: pathlib.Path) -> tuple[TensorLayout, bytes]:
+    """The layout of the checkpoint open in `handle` and the bytes before its payload."""
+    magic = handle.read(len(_MAGIC))
+    raw_length = handle.read(_LENGTH.size)
+    if magic != _MAGIC or len(raw_length) != _LENGTH.size:
+        raise StoreError(f"{path} is not a fedpriv checkpoint")
+    (length,) = _LENGTH.unpack(raw_length)
+    raw_header = handle.read(length)
+    try:
+        header = tensor_pb2.TensorHeader.FromString(raw_header)
+    except DecodeError as err:
+        raise StoreError(f"{path}: corrupt header: {err}") from err
+    layout, problems = layout_from_proto(header)
+    if layout is None:
+        raise StoreError(f"{path}: corrupt header: {'; '.join(problems)}")
+    return layout, magic + raw_length + raw_header
+
+
+def _check_digest(path: pathlib.Path, digest: str, sha256: str | None) -> None:
+    if sha256 is not None and digest != sha256:
+        raise StoreError(f"{path}: SHA-256 differs from the committed round; file corrupt")
+
+
 def read_checkpoint(path: pathlib.Path, *, sha256: str | None = None) -> Model:
-    """Read a checkpoint written by :func:`write_checkpoint`.
+    """Read a checkpoint written by :func:`write_checkpoint` into memory.
 
     Raises:
         StoreError: The file is missing, truncated, corrupt or its hash differs.
     """
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
-            magic = handle.read(len(_MAGIC))
-            raw_length = handle.read(_LENGTH.size)
-            if magic != _MAGIC or len(raw_length) != _LENGTH.size:
-                raise StoreError(f"{path} is not a fedpriv checkpoint")
-            (length,) = _LENGTH.unpack(raw_length)
-            raw_header = handle.read(length)
-            header = tensor_pb2.TensorHeader.FromString(raw_header)
-            layout, problems = layout_from_proto(header)
-            if layout is None:
-                raise StoreError(f"{path}: corrupt header: {'; '.join(problems)}")
+            layout, prefix = _read_header(handle, path)
             payload = np.empty(layout.payload_bytes, dtype=np.uint8)
             if handle.readinto(payload.data) != layout.payload_bytes or handle.read(1):
                 raise StoreError(f"{path}: payload length differs from its header")
     except OSError as err:
         raise StoreError(f"cannot read checkpoint {path}: {err.strerror}") from err
     if sha256 is not None:
-        for part in (magic, raw_length, raw_header, payload.data):
-            digest.update(part)
-        if digest.hexdigest() != sha256:
-            raise StoreError(f"{path}: SHA-256 differs from the committed round; file corrupt")
+        digest = hashlib.sha256(prefix)
+        digest.update(payload.data)
+        _check_digest(path, digest.hexdigest(), sha256)
+    return Model(layout=layout, payload=payload)
+
+
+def map_checkpoint(path: pathlib.Path, *, sha256: str | None = None) -> Model:
+    """Map a checkpoint's payload read-only, without reading it into memory.
+
+    The coordinator serves the global model this way: its pages live in the
+    kernel's page cache, which the process shares and the kernel may reclaim,
+    and the server maps in only the chunks it is sending (see
+    :meth:`Model.evict`). The file must not be modified while mapped;
+    checkpoints are written once, to a temporary name, and renamed into place.
+
+    Raises:
+        StoreError: The file is missing, truncated, corrupt or its hash differs.
+    """
+    try:
+        with open(path, "rb") as handle:
+            layout, prefix = _read_header(handle, path)
+            size = os.fstat(handle.fileno()).st_size
+            if size != len(prefix) + layout.payload_bytes:
+                raise StoreError(f"{path}: payload length differs from its header")
+            if sha256 is not None:
+                handle.seek(0)
+                # Reads through a small buffer: the file is hashed, not loaded.
+                _check_digest(path, hashlib.file_digest(handle, "sha256").hexdigest(), sha256)
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise StoreError(f"cannot read checkpoint {path}: {err.strerror}") from err
+    # The array keeps the mapping open; it is unmapped when the last view goes.
+    payload = np.frombuffer(mapping, np.uint8, count=layout.payload_bytes, offset=len(prefix))
     return Model(layout=layout, payload=payload)
 
 

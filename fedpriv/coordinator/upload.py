@@ -226,6 +226,7 @@ class Upload:
         base = np.frombuffer(self._base.payload, dtype="<f4", count=length // 4, offset=offset)
         # In place in the decoded buffer: no further copy before the spool and the fold.
         np.add(difference, base, out=difference)
+        self._base.evict(offset, length)
         return difference.view(np.uint8).data
 
     def _count_nonfinite(self, offset: int, data: bytes | memoryview) -> bool:
@@ -263,6 +264,7 @@ class Upload:
                 new, old = bfloat16_to_float32(new), bfloat16_to_float32(old)
             diff = new.astype(np.float64) - old.astype(np.float64)
             total += float(np.dot(diff, diff))
+        self._base.evict(offset, len(data))
         return total
 
     def _fold_spool(self, weight: float, base_weight: float) -> None:
@@ -275,6 +277,7 @@ class Upload:
             if base_weight and self._base is not None:
                 base_chunk = self._base.payload[offset : offset + length].data
                 self._aggregator.fold(offset, base_chunk, weight=base_weight)
+                self._base.evict(offset, length)
 
     def _undo(self) -> None:
         """Subtract every folded chunk again (caller holds the lock)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -53,3 +54,23 @@ class Model:
         for index in range(self.layout.num_chunks):
             offset, length = self.layout.chunk_range(index)
             yield offset, view[offset : offset + length]
+
+    def evict(self, offset: int, length: int) -> None:
+        """Unmap bytes ``[offset, offset + length)`` from the process when the payload maps a file.
+
+        The data does not change: the pages stay in the kernel's page cache and
+        the next read maps them in again. A model served from a file this way
+        costs the process the chunks being read, not its whole size. A no-op for
+        a payload in ordinary memory.
+        """
+        mapping = self.payload.base
+        if isinstance(mapping, memoryview):  # what np.frombuffer keeps of an mmap
+            mapping = mapping.obj
+        if not isinstance(mapping, mmap.mmap) or length <= 0:
+            return
+        # Where the payload starts in the mapping (a checkpoint's header comes first).
+        start = self.payload.ctypes.data - np.frombuffer(mapping, np.uint8, count=1).ctypes.data
+        first = (start + offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = min(start + offset + length, len(mapping))
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 
-from fedpriv.coordinator import Store, read_checkpoint, write_checkpoint
+from fedpriv.coordinator import Store, map_checkpoint, read_checkpoint, write_checkpoint
 from fedpriv.errors import StoreError
 from fedpriv.wire import Model
 
@@ -29,6 +32,55 @@ def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
         read_checkpoint(path)
     with pytest.raises(StoreError, match="cannot read"):
         read_checkpoint(tmp_path / "missing.fpck")
+
+
+def _mapped_kib(path):
+    """KiB of `path`'s mapping resident in this process (Linux smaps)."""
+    total, inside = 0, False
+    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def test_mapped_checkpoint_reads_like_the_file_and_is_checked(tmp_path):
+    model = Model.from_arrays({"w": np.arange(100_000, dtype=np.float32), "n": np.array(3)})
+    path = tmp_path / "m.fpck"
+    digest = write_checkpoint(path, model)
+    mapped = map_checkpoint(path, sha256=digest)
+    assert mapped.layout == model.layout
+    np.testing.assert_array_equal(mapped.payload, model.payload)
+    assert not mapped.payload.flags.writeable
+    assert [(o, bytes(c)) for o, c in mapped.chunks()] == [(o, bytes(c)) for o, c in model.chunks()]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="SHA-256 differs"):
+        map_checkpoint(path, sha256=digest)
+    path.write_bytes(bytes(data[:-4]))
+    with pytest.raises(StoreError, match="payload length"):
+        map_checkpoint(path)
+    with pytest.raises(StoreError, match="cannot read"):
+        map_checkpoint(tmp_path / "missing.fpck")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads resident pages from /proc/self/smaps")
+def test_evicted_chunks_leave_the_process_but_keep_their_bytes(tmp_path):
+    model = Model.from_arrays({"w": np.arange(4_000_000, dtype=np.float32)})  # 16 MB
+    path = tmp_path / "m.fpck"
+    write_checkpoint(path, model)
+    mapped = map_checkpoint(path)
+    served = b"".join(bytes(chunk) for _, chunk in mapped.chunks())
+    assert _mapped_kib(path) >= 15_000  # every page was read, so mapped in
+    for offset, chunk in mapped.chunks():
+        mapped.evict(offset, len(chunk))
+    assert _mapped_kib(path) <= 8  # at most the header's page
+    assert b"".join(bytes(c) for _, c in mapped.chunks()) == served == model.payload.tobytes()
+    in_memory = Model.from_arrays({"w": np.ones(4, np.float32)})
+    in_memory.evict(0, 16)  # a payload in ordinary memory: nothing to do
+    assert in_memory.arrays()["w"].tolist() == [1.0] * 4
 
 
 def test_committed_rounds_survive_reopening(tmp_path):
