@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_app import model_arrays  # noqa: E402
 from fedpriv.coordinator import write_checkpoint  # noqa: E402
 from fedpriv.pki import CertificateAuthority, Role  # noqa: E402
-from fedpriv.wire import Model  # noqa: E402
+from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Model  # noqa: E402
 
 RSS_LIMIT_FACTOR = 4.0
 
@@ -78,6 +78,7 @@ def run_one(
     *,
     extra_config: str = "",
     insecure: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Row:
     """One federation; `extra_config` is put at the top of the coordinator's TOML.
 
@@ -86,7 +87,9 @@ def run_one(
     """
     make_pki(work, clients)
     port = free_port()
-    write_checkpoint(work / "initial.fpck", Model.from_arrays(model_arrays(params)))
+    write_checkpoint(
+        work / "initial.fpck", Model.from_arrays(model_arrays(params), chunk_bytes=chunk_bytes)
+    )
     (work / "coordinator.toml").write_text(f"""{extra_config}
 [server]
 address = "127.0.0.1:{port}"
@@ -235,13 +238,27 @@ def parse_sizes(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help=f"the model's chunk size (default {DEFAULT_CHUNK_BYTES}, at most {MAX_CHUNK_BYTES})",
+    )
     args = parse_sizes(parser, argv)
     rows = []
     for params in args.params:
         for clients in args.clients:
             with tempfile.TemporaryDirectory(prefix="fedpriv-bench-") as tmp:
                 started = time.monotonic()
-                rows.append(run_one(params, clients, args.rounds, pathlib.Path(tmp)))
+                rows.append(
+                    run_one(
+                        params,
+                        clients,
+                        args.rounds,
+                        pathlib.Path(tmp),
+                        chunk_bytes=args.chunk_bytes,
+                    )
+                )
                 print(
                     f"# P={params:,} N={clients} done in {time.monotonic() - started:.0f} s",
                     file=sys.stderr,

@@ -139,7 +139,9 @@ class _RoundPrinter:
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from fedpriv.coordinator import Coordinator, CoordinatorConfig
+    from fedpriv.coordinator.daemon import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before gRPC starts its threads
     data, base = _read_toml(args.config)
     config = CoordinatorConfig.from_dict(data, base_dir=base)
     printer = _RoundPrinter(quiet=args.quiet)
