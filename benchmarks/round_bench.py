@@ -220,11 +220,12 @@ def parse_sizes(
     params: tuple[int, ...] = (1_000_000, 10_000_000, 50_000_000),
     clients: tuple[int, ...] = (2, 8),
     smoke_clients: int = 2,
+    rounds: int = 3,
 ) -> argparse.Namespace:
     """Add the options every round benchmark takes (--params, --clients, --rounds, --smoke) and parse."""
     parser.add_argument("--params", type=int, nargs="+", default=list(params))
     parser.add_argument("--clients", type=int, nargs="+", default=list(clients))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument(
         "--smoke", action="store_true", help=f"tiny sizes: P=10k, N={smoke_clients}, 2 rounds"
     )

@@ -274,7 +274,9 @@ def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flower-timeout-s", type=float, default=1200.0)
-    args = parse_sizes(parser, argv)
+    # Five rounds: the median then skips the first round (which allocates what later
+    # rounds reuse) and one outlier, for both systems alike.
+    args = parse_sizes(parser, argv, rounds=5)
     rows = []
     for params in args.params:
         for clients in args.clients:
