@@ -916,7 +916,14 @@ class Federation:
         else:
             federation_metrics = self._privatize(train)
             model = train.aggregator.finalize(total_weight=train.total_weight)
-        # The privacy spend is committed with the model it paid for, in one transaction.
+        fit_metrics = weighted_means(train.results)
+        silo_metrics = {r.silo: dict(r.metrics) for r in train.results}
+        metrics: dict[str, Mapping[str, Scalar]] = {"fit": fit_metrics}
+        metrics.update({f"silo:{silo}": values for silo, values in silo_metrics.items()})
+        if federation_metrics:
+            metrics["federation"] = federation_metrics
+        # The privacy spend is committed with the model it paid for, and with the
+        # round's metrics and attempt: one transaction, one fsync.
         committed = self._store.commit_round(
             round=round,
             model=model,
@@ -924,21 +931,14 @@ class Federation:
             selected=len(silos),
             accepted=train.accepted,
             total_weight=train.total_weight,
-            metrics={"federation": federation_metrics} if federation_metrics else None,
-        )
-        self._store.record_attempt(
-            round=round, started_unix_s=started_unix, outcome="completed", detail=""
+            metrics=metrics,
+            record_attempt=True,
         )
         # Served from the checkpoint's pages from now on: the buffer `model` was summed
         # in is free for the next round's sum, so the process holds one model, not two.
         served = map_checkpoint(committed.checkpoint)
         with self._cond:
             self._model = served
-        fit_metrics = weighted_means(train.results)
-        self._store.record_metrics(round=round, source="fit", values=fit_metrics)
-        silo_metrics = {r.silo: dict(r.metrics) for r in train.results}
-        for silo, values in silo_metrics.items():
-            self._store.record_metrics(round=round, source=f"silo:{silo}", values=values)
         evaluation: dict[str, float] = {}
         if self._rounds.federated_evaluation:
             evaluators = [r.silo for r in train.results if r.silo in self.available()]

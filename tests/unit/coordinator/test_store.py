@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import sqlite3
 import sys
 
 import numpy as np
@@ -101,4 +103,25 @@ def test_committed_rounds_survive_reopening(tmp_path):
     assert last is not None and last.round == 2
     assert reopened.rounds() == [0, 1, 2]
     assert list(reopened.metrics(source="evaluate")) == [(2, "evaluate", "accuracy", 0.9)]
+    reopened.close()
+
+
+def test_a_round_its_metrics_and_its_attempt_commit_together(tmp_path):
+    store = Store(tmp_path)
+    store.commit_round(
+        round=1,
+        model=Model.from_arrays({"w": np.ones(4, np.float32)}),
+        started_unix_s=10.0,
+        selected=2,
+        accepted=2,
+        total_weight=5.0,
+        metrics={"fit": {"loss": 0.5}, "silo:a": {"epsilon": 1.5}},
+        record_attempt=True,
+    )
+    store.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.sqlite3")) as db:
+        attempts = db.execute("SELECT round, started_unix_s, outcome FROM attempts").fetchall()
+    assert attempts == [(1, 10.0, "completed")]
+    reopened = Store(tmp_path)
+    assert sorted(reopened.metrics()) == [(1, "fit", "loss", 0.5), (1, "silo:a", "epsilon", 1.5)]
     reopened.close()
