@@ -12,6 +12,7 @@ kernel's high-water mark for that process (wait4 ru_maxrss), not a sample.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pathlib
@@ -168,13 +169,15 @@ seed = {k}
         raise RuntimeError(
             f"benchmark processes failed ({coordinator.returncode}, {codes}); see {work}"
         )
-    with sqlite3.connect(work / "state" / "state.sqlite3") as db:
-        durations = [
-            end - start
-            for start, end in db.execute(
-                "SELECT started_unix_s, finished_unix_s FROM rounds WHERE round > 0 ORDER BY round"
-            )
-        ]
+    with contextlib.closing(sqlite3.connect(work / "state" / "state.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT started_unix_s, finished_unix_s FROM rounds WHERE round > 0 ORDER BY round"
+        ).fetchall()
+    # A round lasts until the next one starts: its checkpoint becomes durable while the
+    # next round's silos download, so start-to-start is what R rounds cost, divided by R.
+    # The last round lasts until its commit.
+    durations = [later[0] - start for (start, _), later in zip(rows, rows[1:])]
+    durations.append(rows[-1][1] - rows[-1][0])
     sent = [
         int(re.search(r"bytes_sent=(\d+)", (work / f"silo-{k}.log").read_text()).group(1))  # type: ignore[union-attr]
         for k in range(clients)

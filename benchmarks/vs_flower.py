@@ -11,8 +11,9 @@ perturbation, so transport, serialisation and aggregation are what is measured.
   process (launched by `flwr run`), plain text, on 127.0.0.1. The ServerApp and
   ClientApp are benchmarks/flower_app/flwr_bench.py.
 
-Round time: fedpriv from its store (round start to commit); Flower from its
-strategy (configure_fit to the end of aggregate_fit). Coordinator-side peak
+Round time: fedpriv from its store (a round's start to the next round's start,
+the last round's start to its commit); Flower from its strategy (configure_fit
+to the end of aggregate_fit, which leaves out its time between rounds). Coordinator-side peak
 RSS: fedpriv's coordinator (the kernel's high-water mark); Flower's SuperLink
 plus every process under it (SuperExec, ServerApp), summed and sampled every
 50 ms. Bytes per client: fedpriv counts what each silo sent; for Flower the

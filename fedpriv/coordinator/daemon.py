@@ -136,6 +136,8 @@ class Coordinator:
             else TLSConfig.from_files(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
         )
         self.store = Store(config.state_dir)
+        for orphan in self.store.remove_orphans():
+            logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()
         if committed is None:
             committed = self.store.commit_round(

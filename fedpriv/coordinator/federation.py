@@ -21,7 +21,7 @@ import numpy as np
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator.config import CoordinatorConfig
-from fedpriv.coordinator.store import Store, map_checkpoint
+from fedpriv.coordinator.store import StagedRound, Store, drop_page_cache, map_checkpoint
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
 from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, epsilon_from_rdp, total_rdp
@@ -231,6 +231,9 @@ class Federation:
         concurrent = max(config.rounds.min_clients, config.rounds.max_clients)
         self._spools = SpoolPool(store.directory / "spool", keep=max(8, 2 * concurrent))
         self._last_round_metrics: dict[str, float] = {}
+        # The last round's checkpoint, written but not yet durable, and its summary.
+        self._staged: StagedRound | None = None
+        self._staged_summary: RoundSummary | None = None
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
         self._clip: ClipState | None = None
@@ -641,22 +644,26 @@ class Federation:
             RoundFailed: A round failed ``max_failed_attempts`` times in a row.
         """
         failures = 0
-        while self._next_round <= self._rounds.num_rounds and not self._stop.is_set():
-            silos = self._wait_for_silos()
-            if silos is None:
-                return
-            try:
-                self._run_round(self._next_round, silos)
-            except RoundFailed as err:
-                failures += 1
-                self._reporter.round_failed(self._next_round, str(err))
-                if failures >= self._rounds.max_failed_attempts:
-                    raise RoundFailed(
-                        f"round {self._next_round} failed {failures} times in a row; last: {err}"
-                    ) from err
-                continue
-            failures = 0
-            self._next_round += 1
+        try:
+            while self._next_round <= self._rounds.num_rounds and not self._stop.is_set():
+                silos = self._wait_for_silos()
+                if silos is None:
+                    return
+                try:
+                    self._run_round(self._next_round, silos)
+                except RoundFailed as err:
+                    failures += 1
+                    self._reporter.round_failed(self._next_round, str(err))
+                    if failures >= self._rounds.max_failed_attempts:
+                        raise RoundFailed(
+                            f"round {self._next_round} failed {failures} times in a row; "
+                            f"last: {err}"
+                        ) from err
+                    continue
+                failures = 0
+                self._next_round += 1
+        finally:
+            self._commit_staged()
         with self._cond:
             self._finished = self._next_round > self._rounds.num_rounds
             self._cond.notify_all()
@@ -688,6 +695,7 @@ class Federation:
             if not announced:
                 logger.info("waiting for silos have=%d need=%d", len(available), needed)
                 announced = True
+            self._commit_staged()  # no round stays uncommitted while the federation waits
             with self._cond:
                 self._cond.wait(1.0)
         return None
@@ -900,6 +908,8 @@ class Federation:
         started_unix = time.time()
         needed = self._rounds.required_results
         train = self._open_phase(TaskKind.TRAIN, round, silos, self._rounds.deadline_s)
+        # The silos download the last round's model while it is made durable.
+        self._commit_staged()
         self._wait_phase(train, needed=needed)
         if train.accepted < needed or train.aggregator is None:
             detail = (
@@ -923,8 +933,12 @@ class Federation:
         if federation_metrics:
             metrics["federation"] = federation_metrics
         # The privacy spend is committed with the model it paid for, and with the
-        # round's metrics and attempt: one transaction, one fsync.
-        committed = self._store.commit_round(
+        # round's metrics and attempt: one transaction, one fsync. The checkpoint is
+        # written now; it becomes durable (fsync, rename, transaction) once the next
+        # phase has opened, so that the silos download while the disk syncs.
+        # The served model's file is superseded: its pages become the new checkpoint's.
+        drop_page_cache(self._store.checkpoint_path(round - 1))
+        staged = self._store.stage_round(
             round=round,
             model=model,
             started_unix_s=started_unix,
@@ -936,15 +950,20 @@ class Federation:
         )
         # Served from the checkpoint's pages from now on: the buffer `model` was summed
         # in is free for the next round's sum, so the process holds one model, not two.
-        served = map_checkpoint(committed.checkpoint)
+        served = map_checkpoint(staged.temporary)
         with self._cond:
             self._model = served
+            self._staged = staged
+        if self.config.dp is not None:
+            # A noised model's privacy spend is on disk before any silo can download it.
+            self._commit_staged()
         evaluation: dict[str, float] = {}
         if self._rounds.federated_evaluation:
             evaluators = [r.silo for r in train.results if r.silo in self.available()]
             phase = self._open_phase(
                 TaskKind.EVALUATE, round, evaluators, self._rounds.evaluation_deadline_s
             )
+            self._commit_staged()
             # Wait for every evaluator (or the deadline): a missing one must not cut the others.
             self._wait_phase(phase, needed=min(1, len(evaluators)))
             evaluation = weighted_means(phase.results)
@@ -957,27 +976,41 @@ class Federation:
         with self._cond:
             self._phase = None
             self._last_round_metrics = last
-        self._reporter.round_completed(
-            RoundSummary(
-                round=round,
-                num_rounds=self._rounds.num_rounds,
-                selected=len(silos),
-                joined=len(self.available()),
-                accepted=train.accepted,
-                rejected=train.count("rejected"),
-                dropped=len(silos)
-                - train.accepted
-                - train.count("rejected")
-                - train.count("declined"),
-                declined=train.count("declined"),
-                fit_metrics=fit_metrics,
-                evaluation_metrics=evaluation,
-                silo_metrics=silo_metrics,
-                federation_metrics=federation_metrics,
-                bytes_received=train.bytes_received,
-                duration_s=self._clock() - started,
-            )
+        summary = RoundSummary(
+            round=round,
+            num_rounds=self._rounds.num_rounds,
+            selected=len(silos),
+            joined=len(self.available()),
+            accepted=train.accepted,
+            rejected=train.count("rejected"),
+            dropped=len(silos) - train.accepted - train.count("rejected") - train.count("declined"),
+            declined=train.count("declined"),
+            fit_metrics=fit_metrics,
+            evaluation_metrics=evaluation,
+            silo_metrics=silo_metrics,
+            federation_metrics=federation_metrics,
+            bytes_received=train.bytes_received,
+            duration_s=self._clock() - started,
         )
+        if self._staged is None:
+            self._reporter.round_completed(summary)
+        else:  # reported once durable: a round shown as completed survives a crash
+            self._staged_summary = summary
+
+    def _commit_staged(self) -> None:
+        """Make the staged round durable and report it (no-op when none is staged).
+
+        Raises:
+            StoreError: It could not be written; the round is not committed.
+        """
+        with self._cond:
+            staged, summary = self._staged, self._staged_summary
+            self._staged = self._staged_summary = None
+        if staged is None:
+            return
+        self._store.commit_staged(staged)
+        if summary is not None:
+            self._reporter.round_completed(summary)
 
     def _privatize(self, train: _Phase) -> dict[str, float]:
         """DP-FedAvg: noise the sum of clipped updates and adapt the norm (no-op without [dp])."""

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+
 import numpy as np
 import pytest
 
 from fedpriv.coordinator import Coordinator, Store, read_checkpoint
 from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
+
+
+class _CommittedWhenReported(CollectingReporter):
+    """Records, at each report, which rounds the database holds as committed."""
+
+    def __init__(self, database) -> None:
+        super().__init__()
+        self._database = database
+        self.committed_at_report: list[list[int]] = []
+
+    def round_completed(self, summary) -> None:
+        with contextlib.closing(sqlite3.connect(self._database)) as db:
+            rounds = [r for (r,) in db.execute("SELECT round FROM rounds ORDER BY round")]
+        self.committed_at_report.append(rounds)
+        super().round_completed(summary)
 
 
 def test_two_silos_complete_rounds_and_model_is_weighted_average(tmp_path, pki, array_client):
@@ -96,3 +114,28 @@ def test_silo_started_before_coordinator_connects_with_backoff(tmp_path, pki, ar
             stats = wait_silos([a, b])
     assert all(s is not None and s.trained == 1 for s in stats)
     assert all(s.reconnects >= 1 for s in stats)
+
+
+def test_rounds_overlap_the_commit_yet_are_reported_only_once_durable(tmp_path, pki, array_client):
+    # Arrange: no evaluation and no DP, so each round's checkpoint becomes durable
+    # while the next round's silos download it.
+    arrays = {"w": np.zeros(1000, np.float32)}
+    config = make_config(tmp_path, pki.root, arrays, num_rounds=3, federated_evaluation=False)
+    reporter = _CommittedWhenReported(config.state_dir / "state.sqlite3")
+    # Act
+    with Coordinator(config, reporter=reporter) as coordinator:
+        with (
+            silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")),
+            silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")),
+        ):
+            assert coordinator.wait(timeout_s=60)
+    # Assert: every report came after its round's commit, and the model chain is intact.
+    assert [s.round for s in reporter.completed] == [1, 2, 3]
+    assert [rounds[-1] for rounds in reporter.committed_at_report] == [1, 2, 3]
+    store = Store(config.state_dir)
+    assert store.rounds() == [0, 1, 2, 3]
+    assert store.remove_orphans() == []
+    for round in (1, 2, 3):
+        checkpoint = store.checkpoint_path(round)
+        np.testing.assert_allclose(read_checkpoint(checkpoint).arrays()["w"], 2.0 * round)
+    store.close()

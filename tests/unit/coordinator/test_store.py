@@ -125,3 +125,28 @@ def test_a_round_its_metrics_and_its_attempt_commit_together(tmp_path):
     reopened = Store(tmp_path)
     assert sorted(reopened.metrics()) == [(1, "fit", "loss", 0.5), (1, "silo:a", "epsilon", 1.5)]
     reopened.close()
+
+
+def test_a_staged_round_is_readable_at_once_and_committed_only_when_asked(tmp_path):
+    store = Store(tmp_path)
+    model = Model.from_arrays({"w": np.arange(1000, dtype=np.float32)})
+    staged = store.stage_round(
+        round=1, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=2.0
+    )
+    # Readable before it is durable: the coordinator serves it from here.
+    mapped = map_checkpoint(staged.temporary, sha256=staged.sha256)
+    np.testing.assert_array_equal(mapped.payload, model.payload)
+    assert store.last_committed() is None and not staged.checkpoint.exists()
+    committed = store.commit_staged(staged)
+    assert store.last_committed() == committed and committed.checkpoint.exists()
+    assert not staged.temporary.exists()
+    np.testing.assert_array_equal(mapped.payload, model.payload)  # the mapping survives the rename
+    # A crash between staging and committing leaves an orphan that no round refers to.
+    orphan = store.stage_round(
+        round=2, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=2.0
+    )
+    store.close()
+    reopened = Store(tmp_path)
+    assert reopened.last_committed() == committed
+    assert reopened.remove_orphans() == [orphan.temporary] and not orphan.temporary.exists()
+    reopened.close()
