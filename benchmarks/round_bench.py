@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import pathlib
@@ -176,7 +177,7 @@ seed = {k}
     # A round lasts until the next one starts: its checkpoint becomes durable while the
     # next round's silos download, so start-to-start is what R rounds cost, divided by R.
     # The last round lasts until its commit.
-    durations = [later[0] - start for (start, _), later in zip(rows, rows[1:])]
+    durations = [later[0] - start for (start, _), later in itertools.pairwise(rows)]
     durations.append(rows[-1][1] - rows[-1][0])
     sent = [
         int(re.search(r"bytes_sent=(\d+)", (work / f"silo-{k}.log").read_text()).group(1))  # type: ignore[union-attr]
