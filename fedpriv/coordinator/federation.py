@@ -932,12 +932,12 @@ class Federation:
         metrics.update({f"silo:{silo}": values for silo, values in silo_metrics.items()})
         if federation_metrics:
             metrics["federation"] = federation_metrics
+        # The served model's file is superseded: its pages become the new checkpoint's.
+        drop_page_cache(self._store.checkpoint_path(round - 1))
         # The privacy spend is committed with the model it paid for, and with the
         # round's metrics and attempt: one transaction, one fsync. The checkpoint is
         # written now; it becomes durable (fsync, rename, transaction) once the next
         # phase has opened, so that the silos download while the disk syncs.
-        # The served model's file is superseded: its pages become the new checkpoint's.
-        drop_page_cache(self._store.checkpoint_path(round - 1))
         staged = self._store.stage_round(
             round=round,
             model=model,
