@@ -140,13 +140,15 @@ class Coordinator:
             logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()
         if committed is None:
-            committed = self.store.commit_round(
-                round=0,
-                model=load_initial_model(config.model),
-                started_unix_s=0.0,
-                selected=0,
-                accepted=0,
-                total_weight=0.0,
+            committed = self.store.commit_staged(
+                self.store.stage_round(
+                    round=0,
+                    model=load_initial_model(config.model),
+                    started_unix_s=0.0,
+                    selected=0,
+                    accepted=0,
+                    total_weight=0.0,
+                )
             )
             next_round = 1
         else:

@@ -311,38 +311,6 @@ class Store:
             return None
         return CommittedRound(round=row[0], checkpoint=self.directory / row[1], sha256=row[2])
 
-    def commit_round(
-        self,
-        *,
-        round: int,
-        model: Model,
-        started_unix_s: float,
-        selected: int,
-        accepted: int,
-        total_weight: float,
-        metrics: Mapping[str, Mapping[str, Scalar]] | None = None,
-        record_attempt: bool = False,
-    ) -> CommittedRound:
-        """Checkpoint `model` as the result of `round`, then commit the round.
-
-        `metrics` (per source) are committed in the same transaction as the round,
-        so a published model and its privacy spend are never recorded apart. With
-        `record_attempt`, the completed attempt is too: one fsync instead of one
-        per row.
-        """
-        return self.commit_staged(
-            self.stage_round(
-                round=round,
-                model=model,
-                started_unix_s=started_unix_s,
-                selected=selected,
-                accepted=accepted,
-                total_weight=total_weight,
-                metrics=metrics,
-                record_attempt=record_attempt,
-            )
-        )
-
     def stage_round(
         self,
         *,
@@ -355,12 +323,17 @@ class Store:
         metrics: Mapping[str, Mapping[str, Scalar]] | None = None,
         record_attempt: bool = False,
     ) -> StagedRound:
-        """The first half of :meth:`commit_round`: write the checkpoint, not yet durable.
+        """Write `model` as the checkpoint of `round`, not yet durable (see :meth:`commit_staged`).
 
         The returned round's ``temporary`` file holds the complete checkpoint and
         may be read (mapped) at once; it keeps its contents when
         :meth:`commit_staged` renames it into place. Until then, a crash loses it
         and the round counts as never completed.
+
+        `metrics` (per source) are committed in the same transaction as the round,
+        so a published model and its privacy spend are never recorded apart. With
+        `record_attempt`, the completed attempt is too: one fsync instead of one
+        per row.
         """
         path = self.checkpoint_path(round)
         started = time.perf_counter()

@@ -89,8 +89,15 @@ def test_committed_rounds_survive_reopening(tmp_path):
     store = Store(tmp_path)
     model = Model.from_arrays({"w": np.ones(4, np.float32)})
     for round in (0, 1, 2):
-        store.commit_round(
-            round=round, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=5.0
+        store.commit_staged(
+            store.stage_round(
+                round=round,
+                model=model,
+                started_unix_s=0.0,
+                selected=2,
+                accepted=2,
+                total_weight=5.0,
+            )
         )
     store.record_metrics(
         round=2, source="evaluate", values={"accuracy": 0.9, "note": "x", "flag": True}
@@ -108,7 +115,7 @@ def test_committed_rounds_survive_reopening(tmp_path):
 
 def test_a_round_its_metrics_and_its_attempt_commit_together(tmp_path):
     store = Store(tmp_path)
-    store.commit_round(
+    staged = store.stage_round(
         round=1,
         model=Model.from_arrays({"w": np.ones(4, np.float32)}),
         started_unix_s=10.0,
@@ -118,6 +125,7 @@ def test_a_round_its_metrics_and_its_attempt_commit_together(tmp_path):
         metrics={"fit": {"loss": 0.5}, "silo:a": {"epsilon": 1.5}},
         record_attempt=True,
     )
+    store.commit_staged(staged)
     store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "state.sqlite3")) as db:
         attempts = db.execute("SELECT round, started_unix_s, outcome FROM attempts").fetchall()
