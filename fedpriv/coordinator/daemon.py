@@ -63,8 +63,8 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
     core), and each arena keeps the chunk-sized buffers it freed for reuse, so a
     coordinator with many silos streaming holds several megabytes per thread.
     With one arena, freed buffers are reused across threads: coordinator peak
-    RSS at P = 50M, N = 8 measured 328 MB instead of 366 MB, round time within
-    run-to-run noise (docs/performance.md). The ``fedpriv coordinator`` command
+    RSS at P = 50M, N = 8 measured 316–330 MB instead of 366–376 MB, round time
+    within run-to-run noise (docs/performance.md). The ``fedpriv coordinator`` command
     calls this before any thread starts; a process that embeds
     :class:`Coordinator` decides for itself. An operator's ``MALLOC_ARENA_MAX``
     wins; other C libraries are left alone.
@@ -139,6 +139,9 @@ class Coordinator:
         for orphan in self.store.remove_orphans():
             logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()
+        # A checkpoint written by an earlier run is checked against its committed hash;
+        # the initial one, hashed as it is written below, is not read back to hash again.
+        expected = committed.sha256 if committed is not None else None
         if committed is None:
             committed = self.store.commit_staged(
                 self.store.stage_round(
@@ -155,7 +158,7 @@ class Coordinator:
             next_round = committed.round + 1
             logger.info("resuming after committed round=%d", committed.round)
         # The global model is served from its checkpoint's pages, not held in memory.
-        model = map_checkpoint(committed.checkpoint, sha256=committed.sha256)
+        model = map_checkpoint(committed.checkpoint, sha256=expected)
         if strategy is None and config.strategy.flower is not None:
             from fedpriv.strategy.flower import flower_strategy
 

@@ -30,7 +30,15 @@ from fedpriv.storage import publish, write_temporary
 from fedpriv.v1 import tensor_pb2
 from fedpriv.wire import Model, TensorLayout, layout_from_proto
 
-__all__ = ["CommittedRound", "Store", "map_checkpoint", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "CommittedRound",
+    "StagedRound",
+    "Store",
+    "drop_page_cache",
+    "map_checkpoint",
+    "read_checkpoint",
+    "write_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ __all__ = [
 
 ALIGN_BYTES = 8
 # Each chunk is one gRPC message, and each message costs both ends a fixed amount of
-# work. At P = 50M, N = 8 (docs/performance.md, "Chunk size"): 256 KiB chunks took
-# 9.6 s a round, 1 MiB 6.0 s, 2 MiB 5.8 s and 4 MiB 6.0 s, while coordinator peak RSS
-# rose from 308 MB to 330, 360 and 418 MB (more bytes in flight per stream).
+# work. At P = 50M, N = 8 with mTLS (docs/performance.md, "Chunk size"): 256 KiB chunks
+# took 12.4 s a round, 1 MiB 8.1 s, 2 MiB 7.0 s and 4 MiB 9.3 s, while coordinator peak
+# RSS rose from 292 MB to 325, 356 and 421 MB (more bytes in flight per stream).
 # 1 MiB is the default; the protocol allows up to 4 MiB.
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20

@@ -21,19 +21,20 @@ def test_checkpoint_roundtrip_and_hash(tmp_path):
     assert back.layout == model.layout
 
 
-def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path):
+@pytest.mark.parametrize("load", [read_checkpoint, map_checkpoint])
+def test_corrupt_or_truncated_checkpoint_is_refused(tmp_path, load):
     path = tmp_path / "m.fpck"
     digest = write_checkpoint(path, Model.from_arrays({"w": np.arange(10, dtype=np.float32)}))
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="SHA-256 differs"):
-        read_checkpoint(path, sha256=digest)
+        load(path, sha256=digest)
     path.write_bytes(bytes(data[:-4]))
     with pytest.raises(StoreError, match="payload length"):
-        read_checkpoint(path)
+        load(path)
     with pytest.raises(StoreError, match="cannot read"):
-        read_checkpoint(tmp_path / "missing.fpck")
+        load(tmp_path / "missing.fpck")
 
 
 def _mapped_kib(path):
@@ -47,7 +48,7 @@ def _mapped_kib(path):
     return total
 
 
-def test_mapped_checkpoint_reads_like_the_file_and_is_checked(tmp_path):
+def test_mapped_checkpoint_reads_like_the_file(tmp_path):
     model = Model.from_arrays({"w": np.arange(100_000, dtype=np.float32), "n": np.array(3)})
     path = tmp_path / "m.fpck"
     digest = write_checkpoint(path, model)
@@ -56,16 +57,6 @@ def test_mapped_checkpoint_reads_like_the_file_and_is_checked(tmp_path):
     np.testing.assert_array_equal(mapped.payload, model.payload)
     assert not mapped.payload.flags.writeable
     assert [(o, bytes(c)) for o, c in mapped.chunks()] == [(o, bytes(c)) for o, c in model.chunks()]
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 1
-    path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="SHA-256 differs"):
-        map_checkpoint(path, sha256=digest)
-    path.write_bytes(bytes(data[:-4]))
-    with pytest.raises(StoreError, match="payload length"):
-        map_checkpoint(path)
-    with pytest.raises(StoreError, match="cannot read"):
-        map_checkpoint(tmp_path / "missing.fpck")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads resident pages from /proc/self/smaps")
