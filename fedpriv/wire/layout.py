@@ -28,11 +28,12 @@ __all__ = [
 
 ALIGN_BYTES = 8
 # Each chunk is one gRPC message, and each message costs both ends a fixed amount of
-# work. At P = 50M, N = 8 with mTLS (docs/performance.md, "Chunk size"): 256 KiB chunks
-# took 12.4 s a round, 1 MiB 8.1 s, 2 MiB 7.0 s and 4 MiB 9.3 s, while coordinator peak
-# RSS rose from 292 MB to 325, 356 and 421 MB (more bytes in flight per stream).
-# 1 MiB is the default; the protocol allows up to 4 MiB.
-DEFAULT_CHUNK_BYTES = 1 << 20
+# work. At P = 50M, N = 8 (docs/performance.md, "Chunk size"), two sweeps of 1, 2 and
+# 4 MiB chunks took 3.97-4.08, 3.23-3.34 and 2.82-3.46 s a round in plain text and
+# 5.69-6.04, 5.20-5.46 and 5.18-5.44 s with mTLS, while coordinator peak RSS rose from
+# 314 MB to 345 and 408 MB (more bytes in flight per stream). 2 MiB takes most of the
+# time saved for a third of the memory; the protocol allows up to 4 MiB.
+DEFAULT_CHUNK_BYTES = 2 << 20
 MAX_CHUNK_BYTES = 4 << 20
 
 
