@@ -6,6 +6,7 @@ parameters, and prints one row per (P, N). The coordinator's peak RSS is the
 kernel's high-water mark for that process (wait4 ru_maxrss), not a sample.
 
     python benchmarks/round_bench.py                 # P in {1M, 10M, 50M}, N in {2, 8}
+    python benchmarks/round_bench.py --insecure      # plain-text gRPC instead of mTLS
     python benchmarks/round_bench.py --smoke         # tiny sizes, for the test suite
 """
 
@@ -249,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_CHUNK_BYTES,
         help=f"the model's chunk size (default {DEFAULT_CHUNK_BYTES}, at most {MAX_CHUNK_BYTES})",
     )
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain-text gRPC everywhere (default: mTLS)"
+    )
     args = parse_sizes(parser, argv)
     rows = []
     for params in args.params:
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.rounds,
                         pathlib.Path(tmp),
                         chunk_bytes=args.chunk_bytes,
+                        insecure=args.insecure,
                     )
                 )
                 print(
