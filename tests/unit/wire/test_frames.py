@@ -1,4 +1,4 @@
-"""Hand-framed chunk messages are the generated code's bytes, and decode to views."""
+"""Hand-framed chunk messages parse like the generated code's bytes, and decode to views."""
 
 from __future__ import annotations
 
@@ -17,19 +17,33 @@ from fedpriv.wire.frames import (
 
 
 @pytest.mark.parametrize("offset", [0, 1, 127, 128, 4 << 20, 2**40])
-@pytest.mark.parametrize("length", [0, 1, 127, 128, 300_000])
-def test_frame_equals_the_generated_serialisation_both_ways(offset, length):
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 300_000, 2 << 20])
+def test_frames_and_the_generated_serialisation_read_alike_both_ways(offset, length):
     data = np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8).tobytes()
     for message_type in (fleet_pb2.TaskMessage, fleet_pb2.ResultMessage):
         generated = message_type(
             chunk=tensor_pb2.TensorChunk(offset=offset, data=data)
         ).SerializeToString()
         frame = chunk_frame(offset, (data[: length // 2], memoryview(data)[length // 2 :]), length)
-        assert frame == generated
         parsed = message_type.FromString(frame)
         assert parsed.chunk.offset == offset and parsed.chunk.data == data
-        decoded = decode_chunk_frame(generated)
-        assert decoded == RawChunk(offset, memoryview(data)) and bytes(decoded.data) == data
+        assert parsed.chunk.padding == bytes(len(parsed.chunk.padding))
+        for encoded in (frame, generated):
+            decoded = decode_chunk_frame(encoded)
+            assert decoded == RawChunk(offset, memoryview(data)) and bytes(decoded.data) == data
+
+
+@pytest.mark.parametrize("offset", [0, 8, 1 << 20, 2**40])
+@pytest.mark.parametrize("length", [8, 4096, 1 << 20])
+def test_a_received_frame_s_data_is_aligned_for_numpy(offset, length):
+    """The padding puts the data 8-byte aligned, so float32 views need no copy."""
+    frame = chunk_frame(offset, (bytes(length),), length)
+    assert (len(frame) - length) % 8 == 0
+    received = bytes(bytearray(frame))  # a fresh object, as gRPC hands each message over
+    decoded = decode_chunk_frame(received)
+    assert decoded is not None
+    assert np.frombuffer(decoded.data, np.float32).flags.aligned
+    assert np.frombuffer(decoded.data, np.float64).flags.aligned
 
 
 def test_anything_but_a_plain_chunk_goes_to_the_generated_parser():
@@ -40,11 +54,18 @@ def test_anything_but_a_plain_chunk_goes_to_the_generated_parser():
     # Fields in the other order still decode by hand; an unknown field falls back.
     reordered = b"\x12" + bytes([len(chunk)]) + chunk[2:] + chunk[:2]
     assert deserialize(reordered) == RawChunk(8, memoryview(b"abc"))
-    unknown = chunk + b"\x18\x01"  # TensorChunk field 3, which this version does not know
+    unknown = chunk + b"\x20\x01"  # TensorChunk field 4, which this version does not know
     framed = b"\x12" + bytes([len(unknown)]) + unknown
     assert decode_chunk_frame(framed) is None
     parsed = deserialize(framed)
     assert parsed.chunk.offset == 8 and parsed.chunk.data == b"abc"
+    # One padding field is skipped by hand; a repeated one falls back.
+    padded = b"\x1a\x01\x00" + chunk
+    assert deserialize(b"\x12" + bytes([len(padded)]) + padded) == RawChunk(8, memoryview(b"abc"))
+    twice = b"\x1a\x00" + padded
+    framed = b"\x12" + bytes([len(twice)]) + twice
+    assert decode_chunk_frame(framed) is None
+    assert deserialize(framed).chunk.data == b"abc"
     # Truncated frames are not chunks (the generated parser then rejects them).
     assert decode_chunk_frame(b"\x12\x05\x08") is None
     assert decode_chunk_frame(b"\x12\x80") is None
