@@ -11,9 +11,10 @@ perturbation, so transport, serialisation and aggregation are what is measured.
   process (launched by `flwr run`), plain text, on 127.0.0.1. The ServerApp and
   ClientApp are benchmarks/flower_app/flwr_bench.py.
 
-Round time: fedpriv from its store (a round's start to the next round's start,
-the last round's start to its commit); Flower from its strategy (configure_fit
-to the end of aggregate_fit, which leaves out its time between rounds). Coordinator-side peak
+Round time, the same for both: a round's start to the next round's start, the
+last round's start to its end. fedpriv's from its store (the end is the
+commit), Flower's from its strategy (configure_fit starts a round, the end of
+aggregate_fit ends the last one). Coordinator-side peak
 RSS: fedpriv's coordinator (the kernel's high-water mark); Flower's SuperLink
 plus every process under it (SuperExec, ServerApp), summed and sampled every
 50 ms. Bytes per client: fedpriv counts what each silo sent; for Flower the
@@ -27,6 +28,7 @@ update payload (P float32 values) is shown.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -198,30 +200,34 @@ def flower_run(params: int, clients: int, rounds: int, *, timeout_s: float) -> R
                 output = " ".join((submitted.stdout + submitted.stderr).split())
                 return Result(None, None, None, error=f"flwr run: {output[-300:]}")
             deadline = time.monotonic() + timeout_s
-            done: list[float] = []
+            starts: list[float] = []
+            ends: list[float] = []
             while time.monotonic() < deadline:
                 if timings.exists():
                     try:
-                        done = json.loads(timings.read_text())["rounds"]
+                        recorded = json.loads(timings.read_text())
+                        starts, ends = recorded["starts"], recorded["ends"]
                     except (json.JSONDecodeError, KeyError):
-                        done = []
-                    if len(done) >= rounds:
+                        starts, ends = [], []
+                    if len(ends) >= rounds:
                         break
                 if superlink.poll() is not None:
                     break
                 time.sleep(0.5)
             peak = rss.stop()
-            if len(done) < rounds:
+            if len(ends) < rounds:
                 tail = (work / "superlink.log").read_text(errors="replace")[-300:]
                 return Result(
                     None,
                     peak / 1e6,
                     None,
-                    error=f"{len(done)} of {rounds} rounds in {timeout_s:.0f} s; {tail!r}",
+                    error=f"{len(ends)} of {rounds} rounds in {timeout_s:.0f} s; {tail!r}",
                 )
-            # Round 1 includes ClientApp start-up in every SuperNode; like fedpriv's
-            # figure, the median is what is reported.
-            return Result(statistics.median(done), peak / 1e6, params * 4 / 1e6)
+            # Start to start, as fedpriv's figure; the last round ends with its aggregate.
+            # Round 1 includes ClientApp start-up in every SuperNode; the median is reported.
+            durations = [later - start for start, later in itertools.pairwise(starts[:rounds])]
+            durations.append(ends[rounds - 1] - starts[rounds - 1])
+            return Result(statistics.median(durations), peak / 1e6, params * 4 / 1e6)
         finally:
             for process in processes:
                 _kill_tree(process)

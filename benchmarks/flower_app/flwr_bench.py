@@ -1,8 +1,8 @@
 """The vs_flower workload for Flower: FedAvg over clients that return the model plus a perturbation.
 
 Runs under Flower's Deployment Engine (SuperLink, SuperNodes, ServerApp as
-separate processes). The ServerApp writes each round's wall time to the file
-named by the run config's ``timings``.
+separate processes). The ServerApp writes when each round's fit started and
+when its aggregate was ready to the file named by the run config's ``timings``.
 """
 
 from __future__ import annotations
@@ -55,18 +55,21 @@ class TimedFedAvg(FedAvg):
     def __init__(self, timings: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.timings = timings
-        self.rounds: list[float] = []
-        self._started = 0.0
+        self.starts: list[float] = []
+        self.ends: list[float] = []
 
     def configure_fit(self, server_round, parameters, client_manager):
-        self._started = time.monotonic()
+        self.starts.append(time.monotonic())
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round, results, failures):
         aggregated = super().aggregate_fit(server_round, results, failures)
-        self.rounds.append(time.monotonic() - self._started)
+        self.ends.append(time.monotonic())
         with open(self.timings, "w") as handle:
-            json.dump({"rounds": self.rounds, "failures": [str(f) for f in failures]}, handle)
+            json.dump(
+                {"starts": self.starts, "ends": self.ends, "failures": [str(f) for f in failures]},
+                handle,
+            )
         return aggregated
 
 
