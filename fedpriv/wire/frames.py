@@ -14,8 +14,8 @@ not recognise as a plain chunk message goes to the generated parser.
 A frame carries ``TensorChunk.padding`` before its data, sized so that the data
 starts a multiple of 8 bytes into the message. CPython (64-bit) starts a
 ``bytes`` object's contents 16-byte aligned, so the receiver's numpy views of
-the data are aligned; numpy reads unaligned numbers through a copy, and checking
-and folding a chunk ran 1.5x slower unaligned (docs/performance.md).
+the data are aligned. numpy reads unaligned numbers through a copy: checking,
+spooling and folding chunks ran 1.2-1.8x slower unaligned (docs/performance.md).
 """
 
 from __future__ import annotations
