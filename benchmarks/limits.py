@@ -3,9 +3,10 @@
 Ceilings:
 - numpy float32 add: ``acc += update`` over a model-sized pair of arrays, in
   update bytes per second;
-- raw gRPC loopback streaming: a client stream of 1 MiB byte messages with no
-  protobuf (identity serializers) into a server that only counts them, plain
-  text and with mutual TLS, on grpcio's default options;
+- raw gRPC loopback streaming: a client stream of byte messages the size of
+  fedpriv's default chunk (2 MiB), with no protobuf (identity serializers),
+  into a server that only counts them, plain text and with mutual TLS, on
+  grpcio's default options;
 - AES-256-GCM (1 MiB messages) and the SecAgg mask PRG (AES-256-CTR keystream
   read as uint32).
 
@@ -40,7 +41,7 @@ from benchmarks.bench_app import model_arrays  # noqa: E402
 from benchmarks.round_bench import run_one  # noqa: E402
 from fedpriv.pki import CertificateAuthority, Role  # noqa: E402
 from fedpriv.strategy import FedAvg  # noqa: E402
-from fedpriv.wire import Model  # noqa: E402
+from fedpriv.wire import DEFAULT_CHUNK_BYTES, Model  # noqa: E402
 
 MIB = 1 << 20
 
@@ -93,7 +94,7 @@ def _pki(work: pathlib.Path) -> tuple[grpc.ServerCredentials, grpc.ChannelCreden
 
 
 def grpc_stream_rate(total_bytes: int, *, tls: bool) -> float:
-    """Bytes per second through one client-streaming call of 1 MiB messages on loopback."""
+    """Bytes per second through one client-streaming call of chunk-sized messages on loopback."""
 
     def sink(requests, context):  # noqa: ARG001
         count = 0
@@ -126,14 +127,14 @@ def grpc_stream_rate(total_bytes: int, *, tls: bool) -> float:
         server.start()
         try:
             push = channel.stream_unary("/limits.Sink/Push")
-            message = os.urandom(MIB)
-            count = max(1, total_bytes // MIB)
+            message = os.urandom(DEFAULT_CHUNK_BYTES)
+            count = max(1, total_bytes // DEFAULT_CHUNK_BYTES)
 
             def send() -> None:
                 push(iter([message] * count), timeout=300)
 
             send()  # warm up the connection
-            return count * MIB / best_of(3, send)
+            return count * DEFAULT_CHUNK_BYTES / best_of(3, send)
         finally:
             channel.close()
             server.stop(None)
