@@ -52,13 +52,17 @@ def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
 
 def test_vs_flower_smoke_runs_both_systems_and_prints_ratios():
     result = smoke("vs_flower")
-    header, row = [line for line in result.stdout.splitlines() if not line.startswith("#")][-2:]
-    assert "flower s" in header and "RSS ratio" in header
-    fields = row.split()
-    assert fields[:2] == ["10,000", "2"]
-    # both systems completed their rounds: every cell is a number, no "fail"
-    assert "fail" not in fields, result.stdout
-    assert float(fields[3]) > 0 and float(fields[6]) > 0
+    header, plain, tls = [line for line in result.stdout.splitlines() if not line.startswith("#")][
+        -3:
+    ]
+    assert "flower s" in header and "RSS ratio" in header and "mTLS/plain" in header
+    for row, transport in ((plain, "plain"), (tls, "mTLS")):
+        fields = row.split()
+        assert fields[:3] == ["10,000", "2", transport]
+        # both systems completed their rounds: every cell is a number, no "fail"
+        assert "fail" not in fields, result.stdout
+        assert float(fields[3]) > 0 and float(fields[5]) > 0 and float(fields[8]) > 0
+    assert float(tls.split()[-1]) > 0  # mTLS over plain text
 
 
 def test_limits_smoke_prints_ceilings_and_fractions():
