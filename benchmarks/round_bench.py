@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +72,11 @@ def make_pki(work: pathlib.Path, clients: int) -> None:
     ca.issue("coordinator", role=Role.SERVER, out_dir=work / "pki", hosts=["127.0.0.1"])
     for k in range(clients):
         ca.issue(f"silo-{k}", role=Role.CLIENT, out_dir=work / "pki")
+
+
+def start_to_start(starts: Sequence[float], last_end: float) -> list[float]:
+    """Each round's time from its start to the next round's; the last round's to `last_end`."""
+    return [later - start for start, later in itertools.pairwise(starts)] + [last_end - starts[-1]]
 
 
 def run_one(
@@ -178,8 +184,7 @@ seed = {k}
     # A round lasts until the next one starts: its checkpoint becomes durable while the
     # next round's silos download, so start-to-start is what R rounds cost, divided by R.
     # The last round lasts until its commit.
-    durations = [later[0] - start for (start, _), later in itertools.pairwise(rows)]
-    durations.append(rows[-1][1] - rows[-1][0])
+    durations = start_to_start([start for start, _ in rows], rows[-1][1])
     sent = [
         int(re.search(r"bytes_sent=(\d+)", (work / f"silo-{k}.log").read_text()).group(1))  # type: ignore[union-attr]
         for k in range(clients)

@@ -28,7 +28,6 @@ update payload (P float32 values) is shown.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import pathlib
@@ -45,7 +44,7 @@ import psutil
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.round_bench import free_port, parse_sizes, run_one  # noqa: E402
+from benchmarks.round_bench import free_port, parse_sizes, run_one, start_to_start  # noqa: E402
 
 FLOWER_APP = ROOT / "benchmarks" / "flower_app"
 ROUND_TARGET = 0.2
@@ -225,8 +224,7 @@ def flower_run(params: int, clients: int, rounds: int, *, timeout_s: float) -> R
                 )
             # Start to start, as fedpriv's figure; the last round ends with its aggregate.
             # Round 1 includes ClientApp start-up in every SuperNode; the median is reported.
-            durations = [later - start for start, later in itertools.pairwise(starts[:rounds])]
-            durations.append(ends[rounds - 1] - starts[rounds - 1])
+            durations = start_to_start(starts[:rounds], ends[rounds - 1])
             return Result(statistics.median(durations), peak / 1e6, params * 4 / 1e6)
         finally:
             for process in processes:
@@ -253,7 +251,7 @@ def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
     )
     for params, clients, plain, tls, flower in rows:
         for transport, result in (("plain", plain), ("mTLS", tls)):
-            over_plain = ratio(result.round_s, plain.round_s) if result is tls else None
+            over_plain = "-" if result is plain else num(ratio(tls.round_s, plain.round_s), ".3f")
             print(
                 f"{params:>10,} {clients:>3} {transport:>7} {num(result.round_s, '.3f'):>9} "
                 f"{num(flower.round_s, '.3f'):>9} "
@@ -262,7 +260,7 @@ def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
                 f"{num(ratio(result.peak_rss_mb, flower.peak_rss_mb), '.3f'):>9} "
                 f"{num(result.sent_per_client_mb, '.1f'):>17} "
                 f"{num(flower.sent_per_client_mb, '.1f'):>16} "
-                f"{'-' if result is plain else num(over_plain, '.3f'):>10}"
+                f"{over_plain:>10}"
             )
     for params, clients, plain, tls, flower in rows:
         for name, result in (("fedpriv", plain), ("fedpriv mTLS", tls), ("flower", flower)):

@@ -180,35 +180,46 @@ class Upload:
             if self._scan.fatal is not None:
                 return
             self._wire_bytes += len(data)
-            if self._compression is not Compression.NONE:
-                decoded = self._decompress(offset, data)
-                if decoded is None:
-                    self._undo()
-                    return
-                data = decoded
-            expected_length = (
-                self._layout.chunk_range(self._received // self._layout.chunk_bytes)[1]
-                if self._received < self._layout.payload_bytes
-                else 0
-            )
-            if offset != self._received or len(data) != expected_length or not expected_length:
-                self._scan.fatal = (
-                    f"chunk at offset {offset} with {len(data)} bytes; expected offset "
-                    f"{self._received} with {expected_length} bytes"
-                )
+            try:
+                self._check_and_fold(offset, data)
+            finally:
+                if self._base is not None:
+                    # Decompression and clipping read this chunk of the served model:
+                    # unmapped once, after both.
+                    self._base.evict(offset, self._layout.chunk_bytes)
+
+    def _check_and_fold(self, offset: int, data: bytes | memoryview) -> None:
+        """Decode, check and fold one chunk (caller holds the lock; the upload has a layout)."""
+        assert self._layout is not None  # checked by add_chunk
+        if self._compression is not Compression.NONE:
+            decoded = self._decompress(offset, data)
+            if decoded is None:
                 self._undo()
                 return
-            clean = self._count_nonfinite(offset, data)
-            self._received += len(data)
-            if clean and not self._scan.nonfinite and self._clip_norm is not None:
-                self._squared_norm += self._squared_distance(offset, data)
-            if clean and not self._scan.nonfinite:
-                assert self._spool is not None and self._aggregator is not None  # set with layout
-                os.pwrite(self._spool, data, offset)
-                self._aggregator.fold(offset, data, weight=self._weight)
-                self._folded = self._received
-            else:
-                self._undo()
+            data = decoded
+        expected_length = (
+            self._layout.chunk_range(self._received // self._layout.chunk_bytes)[1]
+            if self._received < self._layout.payload_bytes
+            else 0
+        )
+        if offset != self._received or len(data) != expected_length or not expected_length:
+            self._scan.fatal = (
+                f"chunk at offset {offset} with {len(data)} bytes; expected offset "
+                f"{self._received} with {expected_length} bytes"
+            )
+            self._undo()
+            return
+        clean = self._count_nonfinite(offset, data)
+        self._received += len(data)
+        if clean and not self._scan.nonfinite and self._clip_norm is not None:
+            self._squared_norm += self._squared_distance(offset, data)
+        if clean and not self._scan.nonfinite:
+            assert self._spool is not None and self._aggregator is not None  # set with layout
+            os.pwrite(self._spool, data, offset)
+            self._aggregator.fold(offset, data, weight=self._weight)
+            self._folded = self._received
+        else:
+            self._undo()
 
     def _decompress(self, offset: int, data: bytes | memoryview) -> memoryview | None:
         """The model-layout chunk at `offset`: base plus the decoded difference (None: bad)."""
@@ -226,7 +237,6 @@ class Upload:
         base = np.frombuffer(self._base.payload, dtype="<f4", count=length // 4, offset=offset)
         # In place in the decoded buffer: no further copy before the spool and the fold.
         np.add(difference, base, out=difference)
-        self._base.evict(offset, length)
         return difference.view(np.uint8).data
 
     def _count_nonfinite(self, offset: int, data: bytes | memoryview) -> bool:
@@ -264,7 +274,6 @@ class Upload:
                 new, old = bfloat16_to_float32(new), bfloat16_to_float32(old)
             diff = new.astype(np.float64) - old.astype(np.float64)
             total += float(np.dot(diff, diff))
-        self._base.evict(offset, len(data))
         return total
 
     def _fold_spool(self, weight: float, base_weight: float) -> None:
