@@ -14,7 +14,9 @@ fedpriv:
 - fold rate: FedAvg's ``fold`` of a whole update, chunk by chunk, as in a round;
 - round throughput: model bytes moved per round (down plus up, all clients)
   divided by the median round time, from benchmarks/round_bench.py's
-  federation, plain text and with mTLS.
+  federation, plain text and with mTLS;
+- what mTLS costs: CPU seconds per GB that TLS adds, in the raw gRPC stream and
+  in a fedpriv round, beside AES-GCM's own.
 
     python benchmarks/limits.py              # P = 50M for the folds, 10M x 2 for rounds
     python benchmarks/limits.py --smoke      # tiny sizes, for the test suite
@@ -26,10 +28,12 @@ import argparse
 import logging
 import os
 import pathlib
+import resource
 import sys
 import tempfile
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -54,6 +58,12 @@ def best_of(repeats: int, work: callable) -> float:  # type: ignore[valid-type]
         work()  # type: ignore[operator]
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def numpy_add_rate(params: int) -> float:
@@ -93,8 +103,12 @@ def _pki(work: pathlib.Path) -> tuple[grpc.ServerCredentials, grpc.ChannelCreden
     return server, client
 
 
-def grpc_stream_rate(total_bytes: int, *, tls: bool) -> float:
-    """Bytes per second through one client-streaming call of chunk-sized messages on loopback."""
+def grpc_stream_rate(total_bytes: int, *, tls: bool) -> tuple[float, float]:
+    """One client-streaming call of chunk-sized messages on loopback.
+
+    Returns (bytes per second, CPU seconds per byte). Client and server share this
+    process, so its CPU time covers both ends: for mTLS, encryption and decryption.
+    """
 
     def sink(requests, context):  # noqa: ARG001
         count = 0
@@ -134,7 +148,10 @@ def grpc_stream_rate(total_bytes: int, *, tls: bool) -> float:
                 push(iter([message] * count), timeout=300)
 
             send()  # warm up the connection
-            return count * DEFAULT_CHUNK_BYTES / best_of(3, send)
+            before = cpu_seconds()
+            best = best_of(3, send)
+            cpu = (cpu_seconds() - before) / (3 * count * DEFAULT_CHUNK_BYTES)
+            return count * DEFAULT_CHUNK_BYTES / best, cpu
         finally:
             channel.close()
             server.stop(None)
@@ -169,12 +186,35 @@ def prg_rate(params: int) -> float:
     return params * 4 / best_of(3, run)
 
 
-def round_rate(params: int, clients: int, rounds: int, *, insecure: bool) -> tuple[float, float]:
-    """(median round seconds, model bytes moved per second: down + up, all clients)."""
-    with tempfile.TemporaryDirectory(prefix="fedpriv-limits-") as tmp:
-        row = run_one(params, clients, rounds, pathlib.Path(tmp), insecure=insecure)
-    moved = 2 * clients * params * 4
-    return row.median_round_s, moved / row.median_round_s
+@dataclass
+class RoundRate:
+    median_s: float
+    moved_bytes: int  # model bytes per round: down plus up, all clients
+    cpu_s: float  # coordinator plus silos, per round after the first (start-up excluded)
+
+    @property
+    def rate(self) -> float:
+        return self.moved_bytes / self.median_s
+
+
+def round_rate(params: int, clients: int, rounds: int, *, insecure: bool) -> RoundRate:
+    """The median round of an R-round federation, and its CPU per round.
+
+    A one-round federation is run too: the difference of the two runs' total CPU
+    is what rounds 2..R cost, without process start-up, imports and handshakes.
+    """
+    runs = {}
+    for count in (1, rounds):
+        with tempfile.TemporaryDirectory(prefix="fedpriv-limits-") as tmp:
+            runs[count] = run_one(params, clients, count, pathlib.Path(tmp), insecure=insecure)
+    total = {
+        count: (row.coordinator_cpu_s + row.clients_cpu_s) * count for count, row in runs.items()
+    }
+    return RoundRate(
+        runs[rounds].median_round_s,
+        2 * clients * params * 4,
+        (total[rounds] - total[1]) / max(1, rounds - 1),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,14 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     gb = 1e9
     add = numpy_add_rate(args.fold_params)
     fold = fold_rate(args.fold_params)
-    raw_plain = grpc_stream_rate(args.stream_bytes, tls=False)
-    raw_tls = grpc_stream_rate(args.stream_bytes, tls=True)
+    raw_plain, raw_plain_cpu = grpc_stream_rate(args.stream_bytes, tls=False)
+    raw_tls, raw_tls_cpu = grpc_stream_rate(args.stream_bytes, tls=True)
     gcm = aes_gcm_rate(min(args.stream_bytes, 256 * MIB))
     prg = prg_rate(args.fold_params)
-    plain_s, plain_rate = round_rate(
-        args.round_params, args.round_clients, args.rounds, insecure=True
-    )
-    tls_s, tls_rate = round_rate(args.round_params, args.round_clients, args.rounds, insecure=False)
+    plain = round_rate(args.round_params, args.round_clients, args.rounds, insecure=True)
+    tls = round_rate(args.round_params, args.round_clients, args.rounds, insecure=False)
     print("ceilings on this machine")
     print(f"  numpy float32 add (acc += update)        {add / gb:8.2f} GB/s")
     print(f"  raw gRPC loopback stream, plain text     {raw_plain / gb:8.2f} GB/s")
@@ -215,14 +253,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  round, P={args.round_params:,} x {args.round_clients}, plain text  "
-        f"{plain_rate / gb:6.2f} GB/s  = {plain_rate / raw_plain:.0%} of raw gRPC plain "
-        f"(median round {plain_s:.3f} s; target >= 50%)"
+        f"{plain.rate / gb:6.2f} GB/s  = {plain.rate / raw_plain:.0%} of raw gRPC plain "
+        f"(median round {plain.median_s:.3f} s; target >= 50%)"
     )
     print(
         f"  round, P={args.round_params:,} x {args.round_clients}, mTLS        "
-        f"{tls_rate / gb:6.2f} GB/s  = {tls_rate / raw_tls:.0%} of raw gRPC mTLS "
-        f"(median round {tls_s:.3f} s; {tls_s / plain_s:.2f}x plain, target <= 1.15x)"
+        f"{tls.rate / gb:6.2f} GB/s  = {tls.rate / raw_tls:.0%} of raw gRPC mTLS "
+        f"(median round {tls.median_s:.3f} s; {tls.median_s / plain.median_s:.2f}x plain, "
+        "target <= 1.15x)"
     )
+    # Where mTLS's time goes: CPU seconds per GB that TLS adds (encrypting at one end and
+    # decrypting at the other), in gRPC alone and in a fedpriv round.
+    raw_extra = (raw_tls_cpu - raw_plain_cpu) * gb
+    round_extra = (tls.cpu_s - plain.cpu_s) / plain.moved_bytes * gb
+    print("CPU seconds per GB that mTLS adds (both ends together)")
+    print(
+        f"  raw gRPC stream                          {raw_extra:8.2f} s/GB  "
+        f"({raw_plain_cpu * gb:.2f} plain, {raw_tls_cpu * gb:.2f} mTLS)"
+    )
+    print(
+        f"  fedpriv round                            {round_extra:8.2f} s/GB  "
+        f"({plain.cpu_s:.2f} s plain, {tls.cpu_s:.2f} s mTLS per round, all processes)"
+    )
+    print(f"  AES-256-GCM alone (encrypt + decrypt)    {2 * gb / gcm:8.2f} s/GB")
     return 0
 
 

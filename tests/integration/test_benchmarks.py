@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,8 @@ def test_limits_smoke_prints_ceilings_and_fractions():
     result = smoke("limits")
     assert "raw gRPC loopback stream, mutual TLS" in result.stdout
     assert result.stdout.count("% of") == 3
+    # the TLS CPU block: the raw stream's CPU per GB, plain and mTLS, was measured
+    raw = re.search(r"raw gRPC stream .*\(([\d.]+) plain, ([\d.]+) mTLS\)", result.stdout)
+    assert raw, result.stdout
+    assert float(raw.group(1)) > 0 and float(raw.group(2)) > 0
+    assert "fedpriv round" in result.stdout and "AES-256-GCM alone" in result.stdout
