@@ -183,6 +183,8 @@ class CoordinatorConfig:
         rounds: Scheduling.
         model: Initial model.
         state_dir: SQLite database, checkpoints and spool files.
+        keep_checkpoints: Keep the newest N rounds' checkpoints (and the initial
+            model's); 0 keeps all.
         heartbeat_interval_s: How often silos report while training.
         poll_wait_s: How long a silo's PullTask may wait before answering WAIT.
         dp: Silo-level DP-FedAvg (clipping, central noise, federation epsilon); None: off.
@@ -199,6 +201,7 @@ class CoordinatorConfig:
     rounds: RoundConfig = field(default_factory=RoundConfig)
     model: ModelSource
     state_dir: pathlib.Path
+    keep_checkpoints: int = 0
     heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S
     poll_wait_s: int = DEFAULT_POLL_WAIT_S
     dp: CentralDP | None = None
@@ -247,6 +250,11 @@ class CoordinatorConfig:
         if self.allowed_silos is not None and not self.allowed_silos:
             raise ConfigError(
                 "federation.allowed_silos is empty: no silo could join; list them or omit the key"
+            )
+        if self.keep_checkpoints < 0:
+            raise ConfigError(
+                f"store.keep_checkpoints = {self.keep_checkpoints}: must be >= 0 "
+                "(0 keeps every round's checkpoint)"
             )
         if self.heartbeat_interval_s < 1 or self.poll_wait_s < 1:
             raise ConfigError("server.heartbeat_interval_s and server.poll_wait_s must be >= 1")
@@ -329,6 +337,7 @@ class CoordinatorConfig:
                 chunk_bytes=model.get("chunk_bytes", int, DEFAULT_CHUNK_BYTES),
             ),
             state_dir=state_dir,
+            keep_checkpoints=store.get("keep_checkpoints", int, 0),
             dp=dp,
             secure_aggregation=secure_aggregation,
             strategy=StrategyConfig(

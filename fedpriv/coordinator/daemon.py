@@ -135,7 +135,7 @@ class Coordinator:
             if config.tls is None or insecure
             else TLSConfig.from_files(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
         )
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, keep_checkpoints=config.keep_checkpoints)
         for orphan in self.store.remove_orphans():
             logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()

@@ -263,11 +263,17 @@ class Store:
 
     Args:
         directory: Created if missing; holds ``state.sqlite3`` and ``checkpoints/``.
+        keep_checkpoints: Keep the checkpoints of only the newest N committed rounds
+            (and the initial model's, round 0); older ones are deleted after each
+            commit. 0 keeps every checkpoint.
     """
 
-    def __init__(self, directory: pathlib.Path) -> None:
+    def __init__(self, directory: pathlib.Path, *, keep_checkpoints: int = 0) -> None:
+        if keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0, not {keep_checkpoints}")
         self.directory = directory
         self.checkpoints = directory / "checkpoints"
+        self.keep_checkpoints = keep_checkpoints
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -308,6 +314,39 @@ class Store:
     def checkpoint_path(self, round: int) -> pathlib.Path:
         """Where the model after `round` is stored (round 0: the initial model)."""
         return self.checkpoints / f"round-{round:06d}.fpck"
+
+    def prune_checkpoints(self, newest: int) -> list[int]:
+        """Delete checkpoints of rounds 1 .. `newest` - keep_checkpoints; return their rounds.
+
+        `newest` must be committed. The folder is scanned, not the database, so a
+        deletion that a crash undid is redone on the next commit. Round 0 (the
+        initial model) and anything newer than `newest` (an orphan that the next
+        commit overwrites) are left alone. A download in flight keeps reading a
+        deleted checkpoint through its mapping.
+        """
+        if not self.keep_checkpoints:
+            return []
+        removed = []
+        for path in self.checkpoints.glob("round-*.fpck"):
+            number = path.stem.removeprefix("round-")
+            if not number.isdigit() or not 0 < int(number) <= newest - self.keep_checkpoints:
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                # The round is committed either way; the file is tried again next time.
+                logger.warning("cannot delete old checkpoint %s: %s", path.name, err.strerror)
+                continue
+            removed.append(int(number))
+        if removed:
+            logger.info(
+                "deleted checkpoints of rounds %s (store.keep_checkpoints = %d)",
+                ", ".join(map(str, sorted(removed))),
+                self.keep_checkpoints,
+            )
+        return sorted(removed)
 
     def last_committed(self) -> CommittedRound | None:
         """The newest committed round, if any."""
@@ -418,6 +457,7 @@ class Store:
             published - started,
             time.perf_counter() - published,
         )
+        self.prune_checkpoints(round)
         return CommittedRound(round=round, checkpoint=staged.checkpoint, sha256=staged.sha256)
 
     def record_attempt(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 
 import numpy as np
@@ -138,4 +139,39 @@ def test_rounds_overlap_the_commit_yet_are_reported_only_once_durable(tmp_path, 
     for round in (1, 2, 3):
         checkpoint = store.checkpoint_path(round)
         np.testing.assert_allclose(read_checkpoint(checkpoint).arrays()["w"], 2.0 * round)
+    store.close()
+
+
+def test_keep_checkpoints_deletes_old_rounds_and_a_restart_resumes(tmp_path, pki, array_client):
+    # Arrange: keep only the newest round's checkpoint (and the initial model's)
+    arrays = {"w": np.zeros(1000, np.float32)}
+    config = dataclasses.replace(
+        make_config(tmp_path, pki.root, arrays, num_rounds=3, federated_evaluation=False),
+        keep_checkpoints=1,
+    )
+
+    def run(config) -> None:
+        with Coordinator(config) as coordinator:
+            with (
+                silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")),
+                silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")),
+            ):
+                assert coordinator.wait(timeout_s=60)
+
+    def on_disk() -> list[str]:
+        return sorted(p.name for p in (config.state_dir / "checkpoints").iterdir())
+
+    # Act: three rounds, then a restart that runs a fourth
+    run(config)
+    after_three = on_disk()
+    run(dataclasses.replace(config, rounds=dataclasses.replace(config.rounds, num_rounds=4)))
+    # Assert: the database keeps every round; the folder keeps round 0 and the newest
+    assert after_three == ["round-000000.fpck", "round-000003.fpck"]
+    assert on_disk() == ["round-000000.fpck", "round-000004.fpck"]
+    store = Store(config.state_dir)
+    assert store.rounds() == [0, 1, 2, 3, 4]
+    committed = store.last_committed()
+    assert committed is not None and committed.round == 4
+    final = read_checkpoint(committed.checkpoint, sha256=committed.sha256).arrays()["w"]
+    np.testing.assert_allclose(final, 2.0 * 4)  # round 4 started from round 3's model
     store.close()

@@ -42,6 +42,11 @@ def test_good_config_parses_with_paths_relative_to_the_file():
     assert config.tls is not None and config.tls.ca == pathlib.Path("/etc/fed/pki/ca.crt")
     assert config.state_dir == pathlib.Path("/etc/fed/state")
     assert dict(config.rounds.client_config) == {"epochs": 2, "lr": 0.01}
+    assert config.keep_checkpoints == 0  # every checkpoint is kept unless asked
+    assert (
+        parse(GOOD.replace('dir = "state"', 'dir = "state"\nkeep_checkpoints = 3')).keep_checkpoints
+        == 3
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,6 +69,10 @@ def test_good_config_parses_with_paths_relative_to_the_file():
             "client_config.epochs",
         ),
         (("min_clients = 2", "min_clients = 2\nmin_results = 3"), "rounds.min_results = 3"),
+        (
+            ('dir = "state"', 'dir = "state"\nkeep_checkpoints = -1'),
+            "store.keep_checkpoints = -1: must be >= 0",
+        ),
     ],
 )
 def test_bad_config_fails_naming_the_field(change, message):

@@ -149,3 +149,43 @@ def test_a_staged_round_is_readable_at_once_and_committed_only_when_asked(tmp_pa
     assert reopened.last_committed() == committed
     assert reopened.remove_orphans() == [orphan.temporary] and not orphan.temporary.exists()
     reopened.close()
+
+
+def _commit(store: Store, round: int, model: Model) -> None:
+    store.commit_staged(
+        store.stage_round(
+            round=round, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=2.0
+        )
+    )
+
+
+def test_keep_checkpoints_deletes_all_but_the_newest_and_the_initial_model(tmp_path):
+    model = Model.from_arrays({"w": np.ones(4, np.float32)})
+    store = Store(tmp_path, keep_checkpoints=2)
+    for round in range(6):
+        _commit(store, round, model)
+    # A deletion a crash undid, and an orphan newer than the last commit.
+    write_checkpoint(store.checkpoint_path(2), model)
+    write_checkpoint(store.checkpoint_path(6), model)
+    assert store.prune_checkpoints(5) == [2]
+    on_disk = sorted(p.name for p in store.checkpoints.iterdir())
+    assert on_disk == [f"round-00000{r}.fpck" for r in (0, 4, 5, 6)]
+    assert store.rounds() == [0, 1, 2, 3, 4, 5]  # the history stays in the database
+    last = store.last_committed()
+    assert last is not None and last.round == 5
+    np.testing.assert_array_equal(
+        map_checkpoint(last.checkpoint, sha256=last.sha256).payload, model.payload
+    )
+    store.close()
+
+
+def test_every_checkpoint_is_kept_by_default_and_a_negative_count_is_refused(tmp_path):
+    model = Model.from_arrays({"w": np.ones(4, np.float32)})
+    store = Store(tmp_path)
+    for round in range(4):
+        _commit(store, round, model)
+    assert store.prune_checkpoints(3) == []
+    assert len(list(store.checkpoints.iterdir())) == 4
+    store.close()
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
+        Store(tmp_path, keep_checkpoints=-1)
