@@ -55,6 +55,7 @@ factory = "app:make_model"   # app.py in the folder the coordinator runs from
 
 [store]
 dir = "state"
+keep_checkpoints = 0         # 0 keeps every round's model; N keeps the newest N (and round 0)
 """
 
 
