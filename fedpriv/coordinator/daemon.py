@@ -139,6 +139,9 @@ class Coordinator:
         for orphan in self.store.remove_orphans():
             logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()
+        if committed is not None:
+            # A lowered keep_checkpoints frees the space at once, before any round runs.
+            self.store.prune_checkpoints(committed.round)
         # A checkpoint written by an earlier run is checked against its committed hash;
         # the initial one, hashed as it is written below, is not read back to hash again.
         expected = committed.sha256 if committed is not None else None

@@ -143,35 +143,41 @@ def test_rounds_overlap_the_commit_yet_are_reported_only_once_durable(tmp_path, 
 
 
 def test_keep_checkpoints_deletes_old_rounds_and_a_restart_resumes(tmp_path, pki, array_client):
-    # Arrange: keep only the newest round's checkpoint (and the initial model's)
+    # Arrange: three rounds keeping every checkpoint, then a restart keeping one
     arrays = {"w": np.zeros(1000, np.float32)}
-    config = dataclasses.replace(
-        make_config(tmp_path, pki.root, arrays, num_rounds=3, federated_evaluation=False),
-        keep_checkpoints=1,
-    )
+    config = make_config(tmp_path, pki.root, arrays, num_rounds=3, federated_evaluation=False)
 
-    def run(config) -> None:
-        with Coordinator(config) as coordinator:
+    def run(coordinator: Coordinator) -> None:
+        with coordinator:
             with (
                 silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")),
                 silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")),
             ):
                 assert coordinator.wait(timeout_s=60)
 
-    def on_disk() -> list[str]:
-        return sorted(p.name for p in (config.state_dir / "checkpoints").iterdir())
+    def on_disk() -> list[int]:
+        return sorted(int(p.stem[6:]) for p in (config.state_dir / "checkpoints").iterdir())
 
-    # Act: three rounds, then a restart that runs a fourth
-    run(config)
-    after_three = on_disk()
-    run(dataclasses.replace(config, rounds=dataclasses.replace(config.rounds, num_rounds=4)))
-    # Assert: the database keeps every round; the folder keeps round 0 and the newest
-    assert after_three == ["round-000000.fpck", "round-000003.fpck"]
-    assert on_disk() == ["round-000000.fpck", "round-000004.fpck"]
+    # Act
+    run(Coordinator(config))
+    kept_all = on_disk()
+    restarted = Coordinator(
+        dataclasses.replace(
+            config,
+            keep_checkpoints=1,
+            rounds=dataclasses.replace(config.rounds, num_rounds=5),
+        )
+    )
+    at_start = on_disk()  # pruned before any round runs
+    run(restarted)
+    # Assert: the folder keeps round 0 and the newest; the database keeps every round
+    assert kept_all == [0, 1, 2, 3]
+    assert at_start == [0, 3]
+    assert on_disk() == [0, 5]
     store = Store(config.state_dir)
-    assert store.rounds() == [0, 1, 2, 3, 4]
+    assert store.rounds() == [0, 1, 2, 3, 4, 5]
     committed = store.last_committed()
-    assert committed is not None and committed.round == 4
+    assert committed is not None and committed.round == 5
     final = read_checkpoint(committed.checkpoint, sha256=committed.sha256).arrays()["w"]
-    np.testing.assert_allclose(final, 2.0 * 4)  # round 4 started from round 3's model
+    np.testing.assert_allclose(final, 2.0 * 5)  # rounds 4 and 5 built on round 3's model
     store.close()
