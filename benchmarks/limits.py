@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_app import model_arrays  # noqa: E402
-from benchmarks.round_bench import run_one  # noqa: E402
+from benchmarks.round_bench import cpu_s, run_one  # noqa: E402
 from fedpriv.pki import CertificateAuthority, Role  # noqa: E402
 from fedpriv.strategy import FedAvg  # noqa: E402
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, Model  # noqa: E402
@@ -62,8 +62,7 @@ def best_of(repeats: int, work: callable) -> float:  # type: ignore[valid-type]
 
 def cpu_seconds() -> float:
     """User plus system CPU time of this process, all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return cpu_s(resource.getrusage(resource.RUSAGE_SELF))
 
 
 def numpy_add_rate(params: int) -> float:

@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import re
+import resource
 import socket
 import sqlite3
 import statistics
@@ -72,6 +73,11 @@ def make_pki(work: pathlib.Path, clients: int) -> None:
     ca.issue("coordinator", role=Role.SERVER, out_dir=work / "pki", hosts=["127.0.0.1"])
     for k in range(clients):
         ca.issue(f"silo-{k}", role=Role.CLIENT, out_dir=work / "pki")
+
+
+def cpu_s(usage: resource.struct_rusage) -> float:
+    """User plus system CPU seconds in `usage`."""
+    return usage.ru_utime + usage.ru_stime
 
 
 def start_to_start(starts: Sequence[float], last_end: float) -> list[float]:
@@ -172,7 +178,7 @@ seed = {k}
         _, silo_status, silo_usage = os.wait4(silo.pid, 0)
         silo.returncode = os.waitstatus_to_exitcode(silo_status)
         codes.append(silo.returncode)
-        clients_cpu += silo_usage.ru_utime + silo_usage.ru_stime
+        clients_cpu += cpu_s(silo_usage)
     if coordinator.returncode != 0 or any(codes):
         raise RuntimeError(
             f"benchmark processes failed ({coordinator.returncode}, {codes}); see {work}"
@@ -197,7 +203,7 @@ seed = {k}
         sent_per_client_mb=statistics.mean(sent) / rounds / 1e6,
         # Linux reports ru_maxrss in KiB.
         coordinator_peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,
-        coordinator_cpu_s=(usage.ru_utime + usage.ru_stime) / rounds,
+        coordinator_cpu_s=cpu_s(usage) / rounds,
         clients_cpu_s=clients_cpu / rounds,
     )
 

@@ -231,6 +231,11 @@ def flower_run(params: int, clients: int, rounds: int, *, timeout_s: float) -> R
                 _kill_tree(process)
 
 
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either was not measured."""
+    return a / b if a is not None and b else None
+
+
 def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
     """Two rows per size: fedpriv in plain text (like for like), then with mTLS.
 
@@ -240,9 +245,6 @@ def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
 
     def num(value: float | None, fmt: str) -> str:
         return "fail" if value is None else format(value, fmt)
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
 
     print(
         f"{'params':>10} {'N':>3} {'fedpriv':>7} {'fedpriv s':>9} {'flower s':>9} "
@@ -266,13 +268,13 @@ def print_table(rows: list[tuple[int, int, Result, Result, Result]]) -> None:
         for name, result in (("fedpriv", plain), ("fedpriv mTLS", tls), ("flower", flower)):
             if result.error:
                 print(f"# P={params:,} N={clients} {name} failed: {result.error}")
-        if params == 50_000_000 and clients == 8 and plain.round_s and flower.round_s:
-            time_ratio = plain.round_s / flower.round_s
-            rss_ratio = (plain.peak_rss_mb or 0) / (flower.peak_rss_mb or 1)
+        if params == 50_000_000 and clients == 8:
             for what, value, target in (
-                ("round time", time_ratio, ROUND_TARGET),
-                ("coordinator peak RSS", rss_ratio, RSS_TARGET),
+                ("round time", ratio(plain.round_s, flower.round_s), ROUND_TARGET),
+                ("coordinator peak RSS", ratio(plain.peak_rss_mb, flower.peak_rss_mb), RSS_TARGET),
             ):
+                if value is None:
+                    continue  # a failed run: its error is printed above
                 verdict = "PASS" if value <= target else f"MISS by {value / target:.2f}x"
                 print(
                     f"target: {what} <= {target}x Flower's at 50M x 8 (plain text): "
