@@ -58,7 +58,12 @@ class _RoundPrinter:
         self._header = False
         self.last_accuracy: float | None = None
         self.silo_epsilon: dict[str, tuple[float, float]] = {}
+        # The RDP bound each release also carries, shown beside the tight figure.
+        self.silo_epsilon_rdp: dict[str, float] = {}
         self.federation_epsilon: tuple[float, float] | None = None
+        self.federation_epsilon_rdp: float | None = None
+        self.federation_assumption = ""
+        self.last_accepted = 0
         self._rows: list[tuple[str, ...]] = []
         self._live: Any = None
         if not quiet and (sys.stdout.isatty() if live is None else live):
@@ -103,6 +108,8 @@ class _RoundPrinter:
                     float(values["epsilon"]),
                     float(values.get("delta", 0.0)),
                 )
+                if "epsilon_rdp" in values:
+                    self.silo_epsilon_rdp[silo] = float(values["epsilon_rdp"])
         epsilons = [float(v["epsilon"]) for v in summary.silo_metrics.values() if "epsilon" in v]
         metrics = summary.evaluation_metrics or summary.fit_metrics
         loss = metrics.get("loss", summary.fit_metrics.get("train_loss", float("nan")))
@@ -113,7 +120,15 @@ class _RoundPrinter:
         shown_federation = "-"
         if "epsilon" in federation:
             self.federation_epsilon = (federation["epsilon"], federation["delta"])
+            self.federation_epsilon_rdp = federation.get("epsilon_rdp")
+            colluders = int(federation.get("colluders_tolerated", 0))
+            self.federation_assumption = (
+                f", holds with up to {colluders} silos colluding with the coordinator"
+                if colluders
+                else ""
+            )
             shown_federation = format(federation["epsilon"], ".3f")
+        self.last_accepted = summary.accepted
         out = summary.rejected + summary.dropped + summary.declined
         self._emit(
             (
@@ -159,20 +174,47 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             return 0
     if printer.last_accuracy is not None:
         print(f"final accuracy: {printer.last_accuracy:.3f}", flush=True)
+    _print_epsilons(printer)
+    return 0
+
+
+# Above this a silo-level epsilon protects nothing in practice; the demo says why.
+_LARGE_EPSILON = 10.0
+
+
+def _rdp_beside(value: float | None) -> str:
+    return "" if value is None else f"; RDP bound {value:.3f}"
+
+
+def _print_epsilons(printer: _RoundPrinter) -> None:
+    """Record-level epsilons first, then the federation's, each with what it protects."""
+    if printer.silo_epsilon:
+        print(
+            "record-level privacy: each silo's DP-SGD guarantee for any one of its records "
+            "(one record added or removed), from the silo's own ledger",
+            flush=True,
+        )
     for silo, (epsilon, delta) in sorted(printer.silo_epsilon.items()):
         print(
-            f"{silo} epsilon: {epsilon:.3f} (delta {delta:g}, sample-level, from its ledger)",
+            f"{silo} epsilon: {epsilon:.3f} (delta {delta:g}, sample-level, from its ledger"
+            f"{_rdp_beside(printer.silo_epsilon_rdp.get(silo))})",
             flush=True,
         )
     if printer.federation_epsilon is not None:
         epsilon, delta = printer.federation_epsilon
         print(
-            f"federation epsilon: {epsilon:.3f} (delta {delta:g}, silo-level, "
-            "from the coordinator's accountant)",
+            f"federation epsilon: {epsilon:.3f} (delta {delta:g}, silo-level: the unit is each "
+            f"silo's whole dataset, from the coordinator's accountant"
+            f"{_rdp_beside(printer.federation_epsilon_rdp)}{printer.federation_assumption})",
             flush=True,
         )
-    return 0
-
+        if epsilon > _LARGE_EPSILON:
+            print(
+                "  it is large because hiding a whole silo's data takes noise the size of one "
+                f"silo's update in a sum of only {printer.last_accepted} updates; silo-level DP "
+                "becomes meaningful with tens to hundreds of silos",
+                flush=True,
+            )
 
 def _cmd_client(args: argparse.Namespace) -> int:
     from fedpriv.client import run_client
