@@ -251,6 +251,20 @@ class CoordinatorConfig:
             raise ConfigError(
                 "federation.allowed_silos is empty: no silo could join; list them or omit the key"
             )
+        if self.dp is not None and self.dp.adaptive:
+            # The centred count is divided by expected_clients, not by the true count, so a
+            # value no round can reach would bias every unclipped fraction towards 1/2.
+            bounds = {
+                "rounds.max_clients": self.rounds.max_clients,
+                "the number of federation.allowed_silos": len(self.allowed_silos or ()),
+            }
+            for name, most in bounds.items():
+                if most and self.dp.expected_clients > most:
+                    raise ConfigError(
+                        f"dp.expected_clients = {self.dp.expected_clients}: must be <= {name} "
+                        f"({most}), since no round can have more updates; set it to the "
+                        "updates you expect per round (default rounds.min_clients)"
+                    )
         if self.keep_checkpoints < 0:
             raise ConfigError(
                 f"store.keep_checkpoints = {self.keep_checkpoints}: must be >= 0 "

@@ -286,7 +286,10 @@ class Federation:
                     )
                 )
                 clip_norm = values.get("next_clip_norm", clip_norm)
-        self._clip = ClipState(self.config.dp, clip_norm=clip_norm)
+        # Only an adaptive norm carries over a restart; a fixed one is the configured one.
+        self._clip = ClipState(
+            self.config.dp, clip_norm=clip_norm if self.config.dp.adaptive else None
+        )
 
     # ---- state read by the servicer and status ------------------------------------------
 
@@ -1022,8 +1025,19 @@ class Federation:
         rng = secure_generator()
         stddev = self._clip.noise_stddev()
         aggregator.perturb_sums(lambda sums: add_gaussian_noise(sums, stddev=stddev, rng=rng))
-        unclipped = sum(1 for r in train.results if r.clip_scale == 1.0)
-        noised_fraction = self._clip.update(unclipped=unclipped, count=train.accepted, rng=rng)
+        adaptive: dict[str, float] = {}
+        if dp.adaptive:
+            # Releases only the centred count, noised, over the configured expected_clients
+            # (sensitivity 1/2, accounted in update_noise_multiplier); fixed clipping releases
+            # no count at all, since none is accounted.
+            unclipped = sum(1 for r in train.results if r.clip_scale == 1.0)
+            adaptive = {
+                "unclipped_fraction": self._clip.update(
+                    unclipped=unclipped, count=train.accepted, rng=rng
+                ),
+                "clipped_count_stddev": dp.count_stddev,
+                "count_sensitivity": dp.count_sensitivity,
+            }
         self._dp_history.append(
             GaussianSteps(noise_multiplier=dp.noise_multiplier, sample_rate=1.0, steps=1)
         )
@@ -1044,7 +1058,7 @@ class Federation:
             "clip_norm": train.clip_norm,
             "noise_stddev": stddev,
             "next_clip_norm": self._clip.clip_norm,
-            "unclipped_fraction": noised_fraction,
+            **adaptive,
         }
 
 

@@ -57,10 +57,13 @@ def test_adaptive_clip_norm_converges_to_the_target_quantile():
     assert state.clip_norm == pytest.approx(3.0 * 0.6745, rel=0.1)
 
 
-def test_fixed_clipping_never_moves():
+def test_fixed_clipping_never_moves_and_releases_no_count():
+    # With fixed clipping no count is accounted, so none may be computed or released.
     state = ClipState(CentralDP(noise_multiplier=1.0, clip_norm=2.0))
-    state.update(unclipped=0, count=5, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="fixed clipping"):
+        state.update(unclipped=0, count=5, rng=np.random.default_rng(0))
     assert state.clip_norm == 2.0
+    assert state.noise_stddev() == 2.0
 
 
 @pytest.mark.parametrize(
@@ -73,6 +76,29 @@ def test_fixed_clipping_never_moves():
         (
             {"noise_multiplier": 1.0, "clip_norm": 1.0, "adaptive": True, "expected_clients": 3},
             "dp.clipped_count_stddev",
+        ),
+        (
+            # sigma_b must exceed z * sensitivity = z / 2 (here it equals it)
+            {
+                "noise_multiplier": 0.2,
+                "clip_norm": 1.0,
+                "adaptive": True,
+                "clipped_count_stddev": 0.1,
+            },
+            "dp.clipped_count_stddev",
+        ),
+        (
+            {"noise_multiplier": 1.0, "clip_norm": 1.0, "clipped_count_stddev": -1.0},
+            "dp.clipped_count_stddev",
+        ),
+        ({"noise_multiplier": 1.0, "clip_norm": 1.0, "expected_clients": 0}, "dp.expected_clients"),
+        (
+            {"noise_multiplier": 1.0, "clip_norm": 1.0, "expected_clients": 2.5},
+            "dp.expected_clients",
+        ),
+        (
+            {"noise_multiplier": 1.0, "clip_norm": 1.0, "expected_clients": True},
+            "dp.expected_clients",
         ),
     ],
 )
