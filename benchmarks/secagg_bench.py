@@ -67,7 +67,7 @@ def silo_work_alone(params: int, clients: int) -> float:
 
     threshold = clients // 2 + 1
     sessions = [
-        ClientSession(silo=f"silo-{k}", session="bench", threshold=threshold)
+        ClientSession(silo=f"silo-{k}", session="bench", round=1, threshold=threshold)
         for k in range(clients)
     ]
     keys = {s.silo: s.advertise() for s in sessions}

@@ -306,6 +306,7 @@ class SecureUpload:
             self.session = ClientSession(
                 silo=stats.silo,
                 session=str(config["secagg.session"]),
+                round=task.round,
                 threshold=int(config["secagg.threshold"]),
             )
         except (KeyError, ValueError) as err:

@@ -109,15 +109,21 @@ class SecAggConfig:
 
     Args:
         threshold: t, silos whose shares recover a secret; rounds need at least t
-            survivors. 0: a majority of the round's silos (n // 2 + 1).
+            survivors. It must be more than half of every round's silos (else a
+            coordinator could collect t shares of both secrets of one silo).
+            0: a majority of the round's silos (n // 2 + 1).
         clip_norm: L2 norm each update is clipped to before quantisation (without
             ``[dp]``; with it, ``dp.clip_norm`` is used).
         unmask_deadline_s: Time survivors have to reveal their shares.
+        tolerate_colluders: k, silos that may collude with the coordinator (and
+            remove their own noise) while the distributed-DP guarantee still
+            holds; each silo's noise is scaled up to cover them. In [0, t).
     """
 
     threshold: int = 0
     clip_norm: float = 10.0
     unmask_deadline_s: float = 60.0
+    tolerate_colluders: int = 0
 
     def __post_init__(self) -> None:
         if self.threshold < 0:
@@ -126,10 +132,64 @@ class SecAggConfig:
             raise ConfigError(f"secagg.clip_norm = {self.clip_norm}: must be > 0")
         if not self.unmask_deadline_s > 0:
             raise ConfigError(f"secagg.unmask_deadline_s = {self.unmask_deadline_s}: must be > 0")
+        if self.tolerate_colluders < 0:
+            raise ConfigError(
+                f"secagg.tolerate_colluders = {self.tolerate_colluders}: must be >= 0"
+            )
+        if self.threshold and self.tolerate_colluders >= self.threshold:
+            raise ConfigError(
+                f"secagg.tolerate_colluders = {self.tolerate_colluders}: must be less than "
+                f"secagg.threshold ({self.threshold}); t survivors with t colluders among "
+                "them would leave no honest noise"
+            )
 
     def threshold_for(self, clients: int) -> int:
-        """T for a round of `clients` silos."""
-        return self.threshold or clients // 2 + 1
+        """T for a round of `clients` silos.
+
+        Raises:
+            ConfigError: T would not be more than half of `clients`, or would exceed it.
+        """
+        threshold = self.threshold or clients // 2 + 1
+        if not clients < 2 * threshold <= 2 * clients:
+            raise ConfigError(
+                f"secagg.threshold = {threshold} for a round of {clients} silos: must be more "
+                f"than half of them and at most all; use 0 for a majority of each round"
+            )
+        return threshold
+
+    def check_round_sizes(self, *, smallest: int, largest: int | None) -> None:
+        """Check t and k for every round size from `smallest` to `largest` (None: unbounded).
+
+        Raises:
+            ConfigError: Some allowed round size would get a threshold of at most
+                half its silos, or k would not stay below the threshold.
+        """
+        if self.threshold:
+            if self.threshold > smallest:
+                raise ConfigError(
+                    f"secagg.threshold = {self.threshold}: must be <= rounds.min_clients "
+                    f"({smallest}), or no round could ever be unmasked"
+                )
+            if largest is None:
+                raise ConfigError(
+                    f"secagg.threshold = {self.threshold}: must be more than half of every "
+                    "round's silos, but rounds.max_clients = 0 and no federation.allowed_silos "
+                    "let a round select any number; set rounds.max_clients to at most "
+                    f"{2 * self.threshold - 1}, or use threshold = 0 (a majority of each round)"
+                )
+            if 2 * self.threshold <= largest:
+                raise ConfigError(
+                    f"secagg.threshold = {self.threshold}: must be more than half of every "
+                    f"round's silos, and a round may select {largest} (rounds.max_clients or "
+                    f"federation.allowed_silos); raise it to at least {largest // 2 + 1}, lower "
+                    f"rounds.max_clients to {2 * self.threshold - 1}, or use threshold = 0"
+                )
+        fewest = self.threshold_for(smallest)
+        if self.tolerate_colluders >= fewest:
+            raise ConfigError(
+                f"secagg.tolerate_colluders = {self.tolerate_colluders}: must be less than the "
+                f"threshold of the smallest round ({fewest} for rounds.min_clients = {smallest})"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,12 +283,10 @@ class CoordinatorConfig:
                 "secure_aggregation: those need fedpriv's own streaming sum"
             )
         if self.secure_aggregation is not None:
-            threshold = self.secure_aggregation.threshold
-            if threshold > self.rounds.min_clients:
-                raise ConfigError(
-                    f"secagg.threshold = {threshold}: must be <= rounds.min_clients "
-                    f"({self.rounds.min_clients}), or no round could ever be unmasked"
-                )
+            sizes = [n for n in (self.rounds.max_clients, len(self.allowed_silos or ())) if n]
+            self.secure_aggregation.check_round_sizes(
+                smallest=self.rounds.min_clients, largest=min(sizes) if sizes else None
+            )
             if self.rounds.required_results < self.secure_aggregation.threshold_for(
                 self.rounds.min_clients
             ):
@@ -322,6 +380,7 @@ class CoordinatorConfig:
                 threshold=secagg_table.get("threshold", int, 0),
                 clip_norm=secagg_table.get("clip_norm", float, 10.0),
                 unmask_deadline_s=secagg_table.get("unmask_deadline_s", float, 60.0),
+                tolerate_colluders=secagg_table.get("tolerate_colluders", int, 0),
             )
         else:
             secagg_table.ignore_rest()

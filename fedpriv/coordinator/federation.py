@@ -722,7 +722,7 @@ class Federation:
             config["compression"] = self._rounds.update_compression.value
         tasks = {silo: uuid.uuid4().hex for silo in silos}
         deadline = self._clock() + deadline_s
-        secagg = self._open_secagg(tasks, deadline, config) if secure else None
+        secagg = self._open_secagg(round, tasks, deadline, config) if secure else None
         phase = _Phase(
             kind=kind,
             round=round,
@@ -750,7 +750,7 @@ class Federation:
         return seen is not None and self._clock() - seen <= self.liveness_s
 
     def _open_secagg(
-        self, tasks: Mapping[str, str], deadline: float, config: dict[str, Scalar]
+        self, round: int, tasks: Mapping[str, str], deadline: float, config: dict[str, Scalar]
     ) -> _SecAggRound:
         """Plan the ring and start the session; announce both in the task config."""
         settings = self.config.secure_aggregation
@@ -764,6 +764,7 @@ class Federation:
             clients=len(tasks),
             threshold=threshold,
             noise_multiplier=dp.noise_multiplier if dp is not None else 0.0,
+            tolerate_colluders=settings.tolerate_colluders,
         )
         layout = TensorLayout.from_specs(
             [TensorSpec(name="secagg", dtype=DType.INT32, shape=(size,))],
@@ -771,6 +772,7 @@ class Federation:
         )
         session = ServerSession(
             session=uuid.uuid4().hex,
+            round=round,
             tasks=tasks,
             threshold=threshold,
             deadline=deadline,
@@ -857,8 +859,11 @@ class Federation:
         metrics: dict[str, float] = {"survivors": float(len(survivors))}
         dp = self.config.dp
         if dp is not None:
+            # Up to k colluding survivors know (and can subtract) their own noise: only
+            # the other survivors' noise counts towards the guarantee.
+            colluders = self.config.secure_aggregation.tolerate_colluders
             release = SkellamSum(
-                mu=len(survivors) * secagg.codec.noise_variance,
+                mu=(len(survivors) - colluders) * secagg.codec.noise_variance,
                 l1_sensitivity=secagg.codec.l1_sensitivity,
                 l2_sensitivity=secagg.codec.l2_sensitivity,
             )
@@ -873,10 +878,15 @@ class Federation:
                     "l2_sensitivity": release.l2_sensitivity,
                     "clip_norm": secagg.codec.clip_norm,
                     "noise_multiplier": dp.noise_multiplier,
+                    "colluders_tolerated": float(colluders),
                 }
             )
             logger.info(
-                "distributed dp round=%d epsilon=%.4f delta=%g", train.round, spent, dp.delta
+                "distributed dp round=%d epsilon=%.4f delta=%g colluders_tolerated=%d",
+                train.round,
+                spent,
+                dp.delta,
+                colluders,
             )
         return model, metrics
 

@@ -3,14 +3,18 @@
 The silo draws two X25519 key pairs (one to encrypt shares, one for pairwise
 masks) and a 32-byte self-mask seed. It Shamir-shares the seed and the mask
 private key among the round's silos, sends each share AES-GCM-encrypted to its
-recipient through the coordinator, and masks its update:
+recipient through the coordinator (a key per direction, a fresh nonce per
+message), and masks its update:
 
     y_u = x_u + PRG(b_u) + Σ_{v > u} PRG(s_uv) − Σ_{v < u} PRG(s_uv)   (mod 2^32)
 
 After the coordinator names the silos whose masked updates it summed
 (survivors) and those that shared keys but sent nothing (dropped), the silo
 reveals its shares of the survivors' seeds and of the dropped silos' mask
-keys, never both for one silo.
+keys. It answers one such request per round, never for a silo in both sets,
+and takes part only if the threshold t is more than half of the roster: the
+coordinator would need t seed shares and t key shares of one silo, from 2t > n
+distinct silos, to learn both of its secrets.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
 
 from fedpriv.errors import ProtocolError
 from fedpriv.secagg import crypto, shamir
@@ -30,17 +35,25 @@ __all__ = ["ClientSession", "MASK_SLICE"]
 # Masks are expanded this many elements at a time (4 MiB of keystream).
 MASK_SLICE = 1 << 20
 _PLAIN = struct.Struct(f">H{shamir.SHARE_BYTES}s{shamir.SHARE_BYTES}s")
+_Share = tuple[str, int, bytes]  # (whose secret, x, y)
 
 
-def share_associated_data(session: str, sender: str, recipient: str) -> bytes:
-    """AES-GCM associated data: a share is bound to its session, sender and recipient."""
-    return f"{session}\x00{sender}\x00{recipient}".encode()
+def _check_threshold(*, silos: int, threshold: int) -> None:
+    """Refuse a roster of `silos` unless n/2 < t <= n.
 
+    With t <= n/2 a coordinator could tell half the silos that a peer survived
+    and the other half that it dropped, and collect t shares of both its secrets.
 
-def pair_context(session: str, a: str, b: str) -> str:
-    """HKDF context of the pair {a, b} in this session (the same on both sides)."""
-    first, second = sorted((a, b))
-    return f"{session}\x00{first}\x00{second}"
+    Raises:
+        ProtocolError: The threshold is not a majority of the roster, or exceeds it.
+    """
+    if silos < threshold:
+        raise ProtocolError(f"{silos} silos advertised keys, {threshold} needed")
+    if 2 * threshold <= silos:
+        raise ProtocolError(
+            f"threshold {threshold} is not more than half of the {silos} silos in the round: "
+            "a coordinator could then learn both secrets of one silo; this silo takes no part"
+        )
 
 
 class ClientSession:
@@ -50,12 +63,19 @@ class ClientSession:
         silo: This silo's identity (its certificate's name).
         session: The round's secure-aggregation id (the same for every silo); all
             keys and ciphertexts are bound to it.
+        round: The round number; keys and ciphertexts are bound to it too.
         threshold: t, the number of shares that recover a secret.
+
+    Raises:
+        ProtocolError: `threshold` is below 1.
     """
 
-    def __init__(self, *, silo: str, session: str, threshold: int) -> None:
+    def __init__(self, *, silo: str, session: str, round: int, threshold: int) -> None:
+        if threshold < 1:
+            raise ProtocolError(f"secure-aggregation threshold {threshold}: must be >= 1")
         self.silo = silo
         self.session = session
+        self.round = round
         self.threshold = threshold
         self._cipher = crypto.KeyPair()
         self._mask = crypto.KeyPair()
@@ -65,6 +85,7 @@ class ClientSession:
         self._own: tuple[int, bytes, bytes] | None = None
         self._held: dict[str, bytes] = {}
         self._sharers: list[str] = []
+        self._revealed = False
 
     def advertise(self) -> tuple[bytes, bytes]:
         """The public keys to advertise: (cipher, mask)."""
@@ -74,17 +95,44 @@ class ClientSession:
         """Take the advertised keys of every silo in the round (this one included).
 
         Raises:
-            ProtocolError: This silo or its keys are missing, or fewer than t silos remain.
+            ProtocolError: The peers were already set; this silo or its keys are
+                missing; or t is not more than half of the silos (nor at most all).
         """
+        if self._peers:
+            raise ProtocolError("the round's peers were already set")
         if peers.get(self.silo) != self.advertise():
             raise ProtocolError("the coordinator's key list does not carry this silo's own keys")
-        if len(peers) < self.threshold:
-            raise ProtocolError(f"{len(peers)} silos advertised keys, {self.threshold} needed")
+        _check_threshold(silos=len(peers), threshold=self.threshold)
         self._peers = dict(peers)
         self._index = {name: i + 1 for i, name in enumerate(sorted(peers))}
 
+    def _share_key(self, sender: str, receiver: str) -> bytes:
+        peer = receiver if sender == self.silo else sender
+        return crypto.share_key(
+            self._cipher,
+            self._peers[peer][0],
+            session=self.session,
+            round=self.round,
+            sender=sender,
+            receiver=receiver,
+        )
+
+    def _associated(self, sender: str, receiver: str) -> bytes:
+        return crypto.share_associated_data(
+            session=self.session, round=self.round, sender=sender, receiver=receiver
+        )
+
     def share(self) -> dict[str, bytes]:
-        """Encrypted shares of the seed and mask key, one per other silo (by recipient)."""
+        """Encrypted shares of the seed and mask key, one per other silo (by recipient).
+
+        Raises:
+            ProtocolError: The peers are not set, or the secrets were already shared
+                (fresh shares of the same secrets would add to what the first gave away).
+        """
+        if not self._peers:
+            raise ProtocolError("the round's peers are not known yet")
+        if self._own is not None:
+            raise ProtocolError("this silo already shared its secrets this round")
         n = len(self._peers)
         seed_shares = dict(shamir.split(self._seed, shares=n, threshold=self.threshold))
         key_shares = dict(
@@ -96,14 +144,10 @@ class ClientSession:
             if name == self.silo:
                 self._own = (index, seed_shares[index], key_shares[index])
                 continue
-            key = crypto.agree(
-                self._cipher,
-                self._peers[name][0],
-                purpose="share",
-                context=pair_context(self.session, self.silo, name),
-            )
             out[name] = crypto.encrypt(
-                key, plain, associated=share_associated_data(self.session, self.silo, name)
+                self._share_key(self.silo, name),
+                plain,
+                associated=self._associated(self.silo, name),
             )
         return out
 
@@ -136,11 +180,12 @@ class ClientSession:
         for name in self._sharers:
             if name == self.silo:
                 continue
-            pairwise = crypto.agree(
+            pairwise = crypto.pairwise_mask_seed(
                 self._mask,
                 self._peers[name][1],
-                purpose="mask",
-                context=pair_context(self.session, self.silo, name),
+                session=self.session,
+                round=self.round,
+                silos=(self.silo, name),
             )
             seeds.append((pairwise, self.silo < name))
         buffer = bytearray(4 * MASK_SLICE + 32)
@@ -155,13 +200,26 @@ class ClientSession:
 
     def reveal(
         self, *, survivors: Sequence[str], dropped: Sequence[str]
-    ) -> tuple[list[tuple[str, int, bytes]], list[tuple[str, int, bytes]]]:
+    ) -> tuple[list[_Share], list[_Share]]:
         """Shares of the survivors' seeds and of the dropped silos' mask keys.
 
+        A session answers one reveal request: a second one, answered or not, is
+        refused, so that no roster can be followed by another that names a silo
+        the other way round.
+
         Raises:
-            ProtocolError: The sets overlap, name silos that never shared keys,
-                leave out this silo, or hold fewer than t survivors.
+            ProtocolError: A reveal was already requested; the sets overlap, name
+                silos that never shared keys, leave out this silo, or hold fewer
+                than t survivors; or a share did not authenticate.
         """
+        if self._revealed:
+            raise ProtocolError(
+                "this silo already answered a reveal request this round; a second could "
+                "give away both secrets of one silo"
+            )
+        self._revealed = True
+        if self._own is None:
+            raise ProtocolError("a reveal was requested before this silo shared its secrets")
         alive, gone = set(survivors), set(dropped)
         if alive & gone:
             raise ProtocolError(f"silos both survived and dropped: {sorted(alive & gone)}")
@@ -169,25 +227,27 @@ class ClientSession:
             raise ProtocolError("the roster names silos outside this round, or leaves this one out")
         if len(alive) < self.threshold:
             raise ProtocolError(f"{len(alive)} survivors, {self.threshold} needed to unmask")
-        assert self._own is not None  # share() ran before any update was sent
-        seeds: list[tuple[str, int, bytes]] = []
-        keys: list[tuple[str, int, bytes]] = []
+        seeds: list[_Share] = []
+        keys: list[_Share] = []
         for name in sorted(alive | gone):
             if name == self.silo:
                 index, seed_y, key_y = self._own
             else:
-                key = crypto.agree(
-                    self._cipher,
-                    self._peers[name][0],
-                    purpose="share",
-                    context=pair_context(self.session, self.silo, name),
-                )
-                plain = crypto.decrypt(
-                    key,
-                    self._held[name],
-                    associated=share_associated_data(self.session, name, self.silo),
-                )
+                try:
+                    plain = crypto.decrypt(
+                        self._share_key(name, self.silo),
+                        self._held[name],
+                        associated=self._associated(name, self.silo),
+                    )
+                except InvalidTag:
+                    raise ProtocolError(
+                        f"the share from silo {name!r} did not authenticate"
+                    ) from None
+                if len(plain) != _PLAIN.size:
+                    raise ProtocolError(f"the share from silo {name!r} has the wrong length")
                 index, seed_y, key_y = _PLAIN.unpack(plain)
+                if index != self._index[self.silo]:
+                    raise ProtocolError(f"the share from silo {name!r} is for another position")
             if name in alive:
                 seeds.append((name, index, seed_y))
             else:

@@ -1,13 +1,22 @@
 """SecAgg primitives from the ``cryptography`` package: X25519, HKDF-SHA256, AES-GCM, AES-CTR.
 
-Every derived key is bound by HKDF ``info`` to its purpose, the task and both
-parties, so a key agreed for one round, pair or purpose is useless for another.
+Every derived key is bound by HKDF ``info`` to one purpose, the round's session
+id and round number, and its parties: a share key to its sender and receiver in
+that order (one key per direction), a pairwise mask seed to the unordered pair
+(both ends must expand the same mask, so that it cancels). AES-GCM draws a fresh
+96-bit nonce from the OS CSPRNG for every message and sends it in front of the
+ciphertext; callers never handle nonces. The byte layouts are specified in
+docs/secure-aggregation.md, so that a client in another language can implement them.
 """
 
 from __future__ import annotations
 
+import secrets
+import struct
+
 import numpy as np
 import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -15,15 +24,25 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
+    "NONCE_BYTES",
     "KeyPair",
-    "agree",
     "decrypt",
     "encrypt",
     "mask_elements",
+    "pairwise_mask_seed",
+    "share_associated_data",
+    "share_key",
 ]
 
-_INFO_PREFIX = b"fedpriv secagg v1\x00"
-_NONCE = bytes(12)  # each AES-GCM key encrypts exactly one message
+# Labels: one per use, so no key, seed or associated data of one use is valid for another.
+_SHARE_KEY_LABEL = b"fedpriv/v1/secagg/share-key"
+_SHARE_AD_LABEL = b"fedpriv/v1/secagg/share"
+_MASK_LABEL = b"fedpriv/v1/secagg/pairwise-mask"
+# 96 bits, drawn per message. Each share key seals one message, so a nonce can never
+# repeat under a key; the random nonce keeps that true even if a key were reused.
+NONCE_BYTES = 12
+_MAX_FIELD = 0xFFFF
+_ROUND = struct.Struct(">Q")
 
 
 class KeyPair:
@@ -54,36 +73,88 @@ class KeyPair:
         return cls(x25519.X25519PrivateKey.from_private_bytes(raw))
 
 
-def _context(*parts: str) -> bytes:
-    return _INFO_PREFIX + b"\x00".join(p.encode() for p in parts)
+def _field(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > _MAX_FIELD:
+        raise ValueError(f"a bound name is {len(raw)} bytes long, at most {_MAX_FIELD} allowed")
+    return len(raw).to_bytes(2, "big") + raw
 
 
-def agree(private: KeyPair, peer_public: bytes, *, purpose: str, context: str) -> bytes:
-    """A 32-byte key shared by the two parties, bound to `purpose` and `context`.
+def _binding(label: bytes, *, session: str, round: int, first: str, second: str) -> bytes:
+    """``label || 0x00 || lp(session) || u64(round) || lp(first) || lp(second)``.
 
-    Both sides must pass the same `context` (for example the task id and the two
-    silo names in sorted order).
+    ``lp`` is a big-endian u16 length and the UTF-8 bytes: no two different
+    tuples encode to the same bytes.
+    """
+    if not 0 <= round < 1 << 64:
+        raise ValueError(f"round {round} does not fit in 64 bits")
+    return label + b"\x00" + _field(session) + _ROUND.pack(round) + _field(first) + _field(second)
+
+
+def _derive(private: KeyPair, peer_public: bytes, info: bytes) -> bytes:
+    shared = private.private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+
+
+def share_key(
+    private: KeyPair, peer_public: bytes, *, session: str, round: int, sender: str, receiver: str
+) -> bytes:
+    """The AES-256-GCM key for the shares `sender` addresses to `receiver`.
+
+    Both ends derive it (the sender with its cipher key and the receiver's
+    public key, the receiver the other way round); the reverse direction gets a
+    different key.
 
     Raises:
         ValueError: `peer_public` is not a valid X25519 public key.
     """
-    shared = private.private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
-    kdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_context(purpose, context))
-    return kdf.derive(shared)
+    info = _binding(_SHARE_KEY_LABEL, session=session, round=round, first=sender, second=receiver)
+    return _derive(private, peer_public, info)
+
+
+def pairwise_mask_seed(
+    private: KeyPair, peer_public: bytes, *, session: str, round: int, silos: tuple[str, str]
+) -> bytes:
+    """The AES-256-CTR seed of the mask two silos share (the same for both; never an AEAD key).
+
+    Raises:
+        ValueError: `peer_public` is not a valid X25519 public key.
+    """
+    first, second = sorted(silos, key=str.encode)
+    info = _binding(_MASK_LABEL, session=session, round=round, first=first, second=second)
+    return _derive(private, peer_public, info)
+
+
+def share_associated_data(*, session: str, round: int, sender: str, receiver: str) -> bytes:
+    """AES-GCM associated data of a share: its session, round, sender and receiver."""
+    return _binding(_SHARE_AD_LABEL, session=session, round=round, first=sender, second=receiver)
 
 
 def encrypt(key: bytes, plaintext: bytes, *, associated: bytes) -> bytes:
-    """AES-256-GCM under a single-use `key`; `associated` is authenticated, not sent."""
-    return AESGCM(key).encrypt(_NONCE, plaintext, associated)
+    """``nonce || AES-256-GCM(key, nonce, plaintext, associated)`` with a fresh random nonce.
+
+    `associated` is authenticated, not sent.
+    """
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 
-def decrypt(key: bytes, ciphertext: bytes, *, associated: bytes) -> bytes:
+def decrypt(key: bytes, sealed: bytes, *, associated: bytes) -> bytes:
     """Open :func:`encrypt`'s output.
 
+    Example:
+        >>> key = bytes(32)
+        >>> sealed = encrypt(key, b"share", associated=b"ad")
+        >>> decrypt(key, sealed, associated=b"ad")
+        b'share'
+
     Raises:
-        cryptography.exceptions.InvalidTag: Wrong key, tampered text or other `associated`.
+        cryptography.exceptions.InvalidTag: Wrong key, tampered or truncated text, or
+            other `associated`.
     """
-    return AESGCM(key).decrypt(_NONCE, ciphertext, associated)
+    if len(sealed) < NONCE_BYTES + 16:
+        raise InvalidTag
+    return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated)
 
 
 _ZEROS = bytes((1 << 22) + 32)  # plaintext for keystream slices of up to 4 MiB

@@ -7,7 +7,8 @@ redrawn until the rounded vector's norm is within a known bound, which is then
 the L2 sensitivity of the integer sum. With distributed DP each silo adds
 Skellam noise Sk(μ_i) = Poisson(μ_i/2) − Poisson(μ_i/2); a sum of independent
 Skellams is Skellam, so the published sum carries exactly Sk(m·μ_i) for m
-surviving silos (Agarwal et al., 2021).
+surviving silos (Agarwal et al., 2021); with k colluding silos tolerated, the
+noise nobody but the honest silos knows is Sk((m − k)·μ_i).
 
 The scale leaves headroom for n clipped updates plus eight standard
 deviations of noise, so the signed sum never wraps around 2^32 in practice.
@@ -69,16 +70,32 @@ class RingCodec:
         clients: int,
         threshold: int,
         noise_multiplier: float = 0.0,
+        tolerate_colluders: int = 0,
     ) -> RingCodec:
         """Pick the scale for `clients` updates and the per-silo noise for `threshold` survivors.
 
         With noise, any `threshold` survivors together add noise of standard
-        deviation ``noise_multiplier · C`` (in update units): the guarantee holds
-        even if only the threshold survive.
+        deviation ``noise_multiplier · C`` (in update units) even after
+        `tolerate_colluders` of them remove their own noise (a silo that colludes
+        with the coordinator knows its noise and can subtract it): each silo adds
+        variance ``(s·z·C)² / (threshold − tolerate_colluders)``, and the guarantee
+        holds even if only the threshold survive.
+
+        Raises:
+            ValueError: `tolerate_colluders` is not in ``[0, threshold)``, or
+                `threshold` is not in ``[1, clients]``.
         """
-        spread = clients + 8.0 * noise_multiplier * math.sqrt(clients / threshold)
+        if not 1 <= threshold <= clients:
+            raise ValueError(f"threshold {threshold}: must be in [1, clients ({clients})]")
+        if not 0 <= tolerate_colluders < threshold:
+            raise ValueError(
+                f"tolerate_colluders {tolerate_colluders}: must be in [0, threshold ({threshold}))"
+            )
+        honest = threshold - tolerate_colluders
+        # Headroom for `clients` clipped updates plus 8 standard deviations of all their noise.
+        spread = clients + 8.0 * noise_multiplier * math.sqrt(clients / honest)
         scale = (_HALF_RING - clients - 1) / (clip_norm * spread) / 2.0
-        variance = (scale * noise_multiplier * clip_norm) ** 2 / threshold
+        variance = (scale * noise_multiplier * clip_norm) ** 2 / honest
         return cls(clip_norm=clip_norm, scale=scale, size=size, noise_variance=variance)
 
     @property

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedpriv.errors import ProtocolError, RoundFailed
+from fedpriv.errors import ConfigError, ProtocolError, RoundFailed
 from fedpriv.secagg import crypto, shamir
-from fedpriv.secagg.client import MASK_SLICE, pair_context
+from fedpriv.secagg.client import MASK_SLICE
 
 __all__ = ["RingSum", "ServerSession"]
 
@@ -35,24 +35,35 @@ class ServerSession:
 
     Args:
         session: The round's secure-aggregation id, announced to every silo.
+        round: The round number (bound into every key, like the session id).
         tasks: Task id of each silo selected for the round.
         threshold: t, shares needed to recover a secret.
         deadline: Monotonic time by which each barrier gives up waiting.
         alive: Whether a silo is still connected (a gone silo is not waited for).
         clock: Monotonic seconds.
+
+    Raises:
+        ConfigError: `threshold` is not more than half of the silos in `tasks`.
     """
 
     def __init__(
         self,
         *,
         session: str,
+        round: int,
         tasks: Mapping[str, str],
         threshold: int,
         deadline: float,
         alive: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not len(tasks) < 2 * threshold <= 2 * len(tasks):
+            raise ConfigError(
+                f"secagg threshold {threshold} for {len(tasks)} silos: must be more than half "
+                "of them and at most all, or a coordinator could learn both secrets of a silo"
+            )
         self.session = session
+        self.round = round
         self.tasks = dict(tasks)
         self.threshold = threshold
         self.deadline = deadline
@@ -261,11 +272,12 @@ class ServerSession:
             for gone in dropped:
                 key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
                 for alive in survivors:
-                    seed = crypto.agree(
+                    seed = crypto.pairwise_mask_seed(
                         key,
                         self._keys[alive][1],
-                        purpose="mask",
-                        context=pair_context(self.session, gone, alive),
+                        session=self.session,
+                        round=self.round,
+                        silos=(gone, alive),
                     )
                     # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
                     pairwise.append((seed, alive < gone))

@@ -23,6 +23,7 @@ def secure_config(tmp_path, pki, *, threshold=0, **rounds):
         pki.root,
         {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()},
         min_clients=5,
+        max_clients=5,  # t must be a majority of every round: bound the round's size
         num_rounds=1,
         federated_evaluation=False,
         chunk_bytes=16 << 10,
@@ -122,3 +123,62 @@ def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):
     assert sorted(listed) == sorted(SILOS)
     assert listed["silo-a"] == (bytes(32), bytes([1]) * 32)
     assert all(listed[name] != listed["silo-a"] for name in SILOS[1:])
+
+
+def test_distributed_dp_accounts_only_the_noise_beyond_the_tolerated_colluders(
+    tmp_path, pki, caplog
+):
+    # Arrange: three silos, t = 2 (a majority), one colluder tolerated
+    from fedpriv.privacy.accounting import SkellamSum, epsilon_from_rdp, total_rdp
+    from fedpriv.privacy.central import CentralDP
+    from fedpriv.secagg import RingCodec
+
+    config = make_config(
+        tmp_path,
+        pki.root,
+        {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()},
+        min_clients=3,
+        max_clients=3,
+        num_rounds=1,
+        federated_evaluation=False,
+        chunk_bytes=16 << 10,
+        dp=CentralDP(noise_multiplier=1.0, clip_norm=1.0, expected_clients=3),
+    )
+    config = dataclasses.replace(
+        config, secure_aggregation=SecAggConfig(tolerate_colluders=1, unmask_deadline_s=15)
+    )
+    caplog.set_level("INFO", logger="fedpriv.coordinator.federation")
+    # Act
+    with Coordinator(config) as coordinator, contextlib.ExitStack() as stack:
+        outcomes = [
+            stack.enter_context(
+                silo_thread(RandomUpdateClient(i), port=coordinator.port, tls=pki.tls(name))
+            )
+            for i, name in enumerate(SILOS[:3])
+        ]
+        assert coordinator.wait(timeout_s=120)
+        wait_silos(outcomes)
+    store = Store(config.state_dir)
+    federation = {name: value for _, _, name, value in store.metrics(source="federation")}
+    store.close()
+    # Assert: each silo's noise was sized for t - k = 1 honest survivor ...
+    size = sum(int(np.prod(shape)) for shape in SHAPES.values())
+    codec = RingCodec.plan(
+        clip_norm=1.0, size=size, clients=3, threshold=2, noise_multiplier=1.0, tolerate_colluders=1
+    )
+    assert codec.noise_variance == pytest.approx((codec.scale * 1.0 * 1.0) ** 2)
+    # ... the release accounts the noise of survivors - k = 2 silos, and says so
+    assert federation["colluders_tolerated"] == 1
+    assert federation["skellam_mu"] == pytest.approx(2 * codec.noise_variance, rel=1e-12)
+    release = SkellamSum(
+        mu=federation["skellam_mu"],
+        l1_sensitivity=federation["l1_sensitivity"],
+        l2_sensitivity=federation["l2_sensitivity"],
+    )
+    assert federation["epsilon"] == pytest.approx(
+        epsilon_from_rdp(total_rdp([release]), delta=federation["delta"])
+    )
+    assert any(
+        "distributed dp round=1" in r.getMessage() and "colluders_tolerated=1" in r.getMessage()
+        for r in caplog.records
+    )

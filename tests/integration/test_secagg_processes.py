@@ -52,6 +52,7 @@ key = "pki/coordinator.key"
 [rounds]
 num_rounds = 1
 min_clients = 5
+max_clients = 5
 deadline_s = 60
 federated_evaluation = false
 max_failed_attempts = 1

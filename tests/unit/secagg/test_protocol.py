@@ -22,6 +22,7 @@ def run_round(n, threshold, *, no_upload=(), no_reveal=()):
     gone: set[str] = set()
     server = ServerSession(
         session="round-1",
+        round=1,
         tasks=tasks,
         threshold=threshold,
         deadline=time.monotonic() + 20,
@@ -33,7 +34,8 @@ def run_round(n, threshold, *, no_upload=(), no_reveal=()):
     total = np.zeros(SIZE, np.uint32)
     lock = threading.Lock()
     sessions = {
-        name: ClientSession(silo=name, session="round-1", threshold=threshold) for name in names
+        name: ClientSession(silo=name, session="round-1", round=1, threshold=threshold)
+        for name in names
     }
     uploaded = threading.Semaphore(0)
 
@@ -80,7 +82,8 @@ def test_unmasked_sum_equals_the_plain_sum_within_quantisation():
 
 
 def test_silos_that_drop_before_or_after_sending_are_recovered():
-    got, expected, codec = run_round(6, 3, no_upload=("silo-1",), no_reveal=("silo-4", "silo-5"))
+    # t = 4 of 7: a majority, as the protocol requires (t = 3 of 6 is refused)
+    got, expected, codec = run_round(7, 4, no_upload=("silo-1",), no_reveal=("silo-4", "silo-5"))
     np.testing.assert_allclose(got, expected, atol=5 / codec.scale)
 
 
@@ -111,6 +114,7 @@ def test_mask_chunks_agree_with_the_whole_mask():
 def test_a_silo_cannot_advertise_twice_or_for_another_task():
     server = ServerSession(
         session="s",
+        round=1,
         tasks={"a": "t1"},
         threshold=1,
         deadline=time.monotonic() + 1,
@@ -123,7 +127,7 @@ def test_a_silo_cannot_advertise_twice_or_for_another_task():
 
 
 def test_reveal_refuses_overlapping_sets():
-    session = ClientSession(silo="a", session="t", threshold=1)
+    session = ClientSession(silo="a", session="t", round=1, threshold=1)
     session.set_peers({"a": session.advertise()})
     session.share()
     session.receive({})
