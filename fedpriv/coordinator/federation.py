@@ -24,7 +24,7 @@ from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.store import StagedRound, Store, drop_page_cache, map_checkpoint
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
-from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, epsilon_from_rdp, total_rdp
+from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, account
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
 from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.server import RingSum
@@ -868,10 +868,12 @@ class Federation:
                 l2_sensitivity=secagg.codec.l2_sensitivity,
             )
             self._dp_history.append(release)
-            spent = epsilon_from_rdp(total_rdp(self._dp_history), delta=dp.delta)
+            accounted = account(self._dp_history, delta=dp.delta)
+            spent = accounted.epsilon
             metrics.update(
                 {
                     "epsilon": spent,
+                    "epsilon_rdp": accounted.epsilon_rdp,
                     "delta": dp.delta,
                     "skellam_mu": release.mu,
                     "l1_sensitivity": release.l1_sensitivity,
@@ -1052,7 +1054,8 @@ class Federation:
             GaussianSteps(noise_multiplier=dp.noise_multiplier, sample_rate=1.0, steps=1)
         )
         # Every silo takes part in every round (no sampling amplification is claimed).
-        spent = epsilon_from_rdp(total_rdp(self._dp_history), delta=dp.delta)
+        accounted = account(self._dp_history, delta=dp.delta)  # exact: Gaussian, q = 1
+        spent = accounted.epsilon
         logger.info(
             "dp round=%d clip_norm=%.4g noise_stddev=%.4g epsilon=%.4f delta=%g",
             train.round,
@@ -1063,6 +1066,7 @@ class Federation:
         )
         return {
             "epsilon": spent,
+            "epsilon_rdp": accounted.epsilon_rdp,
             "delta": dp.delta,
             "noise_multiplier": dp.noise_multiplier,
             "clip_norm": train.clip_norm,

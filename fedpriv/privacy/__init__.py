@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
-from fedpriv.privacy.accounting import DEFAULT_ORDERS, GaussianSteps, epsilon, noise_multiplier_for
+from fedpriv.privacy.accounting import (
+    DEFAULT_ORDERS,
+    Accountant,
+    GaussianSteps,
+    PrivacySpent,
+    account,
+    epsilon,
+    epsilon_rdp,
+    noise_multiplier_for,
+)
 
-__all__ = ["DEFAULT_ORDERS", "GaussianSteps", "epsilon", "noise_multiplier_for"]
+__all__ = [
+    "DEFAULT_ORDERS",
+    "Accountant",
+    "GaussianSteps",
+    "PrivacySpent",
+    "account",
+    "epsilon",
+    "epsilon_rdp",
+    "noise_multiplier_for",
+]

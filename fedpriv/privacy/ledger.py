@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from fedpriv.errors import ConfigError, PrivacyBudgetExceeded, StoreError
-from fedpriv.privacy.accounting import GaussianSteps, epsilon
+from fedpriv.privacy.accounting import GaussianSteps, epsilon, epsilon_rdp
 from fedpriv.storage import write_atomic
 
 __all__ = ["LedgerEntry", "PrivacyBudget", "PrivacyLedger"]
@@ -76,8 +76,9 @@ class PrivacyLedger:
         >>> ledger = PrivacyLedger.open(path, budget=PrivacyBudget(epsilon=3.0))
         >>> run = GaussianSteps(noise_multiplier=1.0, sample_rate=0.01, steps=500)
         >>> _ = ledger.record(run, round=1, max_grad_norm=1.0)
-        >>> round(PrivacyLedger.open(path, budget=ledger.budget).spent_epsilon(), 3)
-        1.653
+        >>> reopened = PrivacyLedger.open(path, budget=ledger.budget)
+        >>> round(reopened.spent_epsilon(), 3), round(reopened.spent_epsilon_rdp(), 3)
+        (1.331, 1.653)
     """
 
     def __init__(
@@ -168,3 +169,7 @@ class PrivacyLedger:
             "entries": [asdict(e) for e in self._entries],
         }
         write_atomic(self.path, json.dumps(document, indent=1).encode(), mode=0o600)
+
+    def spent_epsilon_rdp(self) -> float:
+        """The Rényi DP bound of the same history, shown beside the tight `spent_epsilon`."""
+        return epsilon_rdp([e.mechanism for e in self._entries], delta=self.budget.delta)

@@ -9,7 +9,7 @@ import pytest
 
 from fedpriv.coordinator import Coordinator, Store, read_checkpoint
 from fedpriv.errors import ConfigError
-from fedpriv.privacy import GaussianSteps, epsilon
+from fedpriv.privacy import GaussianSteps, epsilon, epsilon_rdp
 from fedpriv.privacy.central import CentralDP
 from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
 
@@ -77,6 +77,10 @@ def test_updates_are_clipped_weighted_equally_and_noised_with_z_times_c(
         epsilon([GaussianSteps(noise_multiplier=0.05, sample_rate=1.0, steps=1)], delta=1e-5)
     )
     assert reporter.completed[0].federation_metrics["epsilon"] == rows[1]["epsilon"]
+    assert rows[1]["epsilon_rdp"] == pytest.approx(
+        epsilon_rdp([GaussianSteps(noise_multiplier=0.05, sample_rate=1.0, steps=1)], delta=1e-5)
+    )
+    assert rows[1]["epsilon"] < rows[1]["epsilon_rdp"]  # exact Gaussian, below the RDP bound
 
 
 def test_adaptive_norm_and_federation_epsilon_survive_a_restart(tmp_path, pki, array_client):
