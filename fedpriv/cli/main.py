@@ -186,19 +186,19 @@ def _cmd_client(args: argparse.Namespace) -> int:
     data, base = _read_toml(args.config)
     config = ClientConfig.from_dict(data, base_dir=base)
     tls = config.tls(insecure=args.insecure)
-    ledger = None
-    if config.budget is not None and config.ledger is not None:
-        from fedpriv.privacy.ledger import PrivacyLedger
-
-        ledger = PrivacyLedger.open(config.ledger, budget=config.budget)
+    # Locked until closed below; on an error the process ends and the kernel drops the lock.
+    ledger = config.open_ledger(reset=args.reset_ledger)
+    if ledger is not None:
         logger.info(
             "privacy ledger %s: %d runs, epsilon %.4f of %g (delta %g)",
-            config.ledger,
+            ledger.path,
             len(ledger.entries),
             ledger.spent_epsilon(),
-            config.budget.epsilon,
-            config.budget.delta,
+            ledger.budget.epsilon,
+            ledger.budget.delta,
         )
+    elif args.reset_ledger:
+        logger.warning("--reset-ledger has no effect: this silo has no [privacy] ledger")
     if args.flower_app:
         from fedpriv.client.flower import from_client_fn
 
@@ -221,6 +221,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         stop=stop,
         ledger=ledger,
     )
+    if ledger is not None:
+        ledger.close()
     logger.info(
         "silo=%s trained=%d evaluated=%d rejected=%d declined=%d bytes_sent=%d",
         stats.silo,
@@ -393,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--identity", help="silo name to claim with --insecure")
     client.add_argument(
         "--quiet", action="store_true", help="no training progress (bars or per-epoch lines)"
+    )
+    client.add_argument(
+        "--reset-ledger",
+        action="store_true",
+        help="start the privacy ledger over where it is missing or rolled back although one "
+        "existed (its earlier spend is then no longer counted; logs a warning)",
     )
     client.set_defaults(run=_cmd_client)
 
