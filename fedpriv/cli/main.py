@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import pathlib
 import signal
 import sys
@@ -59,6 +60,7 @@ class _RoundPrinter:
         self.last_accuracy: float | None = None
         self.silo_epsilon: dict[str, tuple[float, float]] = {}
         self.federation_epsilon: tuple[float, float] | None = None
+        self.rounds_without_dp = 0
         self._rows: list[tuple[str, ...]] = []
         self._live: Any = None
         if not quiet and (sys.stdout.isatty() if live is None else live):
@@ -112,8 +114,13 @@ class _RoundPrinter:
         federation = summary.federation_metrics
         shown_federation = "-"
         if "epsilon" in federation:
-            self.federation_epsilon = (federation["epsilon"], federation["delta"])
-            shown_federation = format(federation["epsilon"], ".3f")
+            self.federation_epsilon = (federation["epsilon"], federation.get("delta", 0.0))
+            self.rounds_without_dp = int(federation.get("rounds_without_dp", 0))
+            shown_federation = (
+                format(federation["epsilon"], ".3f")
+                if math.isfinite(federation["epsilon"])
+                else "none"
+            )
         out = summary.rejected + summary.dropped + summary.declined
         self._emit(
             (
@@ -164,7 +171,13 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             f"{silo} epsilon: {epsilon:.3f} (delta {delta:g}, sample-level, from its ledger)",
             flush=True,
         )
-    if printer.federation_epsilon is not None:
+    if printer.federation_epsilon is not None and printer.rounds_without_dp:
+        print(
+            f"federation epsilon: none ({printer.rounds_without_dp} rounds ran without DP, "
+            "so no silo-level guarantee covers the model; see fedpriv report)",
+            flush=True,
+        )
+    elif printer.federation_epsilon is not None:
         epsilon, delta = printer.federation_epsilon
         print(
             f"federation epsilon: {epsilon:.3f} (delta {delta:g}, silo-level, "
@@ -284,12 +297,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedpriv.cli.report import write_report
+    from fedpriv.cli.report import describe_guarantee, write_report
 
     run_dir = pathlib.Path(args.run_dir)
     out = pathlib.Path(args.out) if args.out else run_dir / "report"
     for name, points in write_report(run_dir, out).items():
         print(f"{out / name}: {points} points", flush=True)
+    guarantee = describe_guarantee(run_dir)
+    if guarantee is not None:
+        print(guarantee, flush=True)
     return 0
 
 
