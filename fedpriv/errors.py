@@ -90,8 +90,8 @@ class UpdateRejected(FedprivError):
         round: Round the update claimed to belong to.
         problems: Human-readable descriptions, one per problem.
         reason: The first problem's kind, for metrics: ``layout``, ``round``,
-            ``kind``, ``num_examples``, ``compression``, ``metrics``, ``secagg``,
-            ``non_finite`` or ``stream``.
+            ``kind``, ``num_examples``, ``compression``, ``metrics``, ``privacy``
+            (the reported epsilon went down), ``secagg``, ``non_finite`` or ``stream``.
 
     Example:
         >>> err = UpdateRejected(silo="hospital-a", round=7, problems=["w: 3 NaN values"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import pathlib
 import signal
 import sys
@@ -64,6 +65,7 @@ class _RoundPrinter:
         self.federation_epsilon_rdp: float | None = None
         self.federation_assumption = ""
         self.last_accepted = 0
+        self.rounds_without_dp = 0
         self._rows: list[tuple[str, ...]] = []
         self._live: Any = None
         if not quiet and (sys.stdout.isatty() if live is None else live):
@@ -119,15 +121,20 @@ class _RoundPrinter:
         federation = summary.federation_metrics
         shown_federation = "-"
         if "epsilon" in federation:
-            self.federation_epsilon = (federation["epsilon"], federation["delta"])
+            self.federation_epsilon = (federation["epsilon"], federation.get("delta", 0.0))
             self.federation_epsilon_rdp = federation.get("epsilon_rdp")
+            self.rounds_without_dp = int(federation.get("rounds_without_dp", 0))
             colluders = int(federation.get("colluders_tolerated", 0))
             self.federation_assumption = (
                 f", holds with up to {colluders} silos colluding with the coordinator"
                 if colluders
                 else ""
             )
-            shown_federation = format(federation["epsilon"], ".3f")
+            shown_federation = (
+                format(federation["epsilon"], ".3f")
+                if math.isfinite(federation["epsilon"])
+                else "none"
+            )
         self.last_accepted = summary.accepted
         out = summary.rejected + summary.dropped + summary.declined
         self._emit(
@@ -200,7 +207,13 @@ def _print_epsilons(printer: _RoundPrinter) -> None:
             f"{_rdp_beside(printer.silo_epsilon_rdp.get(silo))})",
             flush=True,
         )
-    if printer.federation_epsilon is not None:
+    if printer.federation_epsilon is not None and printer.rounds_without_dp:
+        print(
+            f"federation epsilon: none ({printer.rounds_without_dp} rounds ran without DP, "
+            "so no silo-level guarantee covers the model; see fedpriv report)",
+            flush=True,
+        )
+    elif printer.federation_epsilon is not None:
         epsilon, delta = printer.federation_epsilon
         print(
             f"federation epsilon: {epsilon:.3f} (delta {delta:g}, silo-level: the unit is each "
@@ -216,6 +229,7 @@ def _print_epsilons(printer: _RoundPrinter) -> None:
                 flush=True,
             )
 
+
 def _cmd_client(args: argparse.Namespace) -> int:
     from fedpriv.client import run_client
     from fedpriv.client.config import ClientConfig
@@ -228,19 +242,19 @@ def _cmd_client(args: argparse.Namespace) -> int:
     data, base = _read_toml(args.config)
     config = ClientConfig.from_dict(data, base_dir=base)
     tls = config.tls(insecure=args.insecure)
-    ledger = None
-    if config.budget is not None and config.ledger is not None:
-        from fedpriv.privacy.ledger import PrivacyLedger
-
-        ledger = PrivacyLedger.open(config.ledger, budget=config.budget)
+    # Locked until closed below; on an error the process ends and the kernel drops the lock.
+    ledger = config.open_ledger(reset=args.reset_ledger)
+    if ledger is not None:
         logger.info(
             "privacy ledger %s: %d runs, epsilon %.4f of %g (delta %g)",
-            config.ledger,
+            ledger.path,
             len(ledger.entries),
             ledger.spent_epsilon(),
-            config.budget.epsilon,
-            config.budget.delta,
+            ledger.budget.epsilon,
+            ledger.budget.delta,
         )
+    elif args.reset_ledger:
+        logger.warning("--reset-ledger has no effect: this silo has no [privacy] ledger")
     if args.flower_app:
         from fedpriv.client.flower import from_client_fn
 
@@ -263,6 +277,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         stop=stop,
         ledger=ledger,
     )
+    if ledger is not None:
+        ledger.close()
     logger.info(
         "silo=%s trained=%d evaluated=%d rejected=%d declined=%d bytes_sent=%d",
         stats.silo,
@@ -324,12 +340,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedpriv.cli.report import write_report
+    from fedpriv.cli.report import describe_guarantee, write_report
 
     run_dir = pathlib.Path(args.run_dir)
     out = pathlib.Path(args.out) if args.out else run_dir / "report"
     for name, points in write_report(run_dir, out).items():
         print(f"{out / name}: {points} points", flush=True)
+    guarantee = describe_guarantee(run_dir)
+    if guarantee is not None:
+        print(guarantee, flush=True)
     return 0
 
 
@@ -435,6 +454,12 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--identity", help="silo name to claim with --insecure")
     client.add_argument(
         "--quiet", action="store_true", help="no training progress (bars or per-epoch lines)"
+    )
+    client.add_argument(
+        "--reset-ledger",
+        action="store_true",
+        help="start the privacy ledger over where it is missing or rolled back although one "
+        "existed (its earlier spend is then no longer counted; logs a warning)",
     )
     client.set_defaults(run=_cmd_client)
 

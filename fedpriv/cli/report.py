@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 from typing import Any
 
+from fedpriv.cli.status import format_rounds
 from fedpriv.errors import ConfigError
 
-__all__ = ["write_report"]
+__all__ = ["describe_guarantee", "write_report"]
 
 
 def _rounds(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -25,6 +27,45 @@ def _rounds(path: pathlib.Path) -> list[dict[str, Any]]:
         if record.get("event") == "round_completed":
             completed[int(record["round"])] = record  # a rerun after a crash replaces it
     return [completed[r] for r in sorted(completed)]
+
+
+def _private(record: dict[str, Any]) -> bool:
+    """Whether a round ran with silo-level DP (logs without ``privacy``: it stored an epsilon)."""
+    if "privacy" in record:
+        return bool(record["privacy"] != "none")
+    return "epsilon" in record.get("federation", {})
+
+
+def _without_dp(rounds: list[dict[str, Any]]) -> list[int]:
+    """Rounds without silo-level DP in a run where some round had it (else none)."""
+    if not any(_private(r) for r in rounds):
+        return []
+    return [int(r["round"]) for r in rounds if not _private(r)]
+
+
+def describe_guarantee(run_dir: pathlib.Path) -> str | None:
+    """One line on the federation-level (silo-level) epsilon of a run; None if it claims none.
+
+    Raises:
+        ConfigError: No ``metrics.jsonl`` in `run_dir`.
+    """
+    rounds = _rounds(run_dir / "metrics.jsonl")
+    private = [r for r in rounds if _private(r)]
+    if not private:
+        return None
+    without = _without_dp(rounds)
+    last = private[-1]["federation"]
+    if without:
+        which = f"round{'s' if len(without) > 1 else ''} {format_rounds(without)}"
+        line = f"federation epsilon: none ({which} ran without DP, so no guarantee covers the model"
+        alone = last.get("epsilon_dp_rounds")
+        if alone is not None:
+            line += f"; the rounds with DP alone: {alone:.3f} at delta {last.get('delta', 0):g}"
+        return line + ")"
+    return (
+        f"federation epsilon: {last['epsilon']:.3f} (delta {last.get('delta', 0):g}, "
+        f"silo-level, after round {private[-1]['round']})"
+    )
 
 
 def write_report(run_dir: pathlib.Path, out_dir: pathlib.Path) -> dict[str, int]:
@@ -82,17 +123,26 @@ def write_report(run_dir: pathlib.Path, out_dir: pathlib.Path) -> dict[str, int]
         ]
         axes.plot(*zip(*series, strict=True), marker="o", label=f"{silo} (sample-level)")
         count += len(series)
+    without = _without_dp(rounds)
     federation = [
-        (r["round"], r["federation"]["epsilon"]) for r in rounds if "epsilon" in r["federation"]
+        (r["round"], r["federation"].get("epsilon_dp_rounds", r["federation"]["epsilon"]))
+        for r in rounds
+        if "epsilon" in r["federation"]
     ]
+    federation = [(x, y) for x, y in federation if math.isfinite(y)]
     if federation:
         axes.plot(
             *zip(*federation, strict=True),
             marker="s",
             linestyle="--",
-            label="federation (silo-level)",
+            label="federation (silo-level)" + (", DP rounds only" if without else ""),
         )
         count += len(federation)
+    if without:
+        axes.set_title(
+            f"federation epsilon: none (round{'s' if len(without) > 1 else ''} "
+            f"{format_rounds(without)} ran without DP)"
+        )
     axes.set_xlabel("round")
     axes.set_ylabel("epsilon")
     if count:

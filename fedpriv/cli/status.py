@@ -12,7 +12,7 @@ from fedpriv.client.config import ClientConfig
 from fedpriv.transport import error_from_rpc, open_channel
 from fedpriv.v1 import admin_pb2, admin_pb2_grpc
 
-__all__ = ["check_health", "format_status", "query_status", "to_json"]
+__all__ = ["check_health", "format_rounds", "format_status", "query_status", "to_json"]
 
 
 def _channel(config: ClientConfig, *, insecure: bool, identity: str | None) -> grpc.Channel:
@@ -70,18 +70,40 @@ def query_status(
         "uptime_s": reply.uptime_s,
         "secure_aggregation": reply.secure_aggregation,
         "central_dp": reply.central_dp,
+        "rounds_without_dp": list(reply.rounds_without_dp),
     }
+
+
+def format_rounds(rounds: tuple[int, ...] | list[int]) -> str:
+    """Round numbers as ranges: ``1–3, 5``.
+
+    Example:
+        >>> format_rounds([1, 2, 3, 5])
+        '1–3, 5'
+    """
+    spans: list[list[int]] = []
+    for number in sorted(rounds):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
 
 
 def format_status(status: dict[str, Any]) -> str:
     """Render a status dict as text for a terminal or a log."""
     on_off = {True: "on", False: "off"}
+    without = status.get("rounds_without_dp") or []
+    guarantee = ""
+    if without:
+        which = f"round{'s' if len(without) > 1 else ''} {format_rounds(without)}"
+        guarantee = f", ε = none ({which} ran without DP)"
     lines = [
         f"federation: {status['federation']}  state: {status['state']}  "
         f"round {status['round']}/{status['num_rounds']} "
         f"({status['completed_rounds']} completed)  uptime {float(status['uptime_s']):.0f} s",
         f"secure aggregation: {on_off[bool(status['secure_aggregation'])]}  "
-        f"central DP: {on_off[bool(status['central_dp'])]}  "
+        f"central DP: {on_off[bool(status['central_dp'])]}{guarantee}  "
         f"min silos per round: {status['min_clients']}",
     ]
     silos = status["silos"]

@@ -10,7 +10,7 @@ from typing import Any
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
-from fedpriv.privacy.ledger import PrivacyBudget
+from fedpriv.privacy.ledger import PrivacyBudget, PrivacyLedger
 from fedpriv.transport import TLSConfig
 
 __all__ = ["ClientConfig"]
@@ -56,6 +56,24 @@ class ClientConfig:
             raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")
         if self.poll_wait_s < 1:
             raise ConfigError(f"client.poll_wait_s = {self.poll_wait_s}: must be >= 1")
+
+    def open_ledger(self, *, reset: bool = False) -> PrivacyLedger | None:
+        """Lock and open the silo's privacy ledger; None without ``[privacy]``.
+
+        Close it when the silo stops (it is a context manager).
+
+        Args:
+            reset: Start over where the ledger is missing, rolled back or swapped
+                although its marker shows another existed (``--reset-ledger``).
+
+        Raises:
+            StoreError: Another process has it open, it cannot be read, or it is
+                missing where one existed and `reset` is not set.
+            ConfigError: It was recorded at another delta than ``[privacy] delta``.
+        """
+        if self.budget is None or self.ledger is None:
+            return None
+        return PrivacyLedger.open(self.ledger, budget=self.budget, reset=reset)
 
     def tls(self, *, insecure: bool) -> TLSConfig | None:
         """The TLS material to connect with; None with `insecure` (plain text).

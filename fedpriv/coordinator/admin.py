@@ -43,4 +43,5 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]  # gene
                 uptime_s=status.uptime_s,
                 secure_aggregation=config.secure_aggregation is not None,
                 central_dp=config.dp is not None and config.secure_aggregation is None,
+                rounds_without_dp=list(status.rounds_without_dp),
             )

@@ -8,6 +8,7 @@ checkpoint without a committed round is ignored.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import mmap
@@ -32,6 +33,8 @@ from fedpriv.wire import Model, TensorLayout, layout_from_proto
 
 __all__ = [
     "CommittedRound",
+    "RoundPrivacy",
+    "SiloSpend",
     "StagedRound",
     "Store",
     "drop_page_cache",
@@ -86,6 +89,10 @@ CREATE TABLE IF NOT EXISTS silos (
     first_seen_unix_s REAL NOT NULL,
     last_seen_unix_s REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS round_privacy (
+    round INTEGER PRIMARY KEY,
+    mode TEXT NOT NULL
+);
 """
 
 _INSERT_ATTEMPT = (
@@ -102,6 +109,23 @@ def _numeric_rows(
         for name, value in values.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     ]
+
+
+class RoundPrivacy(enum.Enum):
+    """Which silo-level differential privacy a committed round's model was released under."""
+
+    NONE = "none"
+    CENTRAL = "central"
+    DISTRIBUTED = "distributed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiloSpend:
+    """The sample-level epsilon a silo last reported in a committed round."""
+
+    round: int
+    epsilon: float
+    delta: float
 
 
 def write_checkpoint(path: pathlib.Path, model: Model) -> str:
@@ -256,6 +280,7 @@ class StagedRound:
     record_attempt: bool
     payload_bytes: int
     write_s: float
+    privacy: RoundPrivacy | None = None
 
 
 class Store:
@@ -369,6 +394,7 @@ class Store:
         total_weight: float,
         metrics: Mapping[str, Mapping[str, Scalar]] | None = None,
         record_attempt: bool = False,
+        privacy: RoundPrivacy | None = None,
     ) -> StagedRound:
         """Write `model` as the checkpoint of `round`, not yet durable (see :meth:`commit_staged`).
 
@@ -380,7 +406,8 @@ class Store:
         `metrics` (per source) are committed in the same transaction as the round,
         so a published model and its privacy spend are never recorded apart. With
         `record_attempt`, the completed attempt is too: one fsync instead of one
-        per row.
+        per row. `privacy` records which silo-level DP the round ran under (None for
+        round 0, the initial model, which releases nothing).
         """
         path = self.checkpoint_path(round)
         started = time.perf_counter()
@@ -401,6 +428,7 @@ class Store:
             record_attempt=record_attempt,
             payload_bytes=model.layout.payload_bytes,
             write_s=time.perf_counter() - started,
+            privacy=privacy,
         )
 
     def commit_staged(self, staged: StagedRound) -> CommittedRound:
@@ -443,6 +471,11 @@ class Store:
                         )
                     if staged.record_attempt:
                         self._db.execute(_INSERT_ATTEMPT, (*row[:3], "completed", ""))
+                    if staged.privacy is not None:
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO round_privacy VALUES (?, ?)",
+                            (round, staged.privacy.value),
+                        )
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
@@ -526,3 +559,53 @@ class Store:
         """Committed rounds, ascending."""
         with self._lock:
             return [r for (r,) in self._db.execute("SELECT round FROM rounds ORDER BY round")]
+
+    def round_privacy(self) -> dict[int, RoundPrivacy]:
+        """Which silo-level DP each committed round (1, 2, ...) ran under.
+
+        A round committed before this was recorded counts as private only if it
+        stored a federation epsilon.
+        """
+        with self._lock:
+            recorded = dict(
+                self._db.execute(
+                    "SELECT r.round, p.mode FROM rounds r "
+                    "LEFT JOIN round_privacy p ON p.round = r.round WHERE r.round > 0"
+                ).fetchall()
+            )
+            noised = {
+                round: name
+                for round, name in self._db.execute(
+                    "SELECT round, name FROM metrics WHERE source = 'federation' "
+                    "AND name IN ('noise_multiplier', 'skellam_mu') ORDER BY name"
+                )
+            }
+        modes = {}
+        for round, mode in recorded.items():
+            if mode is not None:
+                modes[round] = RoundPrivacy(mode)
+            elif round in noised:
+                modes[round] = (
+                    RoundPrivacy.DISTRIBUTED
+                    if noised[round] == "skellam_mu"
+                    else RoundPrivacy.CENTRAL
+                )
+            else:
+                modes[round] = RoundPrivacy.NONE
+        return dict(sorted(modes.items()))
+
+    def silo_spends(self) -> dict[str, SiloSpend]:
+        """Each silo's epsilon and delta as last reported in a committed round."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.source, e.round, e.value, d.value FROM metrics e "
+                "LEFT JOIN metrics d ON d.round = e.round AND d.source = e.source "
+                "AND d.name = 'delta' "
+                "WHERE e.name = 'epsilon' AND e.source LIKE 'silo:%' ORDER BY e.round"
+            ).fetchall()
+        return {
+            source.removeprefix("silo:"): SiloSpend(
+                round=round, epsilon=epsilon, delta=float("nan") if delta is None else delta
+            )
+            for source, round, epsilon, delta in rows
+        }

@@ -72,7 +72,7 @@ class Telemetry:
         self._rejections = Counter(
             "fedpriv_rejections",
             "Updates rejected, by the kind of their first problem (layout, round, kind, "
-            "num_examples, compression, metrics, secagg, non_finite, stream)",
+            "num_examples, compression, metrics, privacy, secagg, non_finite, stream)",
             ["reason"],
             registry=self.registry,
         )
@@ -136,6 +136,7 @@ class Telemetry:
                 "federation": dict(summary.federation_metrics),
                 "bytes_received": summary.bytes_received,
                 "duration_s": summary.duration_s,
+                "privacy": summary.privacy.value,
             }
         )
         if self._inner is not None:

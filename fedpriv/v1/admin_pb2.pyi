@@ -23,7 +23,7 @@ class SiloStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., seconds_since_seen: _Optional[float] = ..., live: _Optional[bool] = ..., round_outcome: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("federation", "state", "round", "num_rounds", "completed_rounds", "min_clients", "silos", "last_round_metrics", "uptime_s", "secure_aggregation", "central_dp")
+    __slots__ = ("federation", "state", "round", "num_rounds", "completed_rounds", "min_clients", "silos", "last_round_metrics", "uptime_s", "secure_aggregation", "central_dp", "rounds_without_dp")
     class LastRoundMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class StatusReply(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     CENTRAL_DP_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_WITHOUT_DP_FIELD_NUMBER: _ClassVar[int]
     federation: str
     state: str
     round: int
@@ -53,4 +54,5 @@ class StatusReply(_message.Message):
     uptime_s: float
     secure_aggregation: bool
     central_dp: bool
-    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., num_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round_metrics: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., central_dp: _Optional[bool] = ...) -> None: ...
+    rounds_without_dp: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., num_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round_metrics: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., central_dp: _Optional[bool] = ..., rounds_without_dp: _Optional[_Iterable[int]] = ...) -> None: ...
