@@ -19,6 +19,7 @@ def test_ledger_spends_the_tight_epsilon_and_reports_the_rdp_bound_beside_it(tmp
     # Act
     for number, run in enumerate(runs, start=1):
         ledger.record(run, round=number, max_grad_norm=1.0)
+    ledger.close()  # one process holds a ledger at a time
     reopened = PrivacyLedger.open(tmp_path / "ledger.json", budget=budget)
     # Assert
     assert reopened.spent_epsilon() == pytest.approx(epsilon(runs, delta=1e-5), rel=1e-12)
