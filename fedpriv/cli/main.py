@@ -220,6 +220,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         reconnect_timeout_s=config.reconnect_timeout_s,
         stop=stop,
         ledger=ledger,
+        release=config.release,
     )
     logger.info(
         "silo=%s trained=%d evaluated=%d rejected=%d declined=%d bytes_sent=%d",
