@@ -15,6 +15,8 @@
     ├── PKIError                  certificate authority and certificate handling
     └── StoreError                durable state could not be read or written
 
+    PrivacyWarning (UserWarning)  a silo chose to send values its DP does not cover
+
 Errors that cross the wire carry ``grpc_status`` (the name of a
 ``grpc.StatusCode`` member), so that one translator in each direction maps
 them without ``isinstance`` ladders.
@@ -32,6 +34,7 @@ __all__ = [
     "PKIError",
     "PermissionDenied",
     "PrivacyBudgetExceeded",
+    "PrivacyWarning",
     "ProtocolError",
     "RoundFailed",
     "StoreError",
@@ -141,6 +144,15 @@ class PrivacyBudgetExceeded(FedprivError):
             f"{spent_epsilon:.3f} to {projected_epsilon:.3f} (delta={delta:g}), over the "
             f"budget of {budget_epsilon:g}; the silo refuses to train and sends nothing"
         )
+
+
+class PrivacyWarning(UserWarning):
+    """A silo sends values that its differential privacy does not cover.
+
+    Raised as a warning (not an error) when a silo opts in to sharing metrics
+    under DP (``[privacy] share_metrics``): those values leave the silo un-noised,
+    and its printed epsilon says nothing about them.
+    """
 
 
 class PKIError(FedprivError):

@@ -38,6 +38,9 @@ PRIVACY = """[privacy]
 epsilon = 8.0
 delta = 1e-5
 ledger = "ledgers/{name}.json"
+# Each silo's held-out split is declared public to the federation, so its evaluation
+# is reported under DP (which covers the training split only).
+public_evaluation = true
 """
 
 

@@ -276,6 +276,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         reconnect_timeout_s=config.reconnect_timeout_s,
         stop=stop,
         ledger=ledger,
+        release=config.release,
     )
     if ledger is not None:
         ledger.close()

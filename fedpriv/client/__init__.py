@@ -6,6 +6,15 @@
 from __future__ import annotations
 
 from fedpriv.client.base import Client, EvaluateResult, FitResult
+from fedpriv.client.release import ReleasePolicy
 from fedpriv.client.runtime import Backoff, ClientStats, run_client
 
-__all__ = ["Backoff", "Client", "ClientStats", "EvaluateResult", "FitResult", "run_client"]
+__all__ = [
+    "Backoff",
+    "Client",
+    "ClientStats",
+    "EvaluateResult",
+    "FitResult",
+    "ReleasePolicy",
+    "run_client",
+]

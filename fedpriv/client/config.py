@@ -9,6 +9,7 @@ from typing import Any
 
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
+from fedpriv.client.release import ReleasePolicy
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.ledger import PrivacyBudget, PrivacyLedger
 from fedpriv.transport import TLSConfig
@@ -33,6 +34,8 @@ class ClientConfig:
         budget: The silo's privacy budget; with it every round is checked and
             recorded in the ledger at `ledger`.
         ledger: Where the privacy ledger is kept (on the silo's own disk).
+        release: What the silo sends besides its update when it trains with DP
+            (``[privacy] share_metrics``, ``public_evaluation``, ``public_num_examples``).
     """
 
     coordinator: str
@@ -46,6 +49,7 @@ class ClientConfig:
     app: Mapping[str, Scalar] = field(default_factory=dict)
     budget: PrivacyBudget | None = None
     ledger: pathlib.Path | None = None
+    release: ReleasePolicy = field(default_factory=ReleasePolicy)
 
     def __post_init__(self) -> None:
         if (self.budget is None) != (self.ledger is None):
@@ -119,6 +123,11 @@ class ClientConfig:
             app=top.scalars("app"),
             budget=budget,
             ledger=privacy.path("ledger"),
+            release=ReleasePolicy(
+                share_metrics=privacy.strings("share_metrics") or (),
+                public_evaluation=privacy.get("public_evaluation", bool, False),
+                public_num_examples=privacy.optional("public_num_examples", int),
+            ),
         )
         for table in (coordinator, tls, client, privacy, top):
             table.finish()

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import Client
+from fedpriv.client.release import ReleasePolicy
 from fedpriv.errors import (
     AuthenticationError,
     ConnectError,
@@ -431,6 +432,15 @@ class SecureUpload:
         )
 
 
+def _log_withheld(task: fleet_pb2.Task, dropped: tuple[str, ...]) -> None:
+    if dropped:
+        logger.info(
+            "withheld under DP round=%d metrics=%s (opt in with [privacy] share_metrics)",
+            task.round,
+            ",".join(dropped),
+        )
+
+
 def _run_task(
     client: Client,
     stub: fleet_pb2_grpc.FleetStub,
@@ -438,6 +448,7 @@ def _run_task(
     stats: ClientStats,
     ledger: PrivacyLedger | None,
     feedback: ErrorFeedback,
+    release: ReleasePolicy,
 ) -> None:
     task = received.task
     assert (
@@ -458,7 +469,14 @@ def _run_task(
             secure = SecureUpload(stub, task, config, stats)
             secure.setup(timeout=timeout)
         fit = client.fit(arrays, config=config)
-        metrics = dict(fit.metrics)
+        # Under DP only the noised update, the accounting values below and what the
+        # silo opted in to leave it (see fedpriv.client.release).
+        private = ledger is not None or planned is not None
+        allowed = release.fit(fit.metrics, num_examples=fit.num_examples, private=private)
+        _log_withheld(task, allowed.dropped)
+        metrics = dict(allowed.metrics)
+        if planned is not None:
+            metrics["noise_multiplier"] = planned.noise_multiplier
         if ledger is not None and planned is not None:
             # Recorded (and fsynced) before the first byte of the update leaves the silo.
             privacy = getattr(client, "privacy", None)
@@ -472,7 +490,7 @@ def _run_task(
             secure.push(
                 fit.parameters,
                 arrays,
-                num_examples=fit.num_examples,
+                num_examples=allowed.num_examples,
                 metrics=metrics,
                 timeout=timeout,
             )
@@ -488,7 +506,7 @@ def _run_task(
             task_id=task.task_id,
             round=task.round,
             kind=task.kind,
-            num_examples=fit.num_examples,
+            num_examples=allowed.num_examples,
             metrics=scalars_to_proto(metrics),
             update=received.layout.to_proto(),
             compression=compression.value,
@@ -508,12 +526,27 @@ def _run_task(
         stats.trained += 1
     else:
         evaluation = client.evaluate(arrays, config=config)
+        plan_fn = getattr(client, "plan_privacy", None)
+        private = ledger is not None or (plan_fn is not None and plan_fn(config) is not None)
+        allowed = release.evaluate(
+            evaluation.metrics, num_examples=evaluation.num_examples, private=private
+        )
+        _log_withheld(task, allowed.dropped)
+        if private and not allowed.metrics:
+            _decline(
+                stub,
+                task,
+                "this silo trains with differential privacy and its evaluation data is not "
+                "declared public ([privacy] public_evaluation); it sends no evaluation metrics",
+                stats,
+            )
+            return
         header = fleet_pb2.ResultHeader(
             task_id=task.task_id,
             round=task.round,
             kind=task.kind,
-            num_examples=evaluation.num_examples,
-            metrics=scalars_to_proto(evaluation.metrics),
+            num_examples=allowed.num_examples,
+            metrics=scalars_to_proto(allowed.metrics),
         )
         messages = _result_messages(header, None, None, stats)
         stats.evaluated += 1
@@ -532,6 +565,7 @@ def run_client(
     reconnect_timeout_s: float = 300.0,
     stop: threading.Event | None = None,
     ledger: PrivacyLedger | None = None,
+    release: ReleasePolicy | None = None,
 ) -> ClientStats:
     """Serve `client` to the coordinator until the federation finishes.
 
@@ -548,6 +582,8 @@ def run_client(
         ledger: The silo's privacy ledger and budget. With a ledger, every training
             run is checked against the budget before it starts (and refused if it
             would overspend), and recorded durably before its update is sent.
+        release: What a silo that trains with DP sends besides its update (default:
+            only the accounting values; see :mod:`fedpriv.client.release`).
 
     Returns:
         Counters of what the silo did.
@@ -558,6 +594,8 @@ def run_client(
         ConnectError: The coordinator stayed unreachable for `reconnect_timeout_s`.
     """
     stop = stop or threading.Event()
+    release = release or ReleasePolicy()
+    release.announce()
     stats = ClientStats()
     backoff = Backoff()
     feedback = ErrorFeedback()
@@ -597,7 +635,7 @@ def run_client(
                 )
                 with _heartbeats(stub, heartbeat_s):
                     try:
-                        _run_task(client, stub, received, stats, ledger, feedback)
+                        _run_task(client, stub, received, stats, ledger, feedback, release)
                     except ProtocolError as err:
                         # A task this silo cannot complete safely (for example: too few
                         # silos for secure aggregation); the coordinator counts it dropped.
