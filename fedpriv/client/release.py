@@ -9,8 +9,8 @@ client plans a DP mechanism), the runtime filters every result before the
 first byte is sent:
 
 - **fit metrics** are dropped, except the accounting values the runtime adds
-  itself (``epsilon``, ``delta``, ``noise_multiplier``: public by design) and
-  the names the silo opts in to with ``[privacy] share_metrics`` (sent
+  itself (``epsilon``, ``epsilon_rdp``, ``delta``, ``noise_multiplier``: public
+  by design) and the names the silo opts in to with ``[privacy] share_metrics`` (sent
   un-noised, with a :class:`~fedpriv.errors.PrivacyWarning`);
 - **num_examples** of a fit result is ``[privacy] public_num_examples`` when the
   silo declares one, else :data:`DP_NUM_EXAMPLES`; FedAvg then weighs such silos
@@ -46,7 +46,9 @@ __all__ = ["ACCOUNTING_METRICS", "DP_NUM_EXAMPLES", "Release", "ReleasePolicy"]
 logger = logging.getLogger(__name__)
 
 #: Metric names the runtime itself adds under DP; they describe the mechanism, not the data.
-ACCOUNTING_METRICS: frozenset[str] = frozenset({"epsilon", "delta", "noise_multiplier"})
+ACCOUNTING_METRICS: frozenset[str] = frozenset(
+    {"epsilon", "epsilon_rdp", "delta", "noise_multiplier"}
+)
 
 #: The example count a DP silo reports when it declares none: the same for every dataset
 #: (so neighbouring datasets send the same bytes) and the smallest the coordinator accepts.

@@ -32,7 +32,7 @@ from tests.integration.test_no_raw_data import RecordingProxy, http2_data_stream
 
 TRAIN_SIZE = 137  # odd on purpose: the exact count is easy to tell apart from any default
 VAL_SIZE = 41
-ACCOUNTING = {"epsilon", "delta", "noise_multiplier"}
+ACCOUNTING = {"epsilon", "epsilon_rdp", "delta", "noise_multiplier"}
 ARRAYS = {"w": np.zeros((16, 4), np.float32), "b": np.zeros(4, np.float32)}
 
 
