@@ -167,7 +167,8 @@ def test_training_leaves_torch_global_generator_untouched():
     again = make_model()
     torch.manual_seed(SEED)
     assert all(
-        torch.equal(a, b) for a, b in zip(again.parameters(), make_model().parameters(), strict=True)
+        torch.equal(a, b)
+        for a, b in zip(again.parameters(), make_model().parameters(), strict=True)
     )
 
 
