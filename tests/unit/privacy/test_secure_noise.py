@@ -99,3 +99,11 @@ def test_skellam_noise_at_the_planned_variance_is_skellam():
     ring, _ = codec.encode(np.zeros(DRAWS), rng=secure_generator())
     noise = ring.view(np.int32).astype(np.float64)
     assert float(noise.var()) == pytest.approx(codec.noise_variance, rel=0.01)
+
+
+def test_stochastic_rounding_is_unbiased():
+    codec = RingCodec(clip_norm=1e9, scale=1.0, size=DRAWS, noise_variance=0.0)
+    ring, _ = codec.encode(np.full(DRAWS, 2.3), rng=secure_generator())
+    rounded = ring.view(np.int32)
+    assert set(np.unique(rounded).tolist()) == {2, 3}
+    assert float(rounded.mean()) == pytest.approx(2.3, abs=5 * (0.21 / DRAWS) ** 0.5)
