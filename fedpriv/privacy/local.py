@@ -4,6 +4,14 @@ One round of private training wraps the silo's model with Opacus, trains with
 Poisson sampling, per-sample clipping and Gaussian noise, then unwraps it. The
 mechanism it ran (noise multiplier, sample rate, steps) is returned so the
 ledger can record it; Opacus's own accountant is not the record of truth.
+
+Amplification by sampling holds only if nobody can predict the batches, so the
+Poisson sampler and the noise draw from generators whose whole state comes from
+the operating system's CSPRNG: never torch's global generator, the loader's own
+generator or any seed a user sets. A user's ``torch.manual_seed`` still fixes
+data splits and model initialisation; training does not touch the global state.
+Every one of the planned steps is taken, an empty Poisson batch included (its
+update is noise alone), so the number of noised steps reveals nothing either.
 """
 
 from __future__ import annotations
@@ -13,16 +21,19 @@ import logging
 import math
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import wrap_collate_with_empty
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps, noise_multiplier_for
@@ -167,11 +178,27 @@ def train_private(
     """Run `epochs` of DP-SGD on `module` in place; return the mean training loss.
 
     `loss_fn` must accept ``reduction=`` (as ``torch.nn.functional`` losses do).
-    Noise comes from a generator seeded from the operating system's CSPRNG,
-    never from torch's global generator.
+    Each epoch takes ``plan.steps // epochs`` steps on Poisson batches drawn at
+    ``plan.sample_rate`` from ``loader.dataset``; only the loader's collate
+    function and worker settings are kept, never its sampler or generator.
+    Sampling and noise come from generators seeded from the operating system's
+    CSPRNG (see `_secret_generator`).
+
+    Raises:
+        ConfigError: `plan` does not split into `epochs` equal epochs, or the
+            loader's dataset cannot be sampled (an ``IterableDataset``).
     """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63))
+    if epochs < 1 or plan.steps % epochs:
+        raise ConfigError(
+            f"a plan of {plan.steps} steps does not split into {epochs} equal epochs; "
+            "build the plan with private_plan(..., epochs=epochs)"
+        )
+    private_loader = _poisson_loader(
+        loader,
+        sample_rate=plan.sample_rate,
+        steps_per_epoch=plan.steps // epochs,
+        generator=_secret_generator(torch.device("cpu")),  # the sampler draws on the CPU
+    )
     criterion = _Criterion(loss_fn)
     module.train()  # Opacus refuses modules left in eval mode (by evaluate())
     with warnings.catch_warnings():
@@ -183,18 +210,23 @@ def train_private(
             module=module,
             optimizer=optimizer,
             criterion=criterion,
-            data_loader=loader,
+            data_loader=private_loader,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True,
+            # The loader already samples (Poisson, from a secret generator);
+            # Opacus would resample from the loader's or torch's global generator.
+            poisson_sampling=False,
             grad_sample_mode=dp.grad_sample_mode.value,
-            noise_generator=generator,
+            noise_generator=_secret_generator(device),
         )
     if dp.grad_sample_mode is GradSampleMode.GHOST:
-        wrapped, private_optimizer, private_criterion, private_loader = made
+        wrapped, private_optimizer, private_criterion, _ = made
     else:
-        wrapped, private_optimizer, private_loader = made
+        wrapped, private_optimizer, _ = made
         private_criterion = criterion
+    # What make_private does under poisson_sampling=True: each step's per-sample
+    # gradients must come from one Poisson batch.
+    wrapped.forbid_grad_accumulation()
     total, seen = 0.0, 0
     try:
         with warnings.catch_warnings():
@@ -222,6 +254,99 @@ def train_private(
     return total / max(seen, 1)
 
 
+def _secret_generator(device: torch.device) -> torch.Generator:
+    """A torch generator on `device` whose state is secret, drawn from the OS CSPRNG.
+
+    A CPU generator (Mersenne Twister) gets its whole 19,937-bit state from
+    ``secrets``; other devices' generators (Philox on CUDA) take a 64-bit seed,
+    which is then their only secret.
+
+    Example:
+        >>> a, b = _secret_generator(torch.device("cpu")), _secret_generator(torch.device("cpu"))
+        >>> bool(torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b)))
+        False
+    """
+    generator = torch.Generator(device=device)
+    seed = secrets.randbits(64)
+    generator.manual_seed(seed)
+    if generator.device.type == "cpu":
+        _fill_mt19937_state(generator, seed=seed)
+    return generator
+
+
+# torch's serialised CPU generator state: the legacy THGeneratorState (initial
+# seed u64, left i32, seeded i32, next u64, then 624 u64 slots that each hold one
+# 32-bit Mersenne Twister word, then the normal-sampling cache).
+_MT_WORDS = 624
+_MT_STATE_OFFSET = 24
+_MT_STATE_BYTES = 5056
+
+
+def _fill_mt19937_state(generator: torch.Generator, *, seed: int) -> None:
+    """Replace the Mersenne Twister words of a freshly seeded CPU `generator` with secret ones.
+
+    The layout is checked against what torch's seeding writes before anything is
+    replaced; where it differs (another torch build), the 64-bit seed stays the secret.
+    """
+    state = generator.get_state().numpy().copy()
+    words = state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 8 * _MT_WORDS].view("<u8")
+    first = seed & 0xFFFFFFFF
+    second = (1812433253 * (first ^ (first >> 30)) + 1) & 0xFFFFFFFF
+    if state.size != _MT_STATE_BYTES or int(words[0]) != first or int(words[1]) != second:
+        logger.warning(
+            "unknown torch generator state layout (%d bytes): the Poisson sampler's "
+            "secret is its 64-bit seed only",
+            state.size,
+        )
+        return
+    words[:] = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4")
+    generator.set_state(torch.from_numpy(state))
+
+
+def _poisson_loader(
+    loader: DataLoader[Any],
+    *,
+    sample_rate: float,
+    steps_per_epoch: int,
+    generator: torch.Generator,
+) -> DataLoader[Any]:
+    """A loader of `steps_per_epoch` Poisson batches of ``loader.dataset`` per pass.
+
+    Opacus's own pieces (its sampler and empty-batch collate) with the step count
+    given exactly: ``DPDataLoader.from_data_loader`` takes ``int(1 / (1 / n))``
+    steps, one short of ``n`` for some ``n`` (93, for one).
+    """
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise ConfigError(
+            "DP-SGD needs a map-style dataset to sample records from, got an IterableDataset"
+        )
+    size = len(dataset)  # type: ignore[arg-type]
+    if size < 1:
+        raise ConfigError("the training loader's dataset is empty")
+    first: Sequence[Any] = dataset[0]
+    return DataLoader(
+        dataset,
+        batch_sampler=UniformWithReplacementSampler(
+            num_samples=size, sample_rate=sample_rate, generator=generator, steps=steps_per_epoch
+        ),
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=loader.collate_fn,
+            sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
+            dtypes=[getattr(x, "dtype", type(x)) for x in first],
+        ),
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        # Workers' base seeds are drawn from this generator: the secret one, not torch's.
+        generator=generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    )
+
+
 def _epoch(
     wrapped: nn.Module,
     loader: DataLoader[Any],
@@ -245,15 +370,16 @@ def _epoch(
     batches = manager.__enter__() if manager is not None else loader
     try:
         for inputs, targets in batches:
-            if len(inputs) == 0:  # an empty Poisson batch: nothing to learn from
-                continue
+            # An empty Poisson batch still takes its step: the update is noise alone,
+            # so whether a batch was empty cannot be read from the steps taken.
             inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(wrapped(inputs), targets)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(inputs)
-            seen += len(inputs)
+            if len(inputs):  # the mean loss of an empty batch is NaN
+                total += float(loss.detach()) * len(inputs)
+                seen += len(inputs)
             if progress is not None:
                 progress.batch()
     finally:
