@@ -89,11 +89,6 @@ def test_skellam_noise_and_rounding_uniforms_are_sane():
     assert float(uniforms.var()) == pytest.approx(1 / 12, rel=0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="numpy's Poisson sampler (PTRS) loses precision at the rates the ring codec plans "
-    "(about 1e15 integer units): its variance comes out ~17% high, so the noise is not Skellam",
-)
 def test_skellam_noise_at_the_planned_variance_is_skellam():
     codec = RingCodec.plan(clip_norm=1.0, size=DRAWS, clients=3, threshold=2, noise_multiplier=1.0)
     ring, _ = codec.encode(np.zeros(DRAWS), rng=secure_generator())
