@@ -144,7 +144,7 @@ def make_private_client(config: Mapping[str, Scalar]) -> TorchClient:
     return TorchClient(
         make_private_model(),
         # Opacus replaces this loader by a Poisson sampler with the same expected batch size.
-        train_loader=DataLoader(train, batch_size=int(config.get("batch_size", 192))),
+        train_loader=DataLoader(train, batch_size=int(config.get("batch_size", 96))),
         val_loader=DataLoader(test, batch_size=256),
         loss_fn=nn.functional.cross_entropy,
         optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),
