@@ -12,6 +12,7 @@ import numpy as np
 
 from fedpriv.client import ClientStats, run_client
 from fedpriv.coordinator import (
+    Coordinator,
     CoordinatorConfig,
     ModelSource,
     RoundConfig,
@@ -112,3 +113,29 @@ def wait_silos(outcomes: list[dict[str, Any]], timeout_s: float = 60) -> list[Cl
     for outcome in outcomes:
         outcome["thread"].join(timeout_s)
     return [o.get("stats") for o in outcomes]
+
+
+def run_three_silos(
+    config: CoordinatorConfig,
+    pki: Any,
+    clients: list[Any],
+    silos: tuple[str, str, str],
+    *,
+    before_stop: Any = None,
+) -> tuple[CollectingReporter, Any]:
+    """A coordinator and three silo threads over mTLS, until the federation finishes.
+
+    `before_stop(coordinator)` runs once the silos are done, before the
+    coordinator stops; its result is returned beside the reporter.
+    """
+    reporter = CollectingReporter()
+    with Coordinator(config, reporter=reporter) as coordinator:
+        with (
+            silo_thread(clients[0], port=coordinator.port, tls=pki.tls(silos[0])) as a,
+            silo_thread(clients[1], port=coordinator.port, tls=pki.tls(silos[1])) as b,
+            silo_thread(clients[2], port=coordinator.port, tls=pki.tls(silos[2])) as c,
+        ):
+            assert coordinator.wait(timeout_s=120)
+            wait_silos([a, b, c])
+        after = before_stop(coordinator) if before_stop is not None else None
+    return reporter, after

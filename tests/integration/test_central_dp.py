@@ -11,21 +11,13 @@ from fedpriv.coordinator import Coordinator, Store, read_checkpoint
 from fedpriv.errors import ConfigError
 from fedpriv.privacy import GaussianSteps, epsilon, epsilon_rdp
 from fedpriv.privacy.central import CentralDP
-from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
+from tests.helpers import make_config, run_three_silos
 
 SILOS = ("silo-a", "silo-b", "silo-c")
 
 
 def run_federation(config, pki, clients):
-    reporter = CollectingReporter()
-    with Coordinator(config, reporter=reporter) as coordinator:
-        with (
-            silo_thread(clients[0], port=coordinator.port, tls=pki.tls(SILOS[0])) as a,
-            silo_thread(clients[1], port=coordinator.port, tls=pki.tls(SILOS[1])) as b,
-            silo_thread(clients[2], port=coordinator.port, tls=pki.tls(SILOS[2])) as c,
-        ):
-            assert coordinator.wait(timeout_s=120)
-            wait_silos([a, b, c])
+    reporter, _ = run_three_silos(config, pki, clients, SILOS)
     return reporter
 
 

@@ -15,11 +15,11 @@ import pytest
 from fedpriv.cli.report import describe_guarantee, write_report
 from fedpriv.cli.status import format_status, query_status
 from fedpriv.client.config import ClientConfig
-from fedpriv.coordinator import Coordinator, Store
+from fedpriv.coordinator import Store
 from fedpriv.privacy import GaussianSteps, epsilon
 from fedpriv.privacy.central import CentralDP
 from tests.conftest import ArrayClient
-from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
+from tests.helpers import make_config, run_three_silos
 from tests.integration.test_processes import ROOT
 
 SILOS = ("silo-a", "silo-b", "silo-c")
@@ -39,17 +39,8 @@ class ReportingClient(ArrayClient):
 
 
 def run(config, pki, clients, **extra):
-    reporter = CollectingReporter()
-    with Coordinator(config, reporter=reporter) as coordinator:
-        with (
-            silo_thread(clients[0], port=coordinator.port, tls=pki.tls(SILOS[0])) as a,
-            silo_thread(clients[1], port=coordinator.port, tls=pki.tls(SILOS[1])) as b,
-            silo_thread(clients[2], port=coordinator.port, tls=pki.tls(SILOS[2])) as c,
-        ):
-            assert coordinator.wait(timeout_s=120)
-            wait_silos([a, b, c])
-        shown = status(coordinator.port, pki) if extra.get("status") else None
-    return reporter, shown
+    query = (lambda coordinator: status(coordinator.port, pki)) if extra.get("status") else None
+    return run_three_silos(config, pki, clients, SILOS, before_stop=query)
 
 
 def status(port, pki):
