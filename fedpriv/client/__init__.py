@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 from fedpriv.client.base import Client, EvaluateResult, FitResult
+from fedpriv.client.messages import ClientStats
 from fedpriv.client.release import ReleasePolicy
-from fedpriv.client.runtime import Backoff, ClientStats, run_client
+from fedpriv.client.runtime import Backoff, run_client
 
 __all__ = [
     "Backoff",

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import numpy as np
@@ -18,7 +17,14 @@ import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import Client
+from fedpriv.client.messages import (
+    ClientStats,
+    ErrorFeedback,
+    compressed_messages,
+    result_messages,
+)
 from fedpriv.client.release import ReleasePolicy
+from fedpriv.client.secure import SecureUpload
 from fedpriv.errors import (
     AuthenticationError,
     ConnectError,
@@ -27,27 +33,21 @@ from fedpriv.errors import (
     ProtocolError,
 )
 from fedpriv.privacy.accounting import GaussianSteps
-from fedpriv.privacy.central import secure_generator
 from fedpriv.privacy.ledger import PrivacyLedger
-from fedpriv.secagg import ClientSession, RingCodec
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import (
     Compression,
-    DType,
     PayloadAssembler,
     TensorLayout,
-    TensorSpec,
     arrays_from_payload,
-    chunk_pieces,
-    encode_chunks,
     layout_from_proto,
     scalars_from_proto,
     scalars_to_proto,
 )
-from fedpriv.wire.frames import chunk_frame, chunk_of, parse_with_chunks, serialize
+from fedpriv.wire.frames import chunk_of, parse_with_chunks, serialize
 
-__all__ = ["Backoff", "ClientStats", "run_client"]
+__all__ = ["Backoff", "run_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,20 +81,6 @@ class Backoff:
         ceiling = min(self._max_s, self._initial_s * 2**self._attempt)
         self._attempt += 1
         return self._rng.uniform(0, ceiling)
-
-
-@dataclass(slots=True)
-class ClientStats:
-    """What a silo did in one run."""
-
-    silo: str = ""
-    trained: int = 0
-    evaluated: int = 0
-    rejected: int = 0
-    declined: int = 0
-    reconnects: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,60 +177,6 @@ def _heartbeats(stub: fleet_pb2_grpc.FleetStub, interval_s: float) -> Iterator[N
         thread.join()
 
 
-def _result_messages(
-    header: fleet_pb2.ResultHeader,
-    layout: TensorLayout | None,
-    parameters: Mapping[str, npt.NDArray[Any]] | None,
-    stats: ClientStats,
-) -> Iterator[fleet_pb2.ResultMessage | bytes]:
-    yield fleet_pb2.ResultMessage(header=header)
-    if layout is None or parameters is None:
-        return
-    for offset, length, pieces in chunk_pieces(layout, parameters):
-        stats.bytes_sent += length
-        yield chunk_frame(offset, pieces, length)  # the update's bytes, copied once
-
-
-class ErrorFeedback:
-    """What compression lost in earlier rounds, added to the next update (one per silo run)."""
-
-    def __init__(self) -> None:
-        self._residual: npt.NDArray[np.float32] | None = None
-        self._key: tuple[str, int] = ("", 0)
-
-    def residual(self, compression: Compression, size: int) -> npt.NDArray[np.float32]:
-        """The residual for `size` float32 values (zeros when the setting or model changed)."""
-        key = (compression.value, size)
-        if self._residual is None or self._key != key:
-            self._residual = np.zeros(size, np.float32)
-            self._key = key
-        return self._residual
-
-
-def _compressed_messages(
-    header: fleet_pb2.ResultHeader,
-    layout: TensorLayout,
-    parameters: Mapping[str, npt.NDArray[Any]],
-    base: npt.NDArray[np.uint8],
-    compression: Compression,
-    feedback: ErrorFeedback,
-    stats: ClientStats,
-) -> Iterator[fleet_pb2.ResultMessage | bytes]:
-    """The update as compressed differences from `base`, chunk by chunk, with error feedback."""
-    yield fleet_pb2.ResultMessage(header=header)
-    residual = feedback.residual(compression, layout.payload_bytes // 4)
-    for offset, data in encode_chunks(layout, parameters):
-        first, count = offset // 4, len(data) // 4
-        difference = np.frombuffer(data, dtype="<f4") - np.frombuffer(
-            base, dtype="<f4", count=count, offset=offset
-        )
-        difference += residual[first : first + count]
-        wire, decoded = compression.compress(difference)
-        residual[first : first + count] = difference - decoded
-        stats.bytes_sent += len(wire)
-        yield chunk_frame(offset, (wire,), len(wire))
-
-
 def _config(task: fleet_pb2.Task) -> dict[str, Scalar]:
     values, problems = scalars_from_proto(task.config)
     if problems:
@@ -281,155 +213,6 @@ def _privacy_plan(
     except PrivacyBudgetExceeded as exceeded:
         return planned, str(exceeded)
     return planned, None
-
-
-class SecureUpload:
-    """This silo's part in a secure-aggregation round (see :mod:`fedpriv.secagg`)."""
-
-    def __init__(
-        self,
-        stub: fleet_pb2_grpc.FleetStub,
-        task: fleet_pb2.Task,
-        config: Mapping[str, Scalar],
-        stats: ClientStats,
-    ) -> None:
-        try:
-            self.codec = RingCodec(
-                clip_norm=float(config["secagg.clip_norm"]),
-                scale=float(config["secagg.scale"]),
-                size=int(config["secagg.size"]),
-                noise_variance=float(config["secagg.noise_variance"]),
-            )
-            self.layout = TensorLayout.from_specs(
-                [TensorSpec(name="secagg", dtype=DType.INT32, shape=(self.codec.size,))],
-                chunk_bytes=int(config["secagg.chunk_bytes"]),
-            )
-            self.session = ClientSession(
-                silo=stats.silo,
-                session=str(config["secagg.session"]),
-                round=task.round,
-                threshold=int(config["secagg.threshold"]),
-            )
-        except (KeyError, ValueError) as err:
-            raise ProtocolError(
-                f"coordinator sent incomplete secure-aggregation settings: {err}"
-            ) from err
-        self._stub = stub
-        self._task = task
-        self._stats = stats
-        self._mask: npt.NDArray[np.uint32] | None = None
-        self._mask_error: Exception | None = None
-        self._mask_s = 0.0
-        self._mask_thread = threading.Thread()
-
-    def _call(self, timeout: float | None, **step: Any) -> fleet_pb2.SecAggReply:
-        request = fleet_pb2.SecAggRequest(
-            task_id=self._task.task_id, round=self._task.round, **step
-        )
-        reply: fleet_pb2.SecAggReply = self._stub.SecAgg(request, timeout=timeout)
-        return reply
-
-    def setup(self, *, timeout: float | None) -> None:
-        """Advertise keys, then exchange encrypted shares with the other silos."""
-        cipher, mask = self.session.advertise()
-        reply = self._call(
-            timeout,
-            advertise=fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask),
-        )
-        self.session.set_peers(
-            {p.silo: (p.cipher_public_key, p.mask_public_key) for p in reply.peers}
-        )
-        shares = self.session.share()
-        reply = self._call(
-            timeout,
-            share=fleet_pb2.ShareKeys(
-                shares=[
-                    fleet_pb2.EncryptedShares(silo=name, ciphertext=ciphertext)
-                    for name, ciphertext in shares.items()
-                ]
-            ),
-        )
-        self.session.receive({s.silo: s.ciphertext for s in reply.shares})
-        # The masks do not depend on the update: expand them while the silo trains.
-        self._mask_thread = threading.Thread(
-            target=self._expand_masks, name="fedpriv-secagg-masks", daemon=True
-        )
-        self._mask_thread.start()
-
-    def _expand_masks(self) -> None:
-        started = time.perf_counter()
-        try:
-            self._mask = self.session.total_mask(self.codec.size)
-        except Exception as err:  # handed to push(), which re-raises it
-            self._mask_error = err
-        self._mask_s = time.perf_counter() - started
-
-    def push(
-        self,
-        parameters: Mapping[str, npt.NDArray[Any]],
-        start: Mapping[str, npt.NDArray[Any]],
-        *,
-        num_examples: int,
-        metrics: Mapping[str, Scalar],
-        timeout: float | None,
-    ) -> None:
-        """Mask and send the update, then reveal shares so the sum can be unmasked."""
-        delta = np.empty(self.codec.size, dtype=np.float64)
-        position = 0
-        for name, value in start.items():
-            size = np.size(value)
-            np.subtract(
-                np.asarray(parameters[name]).ravel(),
-                np.asarray(value).ravel(),
-                out=delta[position : position + size],
-                dtype=np.float64,
-            )
-            position += size
-        if position != self.codec.size:
-            raise ProtocolError(f"the model has {position} elements, the ring {self.codec.size}")
-        started = time.perf_counter()
-        ring, _ = self.codec.encode(delta, rng=secure_generator())
-        encoded = time.perf_counter()
-        self._mask_thread.join()
-        if self._mask is None:
-            raise ProtocolError(
-                f"expanding the secure-aggregation masks failed: {self._mask_error}"
-            )
-        ring += self._mask
-        masked = time.perf_counter()
-        header = fleet_pb2.ResultHeader(
-            task_id=self._task.task_id,
-            round=self._task.round,
-            kind=self._task.kind,
-            num_examples=num_examples,
-            metrics=scalars_to_proto(metrics),
-            update=self.layout.to_proto(),
-        )
-        messages = _result_messages(
-            header, self.layout, {"secagg": ring.view(np.int32)}, self._stats
-        )
-        self._stub.PushResult(messages, timeout=timeout)
-        logger.info(
-            "masked update sent round=%d encode_s=%.3f mask_s=%.3f mask_wait_s=%.3f",
-            self._task.round,
-            encoded - started,
-            self._mask_s,
-            masked - encoded,
-        )
-        # The roster comes when the round's uploads are summed: wait as long as the round.
-        reply = self._call(
-            None if timeout is None else timeout + 600, roster=fleet_pb2.RosterRequest()
-        )
-        seeds, keys = self.session.reveal(
-            survivors=list(reply.survivors), dropped=list(reply.dropped)
-        )
-        self._call(
-            60.0,
-            unmask=fleet_pb2.UnmaskShares(
-                self_mask=[fleet_pb2.RevealedShare(silo=n, x=x, y=y) for n, x, y in seeds],
-                mask_key=[fleet_pb2.RevealedShare(silo=n, x=x, y=y) for n, x, y in keys],
-            ),
-        )
 
 
 def _log_withheld(task: fleet_pb2.Task, dropped: tuple[str, ...]) -> None:
@@ -514,9 +297,9 @@ def _run_task(
             compression=compression.value,
         )
         if compression is Compression.NONE:
-            messages = _result_messages(header, received.layout, fit.parameters, stats)
+            messages = result_messages(header, received.layout, fit.parameters, stats)
         else:
-            messages = _compressed_messages(
+            messages = compressed_messages(
                 header,
                 received.layout,
                 fit.parameters,
@@ -550,7 +333,7 @@ def _run_task(
             num_examples=allowed.num_examples,
             metrics=scalars_to_proto(allowed.metrics),
         )
-        messages = _result_messages(header, None, None, stats)
+        messages = result_messages(header, None, None, stats)
         stats.evaluated += 1
     stub.PushResult(messages, timeout=timeout)
 

@@ -1,0 +1,173 @@
+"""A silo's part in a secure-aggregation round, over the Fleet service."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpriv._types import Scalar
+from fedpriv.client.messages import ClientStats, result_messages
+from fedpriv.errors import ProtocolError
+from fedpriv.privacy.central import secure_generator
+from fedpriv.secagg import ClientSession, RingCodec
+from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
+from fedpriv.wire import DType, TensorLayout, TensorSpec, scalars_to_proto
+
+__all__ = ["SecureUpload"]
+
+logger = logging.getLogger(__name__)
+
+
+class SecureUpload:
+    """This silo's part in a secure-aggregation round (see :mod:`fedpriv.secagg`)."""
+
+    def __init__(
+        self,
+        stub: fleet_pb2_grpc.FleetStub,
+        task: fleet_pb2.Task,
+        config: Mapping[str, Scalar],
+        stats: ClientStats,
+    ) -> None:
+        try:
+            self.codec = RingCodec(
+                clip_norm=float(config["secagg.clip_norm"]),
+                scale=float(config["secagg.scale"]),
+                size=int(config["secagg.size"]),
+                noise_variance=float(config["secagg.noise_variance"]),
+            )
+            self.layout = TensorLayout.from_specs(
+                [TensorSpec(name="secagg", dtype=DType.INT32, shape=(self.codec.size,))],
+                chunk_bytes=int(config["secagg.chunk_bytes"]),
+            )
+            self.session = ClientSession(
+                silo=stats.silo,
+                session=str(config["secagg.session"]),
+                round=task.round,
+                threshold=int(config["secagg.threshold"]),
+            )
+        except (KeyError, ValueError) as err:
+            raise ProtocolError(
+                f"coordinator sent incomplete secure-aggregation settings: {err}"
+            ) from err
+        self._stub = stub
+        self._task = task
+        self._stats = stats
+        self._mask: npt.NDArray[np.uint32] | None = None
+        self._mask_error: Exception | None = None
+        self._mask_s = 0.0
+        self._mask_thread = threading.Thread()
+
+    def _call(self, timeout: float | None, **step: Any) -> fleet_pb2.SecAggReply:
+        request = fleet_pb2.SecAggRequest(
+            task_id=self._task.task_id, round=self._task.round, **step
+        )
+        reply: fleet_pb2.SecAggReply = self._stub.SecAgg(request, timeout=timeout)
+        return reply
+
+    def setup(self, *, timeout: float | None) -> None:
+        """Advertise keys, then exchange encrypted shares with the other silos."""
+        cipher, mask = self.session.advertise()
+        reply = self._call(
+            timeout,
+            advertise=fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask),
+        )
+        self.session.set_peers(
+            {p.silo: (p.cipher_public_key, p.mask_public_key) for p in reply.peers}
+        )
+        shares = self.session.share()
+        reply = self._call(
+            timeout,
+            share=fleet_pb2.ShareKeys(
+                shares=[
+                    fleet_pb2.EncryptedShares(silo=name, ciphertext=ciphertext)
+                    for name, ciphertext in shares.items()
+                ]
+            ),
+        )
+        self.session.receive({s.silo: s.ciphertext for s in reply.shares})
+        # The masks do not depend on the update: expand them while the silo trains.
+        self._mask_thread = threading.Thread(
+            target=self._expand_masks, name="fedpriv-secagg-masks", daemon=True
+        )
+        self._mask_thread.start()
+
+    def _expand_masks(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._mask = self.session.total_mask(self.codec.size)
+        except Exception as err:  # handed to push(), which re-raises it
+            self._mask_error = err
+        self._mask_s = time.perf_counter() - started
+
+    def push(
+        self,
+        parameters: Mapping[str, npt.NDArray[Any]],
+        start: Mapping[str, npt.NDArray[Any]],
+        *,
+        num_examples: int,
+        metrics: Mapping[str, Scalar],
+        timeout: float | None,
+    ) -> None:
+        """Mask and send the update, then reveal shares so the sum can be unmasked."""
+        delta = np.empty(self.codec.size, dtype=np.float64)
+        position = 0
+        for name, value in start.items():
+            size = np.size(value)
+            np.subtract(
+                np.asarray(parameters[name]).ravel(),
+                np.asarray(value).ravel(),
+                out=delta[position : position + size],
+                dtype=np.float64,
+            )
+            position += size
+        if position != self.codec.size:
+            raise ProtocolError(f"the model has {position} elements, the ring {self.codec.size}")
+        started = time.perf_counter()
+        ring, _ = self.codec.encode(delta, rng=secure_generator())
+        encoded = time.perf_counter()
+        self._mask_thread.join()
+        if self._mask is None:
+            raise ProtocolError(
+                f"expanding the secure-aggregation masks failed: {self._mask_error}"
+            )
+        ring += self._mask
+        masked = time.perf_counter()
+        header = fleet_pb2.ResultHeader(
+            task_id=self._task.task_id,
+            round=self._task.round,
+            kind=self._task.kind,
+            num_examples=num_examples,
+            metrics=scalars_to_proto(metrics),
+            update=self.layout.to_proto(),
+        )
+        messages = result_messages(
+            header, self.layout, {"secagg": ring.view(np.int32)}, self._stats
+        )
+        self._stub.PushResult(messages, timeout=timeout)
+        logger.info(
+            "masked update sent round=%d encode_s=%.3f mask_s=%.3f mask_wait_s=%.3f",
+            self._task.round,
+            encoded - started,
+            self._mask_s,
+            masked - encoded,
+        )
+        # The roster comes when the round's uploads are summed: wait as long as the round.
+        reply = self._call(
+            None if timeout is None else timeout + 600, roster=fleet_pb2.RosterRequest()
+        )
+        seeds, keys = self.session.reveal(
+            survivors=list(reply.survivors), dropped=list(reply.dropped)
+        )
+        self._call(
+            60.0,
+            unmask=fleet_pb2.UnmaskShares(
+                self_mask=[fleet_pb2.RevealedShare(silo=n, x=x, y=y) for n, x, y in seeds],
+                mask_key=[fleet_pb2.RevealedShare(silo=n, x=x, y=y) for n, x, y in keys],
+            ),
+        )
