@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedpriv.coordinator.checkpoint import map_checkpoint, read_checkpoint, write_checkpoint
 from fedpriv.coordinator.config import (
     CoordinatorConfig,
     ModelSource,
@@ -11,7 +12,7 @@ from fedpriv.coordinator.config import (
 )
 from fedpriv.coordinator.daemon import Coordinator, load_initial_model
 from fedpriv.coordinator.federation import Federation, RoundReporter, RoundSummary
-from fedpriv.coordinator.store import Store, map_checkpoint, read_checkpoint, write_checkpoint
+from fedpriv.coordinator.store import Store
 
 __all__ = [
     "Coordinator",

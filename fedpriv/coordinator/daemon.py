@@ -16,10 +16,11 @@ import grpc
 import numpy as np
 
 from fedpriv.coordinator.admin import AdminServicer
+from fedpriv.coordinator.checkpoint import map_checkpoint, read_checkpoint
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
 from fedpriv.coordinator.servicer import FleetServicer, add_fleet_servicer
-from fedpriv.coordinator.store import Store, map_checkpoint, read_checkpoint
+from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.strategy import FedAvg, Strategy

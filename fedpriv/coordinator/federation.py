@@ -21,14 +21,13 @@ from typing import Protocol
 import numpy as np
 
 from fedpriv._types import Scalar
+from fedpriv.coordinator.checkpoint import drop_page_cache, map_checkpoint
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.store import (
     RoundPrivacy,
     SiloSpend,
     StagedRound,
     Store,
-    drop_page_cache,
-    map_checkpoint,
 )
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
