@@ -140,14 +140,14 @@ def make_private_client(config: Mapping[str, Scalar]) -> TorchClient:
         delta=float(config.get("delta", 1e-5)),
         grad_sample_mode=GradSampleMode(str(config.get("grad_sample_mode", "ghost"))),
     )
-    lr = float(config.get("lr", 0.03))
+    lr = float(config.get("lr", 0.02))
     return TorchClient(
         make_private_model(),
         # Opacus replaces this loader by a Poisson sampler with the same expected batch size.
-        train_loader=DataLoader(train, batch_size=int(config.get("batch_size", 96))),
+        train_loader=DataLoader(train, batch_size=int(config.get("batch_size", 160))),
         val_loader=DataLoader(test, batch_size=256),
         loss_fn=nn.functional.cross_entropy,
         optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),
-        epochs=int(config.get("epochs", 4)),
+        epochs=int(config.get("epochs", 8)),
         privacy=privacy,
     )

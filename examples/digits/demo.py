@@ -26,15 +26,15 @@ from examples.launcher import (  # noqa: E402
 )
 
 # DP-SGD to epsilon 4 at delta 1e-5 over the planned rounds (tight PRV accounting);
-# the silo's own ledger enforces the same budget. Expected batches of 96 of the
-# silo's ~479 records (sample rate 1/5) and 8 local epochs: 200 noised steps in all.
+# the silo's own ledger enforces the same budget. Expected batches of 160 of the
+# silo's ~479 records (sample rate 1/3) and 8 local epochs: 120 noised steps in all.
 TARGET_EPSILON = 4.0
 PRIVATE_APP = """target_epsilon = {epsilon}
 delta = 1e-5
 planned_rounds = {rounds}
 max_grad_norm = 1.0
-batch_size = 96
-lr = 0.03
+batch_size = 160
+lr = 0.02
 """
 PRIVACY = """[privacy]
 epsilon = {epsilon}
