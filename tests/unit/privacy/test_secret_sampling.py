@@ -60,6 +60,21 @@ def make_loader(dataset: Dataset[Any], *, loader_seed: int | None) -> DataLoader
     return DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=generator)
 
 
+def train(
+    model: nn.Module, loader: DataLoader[Any], *, dp: LocalDP, plan: Any, epochs: int
+) -> None:
+    train_private(
+        model,
+        loader=loader,
+        loss_fn=nn.functional.cross_entropy,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        dp=dp,
+        plan=plan,
+        epochs=epochs,
+        device=torch.device("cpu"),
+    )
+
+
 def run_silo(*, loader_seed: int | None, mode: GradSampleMode = GradSampleMode.GHOST) -> list:
     """One silo's private training with every seed set as the examples set it."""
     torch.manual_seed(SEED)
@@ -69,16 +84,7 @@ def run_silo(*, loader_seed: int | None, mode: GradSampleMode = GradSampleMode.G
     loader = make_loader(dataset, loader_seed=loader_seed)
     dp = LocalDP(noise_multiplier=1.0, grad_sample_mode=mode)
     plan = private_plan(dp, batches_per_epoch=len(loader), epochs=EPOCHS)
-    train_private(
-        model,
-        loader=loader,
-        loss_fn=nn.functional.cross_entropy,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        dp=dp,
-        plan=plan,
-        epochs=EPOCHS,
-        device=torch.device("cpu"),
-    )
+    train(model, loader, dp=dp, plan=plan, epochs=EPOCHS)
     assert len(dataset.batches) == plan.steps
     return dataset.batches
 
@@ -152,16 +158,7 @@ def test_training_leaves_torch_global_generator_untouched():
     dp = LocalDP(noise_multiplier=1.0)
     plan = private_plan(dp, batches_per_epoch=len(loader), epochs=1)
     state = torch.get_rng_state()
-    train_private(
-        model,
-        loader=loader,
-        loss_fn=nn.functional.cross_entropy,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        dp=dp,
-        plan=plan,
-        epochs=1,
-        device=torch.device("cpu"),
-    )
+    train(model, loader, dp=dp, plan=plan, epochs=1)
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(SEED)
     again = make_model()
