@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import secrets
 import threading
 import time
@@ -23,12 +22,8 @@ import numpy as np
 from fedpriv._types import Scalar
 from fedpriv.coordinator.checkpoint import drop_page_cache, map_checkpoint
 from fedpriv.coordinator.config import CoordinatorConfig
-from fedpriv.coordinator.store import (
-    RoundPrivacy,
-    SiloSpend,
-    StagedRound,
-    Store,
-)
+from fedpriv.coordinator.guarantees import FederationGuarantee, SpendGuard, release_mode
+from fedpriv.coordinator.store import RoundPrivacy, StagedRound, Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
 from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, account
@@ -266,8 +261,11 @@ class Federation:
             self._resume_dp(strategy, model)
         # What the rounds committed so far released, for the federation's guarantee,
         # and what each silo reported last, so that a silo's epsilon never goes down.
-        self._round_privacy = {r: m for r, m in store.round_privacy().items() if r < next_round}
-        self._silo_spends: dict[str, SiloSpend] = store.silo_spends()
+        self._guarantee = FederationGuarantee(
+            {r: m for r, m in store.round_privacy().items() if r < next_round},
+            claimed=config.dp is not None,
+        )
+        self._spends = SpendGuard(store.silo_spends())
 
     def _resume_dp(self, strategy: Strategy, model: Model) -> None:
         """Check the strategy can add noise; rebuild the accountant and clipping norm."""
@@ -362,7 +360,7 @@ class Federation:
                 silos=silos,
                 last_round_metrics=dict(self._last_round_metrics),
                 uptime_s=now - self._started,
-                rounds_without_dp=self._rounds_without_dp(),
+                rounds_without_dp=self._guarantee.rounds_without_dp(),
             )
 
     # ---- RPC entry points -----------------------------------------------------------------
@@ -503,7 +501,7 @@ class Federation:
                 )
                 reasons.append("compression")
             if phase.kind is TaskKind.TRAIN:
-                spend_problems = self._spend_problems(silo, metrics)
+                spend_problems = self._spends.problems(silo, metrics)
                 problems += spend_problems
                 reasons += ["privacy"] * len(spend_problems)
             if phase.secagg is not None:
@@ -589,7 +587,8 @@ class Federation:
                             else result.num_examples
                         )
                     self._resolve(phase, upload.silo, "accepted", "", result)
-                    self._note_spend(phase, upload.silo, result.metrics)
+                    if phase.kind is TaskKind.TRAIN:
+                        self._spends.note(phase.round, upload.silo, result.metrics)
                     upload.release()
                 elif result is not None:
                     upload.revert()
@@ -960,10 +959,8 @@ class Federation:
         else:
             federation_metrics = self._privatize(train)
             model = train.aggregator.finalize(total_weight=train.total_weight)
-        privacy = self._release_mode()
-        with self._cond:
-            self._round_privacy[round] = privacy
-        federation_metrics = self._guarantee(round, federation_metrics)
+        privacy = release_mode(self.config)
+        federation_metrics = self._guarantee.record(round, privacy, federation_metrics)
         fit_metrics = weighted_means(train.results)
         silo_metrics = {r.silo: dict(r.metrics) for r in train.results}
         metrics: dict[str, Mapping[str, Scalar]] = {"fit": fit_metrics}
@@ -1051,93 +1048,6 @@ class Federation:
         self._store.commit_staged(staged)
         if summary is not None:
             self._reporter.round_completed(summary)
-
-    def _release_mode(self) -> RoundPrivacy:
-        """The silo-level DP this coordinator's rounds run under."""
-        if self.config.dp is None:
-            return RoundPrivacy.NONE
-        if self.config.secure_aggregation is not None:
-            return RoundPrivacy.DISTRIBUTED
-        return RoundPrivacy.CENTRAL
-
-    def _rounds_without_dp(self) -> tuple[int, ...]:
-        """Committed rounds without silo-level DP, if any round claims it (else nothing)."""
-        with self._cond:
-            modes = dict(self._round_privacy)
-        claimed = self.config.dp is not None or any(
-            mode is not RoundPrivacy.NONE for mode in modes.values()
-        )
-        return (
-            tuple(r for r, m in sorted(modes.items()) if m is RoundPrivacy.NONE) if claimed else ()
-        )
-
-    def _guarantee(self, round: int, metrics: dict[str, float]) -> dict[str, float]:
-        """The round's federation metrics, with epsilon none (inf) while any round lacked DP.
-
-        A model that went through a round without noise is not covered by any
-        silo-level guarantee, whatever later rounds add; the accountant's figure
-        over the private rounds alone is kept as ``epsilon_dp_rounds``.
-        """
-        without = self._rounds_without_dp()
-        if not without:
-            return metrics
-        guarded = dict(metrics)
-        if "epsilon" in guarded:
-            guarded["epsilon_dp_rounds"] = guarded["epsilon"]
-        guarded["epsilon"] = math.inf
-        guarded["rounds_without_dp"] = float(len(without))
-        logger.warning(
-            "federation epsilon round=%d: none, rounds=%s ran without silo-level DP",
-            round,
-            ",".join(map(str, without)),
-        )
-        return guarded
-
-    def _spend_problems(self, silo: str, metrics: Mapping[str, Scalar]) -> list[str]:
-        """Why the epsilon a silo reports cannot be its spend (its last one was higher)."""
-        last = self._silo_spends.get(silo)
-        reported = metrics.get("epsilon")
-        if reported is None:
-            if last is None:
-                return []
-            return [
-                f"no epsilon reported, though this silo reported {last.epsilon:.4g} in round "
-                f"{last.round}: its privacy ledger was removed or disabled, and a spend "
-                "cannot go back to unknown"
-            ]
-        if isinstance(reported, bool) or not isinstance(reported, int | float):
-            return [f"epsilon {reported!r} must be a number"]
-        if not math.isfinite(reported) or reported < 0:
-            return [f"epsilon {reported!r} must be finite and >= 0"]
-        if last is None:
-            return []
-        problems = []
-        delta = metrics.get("delta")
-        if not math.isnan(last.delta) and delta != last.delta:
-            problems.append(
-                f"delta {delta!r} != {last.delta:g}, the delta of the epsilon this silo "
-                f"reported in round {last.round}: one silo's spend is compared at one delta"
-            )
-        if reported < last.epsilon:
-            problems.append(
-                f"epsilon {reported:.4g} is below the {last.epsilon:.4g} (delta {last.delta:g}) "
-                f"this silo reported in round {last.round}: a silo's spend never goes down, so "
-                "its privacy ledger was reset or replaced; its earlier releases still count"
-            )
-        return problems
-
-    def _note_spend(self, phase: _Phase, silo: str, metrics: Mapping[str, Scalar]) -> None:
-        """Remember an accepted update's epsilon (caller holds the lock)."""
-        reported, delta = metrics.get("epsilon"), metrics.get("delta")
-        if phase.kind is not TaskKind.TRAIN or not isinstance(reported, int | float):
-            return
-        last = self._silo_spends.get(silo)
-        if last is None or reported >= last.epsilon:
-            self._silo_spends[silo] = SiloSpend(
-                round=phase.round,
-                epsilon=float(reported),
-                delta=float(delta) if isinstance(delta, int | float) else math.nan,
-            )
 
     def _privatize(self, train: _Phase) -> dict[str, float]:
         """DP-FedAvg: noise the sum of clipped updates and adapt the norm (no-op without [dp])."""
