@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import pathlib
 import signal
 import sys
@@ -14,6 +13,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
+from fedpriv.cli.round_table import RoundPrinter, print_epsilons
 from fedpriv.errors import ConfigError, FedprivError
 
 __all__ = ["main"]
@@ -32,133 +32,6 @@ def _read_toml(path: str) -> tuple[dict[str, Any], pathlib.Path]:
         raise ConfigError(f"{file} is not valid TOML: {err}") from err
 
 
-_COLUMNS = (
-    "round",
-    "joined",
-    "in/sel",
-    "out",
-    "MB in",
-    "loss",
-    "accuracy",
-    "seconds",
-    "max silo eps",
-    "fed eps",
-)
-_WIDTHS = (5, 6, 6, 3, 8, 8, 8, 8, 12, 8)
-
-
-def _line(cells: tuple[str, ...]) -> str:
-    return "  ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True))
-
-
-class _RoundPrinter:
-    """The round table: a live rich table on a terminal, one plain line per round otherwise."""
-
-    def __init__(self, *, quiet: bool, live: bool | None = None) -> None:
-        self._quiet = quiet
-        self._header = False
-        self.last_accuracy: float | None = None
-        self.silo_epsilon: dict[str, tuple[float, float]] = {}
-        # The RDP bound each release also carries, shown beside the tight figure.
-        self.silo_epsilon_rdp: dict[str, float] = {}
-        self.federation_epsilon: tuple[float, float] | None = None
-        self.federation_epsilon_rdp: float | None = None
-        self.federation_assumption = ""
-        self.last_accepted = 0
-        self.rounds_without_dp = 0
-        self._rows: list[tuple[str, ...]] = []
-        self._live: Any = None
-        if not quiet and (sys.stdout.isatty() if live is None else live):
-            from rich.live import Live
-
-            self._live = Live(self._table(), auto_refresh=False)
-            self._live.start()
-
-    def _table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title="fedpriv rounds")
-        for name in _COLUMNS:
-            table.add_column(name, justify="right")
-        for row in self._rows[-30:]:
-            table.add_row(*row)
-        return table
-
-    def _emit(self, row: tuple[str, ...]) -> None:
-        if self._quiet:
-            return
-        self._rows.append(row)
-        if self._live is not None:
-            self._live.update(self._table(), refresh=True)
-            return
-        if not self._header:
-            print(
-                "  ".join(f"{c:>{w}}" for c, w in zip(_COLUMNS, _WIDTHS, strict=True)), flush=True
-            )
-            self._header = True
-        print("  ".join(f"{c:>{w}}" for c, w in zip(row, _WIDTHS, strict=True)), flush=True)
-
-    def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
-    def round_completed(self, summary: Any) -> None:
-        for silo, values in summary.silo_metrics.items():
-            if "epsilon" in values:
-                self.silo_epsilon[silo] = (
-                    float(values["epsilon"]),
-                    float(values.get("delta", 0.0)),
-                )
-                if "epsilon_rdp" in values:
-                    self.silo_epsilon_rdp[silo] = float(values["epsilon_rdp"])
-        epsilons = [float(v["epsilon"]) for v in summary.silo_metrics.values() if "epsilon" in v]
-        metrics = summary.evaluation_metrics or summary.fit_metrics
-        loss = metrics.get("loss", summary.fit_metrics.get("train_loss", float("nan")))
-        accuracy = metrics.get("accuracy")
-        if accuracy is not None:
-            self.last_accuracy = accuracy
-        federation = summary.federation_metrics
-        shown_federation = "-"
-        if "epsilon" in federation:
-            self.federation_epsilon = (federation["epsilon"], federation.get("delta", 0.0))
-            self.federation_epsilon_rdp = federation.get("epsilon_rdp")
-            self.rounds_without_dp = int(federation.get("rounds_without_dp", 0))
-            colluders = int(federation.get("colluders_tolerated", 0))
-            self.federation_assumption = (
-                f", holds with up to {colluders} silos colluding with the coordinator"
-                if colluders
-                else ""
-            )
-            shown_federation = (
-                format(federation["epsilon"], ".3f")
-                if math.isfinite(federation["epsilon"])
-                else "none"
-            )
-        self.last_accepted = summary.accepted
-        out = summary.rejected + summary.dropped + summary.declined
-        self._emit(
-            (
-                str(summary.round),
-                str(summary.joined),
-                f"{summary.accepted}/{summary.selected}",
-                str(out),
-                format(summary.bytes_received / 1e6, ".2f"),
-                format(loss, ".4f"),
-                "-" if accuracy is None else format(accuracy, ".4f"),
-                format(summary.duration_s, ".2f"),
-                format(max(epsilons), ".3f") if epsilons else "-",
-                shown_federation,
-            )
-        )
-
-    def round_failed(self, round: int, reason: str) -> None:
-        if self._live is not None:
-            self._live.console.log(f"round {round} failed: {reason}")
-        elif not self._quiet:
-            print(f"{round:>5}  failed: {reason}", flush=True)
-
-
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from fedpriv.coordinator import Coordinator, CoordinatorConfig
     from fedpriv.coordinator.daemon import limit_malloc_arenas
@@ -166,7 +39,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     limit_malloc_arenas()  # before gRPC starts its threads
     data, base = _read_toml(args.config)
     config = CoordinatorConfig.from_dict(data, base_dir=base)
-    printer = _RoundPrinter(quiet=args.quiet)
+    printer = RoundPrinter(quiet=args.quiet)
     with (
         contextlib.closing(printer),
         Coordinator(config, insecure=args.insecure, reporter=printer) as coordinator,
@@ -181,53 +54,8 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             return 0
     if printer.last_accuracy is not None:
         print(f"final accuracy: {printer.last_accuracy:.3f}", flush=True)
-    _print_epsilons(printer)
+    print_epsilons(printer)
     return 0
-
-
-# Above this a silo-level epsilon protects nothing in practice; the demo says why.
-_LARGE_EPSILON = 10.0
-
-
-def _rdp_beside(value: float | None) -> str:
-    return "" if value is None else f"; RDP bound {value:.3f}"
-
-
-def _print_epsilons(printer: _RoundPrinter) -> None:
-    """Record-level epsilons first, then the federation's, each with what it protects."""
-    if printer.silo_epsilon:
-        print(
-            "record-level privacy: each silo's DP-SGD guarantee for any one of its records "
-            "(one record added or removed), from the silo's own ledger",
-            flush=True,
-        )
-    for silo, (epsilon, delta) in sorted(printer.silo_epsilon.items()):
-        print(
-            f"{silo} epsilon: {epsilon:.3f} (delta {delta:g}, sample-level, from its ledger"
-            f"{_rdp_beside(printer.silo_epsilon_rdp.get(silo))})",
-            flush=True,
-        )
-    if printer.federation_epsilon is not None and printer.rounds_without_dp:
-        print(
-            f"federation epsilon: none ({printer.rounds_without_dp} rounds ran without DP, "
-            "so no silo-level guarantee covers the model; see fedpriv report)",
-            flush=True,
-        )
-    elif printer.federation_epsilon is not None:
-        epsilon, delta = printer.federation_epsilon
-        print(
-            f"federation epsilon: {epsilon:.3f} (delta {delta:g}, silo-level: the unit is each "
-            f"silo's whole dataset, from the coordinator's accountant"
-            f"{_rdp_beside(printer.federation_epsilon_rdp)}{printer.federation_assumption})",
-            flush=True,
-        )
-        if epsilon > _LARGE_EPSILON:
-            print(
-                "  it is large because hiding a whole silo's data takes noise the size of one "
-                f"silo's update in a sum of only {printer.last_accepted} updates; silo-level DP "
-                "becomes meaningful with tens to hundreds of silos",
-                flush=True,
-            )
 
 
 def _cmd_client(args: argparse.Namespace) -> int:

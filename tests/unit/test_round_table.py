@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from fedpriv.cli.main import _RoundPrinter
+from fedpriv.cli.round_table import RoundPrinter
 from fedpriv.coordinator import RoundSummary
 
 
@@ -30,7 +30,7 @@ def summary(round: int) -> RoundSummary:
 
 
 def test_plain_table_has_one_line_per_round(capsys):
-    printer = _RoundPrinter(quiet=False, live=False)
+    printer = RoundPrinter(quiet=False, live=False)
     printer.round_completed(summary(1))
     printer.round_completed(summary(2))
     printer.close()
@@ -52,14 +52,14 @@ def test_plain_table_has_one_line_per_round(capsys):
 
 
 def test_quiet_prints_nothing(capsys):
-    printer = _RoundPrinter(quiet=True, live=True)
+    printer = RoundPrinter(quiet=True, live=True)
     printer.round_completed(summary(1))
     printer.close()
     assert capsys.readouterr().out == ""
 
 
 def test_live_table_renders_every_round():
-    printer = _RoundPrinter(quiet=False, live=True)
+    printer = RoundPrinter(quiet=False, live=True)
     for round in (1, 2, 3):
         printer.round_completed(summary(round))
     buffer = io.StringIO()
