@@ -422,8 +422,8 @@ class Store:
     def round_privacy(self) -> dict[int, RoundPrivacy]:
         """Which silo-level DP each committed round (1, 2, ...) ran under.
 
-        A round committed before this was recorded counts as private only if it
-        stored a federation epsilon.
+        A round committed before this table existed counts as private only if it
+        stored its noise (``noise_multiplier`` or ``skellam_mu``).
         """
         with self._lock:
             recorded = dict(
