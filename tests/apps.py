@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -60,7 +61,7 @@ def make_private_client(config: Mapping[str, Any]):
     data = TensorDataset(
         torch.randn(100, 64, generator=generator), torch.randint(0, 32, (100,), generator=generator)
     )
-    return TorchClient(
+    client = TorchClient(
         Linear(),
         train_loader=DataLoader(data, batch_size=20),
         loss_fn=nn.functional.cross_entropy,
@@ -71,6 +72,20 @@ def make_private_client(config: Mapping[str, Any]):
         ),
         device="cpu",
     )
+    if "hold_from_round" in config:
+        # A fault-injection point: from this round on, the silo says so on stdout and
+        # blocks before planning, on a FIFO nobody writes to, until the test kills it.
+        hold_from, fifo = int(config["hold_from_round"]), pathlib.Path(str(config["hold_fifo"]))
+        plan = client.plan_privacy
+
+        def plan_privacy(task_config: Mapping[str, Any]) -> Any:
+            if int(task_config.get("round", 0)) >= hold_from:
+                print(f"holding round {task_config['round']}", flush=True)
+                fifo.open("rb").close()
+            return plan(task_config)
+
+        client.plan_privacy = plan_privacy  # type: ignore[method-assign]  # test seam
+    return client
 
 
 def random_update(index: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

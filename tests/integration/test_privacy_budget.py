@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import signal
 import sqlite3
 import subprocess
-import time
 
 import pytest
 
@@ -42,7 +42,9 @@ def work(tmp_path):
     (tmp_path / "coordinator.toml").write_text(f"""
 [server]
 address = "127.0.0.1:{port}"
-heartbeat_interval_s = 1
+# The killed silo counts as live for 3 heartbeats (30 s), so its round-2 task is
+# still open when the restarted process asks for it again.
+heartbeat_interval_s = 10
 poll_wait_s = 2
 [tls]
 ca = "pki/ca.crt"
@@ -107,17 +109,31 @@ def test_tiny_budget_trains_once_then_refuses_even_after_kill_9(work):
         "--config",
         str(tmp / "private-silo.toml"),
     )
-    private = start(private_cmd, tmp / "private-1.log")
+    # The first process trains round 1, then holds at round 2 (tests.apps' fault
+    # injection point) until it is killed: the restarted one meets rounds 2-4.
+    config = tmp / "private-silo.toml"
+    plain_config = config.read_text()
+    fifo = tmp / "hold.fifo"
+    os.mkfifo(fifo)
+    config.write_text(plain_config + f'[app]\nhold_from_round = 2\nhold_fifo = "{fifo}"\n')
+    with open(tmp / "private-1.log", "w") as handle:
+        private = subprocess.Popen(
+            private_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=handle, text=True
+        )
     processes = [coordinator, open_silo, private]
     try:
-        deadline = time.monotonic() + 90
-        while "declined" not in [o for _, o in outcomes(db, "private-silo")]:
-            assert time.monotonic() < deadline, (tmp / "private-1.log").read_text()
-            time.sleep(0.1)
+        assert private.stdout is not None
+        for line in private.stdout:
+            if line.startswith("holding round 2"):
+                break
+        else:
+            pytest.fail((tmp / "private-1.log").read_text())
         ledger_before = json.loads((tmp / "ledger.json").read_text())
         # Act: kill -9 the private silo, then start it again on the same ledger
         private.send_signal(signal.SIGKILL)
         private.wait(10)
+        private.stdout.close()
+        config.write_text(plain_config)
         private = start(private_cmd, tmp / "private-2.log")
         processes.append(private)
         assert coordinator.wait(120) == 0, (tmp / "coordinator.log").read_text()
