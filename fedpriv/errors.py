@@ -9,6 +9,7 @@
     │   ├── AuthenticationError   no, expired or foreign certificate
     │   └── PermissionDenied      valid certificate, identity not allowed
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
+    │   └── TaskRejected          a coordinator's task failed the silo's checks
     ├── UpdateRejected            an update failed validation (lists every problem)
     ├── RoundFailed               a round could not complete; no model was published
     ├── PrivacyBudgetExceeded     a silo refused to train: the round would overspend its budget
@@ -38,6 +39,7 @@ __all__ = [
     "ProtocolError",
     "RoundFailed",
     "StoreError",
+    "TaskRejected",
     "TransportError",
     "UpdateRejected",
 ]
@@ -83,6 +85,32 @@ class ProtocolError(FedprivError):
     """A message arrived that the Fleet protocol does not allow at this point."""
 
     grpc_status = "FAILED_PRECONDITION"
+
+
+class TaskRejected(ProtocolError):
+    """A task from the coordinator failed the silo's checks; every problem is listed.
+
+    The silo declines the task with this message as the reason, never runs it,
+    and polls for the next one.
+
+    Args:
+        task_id: The task's id as the coordinator sent it.
+        round: The round the task claimed to belong to.
+        problems: Human-readable descriptions, one per problem.
+
+    Example:
+        >>> err = TaskRejected(task_id="t1", round=3, problems=["TRAIN task carries no model"])
+        >>> str(err)
+        "task 't1' for round 3 refused: TRAIN task carries no model"
+    """
+
+    grpc_status = "INVALID_ARGUMENT"
+
+    def __init__(self, *, task_id: str, round: int, problems: Sequence[str]) -> None:
+        self.task_id = task_id
+        self.round = round
+        self.problems = tuple(problems)
+        super().__init__(f"task {task_id!r} for round {round} refused: " + "; ".join(self.problems))
 
 
 class UpdateRejected(FedprivError):

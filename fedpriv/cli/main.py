@@ -105,6 +105,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         stop=stop,
         ledger=ledger,
         release=config.release,
+        limits=config.limits,
     )
     if ledger is not None:
         ledger.close()

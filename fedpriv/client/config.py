@@ -10,6 +10,7 @@ from typing import Any
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.client.release import ReleasePolicy
+from fedpriv.client.tasks import DEFAULT_MAX_MODEL_BYTES, TaskLimits
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.ledger import PrivacyBudget, PrivacyLedger
 from fedpriv.transport import TLSConfig
@@ -36,6 +37,8 @@ class ClientConfig:
         ledger: Where the privacy ledger is kept (on the silo's own disk).
         release: What the silo sends besides its update when it trains with DP
             (``[privacy] share_metrics``, ``public_evaluation``, ``public_num_examples``).
+        limits: What the silo accepts from the coordinator (``[limits]``
+            ``max_model_bytes``); a task beyond them is declined.
     """
 
     coordinator: str
@@ -50,6 +53,7 @@ class ClientConfig:
     budget: PrivacyBudget | None = None
     ledger: pathlib.Path | None = None
     release: ReleasePolicy = field(default_factory=ReleasePolicy)
+    limits: TaskLimits = field(default_factory=TaskLimits)
 
     def __post_init__(self) -> None:
         if (self.budget is None) != (self.ledger is None):
@@ -105,6 +109,7 @@ class ClientConfig:
         tls = top.table("tls")
         client = top.table("client")
         privacy = top.table("privacy")
+        limits = top.table("limits")
         budget_epsilon = privacy.optional("epsilon", float)
         budget = (
             None
@@ -128,7 +133,11 @@ class ClientConfig:
                 public_evaluation=privacy.get("public_evaluation", bool, False),
                 public_num_examples=privacy.optional("public_num_examples", int),
             ),
+            # The largest model a task may make the silo allocate (see fedpriv.client.tasks).
+            limits=TaskLimits(
+                max_model_bytes=limits.get("max_model_bytes", int, DEFAULT_MAX_MODEL_BYTES)
+            ),
         )
-        for table in (coordinator, tls, client, privacy, top):
+        for table in (coordinator, tls, client, privacy, limits, top):
             table.finish()
         return config

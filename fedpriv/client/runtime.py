@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,27 +25,21 @@ from fedpriv.client.messages import (
 )
 from fedpriv.client.release import ReleasePolicy
 from fedpriv.client.secure import SecureUpload
+from fedpriv.client.tasks import ModelOwner, TaskLimits, ValidatedTask, receive_task
 from fedpriv.errors import (
     AuthenticationError,
     ConnectError,
     PermissionDenied,
     PrivacyBudgetExceeded,
     ProtocolError,
+    TaskRejected,
 )
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
-from fedpriv.wire import (
-    Compression,
-    PayloadAssembler,
-    TensorLayout,
-    arrays_from_payload,
-    layout_from_proto,
-    scalars_from_proto,
-    scalars_to_proto,
-)
-from fedpriv.wire.frames import chunk_of, parse_with_chunks, serialize
+from fedpriv.wire import Compression, arrays_from_payload, scalars_to_proto
+from fedpriv.wire.frames import RawChunk, parse_with_chunks, serialize
 
 __all__ = ["Backoff", "run_client"]
 
@@ -81,13 +75,6 @@ class Backoff:
         ceiling = min(self._max_s, self._initial_s * 2**self._attempt)
         self._attempt += 1
         return self._rng.uniform(0, ceiling)
-
-
-@dataclass(frozen=True, slots=True)
-class _Task:
-    task: fleet_pb2.Task
-    layout: TensorLayout | None
-    payload: npt.NDArray[np.uint8] | None
 
 
 class _ReceiveBuffer:
@@ -131,29 +118,17 @@ def _fleet_stub(channel: grpc.Channel) -> fleet_pb2_grpc.FleetStub:
     return stub
 
 
-def _receive_task(
-    stream: Iterator[fleet_pb2.TaskMessage],
-    stats: ClientStats,
-    buffers: _ReceiveBuffer | None = None,
-) -> _Task:
+def _first_task(stream: Iterator[Any]) -> fleet_pb2.Task:
+    """The Task that opens a PullTask stream (its model's chunks stay in `stream`).
+
+    Raises:
+        ProtocolError: The stream was empty or started with something else.
+    """
     first = next(stream, None)
-    if first is None or first.WhichOneof("part") != "task":
-        raise ProtocolError("PullTask stream did not start with a Task")
-    task = first.task
-    if not task.HasField("model"):
-        return _Task(task, None, None)
-    layout, problems = layout_from_proto(task.model)
-    if layout is None:
-        raise ProtocolError("coordinator sent a malformed model header: " + "; ".join(problems))
-    reused = buffers.take(layout.payload_bytes) if buffers is not None else None
-    assembler = PayloadAssembler(layout, buffer=reused)
-    for message in stream:
-        chunk = chunk_of(message)
-        if chunk is None:
-            raise ProtocolError("only chunks may follow a Task")
-        assembler.add(*chunk)
-        stats.bytes_received += len(chunk[1])
-    return _Task(task, layout, assembler.finish())
+    if first is None or isinstance(first, RawChunk) or first.WhichOneof("part") != "task":
+        raise ProtocolError("the coordinator's PullTask stream did not start with a Task")
+    task: fleet_pb2.Task = first.task
+    return task
 
 
 @contextlib.contextmanager
@@ -175,13 +150,6 @@ def _heartbeats(stub: fleet_pb2_grpc.FleetStub, interval_s: float) -> Iterator[N
     finally:
         stop.set()
         thread.join()
-
-
-def _config(task: fleet_pb2.Task) -> dict[str, Scalar]:
-    values, problems = scalars_from_proto(task.config)
-    if problems:
-        raise ProtocolError("coordinator sent invalid task config: " + "; ".join(problems))
-    return values
 
 
 def _decline(
@@ -227,18 +195,15 @@ def _log_withheld(task: fleet_pb2.Task, dropped: tuple[str, ...]) -> None:
 def _run_task(
     client: Client,
     stub: fleet_pb2_grpc.FleetStub,
-    received: _Task,
+    received: ValidatedTask,
     stats: ClientStats,
     ledger: PrivacyLedger | None,
     feedback: ErrorFeedback,
     release: ReleasePolicy,
 ) -> None:
     task = received.task
-    assert (
-        received.layout is not None and received.payload is not None
-    )  # TRAIN/EVALUATE carry a model
     arrays = arrays_from_payload(received.layout, received.payload)
-    config = _config(task)
+    config = received.config
     timeout = max(1.0, task.deadline_unix_s - time.time()) if task.deadline_unix_s else None
     if task.kind == fleet_pb2.TASK_KIND_TRAIN:
         planned, refusal = _privacy_plan(client, config, ledger)
@@ -281,12 +246,7 @@ def _run_task(
             )
             stats.trained += 1
             return
-        try:
-            compression = Compression(str(config.get("compression", "none")))
-        except ValueError:
-            raise ProtocolError(
-                f"coordinator asked for unknown compression {config.get('compression')!r}"
-            ) from None
+        compression = received.compression
         header = fleet_pb2.ResultHeader(
             task_id=task.task_id,
             round=task.round,
@@ -351,6 +311,7 @@ def run_client(
     stop: threading.Event | None = None,
     ledger: PrivacyLedger | None = None,
     release: ReleasePolicy | None = None,
+    limits: TaskLimits | None = None,
 ) -> ClientStats:
     """Serve `client` to the coordinator until the federation finishes.
 
@@ -369,6 +330,10 @@ def run_client(
             would overspend), and recorded durably before its update is sent.
         release: What a silo that trains with DP sends besides its update (default:
             only the accounting values; see :mod:`fedpriv.client.release`).
+        limits: What this silo accepts from the coordinator (default
+            :class:`~fedpriv.client.tasks.TaskLimits`). A task that breaks a limit
+            or any rule of the protocol is declined with the reason, and the silo
+            takes the next one.
 
     Returns:
         Counters of what the silo did.
@@ -380,6 +345,7 @@ def run_client(
     """
     stop = stop or threading.Event()
     release = release or ReleasePolicy()
+    limits = limits or TaskLimits()
     release.announce()
     stats = ClientStats()
     backoff = Backoff()
@@ -406,18 +372,42 @@ def run_client(
                 stream = stub.PullTask(
                     fleet_pb2.PullTaskRequest(wait_s=poll_wait_s), timeout=poll_wait_s + 600
                 )
-                received = _receive_task(stream, stats, buffers)
+                try:
+                    task = _first_task(stream)
+                except ProtocolError as err:
+                    stream.cancel()
+                    delay = backoff.next_delay()
+                    logger.warning("%s; polling again in %.1f s", err, delay)
+                    stop.wait(delay)
+                    continue
                 last_contact = time.monotonic()
                 backoff.reset()
-                kind = received.task.kind
-                if kind == fleet_pb2.TASK_KIND_FINISHED:
-                    logger.info("federation finished")
-                    break
-                if kind == fleet_pb2.TASK_KIND_WAIT:
+                kind = task.kind
+                if kind in (fleet_pb2.TASK_KIND_FINISHED, fleet_pb2.TASK_KIND_WAIT):
+                    if task.HasField("model"):
+                        stream.cancel()  # never downloaded: nothing to run it on
+                        logger.warning(
+                            "the coordinator's %s task carries a model; ignored",
+                            fleet_pb2.TaskKind.Name(kind),
+                        )
+                    if kind == fleet_pb2.TASK_KIND_FINISHED:
+                        logger.info("federation finished")
+                        break
                     continue
-                logger.info(
-                    "task round=%d kind=%s", received.task.round, fleet_pb2.TaskKind.Name(kind)
-                )
+                try:
+                    received = receive_task(
+                        task,
+                        stream,
+                        stats=stats,
+                        limits=limits,
+                        take_buffer=buffers.take,
+                        expected=client.model_shapes() if isinstance(client, ModelOwner) else None,
+                    )
+                except TaskRejected as rejected:
+                    stream.cancel()  # the rest of a refused model is not wanted
+                    _decline(stub, task, str(rejected), stats)
+                    continue
+                logger.info("task round=%d kind=%s", task.round, fleet_pb2.TaskKind.Name(kind))
                 with _heartbeats(stub, heartbeat_s):
                     try:
                         _run_task(client, stub, received, stats, ledger, feedback, release)

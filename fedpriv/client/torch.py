@@ -85,6 +85,14 @@ class TorchClient:
         self.optimizer_factory = optimizer_factory
         self.epochs = epochs
 
+    def model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor ``fit`` and ``evaluate`` accept (the state dict).
+
+        The runtime declines a task whose model has other names or shapes
+        (:class:`fedpriv.client.tasks.ModelOwner`) instead of failing in ``fit``.
+        """
+        return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+
     def _load(self, parameters: Mapping[str, npt.NDArray[Any]]) -> None:
         copy_arrays_into(self.model.state_dict(), parameters)
 
