@@ -9,6 +9,7 @@ from fedpriv.client.base import Client, EvaluateResult, FitResult
 from fedpriv.client.messages import ClientStats
 from fedpriv.client.release import ReleasePolicy
 from fedpriv.client.runtime import Backoff, run_client
+from fedpriv.client.tasks import TaskLimits
 
 __all__ = [
     "Backoff",
@@ -17,5 +18,6 @@ __all__ = [
     "EvaluateResult",
     "FitResult",
     "ReleasePolicy",
+    "TaskLimits",
     "run_client",
 ]

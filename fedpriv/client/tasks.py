@@ -62,8 +62,9 @@ DEFAULT_MAX_MODEL_BYTES = 4 << 30
 # Task ids are uuid4 hex (32 characters); anything this long is not one.
 MAX_TASK_ID_BYTES = 256
 MAX_CONFIG_KEY_BYTES = 256
-# A round deadline further ahead than this is a broken clock or a broken field.
-MAX_DEADLINE_AHEAD_S = 30 * 86400.0
+# A round deadline further ahead than this is a broken clock or a broken field (the
+# coordinator bounds no deadline_s, so the bound is loose enough for any real round).
+MAX_DEADLINE_AHEAD_S = 365 * 86400.0
 # What a decline reason and its log line may carry: the coordinator chose the
 # names in its header, so their number and length are bounded here.
 _MAX_LISTED_PROBLEMS = 10
