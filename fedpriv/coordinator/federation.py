@@ -233,7 +233,7 @@ class Federation:
         self._finished = next_round > self._rounds.num_rounds
         self._stop = threading.Event()
         self._started = clock()
-        # Undo spools, reused so their page-cache pages are rewritten, not reallocated.
+        # Upload spools, reused so their page-cache pages are rewritten, not reallocated.
         concurrent = max(config.rounds.min_clients, config.rounds.max_clients)
         self._spools = SpoolPool(store.directory / "spool", keep=max(8, 2 * concurrent))
         self._last_round_metrics: dict[str, float] = {}
@@ -691,7 +691,7 @@ class Federation:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Free the kept undo spools (after ``stop`` and the server's shutdown)."""
+        """Free the kept upload spools (after ``stop`` and the server's shutdown)."""
         self._spools.close()
 
     def run(self) -> None:

@@ -316,3 +316,23 @@ def test_a_non_finite_aggregate_fails_the_attempt_and_publishes_nothing(
     assert "the aggregate is not finite" in reason and "no model is published" in reason
     assert len(reporter.completed) == 1 and reporter.completed[0].declined == 1
     _assert_honest_fedavg(final, initial, dp=False)
+
+
+def test_a_weight_above_max_num_examples_is_rejected(tmp_path, pki, array_client):
+    # Arrange: a plausible update that claims one example more than the cap
+    def attack(coordinator, stub, task, layout):
+        messages = [_header(task, layout, num_examples=1001)]
+        messages += [_message(*c) for c in _chunks(layout, 0.5)]
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PushResult(iter(messages), timeout=60)
+        return caught.value
+
+    # Act
+    reporter, final, initial, error, outcomes, _ = _run(
+        tmp_path, pki, array_client, dp=False, attack=attack, max_num_examples=1000
+    )
+    # Assert
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_examples 1001 must be in [1, 1000] (rounds.max_num_examples)" in error.details()
+    assert outcomes[ATTACKER] == "rejected"
+    _assert_honest_fedavg(final, initial, dp=False)
