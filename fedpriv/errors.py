@@ -122,7 +122,8 @@ class UpdateRejected(FedprivError):
         problems: Human-readable descriptions, one per problem.
         reason: The first problem's kind, for metrics: ``layout``, ``round``,
             ``kind``, ``num_examples``, ``compression``, ``metrics``, ``privacy``
-            (the reported epsilon went down), ``secagg``, ``non_finite`` or ``stream``.
+            (the reported epsilon went down), ``secagg``, ``non_finite``, ``bounds``
+            (a value beyond ``rounds.max_update_value``) or ``stream``.
 
     Example:
         >>> err = UpdateRejected(silo="hospital-a", round=7, problems=["w: 3 NaN values"])

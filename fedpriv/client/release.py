@@ -54,7 +54,7 @@ ACCOUNTING_METRICS: frozenset[str] = frozenset(
 #: (so neighbouring datasets send the same bytes) and the smallest the coordinator accepts.
 DP_NUM_EXAMPLES = 1
 
-_MAX_NUM_EXAMPLES = 2**53  # the coordinator's bound (fedpriv.coordinator.federation)
+_MAX_NUM_EXAMPLES = 2**53  # the widest rounds.max_num_examples a coordinator may set
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

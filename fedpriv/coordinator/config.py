@@ -27,6 +27,15 @@ DEFAULT_ADDRESS = "127.0.0.1:7443"
 DEFAULT_DEADLINE_S = 600.0
 DEFAULT_HEARTBEAT_S = 10
 DEFAULT_POLL_WAIT_S = 30
+# Trained weights, logits and optimiser statistics stay far below a million; 1e6 x a
+# weight of 1e7 x 3e25 silos is still float32-finite, so no accepted set of updates
+# can overflow the weighted sum.
+DEFAULT_MAX_UPDATE_VALUE = 1e6
+# Larger than any one silo's dataset here (ImageNet is 1.3 M), small enough that a
+# self-reported weight cannot lose integer precision in a float accumulator.
+DEFAULT_MAX_NUM_EXAMPLES = 10_000_000
+_FLOAT32_MAX = 3.4028234663852886e38
+_MAX_EXACT_INTEGER = 2**53
 
 
 def _compression(value: str) -> Compression:
@@ -66,6 +75,13 @@ class RoundConfig:
         client_config: Values sent to silos with every task (epochs, lr, ...).
         update_compression: How silos compress their updates on the wire
             ("none", "fp16", "bf16" or "int8"; float32 models only).
+        max_update_value: Largest absolute value of any floating-point element of
+            an update; an update beyond it is rejected (reason ``bounds``), so that
+            no accepted update can overflow the weighted sum.
+        max_num_examples: Largest ``num_examples`` (an update's self-reported
+            weight) accepted; an update above it is rejected (reason ``num_examples``).
+            Set it near the largest silo's dataset so that no silo can claim to
+            outweigh the others.
     """
 
     num_rounds: int = 3
@@ -78,6 +94,8 @@ class RoundConfig:
     max_failed_attempts: int = 3
     client_config: Mapping[str, Scalar] = field(default_factory=dict)
     update_compression: Compression = Compression.NONE
+    max_update_value: float = DEFAULT_MAX_UPDATE_VALUE
+    max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES
 
     @property
     def required_results(self) -> int:
@@ -101,6 +119,16 @@ class RoundConfig:
         for name in ("deadline_s", "evaluation_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"rounds.{name} = {getattr(self, name)}: must be > 0")
+        if not 0 < self.max_update_value <= _FLOAT32_MAX:
+            raise ConfigError(
+                f"rounds.max_update_value = {self.max_update_value}: must be in (0, "
+                f"{_FLOAT32_MAX:g}] (float32's largest value); default {DEFAULT_MAX_UPDATE_VALUE:g}"
+            )
+        if not 1 <= self.max_num_examples <= _MAX_EXACT_INTEGER:
+            raise ConfigError(
+                f"rounds.max_num_examples = {self.max_num_examples}: must be in [1, 2**53]; "
+                f"default {DEFAULT_MAX_NUM_EXAMPLES}"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -403,6 +431,8 @@ class CoordinatorConfig:
                 max_failed_attempts=rounds.get("max_failed_attempts", int, 3),
                 client_config=rounds.scalars("client_config"),
                 update_compression=_compression(rounds.get("update_compression", str, "none")),
+                max_update_value=rounds.get("max_update_value", float, DEFAULT_MAX_UPDATE_VALUE),
+                max_num_examples=rounds.get("max_num_examples", int, DEFAULT_MAX_NUM_EXAMPLES),
             ),
             model=ModelSource(
                 factory=model.optional("factory", str),

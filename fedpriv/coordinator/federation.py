@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator.checkpoint import drop_page_cache, map_checkpoint
@@ -37,9 +38,6 @@ from fedpriv.wire import Compression, DType, Model, TensorLayout, TensorSpec
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
 logger = logging.getLogger(__name__)
-
-# A weight above 2**53 would lose integer precision in the float accumulators.
-MAX_NUM_EXAMPLES = 2**53
 
 
 class TaskKind(enum.Enum):
@@ -167,6 +165,10 @@ class _Phase:
     total_weight: float = 0.0
     bytes_received: int = 0
     closed: bool = False
+    # Accepted uploads being folded now; the phase's sum is read only when none is.
+    folding: int = 0
+    # Why a fold broke off half way (the sum is then unusable and the round fails).
+    fold_error: str | None = None
 
     @property
     def pending(self) -> int:
@@ -231,7 +233,7 @@ class Federation:
         self._finished = next_round > self._rounds.num_rounds
         self._stop = threading.Event()
         self._started = clock()
-        # Undo spools, reused so their page-cache pages are rewritten, not reallocated.
+        # Upload spools, reused so their page-cache pages are rewritten, not reallocated.
         concurrent = max(config.rounds.min_clients, config.rounds.max_clients)
         self._spools = SpoolPool(store.directory / "spool", keep=max(8, 2 * concurrent))
         self._last_round_metrics: dict[str, float] = {}
@@ -486,8 +488,11 @@ class Federation:
             if kind is not phase.kind:
                 problems.append(f"result kind {kind.name} != task kind {phase.kind.name}")
                 reasons.append("kind")
-            if not 0 < num_examples <= MAX_NUM_EXAMPLES:
-                problems.append(f"num_examples {num_examples} must be in [1, 2**53]")
+            if not 0 < num_examples <= self._rounds.max_num_examples:
+                problems.append(
+                    f"num_examples {num_examples} must be in [1, {self._rounds.max_num_examples}]"
+                    " (rounds.max_num_examples)"
+                )
                 reasons.append("num_examples")
             announced = (
                 self._rounds.update_compression
@@ -552,12 +557,16 @@ class Federation:
                 ),
                 clip_norm=phase.clip_norm,
                 compression=announced,
+                max_value=self._rounds.max_update_value,
             )
             phase.uploads[silo] = upload
             return upload
 
     def complete_upload(self, upload: Upload, *, error: Exception | None = None) -> None:
-        """Finish `upload`: accept it into the round, or record why it failed.
+        """Finish `upload`: fold it into the round and accept it, or record why it failed.
+
+        Nothing of an upload is in the round's sum until it is folded here, whole,
+        once: an upload that fails or comes too late is dropped, never subtracted.
 
         Raises:
             UpdateRejected: Validation failed at the end of the stream.
@@ -575,23 +584,15 @@ class Federation:
         with self._cond:
             phase = self._phase
             current = phase is not None and phase.uploads.get(upload.silo) is upload
-            if current and phase is not None:
+            fold = current and phase is not None and result is not None and not phase.closed
+            if fold and phase is not None:
+                # Left in phase.uploads while it folds (its silo's result is on the way);
+                # a closing phase waits for every fold before its sum is read.
+                phase.folding += 1
+            elif current and phase is not None:
                 del phase.uploads[upload.silo]
-                if result is not None and not phase.closed:
-                    phase.results.append(result)
-                    phase.bytes_received += result.bytes_received
-                    if phase.aggregator is not None:
-                        phase.total_weight += (
-                            1.0
-                            if phase.clip_norm is not None or phase.secagg is not None
-                            else result.num_examples
-                        )
-                    self._resolve(phase, upload.silo, "accepted", "", result)
-                    if phase.kind is TaskKind.TRAIN:
-                        self._spends.note(phase.round, upload.silo, result.metrics)
+                if result is not None:
                     upload.release()
-                elif result is not None:
-                    upload.revert()
                     failure = ProtocolError(
                         f"round {upload.round} closed before the upload completed"
                     )
@@ -603,11 +604,46 @@ class Federation:
                 else:
                     self._resolve(phase, upload.silo, "dropped", str(failure))
             elif result is not None:
-                upload.revert()
+                upload.release()
                 failure = ProtocolError(f"round {upload.round} closed before the upload completed")
             self._cond.notify_all()
+        if fold and phase is not None and result is not None:
+            self._fold(phase, upload, result)
         if failure is not None and error is None:
             raise failure
+
+    def _fold(self, phase: _Phase, upload: Upload, result: UploadResult) -> None:
+        """Fold an accepted upload into the phase's sum (outside the lock), then accept it.
+
+        Raises:
+            OSError: The spool could not be read back; the round fails.
+        """
+        try:
+            upload.fold()
+        except Exception as err:
+            with self._cond:
+                phase.folding -= 1
+                del phase.uploads[upload.silo]
+                detail = f"folding the update of silo {upload.silo!r} failed: {err}"
+                phase.fold_error = phase.fold_error or detail
+                self._resolve(phase, upload.silo, "dropped", detail)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            phase.folding -= 1
+            del phase.uploads[upload.silo]
+            phase.results.append(result)
+            phase.bytes_received += result.bytes_received
+            if phase.aggregator is not None:
+                phase.total_weight += (
+                    1.0
+                    if phase.clip_norm is not None or phase.secagg is not None
+                    else result.num_examples
+                )
+            self._resolve(phase, upload.silo, "accepted", "", result)
+            if phase.kind is TaskKind.TRAIN:
+                self._spends.note(phase.round, upload.silo, result.metrics)
+            self._cond.notify_all()
 
     def _resolve(
         self,
@@ -655,7 +691,7 @@ class Federation:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Free the kept undo spools (after ``stop`` and the server's shutdown)."""
+        """Free the kept upload spools (after ``stop`` and the server's shutdown)."""
         self._spools.close()
 
     def run(self) -> None:
@@ -932,6 +968,9 @@ class Federation:
                 with self._cond:
                     self._resolve(phase, upload.silo, "late", "deadline passed during upload")
         with self._cond:
+            # Uploads accepted before the phase closed are being folded: the sum is read
+            # only once they are all in (each notifies when its fold ends).
+            self._cond.wait_for(lambda: phase.folding == 0)
             for silo in phase.tasks:
                 if silo not in phase.outcomes and silo not in phase.uploads:
                     self._resolve(phase, silo, "timeout", "no result before the deadline")
@@ -944,6 +983,8 @@ class Federation:
         # The silos download the last round's model while it is made durable.
         self._commit_staged()
         self._wait_phase(train, needed=needed)
+        if train.fold_error is not None:
+            self._fail_attempt(round, started_unix, train.fold_error)
         if train.accepted < needed or train.aggregator is None:
             detail = (
                 f"{train.accepted} of {len(silos)} updates accepted, {needed} needed "
@@ -957,8 +998,15 @@ class Federation:
         if train.secagg is not None:
             model, federation_metrics = self._unmask(train, started_unix)
         else:
+            if isinstance(train.aggregator, NoisyAggregator):
+                # Checked before the noise, so that a failed attempt leaves the privacy
+                # accounting and the adaptive norm as they were.
+                self._check_finite(
+                    round, started_unix, _nonfinite_sums(train.aggregator, train.model.layout)
+                )
             federation_metrics = self._privatize(train)
             model = train.aggregator.finalize(total_weight=train.total_weight)
+        self._check_finite(round, started_unix, _nonfinite_tensors(model))
         privacy = release_mode(self.config)
         federation_metrics = self._guarantee.record(round, privacy, federation_metrics)
         fit_metrics = weighted_means(train.results)
@@ -1034,6 +1082,32 @@ class Federation:
         else:  # reported once durable: a round shown as completed survives a crash
             self._staged_summary = summary
 
+    def _check_finite(self, round: int, started_unix: float, nonfinite: list[str]) -> None:
+        """Fail the attempt if the new model (or its sum) holds NaN or infinite values.
+
+        Raises:
+            RoundFailed: `nonfinite` names a tensor; nothing is committed.
+        """
+        if nonfinite:
+            self._fail_attempt(
+                round,
+                started_unix,
+                f"the aggregate is not finite ({'; '.join(nonfinite)}); no model is published. "
+                "Every accepted update was within rounds.max_update_value and "
+                "rounds.max_num_examples: lower them so that their sum stays finite",
+            )
+
+    def _fail_attempt(self, round: int, started_unix: float, detail: str) -> None:
+        """Record a failed attempt at `round` and end it.
+
+        Raises:
+            RoundFailed: Always; the global model is unchanged.
+        """
+        self._store.record_attempt(
+            round=round, started_unix_s=started_unix, outcome="failed", detail=detail
+        )
+        raise RoundFailed(f"round {round}: {detail}")
+
     def _commit_staged(self) -> None:
         """Make the staged round durable and report it (no-op when none is staged).
 
@@ -1096,6 +1170,37 @@ class Federation:
             "next_clip_norm": self._clip.clip_norm,
             **adaptive,
         }
+
+
+def _nonfinite_tensors(model: Model) -> list[str]:
+    """``"name: N NaN or infinite values"`` for each floating-point tensor that has any."""
+    problems = []
+    for spec, values in zip(model.layout.specs, model.arrays().values(), strict=True):
+        if spec.dtype.is_floating:
+            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+            if bad:
+                problems.append(f"{spec.name}: {bad} NaN or infinite values")
+    return problems
+
+
+def _nonfinite_sums(aggregator: NoisyAggregator, layout: TensorLayout) -> list[str]:
+    """Like :func:`_nonfinite_tensors`, for an aggregator's running sums (only read)."""
+    counts: list[int] = []
+
+    def count(sums: npt.NDArray[np.floating]) -> None:
+        counts.append(sums.size - int(np.count_nonzero(np.isfinite(sums))))
+
+    aggregator.perturb_sums(count)
+    names = (
+        [spec.name for spec in layout.specs]
+        if len(counts) == len(layout.specs)
+        else [f"sum {index}" for index in range(len(counts))]
+    )
+    return [
+        f"{name}: {bad} NaN or infinite values"
+        for name, bad in zip(names, counts, strict=True)
+        if bad
+    ]
 
 
 def _compare_layout(layout: TensorLayout | None, expected: TensorLayout) -> list[str]:

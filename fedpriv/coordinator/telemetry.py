@@ -72,7 +72,7 @@ class Telemetry:
         self._rejections = Counter(
             "fedpriv_rejections",
             "Updates rejected, by the kind of their first problem (layout, round, kind, "
-            "num_examples, compression, metrics, privacy, secagg, non_finite, stream)",
+            "num_examples, compression, metrics, privacy, secagg, non_finite, bounds, stream)",
             ["reason"],
             registry=self.registry,
         )

@@ -1,15 +1,18 @@
-"""One silo's result stream: validated and folded chunk by chunk, undone if it fails.
+"""One silo's result stream: validated chunk by chunk, folded once complete and valid.
 
-Each chunk is checked (order, length, finiteness) and folded into the round's
-aggregator as soon as it arrives. Folded chunks are also appended to an
-anonymous spool file, so that an upload that fails half way (a NaN in a later
-chunk, a dropped connection, the round's deadline) can be subtracted again:
-the aggregate only ever holds complete, valid updates.
+Each chunk is checked as it arrives (order, length, finiteness, the value
+bound) and written to an anonymous spool file; nothing reaches the round's
+aggregator while the stream is open. Only when the whole update has arrived
+and passed every check is it folded, from the spool. An upload that fails half
+way (a NaN in a later chunk, a dropped connection, the round's deadline) is
+simply never folded: the aggregate is never subtracted from, so no upload,
+whatever it held, can disturb what the others contributed (with float sums,
+(honest + 1e30) - 1e30 is 0, not honest).
 
 With DP-FedAvg on, each chunk's difference from the global model also adds to a
-running squared norm. When the stream ends, an update longer than the clipping
-norm C is scaled back onto the ball: w + (s - 1)(w - w_global) for s = C/‖Δ‖,
-folded from the spool, so clipping needs no second model-sized buffer.
+running squared norm. An update longer than the clipping norm C is folded as
+s·w + (1 - s)·w_global for s = C/‖Δ‖, so clipping needs no second buffer.
+Memory stays one model-sized spool per open upload, on disk.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 class SpoolPool:
-    """Unlinked undo-spool files, reused from upload to upload.
+    """Unlinked spool files, reused from upload to upload.
 
     A fresh file costs the kernel a new page-cache page for every byte written
     (allocation and accounting: about 0.4 GB/s measured here for a cold 200 MB
@@ -93,8 +96,15 @@ class UploadResult:
 
 @dataclass(slots=True)
 class _Scan:
+    """What the chunks so far broke: counts per tensor, or the first fatal problem."""
+
     nonfinite: dict[str, int] = field(default_factory=dict)
+    out_of_bounds: dict[str, int] = field(default_factory=dict)
     fatal: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        return self.fatal is None and not self.nonfinite and not self.out_of_bounds
 
 
 class Upload:
@@ -104,18 +114,19 @@ class Upload:
         silo: Authenticated identity of the sender.
         round: Round the upload belongs to.
         layout: Layout of the update (the global model's), or None for metrics only.
-        aggregator: Where valid chunks are folded (None for metrics only).
+        aggregator: Where the update is folded once valid (None for metrics only).
         num_examples: The update's weight.
         metrics: Validated metrics sent with the header.
-        spool_dir: Folder for the undo spool (when no `spools` pool is given).
+        spool_dir: Folder for the spool (when no `spools` pool is given).
         on_chunk: Called after each chunk (liveness).
         weight: The update's weight in the aggregate (default `num_examples`).
         base: The global model the update started from; with `clip_norm`, the
             update's difference from it is clipped to that L2 norm.
         clip_norm: Clipping norm of DP-FedAvg (needs `base`).
         compression: How chunks are compressed; anything but NONE carries each
-            chunk's difference from `base`, which is added back before folding.
-        spools: Where to take the undo spool from (and give it back to).
+            chunk's difference from `base`, which is added back before the checks.
+        spools: Where to take the spool from (and give it back to).
+        max_value: Largest absolute value a floating-point element may have.
     """
 
     def __init__(
@@ -134,6 +145,7 @@ class Upload:
         clip_norm: float | None = None,
         compression: Compression = Compression.NONE,
         spools: SpoolPool | None = None,
+        max_value: float = math.inf,
     ) -> None:
         if (clip_norm is not None or compression is not Compression.NONE) and (
             base is None or layout is None
@@ -148,6 +160,7 @@ class Upload:
         self._weight = float(num_examples if weight is None else weight)
         self._base = base
         self._clip_norm = clip_norm
+        self._max_value = max_value
         self._squared_norm = 0.0
         self._scale = 1.0
         self._num_examples = num_examples
@@ -155,17 +168,17 @@ class Upload:
         self._on_chunk = on_chunk
         self._lock = threading.Lock()
         self._received = 0
-        self._folded = 0
         self._scan = _Scan()
         self._cancelled: str | None = None
         self._done = False
+        self._folded = False
         self._spool: int | None = None
         self._spools = spools or SpoolPool(spool_dir, keep=0)
         if layout is not None and layout.payload_bytes:
             self._spool = self._spools.acquire()
 
     def add_chunk(self, offset: int, data: bytes | memoryview) -> None:
-        """Validate and fold one chunk.
+        """Validate one chunk and spool it; nothing is folded before :meth:`finish`.
 
         Raises:
             ProtocolError: The round closed before the upload completed.
@@ -181,20 +194,19 @@ class Upload:
                 return
             self._wire_bytes += len(data)
             try:
-                self._check_and_fold(offset, data)
+                self._check_and_spool(offset, data)
             finally:
                 if self._base is not None:
                     # Decompression and clipping read this chunk of the served model:
                     # unmapped once, after both.
                     self._base.evict(offset, self._layout.chunk_bytes)
 
-    def _check_and_fold(self, offset: int, data: bytes | memoryview) -> None:
-        """Decode, check and fold one chunk (caller holds the lock; the upload has a layout)."""
+    def _check_and_spool(self, offset: int, data: bytes | memoryview) -> None:
+        """Decode, check and spool one chunk (caller holds the lock; the upload has a layout)."""
         assert self._layout is not None  # checked by add_chunk
         if self._compression is not Compression.NONE:
             decoded = self._decompress(offset, data)
             if decoded is None:
-                self._undo()
                 return
             data = decoded
         expected_length = (
@@ -207,19 +219,15 @@ class Upload:
                 f"chunk at offset {offset} with {len(data)} bytes; expected offset "
                 f"{self._received} with {expected_length} bytes"
             )
-            self._undo()
             return
-        clean = self._count_nonfinite(offset, data)
+        self._scan_values(offset, data)
         self._received += len(data)
-        if clean and not self._scan.nonfinite and self._clip_norm is not None:
+        if not self._scan.clean:
+            return  # counted for the rejection's message; never folded
+        if self._clip_norm is not None:
             self._squared_norm += self._squared_distance(offset, data)
-        if clean and not self._scan.nonfinite:
-            assert self._spool is not None and self._aggregator is not None  # set with layout
-            os.pwrite(self._spool, data, offset)
-            self._aggregator.fold(offset, data, weight=self._weight)
-            self._folded = self._received
-        else:
-            self._undo()
+        assert self._spool is not None  # acquired with the layout
+        os.pwrite(self._spool, data, offset)
 
     def _decompress(self, offset: int, data: bytes | memoryview) -> memoryview | None:
         """The model-layout chunk at `offset`: base plus the decoded difference (None: bad)."""
@@ -235,13 +243,15 @@ class Upload:
             self._scan.fatal = f"{self._compression.value} chunk at offset {offset}: {err}"
             return None
         base = np.frombuffer(self._base.payload, dtype="<f4", count=length // 4, offset=offset)
-        # In place in the decoded buffer: no further copy before the spool and the fold.
-        np.add(difference, base, out=difference)
+        # In place in the decoded buffer: no further copy before the spool. A huge
+        # difference may overflow to inf here; the scan then rejects it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.add(difference, base, out=difference)
         return difference.view(np.uint8).data
 
-    def _count_nonfinite(self, offset: int, data: bytes | memoryview) -> bool:
+    def _scan_values(self, offset: int, data: bytes | memoryview) -> None:
+        """Count non-finite values and finite ones beyond the bound, per tensor."""
         assert self._layout is not None  # callers checked
-        clean = True
         for segment in self._layout.segments(offset, len(data)):
             spec = self._layout.specs[segment.index]
             if not spec.dtype.is_floating:
@@ -254,11 +264,18 @@ class Upload:
             )
             if spec.dtype is DType.BFLOAT16:
                 values = bfloat16_to_float32(values)
-            bad = segment.count - int(np.count_nonzero(np.isfinite(values)))
-            if bad:
-                clean = False
-                self._scan.nonfinite[spec.name] = self._scan.nonfinite.get(spec.name, 0) + bad
-        return clean
+            # One pass in the common case: NaN and ±inf are never within a finite bound.
+            bound = values.dtype.type(min(self._max_value, float(np.finfo(values.dtype).max)))
+            within = int(np.count_nonzero(np.abs(values) <= bound))
+            if within == segment.count:
+                continue
+            finite = int(np.count_nonzero(np.isfinite(values)))
+            for counts, bad in (
+                (self._scan.nonfinite, segment.count - finite),
+                (self._scan.out_of_bounds, finite - within),
+            ):
+                if bad:
+                    counts[spec.name] = counts.get(spec.name, 0) + bad
 
     def _squared_distance(self, offset: int, data: bytes | memoryview) -> float:
         """Squared L2 distance of this chunk from the base model's, in float64."""
@@ -276,71 +293,54 @@ class Upload:
             total += float(np.dot(diff, diff))
         return total
 
-    def _fold_spool(self, weight: float, base_weight: float) -> None:
-        """Fold ``weight`` × the spooled update and ``base_weight`` × the base model."""
-        assert self._layout is not None and self._aggregator is not None and self._spool is not None
-        for index in range(-(-self._folded // self._layout.chunk_bytes)):
-            offset, length = self._layout.chunk_range(index)
-            chunk = os.pread(self._spool, length, offset)
-            self._aggregator.fold(offset, chunk, weight=weight)
-            if base_weight and self._base is not None:
-                base_chunk = self._base.payload[offset : offset + length].data
-                self._aggregator.fold(offset, base_chunk, weight=base_weight)
-                self._base.evict(offset, length)
-
-    def _undo(self) -> None:
-        """Subtract every folded chunk again (caller holds the lock)."""
-        if not self._folded:
-            return
-        # The aggregate holds s·w + (1 - s)·w_global (s = 1 unless clipped).
-        self._fold_spool(-self._weight * self._scale, -self._weight * (1.0 - self._scale))
-        logger.info(
-            "undid partial upload silo=%s round=%d bytes=%d", self.silo, self.round, self._folded
-        )
-        self._folded = 0
-        self._scale = 1.0
-
-    def _clip(self) -> float:
-        """Scale a complete update's difference onto the clipping ball; return its norm."""
-        norm = math.sqrt(self._squared_norm)
-        assert self._clip_norm is not None  # callers checked
-        scale = clip_factor(norm, self._clip_norm)
-        if scale < 1.0:
-            self._fold_spool(self._weight * (scale - 1.0), self._weight * (1.0 - scale))
-            self._scale = scale
-        return norm
+    def _problems(self) -> tuple[list[str], list[str]]:
+        """Every problem of the finished stream, and the kind of each (for the reason)."""
+        assert self._layout is not None  # callers checked
+        problems, reasons = [], []
+        if self._scan.fatal is not None:
+            problems.append(self._scan.fatal)
+            reasons.append("stream")
+        elif self._received != self._layout.payload_bytes:
+            problems.append(
+                f"stream ended after {self._received} of {self._layout.payload_bytes} bytes"
+            )
+            reasons.append("stream")
+        for name, count in self._scan.nonfinite.items():
+            problems.append(f"{name}: {count} NaN or infinite values")
+            reasons.append("non_finite")
+        for name, count in self._scan.out_of_bounds.items():
+            problems.append(
+                f"{name}: {count} values beyond ±{self._max_value:g} "
+                "(rounds.max_update_value); updates must stay within it"
+            )
+            reasons.append("bounds")
+        return problems, reasons
 
     def finish(self) -> UploadResult:
-        """Check that the stream was complete and valid.
+        """Check that the stream was complete and valid; :meth:`fold` adds it afterwards.
 
         Raises:
-            UpdateRejected: The update broke a rule; its partial contribution is removed.
+            UpdateRejected: The update broke a rule; nothing of it was folded.
             ProtocolError: The round closed before the upload completed.
         """
         with self._lock:
             if self._cancelled is not None:
                 raise ProtocolError(self._cancelled)
-            problems = []
-            if self._scan.fatal is not None:
-                problems.append(self._scan.fatal)
-            elif self._layout is not None and self._received != self._layout.payload_bytes:
-                problems.append(
-                    f"stream ended after {self._received} of {self._layout.payload_bytes} bytes"
-                )
-            nonfinite = [
-                f"{name}: {count} NaN or infinite values"
-                for name, count in self._scan.nonfinite.items()
-            ]
-            nonfinite_first = nonfinite[0] if nonfinite else None
-            problems.extend(nonfinite)
+            if self._layout is not None:
+                problems, reasons = self._problems()
+            elif self._scan.fatal is not None:
+                problems, reasons = [self._scan.fatal], ["stream"]
+            else:
+                problems, reasons = [], []
             if problems:
-                self._undo()
                 self._close()
-                reason = "stream" if problems[0] != nonfinite_first else "non_finite"
                 raise UpdateRejected(
-                    silo=self.silo, round=self.round, problems=problems, reason=reason
+                    silo=self.silo, round=self.round, problems=problems, reason=reasons[0]
                 )
-            norm = self._clip() if self._clip_norm is not None else None
+            norm = None
+            if self._clip_norm is not None:
+                norm = math.sqrt(self._squared_norm)
+                self._scale = clip_factor(norm, self._clip_norm)
             self._done = True
             return UploadResult(
                 silo=self.silo,
@@ -351,27 +351,55 @@ class Upload:
                 clip_scale=self._scale,
             )
 
+    def fold(self) -> None:
+        """Fold the finished update into the aggregator once, from the spool.
+
+        The aggregate gets ``weight·(s·w + (1 - s)·w_global)``, s the clip scale
+        (1 unless clipped). The spool is given back afterwards.
+
+        Raises:
+            RuntimeError: The upload did not finish successfully, or was folded already.
+            OSError: The spool could not be read; part of the update may be folded.
+        """
+        with self._lock:
+            released = (
+                self._spool is None and self._layout is not None and self._layout.payload_bytes
+            )
+            if not self._done or self._folded or released:
+                raise RuntimeError("only a finished upload is folded, and only once")
+            self._folded = True
+            try:
+                if self._aggregator is not None and self._spool is not None:
+                    self._fold_spool()
+            finally:
+                self._close()
+
+    def _fold_spool(self) -> None:
+        """Fold every spooled chunk (and the base model's share when clipped)."""
+        assert self._layout is not None and self._aggregator is not None and self._spool is not None
+        scale = self._scale
+        for index in range(self._layout.num_chunks):
+            offset, length = self._layout.chunk_range(index)
+            chunk = os.pread(self._spool, length, offset)
+            self._aggregator.fold(offset, chunk, weight=self._weight * scale)
+            if scale < 1.0 and self._base is not None:
+                base_chunk = self._base.payload[offset : offset + length].data
+                self._aggregator.fold(offset, base_chunk, weight=self._weight * (1.0 - scale))
+                self._base.evict(offset, length)
+
     def cancel(self, reason: str) -> bool:
-        """Remove this upload's contribution; returns False if it had already finished."""
+        """Stop the upload (nothing of it was folded); False if it had already finished."""
         with self._lock:
             if self._cancelled is not None:
                 return False
             self._cancelled = reason
             if self._done:
                 return False
-            self._undo()
             self._close()
             return True
 
-    def revert(self) -> None:
-        """Remove a finished upload's contribution (the round closed as it finished)."""
-        with self._lock:
-            self._cancelled = self._cancelled or "round closed"
-            self._undo()
-            self._close()
-
     def release(self) -> None:
-        """Drop the spool of an accepted upload."""
+        """Give the spool back without folding (a finished upload the round no longer takes)."""
         with self._lock:
             self._close()
 

@@ -1,8 +1,8 @@
 """The plug-in point for aggregation rules.
 
 A strategy opens one :class:`Aggregator` per round. The coordinator feeds it
-validated chunks as they arrive (from several threads at once) and finally
-asks it for the next global model. Streaming strategies keep O(model) state;
+the chunks of each complete, validated update (from several threads at once)
+and finally asks it for the next global model. Streaming strategies keep O(model) state;
 rules that need every update at once (median, Krum) must spool to disk.
 """
 
@@ -25,9 +25,9 @@ class Aggregator(Protocol):
     def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
         """Add ``weight * chunk`` to the aggregate.
 
-        Chunks follow the global model's layout. A negative weight removes a
-        contribution again (an upload abandoned half way). Calls for different
-        chunks may run concurrently.
+        Chunks follow the global model's layout. The coordinator folds only
+        complete, validated updates, each once, and never subtracts one again.
+        Calls for different chunks may run concurrently.
         """
         ...
 

@@ -69,7 +69,9 @@ class FedAvgAggregator:
 
     def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
         """Add ``weight * chunk`` into the running sums (see :class:`Aggregator`)."""
-        with self._locks[offset // self._layout.chunk_bytes]:
+        # Overflow is not an error here: the coordinator checks the model is finite
+        # before it commits, whatever the process's warning filters say.
+        with self._locks[offset // self._layout.chunk_bytes], np.errstate(over="ignore"):
             for segment in self._layout.segments(offset, len(chunk)):
                 spec = self._layout.specs[segment.index]
                 values = np.frombuffer(

@@ -2,10 +2,11 @@
 
 Flower's ``Strategy.aggregate_fit`` needs every update of a round at once, so
 this adapter cannot fold as updates stream in. It writes each update to a
-memory-mapped spool file as its chunks arrive. When the round closes, it hands
+memory-mapped spool file once the update is complete. When the round closes, it hands
 the complete ones to the Flower strategy as ``FitRes`` objects. Memory is then
-what the Flower strategy itself needs; updates that were cancelled or rejected
-are left out.
+what the Flower strategy itself needs; the coordinator stores only complete,
+validated updates, so those that were cancelled or rejected stay empty and are
+left out.
 
 Only ``aggregate_fit`` is used. fedpriv's coordinator does the scheduling, so
 ``configure_fit`` values (FedProx's ``proximal_mu``, for example) belong in
@@ -62,22 +63,22 @@ class _UpdateSpool:
         self.payload = np.memmap(
             self.path, dtype=np.uint8, mode="w+", shape=(layout.payload_bytes,)
         )
-        self._net = np.zeros(max(layout.num_chunks, 1), dtype=np.int64)
+        self._stored = np.zeros(max(layout.num_chunks, 1), dtype=bool)
         self._lock = threading.Lock()
 
     def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
-        """Store a chunk (positive weight) or forget it again (negative weight)."""
+        """Store one chunk of a complete, validated update (the coordinator folds each once)."""
+        if not weight > 0:
+            raise ValueError(f"an update's chunk is stored with a positive weight, got {weight}")
         index = offset // self.layout.chunk_bytes
         with self._lock:
-            if weight > 0:
-                self.payload[offset : offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-                self._net[index] += 1
-            else:
-                self._net[index] -= 1
+            self.payload[offset : offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            self._stored[index] = True
 
     @property
     def complete(self) -> bool:
-        return bool((self._net == 1).all())
+        """Whether every chunk was stored (an update that failed stores none)."""
+        return bool(self._stored.all())
 
     def close(self) -> None:
         del self.payload

@@ -133,6 +133,30 @@ def test_update_compression_is_read_and_checked():
         parse(GOOD.replace("[rounds]\n", '[rounds]\nupdate_compression = "int4"\n'))
 
 
+def test_update_bounds_have_safe_defaults_and_are_read_and_checked():
+    # Arrange: the defaults, whose product cannot overflow a float32 sum of many silos
+    defaults = parse(GOOD).rounds
+    assert defaults.max_update_value == 1e6 and defaults.max_num_examples == 10_000_000
+    assert defaults.max_update_value * defaults.max_num_examples * 1e24 < 3.4e38
+    # Act
+    rounds = parse(
+        GOOD.replace("[rounds]\n", "[rounds]\nmax_update_value = 100\nmax_num_examples = 5000\n")
+    ).rounds
+    # Assert
+    assert rounds.max_update_value == 100.0 and rounds.max_num_examples == 5000
+    for line, message in (
+        ("max_update_value = 0", "rounds.max_update_value = 0.0: must be in (0, 3.40282e+38]"),
+        ("max_update_value = 1e39", "rounds.max_update_value = 1e+39: must be in (0,"),
+        ("max_update_value = nan", "rounds.max_update_value = nan: must be in (0,"),
+        ("max_num_examples = 0", "rounds.max_num_examples = 0: must be in [1, 2**53]"),
+        ("max_num_examples = 9007199254740993", "must be in [1, 2**53]"),
+        ('max_num_examples = "10"', "rounds.max_num_examples: expected int, got str"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse(GOOD.replace("[rounds]\n", f"[rounds]\n{line}\n"))
+        assert message in str(caught.value)
+
+
 def test_prometheus_address_is_checked():
     assert parse(GOOD + '[metrics]\nprometheus = "0.0.0.0:9464"\n').prometheus == "0.0.0.0:9464"
     with pytest.raises(
