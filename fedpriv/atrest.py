@@ -7,28 +7,18 @@ A sealed file is a header followed by the payload in sealed chunks::
     chunk i  AES-256-GCM(file key, nonce = prefix | i (u32, big-endian) | last (u8),
                          plaintext[i * chunk : (i + 1) * chunk], aad = header)
 
-- The whole header is every chunk's associated data: changing any of its bytes
-  (the purpose, the chunk size, the salt) fails the first chunk's tag.
-- Every chunk but the last holds exactly ``chunk bytes`` of plaintext; the last
-  holds fewer (possibly none) and has the last flag in its nonce. A file cut at
-  any point, or with chunks appended, dropped or reordered, fails a tag.
-- The file key is HKDF-SHA256 of the configured key, with the file's random salt
-  and the purpose as info, and the nonce prefix is random too (both from
-  ``os.urandom``, fresh for every file). Nonces never repeat under one file key
-  (the counter), and file keys do not repeat across files (the salt): no (key,
-  nonce) pair is ever used twice, however many files one key writes.
-- The key id is a hash of the key (its first 8 bytes of SHA-256 under a label):
-  it tells a wrong key from a damaged file, and reveals nothing of a 256-bit
-  random key.
-- The purpose (checkpoint, ledger, ledger marker) is authenticated, so a sealed
-  ledger marker cannot be passed off as a ledger, nor either as a checkpoint.
+The header is every chunk's associated data. Every chunk but the last holds
+exactly ``chunk bytes``; the last holds fewer (possibly none) and is flagged in
+its nonce, so a file cut, extended or reordered anywhere fails a tag. The file
+key is HKDF-SHA256 of the key under the file's fresh random salt, with the
+purpose as info: with the counter, no (key, nonce) pair is ever used twice.
+The key id (8 bytes of SHA-256 of the key under a label) tells a wrong key from
+a damaged file. docs/encryption-at-rest.md describes the format in full.
 
-Files are written and read in chunks (1 MiB by default): a checkpoint of
-several GB is never held twice in memory. A wrong key, a modified or truncated
-file, or a plain file where a sealed one is expected raise :class:`IntegrityError`
-and nothing is loaded.
-
-This is fedpriv's third recipe module beside ``pki/`` and ``secagg/``: the only
+Files are written and read a chunk (1 MiB) at a time: a checkpoint of several
+GB is never held twice. A wrong key, a modified or truncated file, or a plain
+file where a sealed one is expected raise :class:`IntegrityError`, and nothing
+is loaded. Like ``pki/`` and ``secagg/``, this is a recipe module: the only
 other place that imports ``cryptography.hazmat``.
 """
 
