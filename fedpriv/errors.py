@@ -15,6 +15,7 @@
     ├── PrivacyBudgetExceeded     a silo refused to train: the round would overspend its budget
     ├── PKIError                  certificate authority and certificate handling
     └── StoreError                durable state could not be read or written
+        └── IntegrityError        an encrypted file: wrong key, modified or truncated
 
     PrivacyWarning (UserWarning)  a silo chose to send values its DP does not cover
 
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "FedprivError",
+    "IntegrityError",
     "PKIError",
     "PermissionDenied",
     "PrivacyBudgetExceeded",
@@ -190,3 +192,11 @@ class PKIError(FedprivError):
 
 class StoreError(FedprivError):
     """Durable coordinator state could not be read or written."""
+
+
+class IntegrityError(StoreError):
+    """A file encrypted at rest did not authenticate: wrong key, modified or truncated.
+
+    Also raised for a plain file where an encrypted one is expected. Nothing of
+    the file was loaded.
+    """

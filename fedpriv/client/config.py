@@ -9,6 +9,7 @@ from typing import Any
 
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
+from fedpriv.atrest import KeySource
 from fedpriv.client.release import ReleasePolicy
 from fedpriv.client.tasks import DEFAULT_MAX_MODEL_BYTES, TaskLimits
 from fedpriv.errors import ConfigError
@@ -35,6 +36,8 @@ class ClientConfig:
         budget: The silo's privacy budget; with it every round is checked and
             recorded in the ledger at `ledger`.
         ledger: Where the privacy ledger is kept (on the silo's own disk).
+        ledger_key: Where the key that encrypts the ledger at rest comes from
+            (``[privacy] encryption_key_file`` or ``encryption_key_env``); None: plain.
         release: What the silo sends besides its update when it trains with DP
             (``[privacy] share_metrics``, ``public_evaluation``, ``public_num_examples``).
         limits: What the silo accepts from the coordinator (``[limits]``
@@ -52,12 +55,20 @@ class ClientConfig:
     app: Mapping[str, Scalar] = field(default_factory=dict)
     budget: PrivacyBudget | None = None
     ledger: pathlib.Path | None = None
+    # Off by default: a lost key makes the ledger unreadable, and the silo then
+    # cannot train again without resetting it (docs/encryption-at-rest.md).
+    ledger_key: KeySource | None = None
     release: ReleasePolicy = field(default_factory=ReleasePolicy)
     limits: TaskLimits = field(default_factory=TaskLimits)
 
     def __post_init__(self) -> None:
         if (self.budget is None) != (self.ledger is None):
             raise ConfigError("[privacy] needs both epsilon and ledger (the ledger file's path)")
+        if self.ledger_key is not None and self.ledger is None:
+            raise ConfigError(
+                "[privacy] encryption_key_file or encryption_key_env is set without a ledger: "
+                "it encrypts the privacy ledger; set [privacy] epsilon and ledger too"
+            )
         given = [k for k in ("ca", "cert", "key") if getattr(self, k) is not None]
         if given and len(given) != 3:
             missing = sorted({"ca", "cert", "key"} - set(given))
@@ -77,11 +88,15 @@ class ClientConfig:
         Raises:
             StoreError: Another process has it open, it cannot be read, or it is
                 missing where one existed and `reset` is not set.
-            ConfigError: It was recorded at another delta than ``[privacy] delta``.
+            IntegrityError: It is encrypted and does not open with the configured
+                key (wrong key, or modified), or it is plain where a key is configured.
+            ConfigError: It was recorded at another delta than ``[privacy] delta``, it
+                is encrypted and no key is configured, or the key cannot be read.
         """
         if self.budget is None or self.ledger is None:
             return None
-        return PrivacyLedger.open(self.ledger, budget=self.budget, reset=reset)
+        key = None if self.ledger_key is None else self.ledger_key.load()
+        return PrivacyLedger.open(self.ledger, budget=self.budget, reset=reset, key=key)
 
     def tls(self, *, insecure: bool) -> TLSConfig | None:
         """The TLS material to connect with; None with `insecure` (plain text).
@@ -128,6 +143,7 @@ class ClientConfig:
             app=top.scalars("app"),
             budget=budget,
             ledger=privacy.path("ledger"),
+            ledger_key=KeySource.from_table(privacy),
             release=ReleasePolicy(
                 share_metrics=privacy.strings("share_metrics") or (),
                 public_evaluation=privacy.get("public_evaluation", bool, False),

@@ -9,6 +9,7 @@ from typing import Any
 
 from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
+from fedpriv.atrest import KeySource
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.central import CentralDP
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
@@ -273,6 +274,8 @@ class CoordinatorConfig:
         state_dir: SQLite database, checkpoints and spool files.
         keep_checkpoints: Keep the newest N rounds' checkpoints (and the initial
             model's); 0 keeps all.
+        encryption_key: Where the key that encrypts checkpoints at rest comes from
+            (``[store] encryption_key_file`` or ``encryption_key_env``); None: plain.
         heartbeat_interval_s: How often silos report while training.
         poll_wait_s: How long a silo's PullTask may wait before answering WAIT.
         dp: Silo-level DP-FedAvg (clipping, central noise, federation epsilon); None: off.
@@ -290,6 +293,9 @@ class CoordinatorConfig:
     model: ModelSource
     state_dir: pathlib.Path
     keep_checkpoints: int = 0
+    # Off by default: a key that is lost makes every checkpoint unreadable, so
+    # encryption is the operator's choice (docs/encryption-at-rest.md).
+    encryption_key: KeySource | None = None
     heartbeat_interval_s: int = DEFAULT_HEARTBEAT_S
     poll_wait_s: int = DEFAULT_POLL_WAIT_S
     dp: CentralDP | None = None
@@ -441,6 +447,7 @@ class CoordinatorConfig:
             ),
             state_dir=state_dir,
             keep_checkpoints=store.get("keep_checkpoints", int, 0),
+            encryption_key=KeySource.from_table(store),
             dp=dp,
             secure_aggregation=secure_aggregation,
             strategy=StrategyConfig(

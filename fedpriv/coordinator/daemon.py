@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedpriv.atrest import AtRestKey, is_sealed
 from fedpriv.coordinator.admin import AdminServicer
-from fedpriv.coordinator.checkpoint import map_checkpoint, read_checkpoint
+from fedpriv.coordinator.checkpoint import read_checkpoint
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
 from fedpriv.coordinator.servicer import FleetServicer, add_fleet_servicer
@@ -79,16 +80,19 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
     return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
-def load_initial_model(source: ModelSource) -> Model:
+def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> Model:
     """Build the initial global model from a factory or a checkpoint.
 
-    A factory may return a mapping of numpy arrays or a ``torch.nn.Module``.
+    A factory may return a mapping of numpy arrays or a ``torch.nn.Module``. A
+    checkpoint may be plain, or encrypted under `key` (the state's key).
 
     Raises:
-        ConfigError: The factory returned something else.
+        ConfigError: The factory returned something else, or the checkpoint is
+            encrypted and no key is configured.
     """
     if source.checkpoint is not None:
-        return read_checkpoint(source.checkpoint)
+        sealed = is_sealed(source.checkpoint)
+        return read_checkpoint(source.checkpoint, key=key if sealed else None)
     assert source.factory is not None  # ModelSource guarantees one of the two
     made = load_factory(source.factory, field="model.factory")()
     if hasattr(made, "state_dict"):
@@ -136,7 +140,8 @@ class Coordinator:
             if config.tls is None or insecure
             else TLSConfig.from_files(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
         )
-        self.store = Store(config.state_dir, keep_checkpoints=config.keep_checkpoints)
+        key = None if config.encryption_key is None else config.encryption_key.load()
+        self.store = Store(config.state_dir, keep_checkpoints=config.keep_checkpoints, key=key)
         for orphan in self.store.remove_orphans():
             logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()
@@ -150,7 +155,7 @@ class Coordinator:
             committed = self.store.commit_staged(
                 self.store.stage_round(
                     round=0,
-                    model=load_initial_model(config.model),
+                    model=load_initial_model(config.model, key=key),
                     started_unix_s=0.0,
                     selected=0,
                     accepted=0,
@@ -161,8 +166,9 @@ class Coordinator:
         else:
             next_round = committed.round + 1
             logger.info("resuming after committed round=%d", committed.round)
-        # The global model is served from its checkpoint's pages, not held in memory.
-        model = map_checkpoint(committed.checkpoint, sha256=expected)
+        # The global model is served from its checkpoint's pages, not held in memory
+        # (unless the checkpoint is encrypted).
+        model = self.store.load_checkpoint(committed.checkpoint, sha256=expected)
         if strategy is None and config.strategy.flower is not None:
             from fedpriv.strategy.flower import flower_strategy
 

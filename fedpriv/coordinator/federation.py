@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedpriv._types import Scalar
-from fedpriv.coordinator.checkpoint import drop_page_cache, map_checkpoint
+from fedpriv.coordinator.checkpoint import drop_page_cache
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.guarantees import FederationGuarantee, SpendGuard, release_mode
 from fedpriv.coordinator.store import RoundPrivacy, StagedRound, Store
@@ -1034,7 +1034,7 @@ class Federation:
         )
         # Served from the checkpoint's pages from now on: the buffer `model` was summed
         # in is free for the next round's sum, so the process holds one model, not two.
-        served = map_checkpoint(staged.temporary)
+        served = self._store.load_checkpoint(staged.temporary)
         with self._cond:
             self._model = served
             self._staged = staged

@@ -4,6 +4,9 @@ Order of writes for a round: the checkpoint file is written, fsynced and
 renamed into place first; only then is the round committed in SQLite. After a
 crash the last committed round always has a complete checkpoint, and a
 checkpoint without a committed round is ignored.
+
+With an encryption key, checkpoints are encrypted at rest (:mod:`fedpriv.atrest`);
+the SQLite database is not.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from fedpriv._types import Scalar
-from fedpriv.coordinator.checkpoint import stage_checkpoint
+from fedpriv.atrest import AtRestKey
+from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
 from fedpriv.errors import StoreError
 from fedpriv.storage import publish
 from fedpriv.wire import Model
@@ -150,12 +154,21 @@ class Store:
         keep_checkpoints: Keep the checkpoints of only the newest N committed rounds
             (and the initial model's, round 0); older ones are deleted after each
             commit. 0 keeps every checkpoint.
+        key: Encrypt checkpoints under this key (``[store] encryption_key_file``);
+            None writes and reads them plain.
     """
 
-    def __init__(self, directory: pathlib.Path, *, keep_checkpoints: int = 0) -> None:
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        *,
+        keep_checkpoints: int = 0,
+        key: AtRestKey | None = None,
+    ) -> None:
         if keep_checkpoints < 0:
             raise ValueError(f"keep_checkpoints must be >= 0, not {keep_checkpoints}")
         self.directory = directory
+        self._key = key
         self.checkpoints = directory / "checkpoints"
         self.keep_checkpoints = keep_checkpoints
         try:
@@ -194,6 +207,19 @@ class Store:
         for orphan in orphans:
             orphan.unlink(missing_ok=True)
         return orphans
+
+    def load_checkpoint(self, path: pathlib.Path, *, sha256: str | None = None) -> Model:
+        """The model in the checkpoint at `path`, to serve: mapped, or decrypted into memory.
+
+        A plain checkpoint is mapped (:func:`map_checkpoint`); an encrypted one is
+        decrypted into memory, since its pages hold ciphertext.
+
+        Raises:
+            StoreError: It is missing, corrupt or its hash differs from `sha256`.
+            IntegrityError: With a key: it is plain, under another key, or modified.
+            ConfigError: Without a key: it is encrypted.
+        """
+        return map_checkpoint(path, sha256=sha256, key=self._key)
 
     def checkpoint_path(self, round: int) -> pathlib.Path:
         """Where the model after `round` is stored (round 0: the initial model)."""
@@ -271,7 +297,7 @@ class Store:
         path = self.checkpoint_path(round)
         started = time.perf_counter()
         try:
-            temporary, digest = stage_checkpoint(path, model)
+            temporary, digest = stage_checkpoint(path, model, key=self._key)
         except OSError as err:
             raise StoreError(f"cannot write checkpoint {path}: {err.strerror}") from err
         return StagedRound(

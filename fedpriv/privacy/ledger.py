@@ -24,6 +24,11 @@ Three files sit side by side (``ledger.json`` stands for the configured path):
   (``fedpriv client --reset-ledger``). Deleting the whole folder removes the
   marker too; the coordinator then still refuses the silo, because its reported
   epsilon went down.
+
+With an encryption key (``[privacy] encryption_key_file`` or ``encryption_key_env``)
+the ledger and its marker are encrypted at rest (:mod:`fedpriv.atrest`): they
+can be neither read nor altered without the key, and a plain file in their
+place is refused. The lock file holds only a pid and stays plain.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
+from fedpriv.atrest import AtRestKey, Purpose, read_file, refuse_sealed, write_file
 from fedpriv.errors import ConfigError, PrivacyBudgetExceeded, StoreError
 from fedpriv.privacy.accounting import GaussianSteps, epsilon, epsilon_rdp
 from fedpriv.storage import write_atomic
@@ -134,14 +140,23 @@ def _lock(path: pathlib.Path) -> int:
     return fd
 
 
-def _read_json(path: pathlib.Path, what: str) -> dict[str, Any] | None:
-    """The JSON document at `path`, or None if there is no file.
+def _read_json(
+    path: pathlib.Path, what: str, *, key: AtRestKey | None, purpose: Purpose
+) -> dict[str, Any] | None:
+    """The JSON document at `path` (decrypted with `key`), or None if there is no file.
 
     Raises:
         StoreError: It exists but cannot be read or parsed.
+        IntegrityError: With `key`: it is plain, under another key, or modified.
+        ConfigError: Without `key`: it is encrypted.
     """
     try:
-        data = json.loads(path.read_text())
+        if key is None:
+            raw = path.read_bytes()
+            refuse_sealed(path, raw)
+        else:
+            raw = read_file(path, key=key, purpose=purpose)
+        data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         if data.get("format") != _FORMAT:
@@ -206,10 +221,12 @@ class PrivacyLedger:
         entries: Sequence[LedgerEntry],
         ledger_id: str,
         lock_fd: int,
+        key: AtRestKey | None = None,
     ) -> None:
         self.path = path
         self.budget = budget
         self.ledger_id = ledger_id
+        self._key = key
         self._entries = list(entries)
         self._lock = threading.Lock()
         # Closes the lock file (releasing the lock) on close(), or when the ledger is
@@ -218,7 +235,12 @@ class PrivacyLedger:
 
     @classmethod
     def open(
-        cls, path: pathlib.Path, *, budget: PrivacyBudget, reset: bool = False
+        cls,
+        path: pathlib.Path,
+        *,
+        budget: PrivacyBudget,
+        reset: bool = False,
+        key: AtRestKey | None = None,
     ) -> PrivacyLedger:
         """Lock and load the ledger at `path`, or start an empty one there.
 
@@ -229,12 +251,17 @@ class PrivacyLedger:
             reset: Accept a ledger that is missing, rolled back or swapped although
                 its marker shows another existed, and start accounting from what is
                 there (nothing, for a missing one). Logs a warning.
+            key: Encrypt the ledger and its marker at rest under this key; None
+                keeps them plain. Either way a file in the other form is refused.
 
         Raises:
             StoreError: Another process has the ledger open; the file cannot be read;
                 or it is missing, older than its marker or another ledger, and
                 `reset` is not set. The silo must not train on it.
-            ConfigError: The ledger was recorded at another delta than `budget`'s.
+            IntegrityError: With `key`: the ledger or its marker is plain, was
+                encrypted under another key, or was modified.
+            ConfigError: The ledger was recorded at another delta than `budget`'s, or
+                it is encrypted and no `key` is given.
         """
         path = pathlib.Path(path)
         try:
@@ -245,19 +272,27 @@ class PrivacyLedger:
             ) from err
         fd = _lock(path)
         try:
-            return cls._load(path, budget=budget, reset=reset, lock_fd=fd)
+            return cls._load(path, budget=budget, reset=reset, lock_fd=fd, key=key)
         except BaseException:
             os.close(fd)
             raise
 
     @classmethod
     def _load(
-        cls, path: pathlib.Path, *, budget: PrivacyBudget, reset: bool, lock_fd: int
+        cls,
+        path: pathlib.Path,
+        *,
+        budget: PrivacyBudget,
+        reset: bool,
+        lock_fd: int,
+        key: AtRestKey | None,
     ) -> PrivacyLedger:
         """Read the ledger and its marker (the caller holds the lock)."""
         marker_path = _sidecar(path, ".marker")
-        marker = _read_json(marker_path, "privacy ledger marker")
-        data = _read_json(path, "privacy ledger")
+        marker = _read_json(
+            marker_path, "privacy ledger marker", key=key, purpose=Purpose.LEDGER_MARKER
+        )
+        data = _read_json(path, "privacy ledger", key=key, purpose=Purpose.LEDGER)
         if data is None:
             if marker is not None:
                 existed = (
@@ -269,7 +304,12 @@ class PrivacyLedger:
                     raise StoreError(f"{existed}: {_RESET_HINT}")
                 _warn_reset(existed)
             ledger = cls(
-                path, budget=budget, entries=[], ledger_id=uuid.uuid4().hex, lock_fd=lock_fd
+                path,
+                budget=budget,
+                entries=[],
+                ledger_id=uuid.uuid4().hex,
+                lock_fd=lock_fd,
+                key=key,
             )
             ledger._save()
             ledger._mark()
@@ -310,6 +350,7 @@ class PrivacyLedger:
             entries=entries,
             ledger_id=ledger_id or uuid.uuid4().hex,
             lock_fd=lock_fd,
+            key=key,
         )
         if ledger_id is None:  # written before ledgers had ids
             ledger._save()
@@ -412,7 +453,7 @@ class PrivacyLedger:
             "note": "written by fedpriv beside its privacy ledger; do not delete",
         }
         try:
-            write_atomic(_sidecar(self.path, ".marker"), json.dumps(marker).encode(), mode=0o600)
+            self._write(_sidecar(self.path, ".marker"), json.dumps(marker), Purpose.LEDGER_MARKER)
         except OSError as err:
             # The ledger itself is durable; a stale marker only under-counts runs.
             logger.warning("cannot write privacy ledger marker beside %s: %s", self.path, err)
@@ -424,7 +465,14 @@ class PrivacyLedger:
             "delta": self.budget.delta,
             "entries": [asdict(e) for e in self._entries],
         }
-        write_atomic(self.path, json.dumps(document, indent=1).encode(), mode=0o600)
+        self._write(self.path, json.dumps(document, indent=1), Purpose.LEDGER)
+
+    def _write(self, path: pathlib.Path, text: str, purpose: Purpose) -> None:
+        """Write `text` atomically to `path`, encrypted when the ledger has a key."""
+        if self._key is None:
+            write_atomic(path, text.encode(), mode=0o600)
+        else:
+            write_file(path, text.encode(), key=self._key, purpose=purpose, mode=0o600)
 
     def spent_epsilon_rdp(self) -> float:
         """The Rényi DP bound of the same history, shown beside the tight `spent_epsilon`."""
