@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpriv.errors import PKIError
+from fedpriv.pki.crl import CRL_FILE, RevokedEntry, sign_crl
+from fedpriv.pki.index import IssuedIndex, IssuedRecord, format_serial, parse_serial
 from fedpriv.storage import write_atomic
 
 __all__ = [
@@ -39,7 +41,8 @@ logger = logging.getLogger(__name__)
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
 DEFAULT_CA_DAYS = 3650
-# Short-lived leaves limit the damage of a stolen key (no CRL support in gRPC Python).
+# Short-lived leaves limit the damage of a stolen key that nobody noticed; a noticed
+# one is revoked (`fedpriv pki revoke`), which the coordinator enforces at once.
 DEFAULT_LEAF_DAYS = 90
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -92,6 +95,16 @@ class CertificateAuthority:
         >>> issued = ca.issue("hospital-a", role=Role.CLIENT, out_dir=directory)
         >>> identity_from_pem(issued.cert_path.read_bytes())
         'hospital-a'
+        >>> [r.name for r in ca.revoke("hospital-a")]
+        ['hospital-a']
+
+    Args:
+        certificate: The CA certificate.
+        key: The CA's private key.
+        directory: Where ``ca.crt`` lives; the index of issued certificates
+            (``issued.json``) and the CRL (``ca.crl``) are kept there. None: no
+            index is kept and nothing can be revoked.
+        now: Clock (a parameter so that tests can issue certificates in the past).
     """
 
     def __init__(
@@ -99,9 +112,11 @@ class CertificateAuthority:
         *,
         certificate: x509.Certificate,
         key: ec.EllipticCurvePrivateKey,
+        directory: pathlib.Path | None = None,
         now: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self.certificate = certificate
+        self.directory = directory
         self._key = key
         self._now = now
 
@@ -171,11 +186,15 @@ class CertificateAuthority:
                 "CA key %s is not encrypted; keep it offline or pass a passphrase",
                 directory / CA_KEY_FILE,
             )
-        return cls(certificate=cert, key=key, now=now)
+        return cls(certificate=cert, key=key, directory=directory, now=now)
 
     @classmethod
     def load(
-        cls, directory: pathlib.Path, *, passphrase: bytes | None = None
+        cls,
+        directory: pathlib.Path,
+        *,
+        passphrase: bytes | None = None,
+        now: Callable[[], dt.datetime] = _utcnow,
     ) -> CertificateAuthority:
         """Load the CA from `directory`.
 
@@ -193,7 +212,7 @@ class CertificateAuthority:
             raise PKIError(f"cannot load the CA key in {directory}: {err}") from err
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise PKIError(f"{directory / CA_KEY_FILE} is not an EC key")
-        return cls(certificate=cert, key=key)
+        return cls(certificate=cert, key=key, directory=directory, now=now)
 
     def issue(
         self,
@@ -284,7 +303,98 @@ class CertificateAuthority:
         )
         write_atomic(issued.key_path, _key_bytes(key, None), mode=0o600)
         write_atomic(issued.cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        if self.directory is not None:
+            index = IssuedIndex.load(self.directory)
+            index.add(
+                IssuedRecord(
+                    name=name,
+                    serial=cert.serial_number,
+                    role=role.value,
+                    not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc,
+                )
+            )
+            index.save()
         return issued
+
+    @property
+    def crl_path(self) -> pathlib.Path:
+        """Where :meth:`revoke` and :meth:`write_crl` write the CRL (``ca.crl``)."""
+        return self._directory() / CRL_FILE
+
+    def _directory(self) -> pathlib.Path:
+        if self.directory is None:
+            raise PKIError("this CA has no directory: load it with CertificateAuthority.load")
+        return self.directory
+
+    def index(self) -> IssuedIndex:
+        """The certificates this CA issued (``issued.json``).
+
+        Raises:
+            PKIError: The CA has no directory, or the index is malformed.
+        """
+        return IssuedIndex.load(self._directory())
+
+    def revoke(self, name_or_serial: str) -> list[IssuedRecord]:
+        """Revoke every unrevoked certificate of a name, or one serial (hex), and re-sign the CRL.
+
+        A name is looked up first; otherwise the argument is read as a serial,
+        which may be one the index never saw (it is then listed as nameless).
+
+        Returns:
+            The records revoked now.
+
+        Raises:
+            PKIError: Nothing matches, or everything that matches is revoked already.
+        """
+        index = self.index()
+        matches = index.matching(name_or_serial)
+        serials = [r.serial for r in matches if r.revoked_at is None]
+        if not matches:
+            serial = parse_serial(name_or_serial)
+            if serial is None:
+                raise PKIError(
+                    f"no certificate named {name_or_serial!r} in {index.path}, and it is not a "
+                    "serial (hex); see `fedpriv pki list`"
+                )
+            serials = [serial]
+        if not serials:
+            raise PKIError(
+                f"{name_or_serial!r}: already revoked "
+                f"({', '.join(format_serial(r.serial) for r in matches)})"
+            )
+        index.mark_revoked(serials, at=self._now().replace(microsecond=0))
+        self.write_crl(index)
+        revoked = [r for r in index.records if r.serial in set(serials)]
+        for record in revoked:
+            logger.warning(
+                "revoked certificate name=%s serial=%s", record.name, format_serial(record.serial)
+            )
+        return revoked
+
+    def write_crl(self, index: IssuedIndex | None = None) -> pathlib.Path:
+        """Sign a fresh CRL of every revoked certificate (a new CRL number) and write it.
+
+        Returns:
+            The CRL's path.
+        """
+        index = index or self.index()
+        index.crl_number += 1
+        pem = sign_crl(
+            issuer=self.certificate,
+            key=self._key,
+            revoked=[
+                RevokedEntry(serial=r.serial, revoked_at=r.revoked_at)
+                for r in index.revoked()
+                if r.revoked_at is not None
+            ],
+            number=index.crl_number,
+            now=self._now(),
+        )
+        # The index first: a crash between the two leaves a CRL that `pki crl` rewrites.
+        index.save()
+        write_atomic(self.crl_path, pem)
+        return self.crl_path
 
 
 def identity_from_pem(pem: bytes) -> str:
