@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
+from fedpriv.cli.pki import add_pki_commands
 from fedpriv.cli.round_table import RoundPrinter, print_epsilons
 from fedpriv.errors import ConfigError, FedprivError
 
@@ -45,8 +46,14 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         Coordinator(config, insecure=args.insecure, reporter=printer) as coordinator,
     ):
         stop = threading.Event()
+        reload_crl = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # SIGHUP re-reads the revocation list now (it is also re-read when its file changes).
+        signal.signal(signal.SIGHUP, lambda *_: reload_crl.set())
         while not stop.is_set():
+            if reload_crl.is_set():
+                reload_crl.clear()
+                logger.info("SIGHUP: %d newly revoked", coordinator.reload_revocations())
             if coordinator.wait(timeout_s=0.5):
                 break
         else:
@@ -223,44 +230,6 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_pki_init(args: argparse.Namespace) -> int:
-    from fedpriv.pki import CertificateAuthority
-
-    passphrase = _passphrase(args.passphrase_file)
-    ca = CertificateAuthority.create(
-        pathlib.Path(args.dir), federation=args.federation, passphrase=passphrase
-    )
-    print(f"created CA for federation {ca.federation!r} in {args.dir}")
-    return 0
-
-
-def _cmd_pki_issue(args: argparse.Namespace) -> int:
-    from fedpriv.pki import CertificateAuthority, Role
-
-    ca = CertificateAuthority.load(
-        pathlib.Path(args.dir), passphrase=_passphrase(args.passphrase_file)
-    )
-    role = Role.SERVER if args.server else Role.CLIENT
-    issued = ca.issue(
-        args.name,
-        role=role,
-        out_dir=pathlib.Path(args.out or args.dir),
-        hosts=args.host or [],
-        days=args.days,
-    )
-    print(f"issued {role.value} certificate {issued.cert_path} (key {issued.key_path})")
-    return 0
-
-
-def _passphrase(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return pathlib.Path(path).read_bytes().strip() or None
-    except OSError as err:
-        raise ConfigError(f"cannot read passphrase file {path}: {err.strerror}") from err
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpriv", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -341,24 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--federation", help="federation name (default: the folder's name)")
     init.set_defaults(run=_cmd_init)
 
-    pki = commands.add_parser("pki", help="certificate authority and certificates")
-    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
-    init = pki_commands.add_parser("init", help="create a federation CA")
-    init.add_argument("--dir", required=True, help="folder for ca.crt and ca.key")
-    init.add_argument("--federation", default="fedpriv", help="federation name")
-    init.add_argument("--passphrase-file", help="encrypt ca.key with this file's contents")
-    init.set_defaults(run=_cmd_pki_init)
-    issue = pki_commands.add_parser("issue", help="issue a server or silo certificate")
-    issue.add_argument("name", help="identity: the silo name or the coordinator's name")
-    role = issue.add_mutually_exclusive_group(required=True)
-    role.add_argument("--server", action="store_true", help="coordinator certificate")
-    role.add_argument("--client", action="store_true", help="silo certificate")
-    issue.add_argument("--dir", required=True, help="folder holding the CA")
-    issue.add_argument("--out", help="folder for NAME.crt and NAME.key (default: --dir)")
-    issue.add_argument("--host", action="append", help="server DNS name or IP (repeatable)")
-    issue.add_argument("--days", type=int, default=90, help="validity in days")
-    issue.add_argument("--passphrase-file", help="passphrase of ca.key")
-    issue.set_defaults(run=_cmd_pki_issue)
+    add_pki_commands(commands)
     return parser
 
 

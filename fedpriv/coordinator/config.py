@@ -11,6 +11,7 @@ from fedpriv._config import Table, check_positive
 from fedpriv._types import Scalar
 from fedpriv.atrest import KeySource
 from fedpriv.errors import ConfigError
+from fedpriv.pki.crl import CRL_FILE
 from fedpriv.privacy.central import CentralDP
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
 
@@ -51,11 +52,26 @@ def _compression(value: str) -> Compression:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TLSFiles:
-    """Paths of the federation CA and this party's certificate and key."""
+    """Paths of the federation CA and this party's certificate and key.
+
+    Args:
+        ca: The federation CA certificate.
+        cert: This party's certificate.
+        key: This party's private key.
+        crl: The revocation list the coordinator enforces (``tls.crl``); it must
+            exist. None: ``ca.crl`` beside the CA certificate, enforced once it
+            exists (``fedpriv pki revoke`` writes it there).
+    """
 
     ca: pathlib.Path
     cert: pathlib.Path
     key: pathlib.Path
+    crl: pathlib.Path | None = None
+
+    @property
+    def crl_path(self) -> pathlib.Path:
+        """The CRL file to enforce: `crl`, else ``ca.crl`` beside `ca`."""
+        return self.crl if self.crl is not None else self.ca.parent / CRL_FILE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,9 +401,9 @@ class CoordinatorConfig:
         metrics_table = top.table("metrics")
         allowed = fed.strings("allowed_silos")
         tls = None
-        ca, cert, key = (tls_table.path(k) for k in ("ca", "cert", "key"))
+        ca, cert, key, crl = (tls_table.path(k) for k in ("ca", "cert", "key", "crl"))
         if ca is not None and cert is not None and key is not None:
-            tls = TLSFiles(ca=ca, cert=cert, key=key)
+            tls = TLSFiles(ca=ca, cert=cert, key=key, crl=crl)
         elif ca or cert or key:
             missing = [n for n, v in (("ca", ca), ("cert", cert), ("key", key)) if v is None]
             raise ConfigError(f"[tls] is missing {', '.join('tls.' + k for k in missing)}")

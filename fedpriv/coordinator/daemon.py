@@ -24,8 +24,10 @@ from fedpriv.coordinator.servicer import FleetServicer, add_fleet_servicer
 from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.pki import RevocationList
 from fedpriv.strategy import FedAvg, Strategy
-from fedpriv.transport import ServerHandle, TLSConfig, serve
+from fedpriv.transport import AuthInterceptor, ServerHandle, TLSConfig, serve
+from fedpriv.transport.auth import DenialCallback
 from fedpriv.v1 import admin_pb2_grpc
 from fedpriv.wire import Model
 from fedpriv.wire.torch_interop import model_from_state_dict
@@ -33,6 +35,10 @@ from fedpriv.wire.torch_interop import model_from_state_dict
 __all__ = ["Coordinator", "load_factory", "load_initial_model"]
 
 logger = logging.getLogger(__name__)
+
+# Calls re-check the CRL file as they arrive; this check covers a quiet federation whose
+# only open call is a long upload. One stat per second costs nothing.
+_REVOCATION_CHECK_S = 1.0
 
 
 def load_factory(spec: str, *, field: str) -> Any:
@@ -119,6 +125,13 @@ class Coordinator:
         insecure: Serve plain text (the CLI's --insecure); logs a warning.
         strategy: Aggregation rule (FedAvg by default).
         reporter: Receives round events.
+        on_denied: Called with (identity, peer, reason) for every call the
+            authorisation interceptor refuses, and for every open call it ends
+            because the certificate was revoked (reason ``REVOKED_WHILE_OPEN``).
+
+    Raises:
+        ConfigError: No TLS material without `insecure`, or another bad setting.
+        PKIError: The revocation list exists (or ``tls.crl`` is set) and cannot be trusted.
     """
 
     def __init__(
@@ -128,6 +141,7 @@ class Coordinator:
         insecure: bool = False,
         strategy: Strategy | None = None,
         reporter: RoundReporter | None = None,
+        on_denied: DenialCallback | None = None,
     ) -> None:
         if config.tls is None and not insecure:
             raise ConfigError(
@@ -140,6 +154,17 @@ class Coordinator:
             if config.tls is None or insecure
             else TLSConfig.from_files(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
         )
+        # Revoked serials, refused at the interceptor; None without TLS (no certificates).
+        self.revocations = (
+            None
+            if config.tls is None or insecure
+            else RevocationList.from_files(
+                config.tls.crl_path, ca_cert=config.tls.ca, required=config.tls.crl is not None
+            )
+        )
+        self._on_denied = on_denied
+        self._auth: AuthInterceptor | None = None
+        self._stopping = threading.Event()
         key = None if config.encryption_key is None else config.encryption_key.load()
         self.store = Store(config.state_dir, keep_checkpoints=config.keep_checkpoints, key=key)
         for orphan in self.store.remove_orphans():
@@ -204,13 +229,27 @@ class Coordinator:
             admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.federation), server)
             return ["fedpriv.v1.Fleet", "fedpriv.v1.Admin"]
 
+        self._auth = AuthInterceptor(
+            allowed=self.config.allowed_silos,
+            insecure=self._insecure,
+            operators=self.config.operators,
+            revocations=self.revocations,
+            on_denied=self._on_denied,
+        )
+        if self.revocations is not None:
+            self.revocations.subscribe(self._end_revoked)
+            threading.Thread(
+                target=self._watch_revocations,
+                args=(self.revocations,),
+                name="fedpriv-crl",
+                daemon=True,
+            ).start()
         self._server_cm = serve(
             add,
             address=self.config.address,
             tls=self._tls,
             insecure=self._insecure,
-            allowed=self.config.allowed_silos,
-            operators=self.config.operators,
+            auth=self._auth,
         )
         self._handle = self._server_cm.__enter__()
         logger.info(
@@ -222,6 +261,26 @@ class Coordinator:
         self._thread = threading.Thread(target=self._run, name="fedpriv-rounds", daemon=True)
         self._thread.start()
         return self
+
+    def reload_revocations(self) -> int:
+        """Re-read the revocation list now (the daemon does on SIGHUP); return the serials added.
+
+        Open calls of newly revoked certificates are ended, and their silos leave
+        the round, as when the file change is noticed on its own.
+        """
+        if self.revocations is None:
+            return 0
+        return len(self.revocations.reload())
+
+    def _end_revoked(self, serials: frozenset[int]) -> None:
+        if self._auth is None:
+            return
+        for identity in sorted(self._auth.end_revoked(serials)):
+            self.federation.leave(identity, "certificate revoked")
+
+    def _watch_revocations(self, revocations: RevocationList) -> None:
+        while not self._stopping.wait(_REVOCATION_CHECK_S):
+            revocations.refresh()
 
     def _run(self) -> None:
         try:
@@ -250,6 +309,7 @@ class Coordinator:
         return True
 
     def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
         self.federation.stop()
         if self._thread is not None:
             self._thread.join(10)

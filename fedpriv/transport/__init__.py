@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fedpriv.transport.auth import AuthInterceptor, peer_identity
+from fedpriv.transport.auth import AuthInterceptor, DenialReason, peer_identity
 from fedpriv.transport.server import ServerHandle, open_channel, serve
 from fedpriv.transport.status import error_from_rpc, rpc_error_translator
 from fedpriv.transport.tls import TLSConfig
 
 __all__ = [
     "AuthInterceptor",
+    "DenialReason",
     "ServerHandle",
     "TLSConfig",
     "error_from_rpc",

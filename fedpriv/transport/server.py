@@ -52,6 +52,7 @@ def serve(
     allowed: Iterable[str] | None = None,
     operators: Iterable[str] = (),
     max_workers: int = DEFAULT_MAX_WORKERS,
+    auth: AuthInterceptor | None = None,
 ) -> Iterator[ServerHandle]:
     """Run a gRPC server with mTLS, the allow list and the health service.
 
@@ -64,6 +65,8 @@ def serve(
         allowed: Identities allowed to call; None admits any CA-signed certificate.
         operators: Identities allowed to call the Admin service.
         max_workers: Thread-pool size.
+        auth: The authorisation interceptor, when the caller keeps it (revocation);
+            by default one is built from `allowed`, `operators` and `insecure`.
 
     Yields:
         The running server's handle; the server stops when the block exits.
@@ -77,7 +80,9 @@ def serve(
         raise ConfigError("TLS material is required; pass insecure=True to serve plain text")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedpriv-rpc"),
-        interceptors=[AuthInterceptor(allowed=allowed, insecure=insecure, operators=operators)],
+        interceptors=[
+            auth or AuthInterceptor(allowed=allowed, insecure=insecure, operators=operators)
+        ],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.HealthServicer()

@@ -19,9 +19,21 @@ class FakeContext:
         self._metadata = metadata
         self.code = None
         self.details = None
+        self.callbacks = []
+        self.cancelled = False
 
     def auth_context(self):
         return self._auth
+
+    def peer(self):
+        return "ipv4:127.0.0.1:50000"
+
+    def add_callback(self, callback):
+        self.callbacks.append(callback)
+        return True
+
+    def cancel(self):
+        self.cancelled = True
 
     def invocation_metadata(self):
         return self._metadata
@@ -105,3 +117,160 @@ class FakeRpcError(grpc.RpcError):
 def test_rpc_errors_map_to_the_most_specific_class(code, cls):
     err = error_from_rpc(FakeRpcError(code, "detail"))
     assert type(err) is cls and "detail" in str(err)
+
+
+# ---- revocation ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    from fedpriv.pki import CertificateAuthority, Role
+
+    root = tmp_path_factory.mktemp("auth-pki")
+    ca = CertificateAuthority.create(root, federation="fed")
+    pems = {}
+    for label in ("silo-a", "silo-b"):
+        pems[label] = ca.issue(label, role=Role.CLIENT, out_dir=root).cert_path.read_bytes()
+    renewed = root / "renewed"
+    pems["silo-a-renewed"] = ca.issue(
+        "silo-a", role=Role.CLIENT, out_dir=renewed
+    ).cert_path.read_bytes()
+    return ca, pems
+
+
+def _serial(pem: bytes) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def tls_context(name: str, pem: bytes) -> FakeContext:
+    return FakeContext(
+        {
+            "ssl_tls_version": [b"TLSv1.3"],
+            "x509_common_name": [name.encode()],
+            "x509_pem_cert": [pem],
+        }
+    )
+
+
+class Revoked:
+    def __init__(self, *serials):
+        self.serials = set(serials)
+
+    def is_revoked(self, serial):
+        return serial in self.serials
+
+
+def test_revoked_certificate_is_denied_with_a_message_naming_revocation(certificates):
+    from fedpriv.transport import DenialReason
+
+    _, pems = certificates
+    denied = []
+    interceptor = AuthInterceptor(
+        allowed=None,
+        insecure=False,
+        revocations=Revoked(_serial(pems["silo-a"])),
+        on_denied=lambda *args: denied.append(args),
+    )
+    context = tls_context("silo-a", pems["silo-a"])
+    with pytest.raises(Aborted):
+        run_guarded(interceptor, context)
+    assert context.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "revoked" in context.details and "silo-a" in context.details
+    assert denied == [("silo-a", "ipv4:127.0.0.1:50000", DenialReason.REVOKED)]
+    # The same name under a renewed certificate (new serial) and another silo still pass.
+    assert run_guarded(interceptor, tls_context("silo-a", pems["silo-a-renewed"])) == "ok"
+    assert run_guarded(interceptor, tls_context("silo-b", pems["silo-b"])) == "ok"
+
+
+def test_an_unreadable_certificate_is_refused_when_revocation_is_checked(certificates):
+    context = tls_context("silo-a", b"not a certificate")
+    with pytest.raises(Aborted):
+        run_guarded(AuthInterceptor(allowed=None, insecure=False, revocations=Revoked()), context)
+    assert context.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_end_revoked_cancels_only_the_open_calls_of_revoked_serials(certificates):
+    from fedpriv.transport import DenialReason
+
+    _, pems = certificates
+    denied = []
+    interceptor = AuthInterceptor(
+        allowed=None, insecure=False, revocations=Revoked(), on_denied=lambda *a: denied.append(a)
+    )
+    a, b = tls_context("silo-a", pems["silo-a"]), tls_context("silo-b", pems["silo-b"])
+    run_guarded(interceptor, a)
+    run_guarded(interceptor, b)
+    assert interceptor.open_calls() == 2
+    gone = interceptor.end_revoked({_serial(pems["silo-a"])})
+    assert gone == {"silo-a"}
+    assert a.cancelled and not b.cancelled
+    assert denied == [("silo-a", "ipv4:127.0.0.1:50000", DenialReason.REVOKED_WHILE_OPEN)]
+    for callback in a.callbacks + b.callbacks:  # the calls end
+        callback()
+    assert interceptor.open_calls() == 0
+
+
+def test_a_silo_that_moved_to_a_renewed_certificate_is_not_gone(certificates):
+    _, pems = certificates
+    interceptor = AuthInterceptor(allowed=None, insecure=False, revocations=Revoked())
+    run_guarded(interceptor, tls_context("silo-a", pems["silo-a"]))
+    run_guarded(interceptor, tls_context("silo-a", pems["silo-a-renewed"]))
+    assert interceptor.end_revoked({_serial(pems["silo-a"])}) == set()
+
+
+def test_on_denied_hears_every_refusal_and_a_failing_hook_still_refuses(certificates):
+    from fedpriv.transport import DenialReason
+
+    _, pems = certificates
+    heard = []
+
+    def hook(identity, peer, reason):
+        heard.append((identity, reason))
+        raise RuntimeError("audit log down")
+
+    interceptor = AuthInterceptor(allowed=["silo-b"], insecure=False, on_denied=hook)
+    for context in (
+        tls_context("silo-a", pems["silo-a"]),
+        FakeContext({"ssl_tls_version": [b"TLSv1.3"]}),
+        FakeContext({**TLS13, "ssl_tls_version": [b"TLSv1.2"]}),
+    ):
+        with pytest.raises(Aborted):
+            run_guarded(interceptor, context)
+    with pytest.raises(Aborted):
+        run_guarded(interceptor, tls_context("silo-b", pems["silo-b"]), "/fedpriv.v1.Admin/Status")
+    assert heard == [
+        ("silo-a", DenialReason.NOT_ALLOWED),
+        (None, DenialReason.NO_CERT),
+        ("silo-a", DenialReason.OLD_TLS),
+        ("silo-b", DenialReason.NOT_OPERATOR),
+    ]
+
+
+def test_interceptor_follows_the_crl_file_as_it_changes(certificates, tmp_path):
+    from fedpriv.pki import CertificateAuthority, RevocationList, Role
+
+    ca = CertificateAuthority.create(tmp_path, federation="fed")
+    pem = ca.issue("silo-c", role=Role.CLIENT, out_dir=tmp_path).cert_path.read_bytes()
+    interceptor = AuthInterceptor(
+        allowed=None,
+        insecure=False,
+        revocations=RevocationList(ca.crl_path, issuer=ca.certificate),
+    )
+    assert run_guarded(interceptor, tls_context("silo-c", pem)) == "ok"
+    ca.revoke("silo-c")
+    context = tls_context("silo-c", pem)
+    with pytest.raises(Aborted):
+        run_guarded(interceptor, context)
+    assert context.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_insecure_mode_consults_no_revocation_list():
+    class Explodes:
+        def is_revoked(self, serial):
+            raise AssertionError("consulted")
+
+    context = FakeContext({}, metadata=(("fedpriv-silo", "silo-a"),))
+    interceptor = AuthInterceptor(allowed=None, insecure=True, revocations=Explodes())
+    assert run_guarded(interceptor, context) == "ok"
