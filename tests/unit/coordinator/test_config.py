@@ -163,3 +163,15 @@ def test_prometheus_address_is_checked():
         ConfigError, match=r"metrics\.prometheus = 'localhost': expected 'host:port'"
     ):
         parse(GOOD + '[metrics]\nprometheus = "localhost"\n')
+
+
+def test_crl_defaults_to_ca_crl_beside_the_ca_certificate():
+    config = parse(GOOD)
+    assert config.tls is not None and config.tls.crl is None
+    assert config.tls.crl_path == pathlib.Path("/etc/fed/pki/ca.crl")
+
+
+def test_crl_path_is_read_relative_to_the_config_file():
+    config = parse(GOOD.replace('key = "pki/c.key"', 'key = "pki/c.key"\ncrl = "revoked.crl"'))
+    assert config.tls is not None and config.tls.crl == pathlib.Path("/etc/fed/revoked.crl")
+    assert config.tls.crl_path == pathlib.Path("/etc/fed/revoked.crl")
