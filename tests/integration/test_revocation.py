@@ -203,3 +203,40 @@ def test_coordinator_refuses_to_start_with_a_foreign_or_missing_configured_crl(c
     )
     with pytest.raises(PKIError, match="tls.crl"):
         Coordinator(missing)
+
+
+def fedpriv_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpriv", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_pki_list_shows_issued_expired_and_revoked_certificates(tmp_path):
+    import datetime as dt
+
+    root = tmp_path / "ca"
+    assert fedpriv_cli("pki", "init", "--dir", str(root), "--federation", "listfed").returncode == 0
+    for name in ("silo-1", "silo-2"):
+        assert fedpriv_cli("pki", "issue", name, "--client", "--dir", str(root)).returncode == 0
+    long_ago = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    CertificateAuthority.load(root, now=lambda: long_ago).issue(
+        "silo-old", role=Role.CLIENT, out_dir=root, days=30
+    )
+    revoked = fedpriv_cli("pki", "revoke", "silo-2", "--dir", str(root))
+    assert revoked.returncode == 0 and "revoked silo-2 serial" in revoked.stdout
+
+    listing = fedpriv_cli("pki", "list", "--dir", str(root))
+
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "ROLE", "SERIAL", "STATE"]
+    states = {line.split()[0]: line.split()[3] for line in lines[1:]}
+    assert states == {"silo-1": "valid", "silo-2": "revoked", "silo-old": "expired"}
+    again = fedpriv_cli("pki", "revoke", "silo-2", "--dir", str(root))
+    assert again.returncode == 2 and "already revoked" in again.stderr
+    renewed = fedpriv_cli("pki", "crl", "--dir", str(root))
+    assert renewed.returncode == 0 and "(1 revoked)" in renewed.stdout
