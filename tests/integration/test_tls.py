@@ -126,3 +126,91 @@ def test_insecure_mode_logs_a_warning(tmp_path, caplog):
         with Coordinator(config, insecure=True):
             pass
     assert any("WITHOUT TLS" in r.getMessage() for r in caplog.records)
+
+
+# ---- real handshakes pinned to one TLS version, and an expired certificate ------------------
+
+
+def _raw_context(pki, name: str, version, *, root=None):
+    import ssl
+
+    from tests.h2_raw import tls_context
+
+    base = root or pki.root
+    return tls_context(
+        version=ssl.TLSVersion[version],
+        ca=str(pki.root / "ca.crt"),
+        cert=str(base / f"{name}.crt"),
+        key=str(base / f"{name}.key"),
+    )
+
+
+def test_real_tls12_client_with_a_valid_certificate_is_refused(coordinator, pki):
+    # gRPC Python cannot set a minimum TLS version (grpc/grpc#37305): the handshake itself
+    # succeeds, and the interceptor refuses every call before any servicer code runs.
+    from tests.h2_raw import unary_call
+
+    refused = unary_call(
+        _raw_context(pki, "silo-a", "TLSv1_2"), coordinator.port, "/fedpriv.v1.Fleet/Join"
+    )
+    assert (refused.version, refused.alpn) == ("TLSv1.2", "h2")
+    assert refused.grpc_status == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert "TLS 1.3 is required" in refused.headers["grpc-message"]
+    assert "TLSv1.2" in refused.headers["grpc-message"]
+    assert coordinator.federation.available() == []
+    # The same raw client over TLS 1.3 is admitted: the refusal above is the version's.
+    admitted = unary_call(
+        _raw_context(pki, "silo-a", "TLSv1_3"), coordinator.port, "/fedpriv.v1.Fleet/Join"
+    )
+    assert admitted.version == "TLSv1.3" and admitted.grpc_status == 0
+    assert coordinator.federation.available() == ["silo-a"]
+
+
+@pytest.fixture
+def expired(pki, tmp_path):
+    """silo-a's name, on the allow list, under a certificate that expired in 2020."""
+    import datetime as dt
+
+    from fedpriv.pki import CertificateAuthority, Role
+
+    long_ago = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    CertificateAuthority.load(pki.root, now=lambda: long_ago).issue(
+        "silo-a", role=Role.CLIENT, out_dir=tmp_path, days=1
+    )
+    return tmp_path
+
+
+def test_expired_certificate_fails_the_handshake(coordinator, pki, expired):
+    from fedpriv.transport import TLSConfig
+
+    tls = TLSConfig.from_files(
+        ca=pki.root / "ca.crt", cert=expired / "silo-a.crt", key=expired / "silo-a.key"
+    )
+    with open_channel(f"127.0.0.1:{coordinator.port}", tls=tls) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            _join(channel)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert coordinator.federation.available() == []
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_real_tls_client_with_an_expired_certificate_gets_no_answer(
+    coordinator, pki, expired, version
+):
+    import ssl
+
+    from tests.h2_raw import unary_call
+
+    try:
+        answer = unary_call(
+            _raw_context(pki, "silo-a", version, root=expired),
+            coordinator.port,
+            "/fedpriv.v1.Fleet/Join",
+        )
+    except ssl.SSLError:
+        pass  # TLS 1.2: the server aborts the handshake itself
+    else:
+        # TLS 1.3: the client's side completes before the server checks its certificate;
+        # the server then closes without a single HTTP/2 frame.
+        assert answer.closed_without_answer and answer.frames == []
+    assert coordinator.federation.available() == []
