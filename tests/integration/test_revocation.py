@@ -240,3 +240,92 @@ def test_pki_list_shows_issued_expired_and_revoked_certificates(tmp_path):
     assert again.returncode == 2 and "already revoked" in again.stderr
     renewed = fedpriv_cli("pki", "crl", "--dir", str(root))
     assert renewed.returncode == 0 and "(1 revoked)" in renewed.stdout
+
+
+def test_an_upload_in_progress_is_ended_by_revocation_and_undone(ca_dir, tmp_path, monkeypatch):
+    from fedpriv.coordinator import Store, read_checkpoint
+    from fedpriv.coordinator import upload as upload_module
+    from fedpriv.v1 import tensor_pb2
+    from fedpriv.wire import Model, PayloadAssembler, layout_from_proto
+
+    # Arrange: silo-2 streams its first chunk (of 100s), then holds its upload open.
+    chunk_seen = threading.Event()
+    original = upload_module.Upload.add_chunk
+
+    def add_chunk(self, offset, data):
+        original(self, offset, data)
+        if self.silo == "silo-2":
+            chunk_seen.set()
+
+    monkeypatch.setattr(upload_module.Upload, "add_chunk", add_chunk)
+    config = make_config(
+        tmp_path,
+        ca_dir,
+        {"w": np.zeros(1024, np.float32)},
+        chunk_bytes=1024,
+        allowed=SILOS,
+        num_rounds=1,
+        min_clients=3,
+        min_results=2,
+        federated_evaluation=False,
+    )
+    release = threading.Event()
+    with Coordinator(config) as coordinator:
+        with (
+            silo_thread(Delta(1.0), port=coordinator.port, tls=tls(ca_dir, "silo-1")) as one,
+            silo_thread(Delta(3.0), port=coordinator.port, tls=tls(ca_dir, "silo-3")) as three,
+            open_channel(f"127.0.0.1:{coordinator.port}", tls=tls(ca_dir, "silo-2")) as channel,
+        ):
+            stub = fleet_pb2_grpc.FleetStub(channel)
+            stub.Join(fleet_pb2.JoinRequest(), timeout=10)
+            while True:
+                messages = list(stub.PullTask(fleet_pb2.PullTaskRequest(wait_s=2), timeout=30))
+                if messages[0].task.kind == fleet_pb2.TASK_KIND_TRAIN:
+                    break
+            task = messages[0].task
+            layout, _ = layout_from_proto(task.model)
+            assembler = PayloadAssembler(layout)
+            for message in messages[1:]:
+                assembler.add(message.chunk.offset, message.chunk.data)
+            assembler.finish()
+            huge = Model.from_arrays({"w": np.full(1024, 100.0, np.float32)}, layout=layout)
+            offset, data = next(iter(huge.chunks()))
+
+            def upload():
+                yield fleet_pb2.ResultMessage(
+                    header=fleet_pb2.ResultHeader(
+                        task_id=task.task_id,
+                        round=task.round,
+                        kind=task.kind,
+                        num_examples=10,
+                        update=layout.to_proto(),
+                    )
+                )
+                yield fleet_pb2.ResultMessage(
+                    chunk=tensor_pb2.TensorChunk(offset=offset, data=bytes(data))
+                )
+                release.wait(60)
+
+            call = stub.PushResult.future(upload(), timeout=60)
+            assert chunk_seen.wait(60)
+
+            # Act: revoke with the real command; SIGHUP's path makes the reload immediate.
+            revoke_with_the_cli(ca_dir, "silo-2")
+            coordinator.reload_revocations()
+
+            # Assert
+            assert call.exception(timeout=30).code() == grpc.StatusCode.CANCELLED
+            release.set()
+            assert coordinator.wait(timeout_s=60)
+            wait_silos([one, three])
+    store = Store(config.state_dir)
+    committed = store.last_committed()
+    outcomes = {silo: outcome for _, silo, outcome, _ in store.participants(1)}
+    store.close()
+    assert outcomes["silo-1"] == outcomes["silo-3"] == "accepted"
+    # The cut stream ends the upload short: it is undone, never summed (labelled
+    # "rejected" as a short stream, or "dropped").
+    assert outcomes["silo-2"] in ("rejected", "dropped")
+    assert committed is not None
+    final = read_checkpoint(committed.checkpoint, sha256=committed.sha256).arrays()
+    np.testing.assert_array_equal(final["w"], np.full(1024, 2.0, np.float32))
