@@ -329,3 +329,62 @@ def test_an_upload_in_progress_is_ended_by_revocation_and_undone(ca_dir, tmp_pat
     assert committed is not None
     final = read_checkpoint(committed.checkpoint, sha256=committed.sha256).arrays()
     np.testing.assert_array_equal(final["w"], np.full(1024, 2.0, np.float32))
+
+
+def test_the_daemon_rereads_the_list_on_sighup_and_keeps_running(ca_dir, tmp_path):
+    import queue
+    import signal
+
+    (tmp_path / "coordinator.toml").write_text(f"""
+[server]
+address = "127.0.0.1:0"
+[tls]
+ca = "{ca_dir / "ca.crt"}"
+cert = "{ca_dir / "coordinator.crt"}"
+key = "{ca_dir / "coordinator.key"}"
+[rounds]
+num_rounds = 1
+min_clients = 2
+[model]
+factory = "tests.apps:make_model"
+[store]
+dir = "{tmp_path / "state"}"
+""")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "fedpriv", "coordinator", "--quiet", "--config"]
+        + [str(tmp_path / "coordinator.toml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in daemon.stderr:
+            lines.put(line)
+        lines.put(None)  # the process closed its stderr: it ended
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def wait_for(text: str) -> str:
+        while (line := lines.get(timeout=60)) is not None:
+            if text in line:
+                return line
+        raise AssertionError(f"the coordinator ended (rc={daemon.wait()}) before {text!r}")
+
+    try:
+        wait_for("coordinator listening")
+        revoke_with_the_cli(ca_dir, "silo-1")
+        daemon.send_signal(signal.SIGHUP)
+        # The file watch or the signal loads it first; the signal's line comes either way.
+        assert "newly revoked" in wait_for("SIGHUP:")
+        assert daemon.poll() is None  # SIGHUP no longer ends the process
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        reader.join(60)
+        daemon.stderr.close()
