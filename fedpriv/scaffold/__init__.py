@@ -44,6 +44,8 @@ address = "{address}"
 ca = "pki/ca.crt"
 cert = "pki/coordinator.crt"
 key = "pki/coordinator.key"
+# `fedpriv pki revoke NAME --dir ca` re-signs this list; the coordinator follows it live.
+crl = "../ca/ca.crl"
 
 [rounds]
 num_rounds = {rounds}
@@ -100,6 +102,7 @@ def scaffold(
     hosts = ["localhost", "127.0.0.1"]
     if host not in (*hosts, "0.0.0.0"):
         hosts.append(host)
+    ca.write_crl()  # an empty, signed list for tls.crl to name
     for party, role in parties.items():
         pki = root / party / "pki"
         pki.mkdir(parents=True)
