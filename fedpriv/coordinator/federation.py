@@ -444,6 +444,9 @@ class Federation:
         with self._cond:
             self._touch(silo)
             phase = self._phase
+            if phase is not None and phase.secagg is not None and phase.tasks.get(silo) == task_id:
+                # Also after its upload: a survivor that will not reveal is not waited for.
+                phase.secagg.session.withdraw(silo, reason[:1000])
             if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
                 raise ProtocolError(f"silo {silo!r} has no open task {task_id!r} for round {round}")
             self._resolve(phase, silo, "declined", reason[:1000])
@@ -832,6 +835,7 @@ class Federation:
             deadline=deadline,
             alive=self._alive,
             clock=self._clock,
+            on_refused=self._secagg_refused,
         )
         config.update(
             {
@@ -850,6 +854,14 @@ class Federation:
             layout=layout,
             ring=RingSum(size, chunk_bytes=layout.chunk_bytes),
         )
+
+    def _secagg_refused(self, silo: str, reason: str) -> None:
+        """A silo's secure-aggregation keys or shares were refused: it is out of the round."""
+        with self._cond:
+            phase = self._phase
+            if phase is not None and phase.secagg is not None and silo in phase.tasks:
+                self._resolve(phase, silo, "rejected", reason[:1000], reason="secagg")
+                self._cond.notify_all()
 
     def secagg_session(self, silo: str, task_id: str) -> ServerSession:
         """The secure-aggregation session of `silo`'s open TRAIN task.
