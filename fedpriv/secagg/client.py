@@ -72,7 +72,7 @@ def collect_shares(entries: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
     shares: dict[str, bytes] = {}
     for sender, ciphertext in entries:
         if sender in shares:
-            raise SecAggError(f"the coordinator relayed two shares from silo {sender!r}")
+            raise SecAggError(f"the coordinator relayed shares from silo {sender!r} twice")
         shares[sender] = ciphertext
     return shares
 

@@ -153,9 +153,12 @@ class ServerSession:
     def withdraw(self, silo: str, reason: str) -> None:
         """`silo` takes no further part (it declined): no barrier waits for it any more."""
         with self._cond:
-            if silo in self.tasks:
-                self._out.setdefault(silo, reason)
+            if silo in self.tasks and silo not in self._out:
+                self._out[silo] = reason
                 self._cond.notify_all()
+                logger.warning(
+                    "secagg withdrawn round=%d silo=%s reason=%s", self.round, silo, reason[:200]
+                )
 
     def _check(self, silo: str, task_id: str) -> None:
         if self._cancelled is not None:

@@ -19,7 +19,7 @@ import pytest
 
 from fedpriv.coordinator import Coordinator, SecAggConfig, Store, read_checkpoint
 from fedpriv.errors import RoundFailed
-from fedpriv.secagg import ClientSession, ServerSession
+from fedpriv.secagg import ClientSession, ServerSession, crypto
 from fedpriv.transport import open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from tests.apps import RandomUpdateClient, random_update
@@ -119,14 +119,17 @@ def test_a_silo_advertising_the_all_zero_key_is_refused_and_the_round_completes_
             first = next(iter(stub.PullTask(fleet_pb2.PullTaskRequest(wait_s=2), timeout=30)))
             if first.task.kind == fleet_pb2.TASK_KIND_TRAIN:
                 task = first.task
-        keys = fleet_pb2.AdvertiseKeys(cipher_public_key=bytes(32), mask_public_key=bytes(32))
+        keys = fleet_pb2.AdvertiseKeys(
+            cipher_public_key=bytes(32), mask_public_key=crypto.KeyPair().public_bytes
+        )
         # Act
         with pytest.raises(grpc.RpcError) as refused:
             stub.SecAgg(
                 fleet_pb2.SecAggRequest(task_id=task.task_id, round=1, advertise=keys), timeout=30
             )
-        assert coordinator.wait(timeout_s=120)
+        stub.Leave(fleet_pb2.LeaveRequest(reason="refused"), timeout=10)
         channel.close()
+        assert coordinator.wait(timeout_s=120)
     assert_finished_cleanly(outcomes)
     # Assert: refused at the coordinator, the four honest silos' mean is committed
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -221,7 +224,7 @@ def test_a_silo_tampering_with_every_share_fails_the_round_safely(tmp_path, pki,
 
 
 def test_a_roster_that_grows_is_refused_by_every_silo_and_no_model_is_published(
-    tmp_path, pki, monkeypatch
+    tmp_path, pki, monkeypatch, caplog
 ):
     # Arrange: the coordinator names a survivor that never took part
     original = ServerSession.roster
@@ -233,6 +236,7 @@ def test_a_roster_that_grows_is_refused_by_every_silo_and_no_model_is_published(
     monkeypatch.setattr(ServerSession, "roster", growing_roster)
     config = secure_config(tmp_path, pki=pki)
     reporter = CollectingReporter()
+    caplog.set_level("WARNING", logger="fedpriv.secagg.server")
     # Act
     with (
         Coordinator(config, reporter=reporter) as coordinator,
@@ -241,6 +245,13 @@ def test_a_roster_that_grows_is_refused_by_every_silo_and_no_model_is_published(
         with pytest.raises(RoundFailed):
             coordinator.wait(timeout_s=120)
         assert_running_and_clean(outcomes)
-    # Assert: no silo revealed anything, and the round failed without a model
+    # Assert: every silo declined with the reason (so the coordinator stopped waiting
+    # for its reveal), none revealed anything, and the round failed without a model
+    withdrawn = {
+        r.args[1]
+        for r in caplog.records
+        if r.getMessage().startswith("secagg withdrawn") and "outside this round" in r.getMessage()
+    }
+    assert withdrawn == set(SILOS)
     assert_no_checkpoint(config)
     assert reporter.failed and "0 silos revealed shares" in reporter.failed[0][1]
