@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import pathlib
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,9 +29,10 @@ from fedpriv.errors import RoundFailed
 from fedpriv.secagg import ClientSession, ServerSession, crypto
 from fedpriv.transport import open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
-from tests.apps import RandomUpdateClient, random_update
+from tests.apps import RandomUpdateClient, make_model, random_update
 from tests.conftest import SILOS
 from tests.helpers import CollectingReporter, make_config, silo_thread
+from tests.integration.test_processes import ROOT, cli_pki, fedpriv
 
 SHAPES = {"w": (40, 10), "b": (10,)}
 
@@ -255,3 +263,173 @@ def test_a_roster_that_grows_is_refused_by_every_silo_and_no_model_is_published(
     assert withdrawn == set(SILOS)
     assert_no_checkpoint(config)
     assert reporter.failed and "0 silos revealed shares" in reporter.failed[0][1]
+
+
+# ---- every party a separate process -------------------------------------------------------
+
+PROCESS_SILOS = [f"silo-{i}" for i in range(5)]
+ADVERSARY = "silo-4"
+
+
+def start_federation(work, attack: str) -> tuple[dict[str, subprocess.Popen], pathlib.Path]:
+    """A coordinator, four honest silos and `attack`'s silo, each its own process."""
+    cli_pki(work / "pki", PROCESS_SILOS)
+    (work / "coordinator.toml").write_text("""
+secure_aggregation = true
+[secagg]
+threshold = 3
+unmask_deadline_s = 30
+[server]
+address = "127.0.0.1:0"
+heartbeat_interval_s = 1
+poll_wait_s = 2
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "pki/coordinator.key"
+[rounds]
+num_rounds = 1
+min_clients = 5
+max_clients = 5
+min_results = 3
+deadline_s = 60
+federated_evaluation = false
+max_failed_attempts = 1
+[model]
+factory = "tests.apps:make_model"
+chunk_bytes = 2048
+[store]
+dir = "state"
+""")
+    logs = work / "logs"
+    logs.mkdir()
+    coordinator = subprocess.Popen(
+        fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # The coordinator binds port 0 and says which port it got.
+    port = None
+    lines = []
+    for line in coordinator.stdout:
+        lines.append(line)
+        found = re.search(r"coordinator listening port=(\d+)", line)
+        if found:
+            port = int(found.group(1))
+            break
+    assert port is not None, "".join(lines)
+    (logs / "coordinator.log").write_text("".join(lines))
+
+    def drain() -> None:
+        with open(logs / "coordinator.log", "a") as log:
+            for line in coordinator.stdout:
+                log.write(line)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    processes = {"coordinator": coordinator}
+    drainers[coordinator.pid] = drainer
+    for index, name in enumerate(PROCESS_SILOS):
+        (work / f"{name}.toml").write_text(f"""
+[coordinator]
+address = "127.0.0.1:{port}"
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/{name}.crt"
+key = "pki/{name}.key"
+[client]
+poll_wait_s = 2
+reconnect_timeout_s = 60
+[app]
+index = {index}
+""")
+        args = ["client", "--app", "tests.apps:make_random_client", "--config", f"{name}.toml"]
+        cmd = (
+            [sys.executable, "-m", "tests.adversary", attack, *args]
+            if name == ADVERSARY
+            else fedpriv(*args)
+        )
+        with open(logs / f"{name}.log", "w") as log:
+            processes[name] = subprocess.Popen(
+                cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=_env()
+            )
+    return processes, logs
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+drainers: dict[int, threading.Thread] = {}
+
+
+def stop_all(processes: dict[str, subprocess.Popen]) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout is not None:
+            drainers.pop(process.pid).join(30)  # it stops at the end of the output
+            process.stdout.close()
+
+
+def process_participants(work) -> dict[str, str]:
+    with sqlite3.connect(work / "state" / "state.sqlite3") as conn:
+        rows = conn.execute(
+            "SELECT silo, outcome FROM participants WHERE round = 1 AND task = 'train'"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_processes_a_zero_key_silo_is_refused_and_the_honest_silos_complete_the_round(tmp_path):
+    # Arrange / Act
+    processes, logs = start_federation(tmp_path, "zero-key")
+    try:
+        code = processes["coordinator"].wait(timeout=120)
+        honest = {name: processes[name].wait(timeout=60) for name in PROCESS_SILOS[:4]}
+    finally:
+        stop_all(processes)
+    log = (logs / "coordinator.log").read_text()
+    # Assert: every honest silo ran to the end of the federation and exited cleanly
+    assert code == 0, log
+    for name, exit_code in honest.items():
+        silo_log = (logs / f"{name}.log").read_text()
+        assert exit_code == 0 and "Traceback" not in silo_log, silo_log
+    assert "secagg refused round=1 silo=silo-4" in log and "small order" in log
+    store = Store(tmp_path / "state")
+    committed = store.last_committed()
+    store.close()
+    final = read_checkpoint(committed.checkpoint).arrays()
+    shapes = {name: value.shape for name, value in make_model().items()}
+    updates = [random_update(i, shapes) for i in range(4)]
+    for key in shapes:
+        np.testing.assert_allclose(
+            final[key], np.mean([u[key] for u in updates], axis=0), atol=1e-6
+        )
+    outcomes = process_participants(tmp_path)
+    assert outcomes[ADVERSARY] == "rejected"
+    assert all(outcomes[name] == "accepted" for name in PROCESS_SILOS[:4])
+
+
+def test_processes_a_silo_tampering_with_every_share_fails_the_round_and_nobody_crashes(tmp_path):
+    # Arrange / Act
+    processes, logs = start_federation(tmp_path, "tamper-all")
+    try:
+        code = processes["coordinator"].wait(timeout=120)
+        # Assert: the honest silos are still running when the coordinator gives up
+        still_running = {name: processes[name].poll() for name in PROCESS_SILOS[:4]}
+    finally:
+        stop_all(processes)
+    log = (logs / "coordinator.log").read_text()
+    assert code != 0, log
+    assert still_running == dict.fromkeys(PROCESS_SILOS[:4]), log
+    assert "cannot recover the secret of silo 'silo-4'" in log
+    for name in PROCESS_SILOS[:4]:
+        silo_log = (logs / f"{name}.log").read_text()
+        assert "invalid_share_from=silo-4" in silo_log and "Traceback" not in silo_log, silo_log
+    assert Store(tmp_path / "state").rounds() == [0]
+    assert not list((tmp_path / "state" / "checkpoints").glob("round-000001*"))
