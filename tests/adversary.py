@@ -10,6 +10,7 @@ else is the ordinary ``fedpriv`` command line.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from fedpriv.cli.main import main
 from fedpriv.secagg import ClientSession
@@ -19,7 +20,9 @@ def _zero_key(session: ClientSession) -> tuple[bytes, bytes]:
     return bytes(32), session._mask.public_bytes  # test seam: the silo's own mask key
 
 
-def _tamper_all(original):  # type: ignore[no-untyped-def]
+def _tamper_all(
+    original: Callable[[ClientSession], dict[str, bytes]],
+) -> Callable[[ClientSession], dict[str, bytes]]:
     def share(session: ClientSession) -> dict[str, bytes]:
         return {
             name: sealed[:-1] + bytes([sealed[-1] ^ 1])
@@ -32,9 +35,9 @@ def _tamper_all(original):  # type: ignore[no-untyped-def]
 if __name__ == "__main__":
     mode, argv = sys.argv[1], sys.argv[2:]
     if mode == "zero-key":
-        ClientSession.advertise = _zero_key  # type: ignore[method-assign]
+        ClientSession.advertise = _zero_key  # type: ignore[method-assign]  # the attack, this process only
     elif mode == "tamper-all":
-        ClientSession.share = _tamper_all(ClientSession.share)  # type: ignore[method-assign]
+        ClientSession.share = _tamper_all(ClientSession.share)  # type: ignore[method-assign]  # the attack, this process only
     else:
         raise SystemExit(f"unknown attack {mode!r}")
     sys.exit(main(argv))

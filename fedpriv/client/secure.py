@@ -99,7 +99,7 @@ class SecureUpload:
         )
         self.session.receive(collect_shares((s.silo, s.ciphertext) for s in reply.shares))
         for sender in self.session.invalid_senders:
-            # Reported again to the coordinator by leaving the sender's shares out of the reveal.
+            # Reported to the coordinator too: the reveal leaves this sender's shares out.
             logger.warning(
                 "secagg share did not authenticate round=%d silo=%s invalid_share_from=%s",
                 self._task.round,

@@ -310,6 +310,10 @@ class ServerSession:
                 raise ProtocolError("mask-key shares must be of dropped silos only")
             if any(len(y) != shamir.SHARE_BYTES for _, _, y in [*self_mask, *mask_key]):
                 raise ProtocolError(f"each share must be {shamir.SHARE_BYTES} bytes")
+            # Every share a silo holds is at its own position in the advertised roster.
+            position = sorted(self._keys).index(silo) + 1
+            if any(x != position for _, x, _ in [*self_mask, *mask_key]):
+                raise ProtocolError(f"silo {silo!r} holds shares at position {position} only")
             omitted = (set(self._survivors) - set(seed_owners)) | (
                 set(self._dropped) - set(key_owners)
             )
@@ -356,7 +360,8 @@ class ServerSession:
         """Remove every mask from the ring sum `total`, in place.
 
         Raises:
-            RoundFailed: Fewer than t silos revealed shares, or a secret cannot be recovered.
+            RoundFailed: Fewer than t silos revealed shares, or a secret cannot be
+                recovered or used.
         """
         with self._cond:
             if self._survivors is None:
@@ -371,18 +376,20 @@ class ServerSession:
             for gone in dropped:
                 try:
                     key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
+                    for alive in survivors:
+                        seed = crypto.pairwise_mask_seed(
+                            key,
+                            self._keys[alive][1],
+                            session=self.session,
+                            round=self.round,
+                            silos=(gone, alive),
+                        )
+                        # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
+                        pairwise.append((seed, alive < gone))
                 except SecAggError as err:
-                    raise RoundFailed(f"the mask key of silo {gone!r}: {err}") from err
-                for alive in survivors:
-                    seed = crypto.pairwise_mask_seed(
-                        key,
-                        self._keys[alive][1],
-                        session=self.session,
-                        round=self.round,
-                        silos=(gone, alive),
-                    )
-                    # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
-                    pairwise.append((seed, alive < gone))
+                    raise RoundFailed(
+                        f"the pairwise masks of silo {gone!r}: {err}; no model is published"
+                    ) from err
         buffer = bytearray(4 * MASK_SLICE + 32)
         for start in range(0, total.size, MASK_SLICE):
             part = total[start : start + MASK_SLICE]

@@ -438,3 +438,22 @@ def test_a_withdrawn_survivor_is_not_waited_for_at_the_reveal():
     started = time.monotonic()
     assert server.wait_for_shares(until=started + 60) == 0
     assert time.monotonic() - started < 5
+
+
+def test_the_coordinator_refuses_revealed_shares_at_another_silos_position():
+    names = ["silo-0", "silo-1", "silo-2"]
+    server = ServerSession(
+        session="s",
+        round=1,
+        tasks={n: f"t-{n}" for n in names},
+        threshold=2,
+        deadline=time.monotonic() + 60,
+        alive=lambda s: True,
+    )
+    group = {n: ClientSession(silo=n, session="s", round=1, threshold=2) for n in names}
+    run_steps(server, group, tamper={})
+    server.set_roster(names)
+    seeds, keys = group["silo-0"].reveal(survivors=names, dropped=[])
+    forged = [(owner, 2, y) for owner, _, y in seeds]  # silo-1's position
+    with pytest.raises(ProtocolError, match="position 1"):
+        server.unmask("silo-0", "t-silo-0", self_mask=forged, mask_key=keys)
