@@ -229,6 +229,9 @@ class Federation:
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
         self._told_finished: set[str] = set()
+        # Silos whose secure-aggregation shares did not authenticate at their peers and
+        # made an attempt fail: left out of the round's further attempts.
+        self._benched: set[str] = set()
         self._phase: _Phase | None = None
         self._finished = next_round > self._rounds.num_rounds
         self._stop = threading.Event()
@@ -721,6 +724,7 @@ class Federation:
                         ) from err
                     continue
                 failures = 0
+                self._benched.clear()
                 self._next_round += 1
         finally:
             self._commit_staged()
@@ -745,7 +749,7 @@ class Federation:
         needed = self._rounds.min_clients
         announced = False
         while not self._stop.is_set():
-            available = self.available()
+            available = [s for s in self.available() if s not in self._benched]
             if len(available) >= needed:
                 if self._rounds.max_clients and len(available) > self._rounds.max_clients:
                     available = sorted(
@@ -905,6 +909,13 @@ class Federation:
             )
         except RoundFailed as err:
             session.cancel(str(err))
+            if session.blamed:
+                self._benched.update(session.blamed)
+                logger.warning(
+                    "round=%d benched=%s until the round completes (shares did not authenticate)",
+                    train.round,
+                    ",".join(session.blamed),
+                )
             self._store.record_attempt(
                 round=train.round, started_unix_s=started_unix, outcome="failed", detail=str(err)
             )

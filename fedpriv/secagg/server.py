@@ -98,6 +98,8 @@ class ServerSession:
         self._on_refused = on_refused
         self._out: dict[str, str] = {}  # refused or withdrawn silos, with the reason
         self._reports: dict[str, set[str]] = {}  # silo -> silos that found its share invalid
+        self.blamed: tuple[str, ...] = ()
+        """Silos whose secret could not be recovered after peers reported their shares."""
 
     # ---- barriers --------------------------------------------------------------------------
 
@@ -351,7 +353,10 @@ class ServerSession:
             return shamir.combine(shares, threshold=self.threshold)
         except ValueError as err:
             reporters = sorted(self._reports.get(owner, ()))
-            why = f"; its shares did not authenticate at {reporters}" if reporters else ""
+            why = ""
+            if reporters:
+                why = f"; its shares did not authenticate at {reporters}"
+                self.blamed = (*self.blamed, owner)
             raise RoundFailed(
                 f"cannot recover the secret of silo {owner!r}: {err}{why}; no model is published"
             ) from err

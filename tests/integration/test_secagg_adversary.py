@@ -37,17 +37,17 @@ from tests.integration.test_processes import ROOT, cli_pki, fedpriv
 SHAPES = {"w": (40, 10), "b": (10,)}
 
 
-def secure_config(tmp_path, *, pki, threshold=3):
+def secure_config(tmp_path, *, pki, threshold=3, min_clients=5, max_failed_attempts=1):
     config = make_config(
         tmp_path,
         pki.root,
         {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()},
-        min_clients=5,
+        min_clients=min_clients,
         max_clients=5,
         num_rounds=1,
         federated_evaluation=False,
         min_results=threshold,
-        max_failed_attempts=1,
+        max_failed_attempts=max_failed_attempts,
         chunk_bytes=1 << 10,
     )
     return dataclasses.replace(
@@ -73,11 +73,11 @@ def assert_running_and_clean(outcomes: list[dict[str, Any]]) -> None:
         assert outcome["thread"].is_alive()
 
 
-def assert_finished_cleanly(outcomes: list[dict[str, Any]]) -> None:
-    """Every silo thread trained once and returned normally when told the federation finished."""
+def assert_finished_cleanly(outcomes: list[dict[str, Any]], *, attempts: int = 1) -> None:
+    """Every silo thread trained at each attempt and returned when the federation finished."""
     for outcome in outcomes:
         assert "error" not in outcome, outcome.get("error")
-        assert outcome["stats"].trained == 1
+        assert 1 <= outcome["stats"].trained <= attempts
 
 
 def committed_model(config) -> dict[str, np.ndarray] | None:
@@ -229,6 +229,30 @@ def test_a_silo_tampering_with_every_share_fails_the_round_safely(tmp_path, pki,
     # Assert
     assert "silo-e" in str(failed.value)
     assert_no_checkpoint(config)
+
+
+def test_a_silo_tampering_with_every_share_is_benched_and_the_retry_completes_without_it(
+    tmp_path, pki, monkeypatch
+):
+    # Arrange: silo-e tampers with every share; rounds of 4 or 5 silos, two attempts
+    tamper_shares(monkeypatch, sender="silo-e", victims=set(SILOS))
+    config = secure_config(tmp_path, pki=pki, min_clients=4, max_failed_attempts=2)
+    reporter = CollectingReporter()
+    with (
+        Coordinator(config, reporter=reporter) as coordinator,
+        silo_thread(RandomUpdateClient(4), port=coordinator.port, tls=pki.tls("silo-e")) as bad,
+    ):
+        federation = coordinator.federation
+        with federation._cond:  # test-only: silo-e is sure to be in the first attempt
+            assert federation._cond.wait_for(lambda: "silo-e" in federation.available(), 30)
+        # Act
+        with honest_silos(coordinator.port, pki, SILOS[:4]) as outcomes:
+            assert coordinator.wait(timeout_s=120)
+    # Assert: the first attempt failed naming silo-e; the second is the honest silos' mean
+    assert_finished_cleanly(outcomes, attempts=2)
+    assert "error" not in bad, bad.get("error")
+    assert len(reporter.failed) == 1 and "silo-e" in reporter.failed[0][1]
+    assert_mean_of(committed_model(config), SILOS[:4])
 
 
 def test_a_roster_that_grows_is_refused_by_every_silo_and_no_model_is_published(
