@@ -9,7 +9,10 @@
     │   ├── AuthenticationError   no, expired or foreign certificate
     │   └── PermissionDenied      valid certificate, identity not allowed
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
-    │   └── TaskRejected          a coordinator's task failed the silo's checks
+    │   ├── TaskRejected          a coordinator's task failed the silo's checks
+    │   └── SecAggError           a secure-aggregation peer or roster broke the protocol
+    │       ├── InvalidPublicKey  an advertised X25519 key is malformed or of small order
+    │       └── InvalidShare      a relayed share ciphertext did not authenticate
     ├── UpdateRejected            an update failed validation (lists every problem)
     ├── RoundFailed               a round could not complete; no model was published
     ├── PrivacyBudgetExceeded     a silo refused to train: the round would overspend its budget
@@ -34,12 +37,15 @@ __all__ = [
     "ConnectError",
     "FedprivError",
     "IntegrityError",
+    "InvalidPublicKey",
+    "InvalidShare",
     "PKIError",
     "PermissionDenied",
     "PrivacyBudgetExceeded",
     "PrivacyWarning",
     "ProtocolError",
     "RoundFailed",
+    "SecAggError",
     "StoreError",
     "TaskRejected",
     "TransportError",
@@ -113,6 +119,36 @@ class TaskRejected(ProtocolError):
         self.round = round
         self.problems = tuple(problems)
         super().__init__(f"task {task_id!r} for round {round} refused: " + "; ".join(self.problems))
+
+
+class SecAggError(ProtocolError):
+    """A secure-aggregation peer, or the coordinator's relay, broke the protocol.
+
+    For example: a roster that names a silo twice, leaves this silo out, changes
+    a peer's key between steps or grows between steps. A silo that meets one
+    takes no further part in the round and declines its task with this message.
+    """
+
+
+class InvalidPublicKey(SecAggError):
+    """An advertised X25519 public key is not 32 bytes, or is a point of small order.
+
+    A small-order key (the all-zero key, for one) makes every key agreement with
+    it give a shared secret the key's owner does not need a private key for.
+    The coordinator refuses such an advertisement; a silo that is relayed one
+    leaves that peer out of the round, as if it had dropped.
+    """
+
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class InvalidShare(SecAggError):
+    """A share ciphertext relayed from a peer did not authenticate.
+
+    Opaque on purpose: it does not say whether the key, the nonce, the
+    associated data or the text was wrong. The receiving silo reveals nothing
+    about that peer's secrets.
+    """
 
 
 class UpdateRejected(FedprivError):

@@ -412,9 +412,10 @@ def run_client(
                     try:
                         _run_task(client, stub, received, stats, ledger, feedback, release)
                     except ProtocolError as err:
-                        # A task this silo cannot complete safely (for example: too few
-                        # silos for secure aggregation); the coordinator counts it dropped.
-                        logger.error("abandoning task round=%d: %s", received.task.round, err)
+                        # A task this silo cannot complete safely (too few silos for secure
+                        # aggregation, a peer or roster that breaks it): declined with the
+                        # reason, and the silo takes the next task.
+                        _decline(stub, received.task, str(err), stats)
                 buffers.keep(received.payload)
                 del received
             except grpc.RpcError as rpc_error:

@@ -16,6 +16,7 @@ from fedpriv.client.messages import ClientStats, result_messages
 from fedpriv.errors import ProtocolError
 from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import ClientSession, RingCodec
+from fedpriv.secagg.client import collect_peers, collect_shares
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import DType, TensorLayout, TensorSpec, scalars_to_proto
 
@@ -71,14 +72,20 @@ class SecureUpload:
         return reply
 
     def setup(self, *, timeout: float | None) -> None:
-        """Advertise keys, then exchange encrypted shares with the other silos."""
+        """Advertise keys, then exchange encrypted shares with the other silos.
+
+        Raises:
+            SecAggError: The coordinator's key list or relayed shares are
+                inconsistent (see :class:`~fedpriv.secagg.ClientSession`).
+            ProtocolError: Too few silos with usable keys or shares.
+        """
         cipher, mask = self.session.advertise()
         reply = self._call(
             timeout,
             advertise=fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask),
         )
         self.session.set_peers(
-            {p.silo: (p.cipher_public_key, p.mask_public_key) for p in reply.peers}
+            collect_peers((p.silo, p.cipher_public_key, p.mask_public_key) for p in reply.peers)
         )
         shares = self.session.share()
         reply = self._call(
@@ -90,7 +97,15 @@ class SecureUpload:
                 ]
             ),
         )
-        self.session.receive({s.silo: s.ciphertext for s in reply.shares})
+        self.session.receive(collect_shares((s.silo, s.ciphertext) for s in reply.shares))
+        for sender in self.session.invalid_senders:
+            # Reported to the coordinator too: the reveal leaves this sender's shares out.
+            logger.warning(
+                "secagg share did not authenticate round=%d silo=%s invalid_share_from=%s",
+                self._task.round,
+                self._stats.silo,
+                sender,
+            )
         # The masks do not depend on the update: expand them while the silo trains.
         self._mask_thread = threading.Thread(
             target=self._expand_masks, name="fedpriv-secagg-masks", daemon=True

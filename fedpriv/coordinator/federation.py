@@ -229,6 +229,9 @@ class Federation:
         self._cond = threading.Condition()
         self._last_seen: dict[str, float] = {}
         self._told_finished: set[str] = set()
+        # Silos whose secure-aggregation shares did not authenticate at their peers and
+        # made an attempt fail: left out of the round's further attempts.
+        self._benched: set[str] = set()
         self._phase: _Phase | None = None
         self._finished = next_round > self._rounds.num_rounds
         self._stop = threading.Event()
@@ -444,6 +447,9 @@ class Federation:
         with self._cond:
             self._touch(silo)
             phase = self._phase
+            if phase is not None and phase.secagg is not None and phase.tasks.get(silo) == task_id:
+                # Also after its upload: a survivor that will not reveal is not waited for.
+                phase.secagg.session.withdraw(silo, reason[:1000])
             if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
                 raise ProtocolError(f"silo {silo!r} has no open task {task_id!r} for round {round}")
             self._resolve(phase, silo, "declined", reason[:1000])
@@ -718,6 +724,7 @@ class Federation:
                         ) from err
                     continue
                 failures = 0
+                self._benched.clear()
                 self._next_round += 1
         finally:
             self._commit_staged()
@@ -742,7 +749,7 @@ class Federation:
         needed = self._rounds.min_clients
         announced = False
         while not self._stop.is_set():
-            available = self.available()
+            available = [s for s in self.available() if s not in self._benched]
             if len(available) >= needed:
                 if self._rounds.max_clients and len(available) > self._rounds.max_clients:
                     available = sorted(
@@ -832,6 +839,7 @@ class Federation:
             deadline=deadline,
             alive=self._alive,
             clock=self._clock,
+            on_refused=self._secagg_refused,
         )
         config.update(
             {
@@ -850,6 +858,14 @@ class Federation:
             layout=layout,
             ring=RingSum(size, chunk_bytes=layout.chunk_bytes),
         )
+
+    def _secagg_refused(self, silo: str, reason: str) -> None:
+        """A silo's secure-aggregation keys or shares were refused: it is out of the round."""
+        with self._cond:
+            phase = self._phase
+            if phase is not None and phase.secagg is not None and silo in phase.tasks:
+                self._resolve(phase, silo, "rejected", reason[:1000], reason="secagg")
+                self._cond.notify_all()
 
     def secagg_session(self, silo: str, task_id: str) -> ServerSession:
         """The secure-aggregation session of `silo`'s open TRAIN task.
@@ -893,6 +909,13 @@ class Federation:
             )
         except RoundFailed as err:
             session.cancel(str(err))
+            if session.blamed:
+                self._benched.update(session.blamed)
+                logger.warning(
+                    "round=%d benched=%s until the round completes (shares did not authenticate)",
+                    train.round,
+                    ",".join(session.blamed),
+                )
             self._store.record_attempt(
                 round=train.round, started_unix_s=started_unix, outcome="failed", detail=str(err)
             )

@@ -15,27 +15,66 @@ keys. It answers one such request per round, never for a silo in both sets,
 and takes part only if the threshold t is more than half of the roster: the
 coordinator would need t seed shares and t key shares of one silo, from 2t > n
 distinct silos, to learn both of its secrets.
+
+Peers are not trusted either. A peer whose advertised key is malformed or of
+small order, or whose key agreement fails, is left out of the round as if it
+had dropped. A share ciphertext that does not authenticate is reported
+(:attr:`ClientSession.invalid_senders`) and this silo reveals nothing about
+its sender. A roster that names a silo twice, leaves this silo out, changes a
+key between steps or grows between steps raises :class:`~fedpriv.errors.SecAggError`:
+the silo takes no further part in the round.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.exceptions import InvalidTag
 
-from fedpriv.errors import ProtocolError
+from fedpriv.errors import InvalidPublicKey, InvalidShare, ProtocolError, SecAggError
 from fedpriv.secagg import crypto, shamir
 
-__all__ = ["ClientSession", "MASK_SLICE"]
+__all__ = ["ClientSession", "MASK_SLICE", "collect_peers", "collect_shares"]
+
+logger = logging.getLogger(__name__)
 
 # Masks are expanded this many elements at a time (4 MiB of keystream).
 MASK_SLICE = 1 << 20
 _PLAIN = struct.Struct(f">H{shamir.SHARE_BYTES}s{shamir.SHARE_BYTES}s")
 _Share = tuple[str, int, bytes]  # (whose secret, x, y)
+_Plain = tuple[int, bytes, bytes]  # (x, seed share, mask-key share)
+
+
+def collect_peers(entries: Iterable[tuple[str, bytes, bytes]]) -> dict[str, tuple[bytes, bytes]]:
+    """The coordinator's key list as a mapping, refusing a silo named twice.
+
+    Raises:
+        SecAggError: A silo appears more than once.
+    """
+    peers: dict[str, tuple[bytes, bytes]] = {}
+    for name, cipher, mask in entries:
+        if name in peers:
+            raise SecAggError(f"the coordinator's key list names silo {name!r} twice")
+        peers[name] = (cipher, mask)
+    return peers
+
+
+def collect_shares(entries: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
+    """The relayed share ciphertexts by sender, refusing a sender named twice.
+
+    Raises:
+        SecAggError: A sender appears more than once.
+    """
+    shares: dict[str, bytes] = {}
+    for sender, ciphertext in entries:
+        if sender in shares:
+            raise SecAggError(f"the coordinator relayed shares from silo {sender!r} twice")
+        shares[sender] = ciphertext
+    return shares
 
 
 def _check_threshold(*, silos: int, threshold: int) -> None:
@@ -48,7 +87,7 @@ def _check_threshold(*, silos: int, threshold: int) -> None:
         ProtocolError: The threshold is not a majority of the roster, or exceeds it.
     """
     if silos < threshold:
-        raise ProtocolError(f"{silos} silos advertised keys, {threshold} needed")
+        raise ProtocolError(f"{silos} silos advertised usable keys, {threshold} needed")
     if 2 * threshold <= silos:
         raise ProtocolError(
             f"threshold {threshold} is not more than half of the {silos} silos in the round: "
@@ -80,42 +119,92 @@ class ClientSession:
         self._cipher = crypto.KeyPair()
         self._mask = crypto.KeyPair()
         self._seed = secrets.token_bytes(32)
+        self._advertised: dict[str, tuple[bytes, bytes]] = {}
         self._peers: dict[str, tuple[bytes, bytes]] = {}
+        # Derived once per peer when the keys arrive: (key out, key in, pairwise seed).
+        self._derived: dict[str, tuple[bytes, bytes, bytes]] = {}
         self._index: dict[str, int] = {}
-        self._own: tuple[int, bytes, bytes] | None = None
-        self._held: dict[str, bytes] = {}
+        self._own: _Plain | None = None
+        self._held: dict[str, _Plain] = {}
         self._sharers: list[str] = []
         self._revealed = False
+        self.excluded: dict[str, str] = {}
+        """Peers left out of the round for a bad key or key agreement, with the reason."""
+        self.invalid_senders: tuple[str, ...] = ()
+        """Peers whose share ciphertext to this silo did not authenticate."""
 
     def advertise(self) -> tuple[bytes, bytes]:
         """The public keys to advertise: (cipher, mask)."""
         return self._cipher.public_bytes, self._mask.public_bytes
 
+    def _derive(self, name: str, cipher: bytes, mask: bytes) -> tuple[bytes, bytes, bytes]:
+        """Both share keys and the pairwise seed with peer `name`.
+
+        Raises:
+            InvalidPublicKey: A key is malformed or of small order, or agreement failed.
+        """
+        if cipher == mask:
+            raise InvalidPublicKey("the peer advertised the same key for shares and masks")
+        session, round = self.session, self.round
+        return (
+            crypto.share_key(
+                self._cipher, cipher, session=session, round=round, sender=self.silo, receiver=name
+            ),
+            crypto.share_key(
+                self._cipher, cipher, session=session, round=round, sender=name, receiver=self.silo
+            ),
+            crypto.pairwise_mask_seed(
+                self._mask, mask, session=session, round=round, silos=(self.silo, name)
+            ),
+        )
+
     def set_peers(self, peers: Mapping[str, tuple[bytes, bytes]]) -> None:
         """Take the advertised keys of every silo in the round (this one included).
 
-        Raises:
-            ProtocolError: The peers were already set; this silo or its keys are
-                missing; or t is not more than half of the silos (nor at most all).
-        """
-        if self._peers:
-            raise ProtocolError("the round's peers were already set")
-        if peers.get(self.silo) != self.advertise():
-            raise ProtocolError("the coordinator's key list does not carry this silo's own keys")
-        _check_threshold(silos=len(peers), threshold=self.threshold)
-        self._peers = dict(peers)
-        self._index = {name: i + 1 for i, name in enumerate(sorted(peers))}
+        A peer whose keys fail :func:`~fedpriv.secagg.crypto.check_public_key`, or
+        whose key agreement fails, is left out (see :attr:`excluded`): this silo
+        sends it no share, takes no shares from it and adds no mask for it.
 
-    def _share_key(self, sender: str, receiver: str) -> bytes:
-        peer = receiver if sender == self.silo else sender
-        return crypto.share_key(
-            self._cipher,
-            self._peers[peer][0],
-            session=self.session,
-            round=self.round,
-            sender=sender,
-            receiver=receiver,
-        )
+        Raises:
+            SecAggError: The peers were already set (a second list, or one with a
+                changed key); this silo or its own keys are missing.
+            ProtocolError: Fewer than t silos have usable keys, or t is not more
+                than half of them.
+        """
+        if self._advertised:
+            if dict(peers) != self._advertised:
+                raise SecAggError("the coordinator changed the round's keys between steps")
+            raise SecAggError("the round's peers were already set")
+        if peers.get(self.silo) != self.advertise():
+            raise SecAggError("the coordinator's key list does not carry this silo's own keys")
+        usable: dict[str, tuple[bytes, bytes]] = {}
+        derived: dict[str, tuple[bytes, bytes, bytes]] = {}
+        excluded: dict[str, str] = {}
+        for name, (cipher, mask) in peers.items():
+            if name == self.silo:
+                usable[name] = (cipher, mask)
+                continue
+            try:
+                derived[name] = self._derive(name, cipher, mask)
+            except InvalidPublicKey as err:
+                excluded[name] = str(err)
+                logger.warning(
+                    "secagg peer left out round=%d silo=%s peer=%s reason=%s",
+                    self.round,
+                    self.silo,
+                    name,
+                    err,
+                )
+                continue
+            usable[name] = (cipher, mask)
+        _check_threshold(silos=len(usable), threshold=self.threshold)
+        self._advertised = dict(peers)
+        self._peers = usable
+        self._derived = derived
+        self.excluded = excluded
+        # Positions come from the whole advertised roster, so that every silo gives a
+        # peer the same x whichever peers it left out.
+        self._index = {name: i + 1 for i, name in enumerate(sorted(peers))}
 
     def _associated(self, sender: str, receiver: str) -> bytes:
         return crypto.share_associated_data(
@@ -123,7 +212,7 @@ class ClientSession:
         )
 
     def share(self) -> dict[str, bytes]:
-        """Encrypted shares of the seed and mask key, one per other silo (by recipient).
+        """Encrypted shares of the seed and mask key, one per other usable silo (by recipient).
 
         Raises:
             ProtocolError: The peers are not set, or the secrets were already shared
@@ -133,34 +222,67 @@ class ClientSession:
             raise ProtocolError("the round's peers are not known yet")
         if self._own is not None:
             raise ProtocolError("this silo already shared its secrets this round")
-        n = len(self._peers)
+        n = len(self._index)
         seed_shares = dict(shamir.split(self._seed, shares=n, threshold=self.threshold))
         key_shares = dict(
             shamir.split(self._mask.private_bytes, shares=n, threshold=self.threshold)
         )
         out = {}
-        for name, index in self._index.items():
+        for name in sorted(self._peers):
+            index = self._index[name]
             plain = _PLAIN.pack(index, seed_shares[index], key_shares[index])
             if name == self.silo:
                 self._own = (index, seed_shares[index], key_shares[index])
                 continue
             out[name] = crypto.encrypt(
-                self._share_key(self.silo, name),
-                plain,
-                associated=self._associated(self.silo, name),
+                self._derived[name][0], plain, associated=self._associated(self.silo, name)
             )
         return out
 
-    def receive(self, shares: Mapping[str, bytes]) -> None:
-        """Keep the ciphertexts other silos addressed to this one.
+    def _open(self, sender: str, sealed: bytes) -> _Plain:
+        """Decrypt and check the share `sender` addressed to this silo.
 
         Raises:
-            ProtocolError: A sender is unknown, or fewer than t silos shared keys.
+            InvalidShare: It did not authenticate, has the wrong length or is for
+                another position (which, it does not say).
         """
+        plain = crypto.decrypt(
+            self._derived[sender][1], sealed, associated=self._associated(sender, self.silo)
+        )
+        if len(plain) != _PLAIN.size:
+            raise InvalidShare("the share did not authenticate")
+        index, seed_y, key_y = _PLAIN.unpack(plain)
+        if index != self._index[self.silo]:
+            raise InvalidShare("the share did not authenticate")
+        return index, seed_y, key_y
+
+    def receive(self, shares: Mapping[str, bytes]) -> None:
+        """Open the ciphertexts other silos addressed to this one.
+
+        A share that does not authenticate is not fatal: its sender is listed in
+        :attr:`invalid_senders`, and this silo reveals nothing about that sender.
+
+        Raises:
+            SecAggError: A sender is this silo, or a silo this one has no usable keys
+                for (the roster grew), or shares were already received.
+            ProtocolError: Fewer than t silos shared keys.
+        """
+        if self._sharers:
+            raise SecAggError("the round's shares were already received")
         unknown = set(shares) - set(self._peers)
         if unknown or self.silo in shares:
-            raise ProtocolError(f"shares from silos that did not advertise keys: {sorted(unknown)}")
-        self._held = dict(shares)
+            raise SecAggError(
+                f"shares from silos without usable keys in this round: {sorted(unknown)}"
+            )
+        held: dict[str, _Plain] = {}
+        invalid = []
+        for sender in sorted(shares):
+            try:
+                held[sender] = self._open(sender, shares[sender])
+            except InvalidShare:
+                invalid.append(sender)
+        self._held = held
+        self.invalid_senders = tuple(invalid)
         self._sharers = sorted({self.silo, *shares})
         if len(self._sharers) < self.threshold:
             raise ProtocolError(f"{len(self._sharers)} silos shared keys, {self.threshold} needed")
@@ -178,16 +300,8 @@ class ClientSession:
         """Add the self mask and the pairwise masks to `values` in place (mod 2^32)."""
         seeds: list[tuple[bytes, bool]] = [(self._seed, True)]
         for name in self._sharers:
-            if name == self.silo:
-                continue
-            pairwise = crypto.pairwise_mask_seed(
-                self._mask,
-                self._peers[name][1],
-                session=self.session,
-                round=self.round,
-                silos=(self.silo, name),
-            )
-            seeds.append((pairwise, self.silo < name))
+            if name != self.silo:
+                seeds.append((self._derived[name][2], self.silo < name))
         buffer = bytearray(4 * MASK_SLICE + 32)
         for start in range(0, values.size, MASK_SLICE):
             part = values[start : start + MASK_SLICE]
@@ -205,15 +319,18 @@ class ClientSession:
 
         A session answers one reveal request: a second one, answered or not, is
         refused, so that no roster can be followed by another that names a silo
-        the other way round.
+        the other way round. Silos in :attr:`invalid_senders` get no share: the
+        coordinator needs t shares of each secret from the other silos.
 
         Raises:
-            ProtocolError: A reveal was already requested; the sets overlap, name
-                silos that never shared keys, leave out this silo, or hold fewer
-                than t survivors; or a share did not authenticate.
+            SecAggError: A reveal was already requested; the roster names a silo
+                twice, names one both ways, names silos that never shared keys
+                (it grew), or leaves out this silo.
+            ProtocolError: The roster holds fewer than t survivors, or came before
+                this silo shared its secrets.
         """
         if self._revealed:
-            raise ProtocolError(
+            raise SecAggError(
                 "this silo already answered a reveal request this round; a second could "
                 "give away both secrets of one silo"
             )
@@ -221,10 +338,12 @@ class ClientSession:
         if self._own is None:
             raise ProtocolError("a reveal was requested before this silo shared its secrets")
         alive, gone = set(survivors), set(dropped)
+        if len(alive) != len(survivors) or len(gone) != len(dropped):
+            raise SecAggError("the roster names a silo twice")
         if alive & gone:
-            raise ProtocolError(f"silos both survived and dropped: {sorted(alive & gone)}")
+            raise SecAggError(f"silos both survived and dropped: {sorted(alive & gone)}")
         if not alive | gone <= set(self._sharers) or self.silo not in alive:
-            raise ProtocolError("the roster names silos outside this round, or leaves this one out")
+            raise SecAggError("the roster names silos outside this round, or leaves this one out")
         if len(alive) < self.threshold:
             raise ProtocolError(f"{len(alive)} survivors, {self.threshold} needed to unmask")
         seeds: list[_Share] = []
@@ -232,22 +351,10 @@ class ClientSession:
         for name in sorted(alive | gone):
             if name == self.silo:
                 index, seed_y, key_y = self._own
+            elif name in self._held:
+                index, seed_y, key_y = self._held[name]
             else:
-                try:
-                    plain = crypto.decrypt(
-                        self._share_key(name, self.silo),
-                        self._held[name],
-                        associated=self._associated(name, self.silo),
-                    )
-                except InvalidTag:
-                    raise ProtocolError(
-                        f"the share from silo {name!r} did not authenticate"
-                    ) from None
-                if len(plain) != _PLAIN.size:
-                    raise ProtocolError(f"the share from silo {name!r} has the wrong length")
-                index, seed_y, key_y = _PLAIN.unpack(plain)
-                if index != self._index[self.silo]:
-                    raise ProtocolError(f"the share from silo {name!r} is for another position")
+                continue  # its share did not authenticate: nothing to reveal
             if name in alive:
                 seeds.append((name, index, seed_y))
             else:

@@ -7,6 +7,10 @@ that order (one key per direction), a pairwise mask seed to the unordered pair
 96-bit nonce from the OS CSPRNG for every message and sends it in front of the
 ciphertext; callers never handle nonces. The byte layouts are specified in
 docs/secure-aggregation.md, so that a client in another language can implement them.
+
+Every public key a peer advertises passes :func:`check_public_key`, and every
+error that ``cryptography`` raises for a peer's bytes leaves this module as an
+:class:`~fedpriv.errors.InvalidPublicKey` or :class:`~fedpriv.errors.InvalidShare`.
 """
 
 from __future__ import annotations
@@ -16,16 +20,20 @@ import struct
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidKey, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedpriv.errors import InvalidPublicKey, InvalidShare
+
 __all__ = [
     "NONCE_BYTES",
+    "PUBLIC_KEY_BYTES",
     "KeyPair",
+    "check_public_key",
     "decrypt",
     "encrypt",
     "mask_elements",
@@ -43,6 +51,54 @@ _MASK_LABEL = b"fedpriv/v1/secagg/pairwise-mask"
 NONCE_BYTES = 12
 _MAX_FIELD = 0xFFFF
 _ROUND = struct.Struct(">Q")
+PUBLIC_KEY_BYTES = 32
+_P = 2**255 - 19
+# u-coordinates of the X25519 points of small order (1, 2, 4 and 8), after
+# libsodium's blocklist in crypto_scalarmult/curve25519/ref10/x25519_ref10.c
+# (has_small_order), which also lists p and p + 1, the non-canonical encodings
+# of 0 and 1. A key agreement with any of them gives a shared secret of all
+# zeros, whatever the private key: anyone could compute it.
+_SMALL_ORDER_U = frozenset(
+    {
+        0,  # order 4
+        1,  # order 1
+        325606250916557431795983626356110631294008115727848805560023387167927233504,  # 8
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,  # 8
+        _P - 1,  # order 2
+    }
+)
+_CRYPTO_ERRORS = (ValueError, TypeError, InvalidKey, InvalidTag, UnsupportedAlgorithm)
+
+
+def check_public_key(raw: bytes) -> bytes:
+    """Return `raw` if it is a usable X25519 public key.
+
+    Refuses a key of the wrong length and every encoding of a point of small
+    order: the canonical u-coordinates, u + p where that fits in 255 bits, and
+    each of those with the top bit set (RFC 7748 ignores that bit).
+
+    Example:
+        >>> check_public_key(bytes(32))
+        Traceback (most recent call last):
+        ...
+        fedpriv.errors.InvalidPublicKey: the public key is a point of small order ...
+
+    Raises:
+        InvalidPublicKey: `raw` is not 32 bytes, or is a point of small order.
+    """
+    if not isinstance(raw, bytes) or len(raw) != PUBLIC_KEY_BYTES:
+        length = len(raw) if isinstance(raw, bytes | bytearray | memoryview) else "no"
+        raise InvalidPublicKey(
+            f"an X25519 public key is {PUBLIC_KEY_BYTES} bytes, this one {length}; "
+            "advertise the raw key of a fresh X25519 key pair"
+        )
+    u = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if u % _P in _SMALL_ORDER_U:
+        raise InvalidPublicKey(
+            "the public key is a point of small order (for example, all zeros): any key "
+            "agreement with it is predictable; advertise the key of a fresh X25519 key pair"
+        )
+    return raw
 
 
 class KeyPair:
@@ -69,8 +125,15 @@ class KeyPair:
 
     @classmethod
     def from_private_bytes(cls, raw: bytes) -> KeyPair:
-        """Rebuild a key pair from its raw private key."""
-        return cls(x25519.X25519PrivateKey.from_private_bytes(raw))
+        """Rebuild a key pair from its raw private key.
+
+        Raises:
+            InvalidShare: `raw` is not a 32-byte private key (recovered from bad shares).
+        """
+        try:
+            return cls(x25519.X25519PrivateKey.from_private_bytes(raw))
+        except _CRYPTO_ERRORS:
+            raise InvalidShare("the recovered private key is malformed") from None
 
 
 def _field(text: str) -> bytes:
@@ -92,7 +155,15 @@ def _binding(label: bytes, *, session: str, round: int, first: str, second: str)
 
 
 def _derive(private: KeyPair, peer_public: bytes, info: bytes) -> bytes:
-    shared = private.private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+    check_public_key(peer_public)
+    try:
+        shared = private.private.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
+    except _CRYPTO_ERRORS as err:
+        raise InvalidPublicKey(f"key agreement with the peer's public key failed: {err}") from None
+    # OpenSSL refuses an all-zero secret already; checked again so that no backend
+    # can let one through.
+    if shared == bytes(len(shared)):
+        raise InvalidPublicKey("key agreement with the peer's public key gave an all-zero secret")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
@@ -118,7 +189,7 @@ def pairwise_mask_seed(
     """The AES-256-CTR seed of the mask two silos share (the same for both; never an AEAD key).
 
     Raises:
-        ValueError: `peer_public` is not a valid X25519 public key.
+        InvalidPublicKey: `peer_public` is not a usable X25519 public key.
     """
     first, second = sorted(silos, key=str.encode)
     info = _binding(_MASK_LABEL, session=session, round=round, first=first, second=second)
@@ -149,12 +220,15 @@ def decrypt(key: bytes, sealed: bytes, *, associated: bytes) -> bytes:
         b'share'
 
     Raises:
-        cryptography.exceptions.InvalidTag: Wrong key, tampered or truncated text, or
-            other `associated`.
+        InvalidShare: Wrong key, tampered or truncated text, or other `associated`
+            (which one, it does not say).
     """
     if len(sealed) < NONCE_BYTES + 16:
-        raise InvalidTag
-    return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated)
+        raise InvalidShare("the share did not authenticate")
+    try:
+        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated)
+    except _CRYPTO_ERRORS:
+        raise InvalidShare("the share did not authenticate") from None
 
 
 _ZEROS = bytes((1 << 22) + 32)  # plaintext for keystream slices of up to 4 MiB

@@ -7,10 +7,17 @@ cannot read, folds masked updates like any other (modular addition), then
 collects shares and removes the masks from the sum:
 
     Σ y_u − Σ_{u ∈ survivors} PRG(b_u) ∓ Σ_{d dropped, u ∈ survivors} PRG(s_du) = Σ x_u
+
+A silo whose advertised keys or shares are malformed is refused and leaves the
+round (the barriers stop waiting for it); so does a silo that withdraws. A
+survivor may leave out the shares of silos whose ciphertexts did not
+authenticate for it; the omission is logged as its report, and a secret that
+then has fewer than t shares fails the round, with no model published.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -19,13 +26,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedpriv.errors import ConfigError, ProtocolError, RoundFailed
+from fedpriv.errors import (
+    ConfigError,
+    FedprivError,
+    InvalidPublicKey,
+    ProtocolError,
+    RoundFailed,
+    SecAggError,
+)
 from fedpriv.secagg import crypto, shamir
 from fedpriv.secagg.client import MASK_SLICE
 
 __all__ = ["RingSum", "ServerSession"]
 
-_KEY_BYTES = 32
+logger = logging.getLogger(__name__)
 _Share = tuple[str, int, bytes]  # (whose secret, x, y)
 _MAX_CIPHERTEXT = 512
 
@@ -41,6 +55,8 @@ class ServerSession:
         deadline: Monotonic time by which each barrier gives up waiting.
         alive: Whether a silo is still connected (a gone silo is not waited for).
         clock: Monotonic seconds.
+        on_refused: Called with a silo and the reason when its keys or shares are
+            refused (it is out of the round); never with the session's lock held.
 
     Raises:
         ConfigError: `threshold` is not more than half of the silos in `tasks`.
@@ -56,6 +72,7 @@ class ServerSession:
         deadline: float,
         alive: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         if not len(tasks) < 2 * threshold <= 2 * len(tasks):
             raise ConfigError(
@@ -78,6 +95,11 @@ class ServerSession:
         self._dropped: list[str] = []
         self._revealed: dict[str, tuple[list[_Share], list[_Share]]] = {}
         self._cancelled: str | None = None
+        self._on_refused = on_refused
+        self._out: dict[str, str] = {}  # refused or withdrawn silos, with the reason
+        self._reports: dict[str, set[str]] = {}  # silo -> silos that found its share invalid
+        self.blamed: tuple[str, ...] = ()
+        """Silos whose secret could not be recovered after peers reported their shares."""
 
     # ---- barriers --------------------------------------------------------------------------
 
@@ -98,7 +120,7 @@ class ServerSession:
         """
         self._cond.notify_all()
         self._wait(
-            lambda: step in self._closed or all(s in taken or not self._alive(s) for s in among),
+            lambda: step in self._closed or all(s in taken or not self._waiting(s) for s in among),
             self.deadline,
         )
         self._closed.add(step)
@@ -107,6 +129,38 @@ class ServerSession:
             raise ProtocolError(self._cancelled)
         if len(taken) < self.threshold:
             raise ProtocolError(f"only {len(taken)} silos {what}, {self.threshold} needed")
+
+    def _waiting(self, silo: str) -> bool:
+        """Whether a barrier still waits for `silo` (connected and not out of the round)."""
+        return silo not in self._out and self._alive(silo)
+
+    def _refuse(self, silo: str, err: FedprivError) -> FedprivError:
+        """Put `silo` out of the round for `err`; return `err` for the caller to raise.
+
+        The caller does not hold the lock: the hook may take the federation's.
+        """
+        with self._cond:
+            first = silo in self.tasks and silo not in self._out
+            if first:
+                self._out[silo] = str(err)
+                self._cond.notify_all()
+        if first:
+            logger.warning(
+                "secagg refused round=%d silo=%s reason=%s", self.round, silo, str(err)[:200]
+            )
+            if self._on_refused is not None:
+                self._on_refused(silo, f"secure aggregation: {err}")
+        return err
+
+    def withdraw(self, silo: str, reason: str) -> None:
+        """`silo` takes no further part (it declined): no barrier waits for it any more."""
+        with self._cond:
+            if silo in self.tasks and silo not in self._out:
+                self._out[silo] = reason
+                self._cond.notify_all()
+                logger.warning(
+                    "secagg withdrawn round=%d silo=%s reason=%s", self.round, silo, reason[:200]
+                )
 
     def _check(self, silo: str, task_id: str) -> None:
         if self._cancelled is not None:
@@ -128,16 +182,26 @@ class ServerSession:
         The keys are bound to `silo`, the authenticated TLS identity of the caller,
         so no silo can advertise keys in another's name.
 
+        A malformed key puts `silo` out of the round.
+
         Raises:
-            ProtocolError: Wrong task, malformed keys, a second advertisement, or the
+            InvalidPublicKey: A key is not 32 bytes, or is of small order.
+            ProtocolError: Wrong task, equal keys, a second advertisement, or the
                 step closed without `silo` or with fewer than t silos.
         """
-        if len(cipher_key) != _KEY_BYTES or len(mask_key) != _KEY_BYTES:
-            raise ProtocolError("public keys must be 32-byte X25519 keys")
-        if cipher_key == mask_key:
-            raise ProtocolError("the cipher and mask keys must differ")
         with self._cond:
             self._check(silo, task_id)
+        try:
+            crypto.check_public_key(cipher_key)
+            crypto.check_public_key(mask_key)
+            if cipher_key == mask_key:
+                raise InvalidPublicKey("the cipher and mask keys must differ")
+        except SecAggError as err:
+            raise self._refuse(silo, err) from None
+        with self._cond:
+            self._check(silo, task_id)
+            if silo in self._out:
+                raise ProtocolError(f"silo {silo!r} is out of this round: {self._out[silo]}")
             if "advertise" in self._closed:
                 raise ProtocolError("the key advertisement step has closed")
             if silo in self._keys:
@@ -149,23 +213,34 @@ class ServerSession:
     def share(self, silo: str, task_id: str, shares: Mapping[str, bytes]) -> dict[str, bytes]:
         """Relay `silo`'s encrypted shares; return those addressed to it.
 
+        Shares addressed to other silos than exactly every other advertised one, or
+        too long, put `silo` out of the round.
+
         Raises:
-            ProtocolError: Wrong task, `silo` did not advertise, the shares are not
-                exactly one per other advertised silo, or fewer than t silos shared.
+            SecAggError: The shares are not exactly one per other advertised silo.
+            ProtocolError: Wrong task, `silo` did not advertise, or fewer than t
+                silos shared.
         """
         with self._cond:
             self._check(silo, task_id)
-            if silo not in self._keys or "advertise" not in self._closed:
+            if silo not in self._keys or "advertise" not in self._closed or silo in self._out:
                 raise ProtocolError(f"silo {silo!r} did not take part in key advertisement")
             if "share" in self._closed or silo in self._shared:
                 raise ProtocolError("the share step has closed, or this silo already shared")
             expected = set(self._keys) - {silo}
+            problem = None
             if set(shares) != expected:
-                raise ProtocolError(
+                problem = (
                     f"shares must be addressed to exactly {sorted(expected)}; got {sorted(shares)}"
                 )
-            if any(len(c) > _MAX_CIPHERTEXT for c in shares.values()):
-                raise ProtocolError(f"a share ciphertext is longer than {_MAX_CIPHERTEXT} bytes")
+            elif any(len(c) > _MAX_CIPHERTEXT for c in shares.values()):
+                problem = f"a share ciphertext is longer than {_MAX_CIPHERTEXT} bytes"
+        if problem is not None:
+            raise self._refuse(silo, SecAggError(problem))
+        with self._cond:
+            self._check(silo, task_id)
+            if "share" in self._closed or silo in self._shared:
+                raise ProtocolError("the share step has closed, or this silo already shared")
             for recipient, ciphertext in shares.items():
                 self._mailbox.setdefault(recipient, {})[silo] = ciphertext
             self._shared.add(silo)
@@ -210,9 +285,14 @@ class ServerSession:
     ) -> None:
         """Record `silo`'s revealed shares.
 
+        A silo leaves out the shares of the silos whose ciphertexts did not
+        authenticate for it (never its own seed share); each omission is logged
+        as its report against that silo.
+
         Raises:
-            ProtocolError: `silo` is not a survivor, answered twice, or the shares do
-                not cover exactly the survivors' seeds and the dropped silos' keys.
+            ProtocolError: `silo` is not a survivor, answered twice, or the shares
+                name a silo twice, a seed of a silo that is no survivor, a key of a
+                silo that did not drop, or leave out its own seed.
         """
         with self._cond:
             self._check(silo, task_id)
@@ -220,12 +300,33 @@ class ServerSession:
                 raise ProtocolError(f"silo {silo!r} is not a survivor of this round")
             if silo in self._revealed:
                 raise ProtocolError(f"silo {silo!r} already revealed its shares")
-            if sorted(s for s, _, _ in self_mask) != self._survivors:
-                raise ProtocolError("self-mask shares must cover exactly the survivors")
-            if sorted(s for s, _, _ in mask_key) != self._dropped:
-                raise ProtocolError("mask-key shares must cover exactly the dropped silos")
+            seed_owners = [s for s, _, _ in self_mask]
+            key_owners = [s for s, _, _ in mask_key]
+            if len(set(seed_owners)) != len(seed_owners) or len(set(key_owners)) != len(key_owners):
+                raise ProtocolError("revealed shares name a silo twice")
+            if not set(seed_owners) <= set(self._survivors) or silo not in seed_owners:
+                raise ProtocolError(
+                    "self-mask shares must be of survivors only, this silo's own among them"
+                )
+            if not set(key_owners) <= set(self._dropped):
+                raise ProtocolError("mask-key shares must be of dropped silos only")
             if any(len(y) != shamir.SHARE_BYTES for _, _, y in [*self_mask, *mask_key]):
                 raise ProtocolError(f"each share must be {shamir.SHARE_BYTES} bytes")
+            # Every share a silo holds is at its own position in the advertised roster.
+            position = sorted(self._keys).index(silo) + 1
+            if any(x != position for _, x, _ in [*self_mask, *mask_key]):
+                raise ProtocolError(f"silo {silo!r} holds shares at position {position} only")
+            omitted = (set(self._survivors) - set(seed_owners)) | (
+                set(self._dropped) - set(key_owners)
+            )
+            for owner in sorted(omitted):
+                self._reports.setdefault(owner, set()).add(silo)
+                logger.warning(
+                    "secagg share report round=%d silo=%s invalid_share_from=%s",
+                    self.round,
+                    silo,
+                    owner,
+                )
             self._revealed[silo] = (list(self_mask), list(mask_key))
             self._cond.notify_all()
 
@@ -235,7 +336,7 @@ class ServerSession:
             assert self._survivors is not None  # set_roster ran
             survivors = self._survivors
             self._wait(
-                lambda: all(s in self._revealed or not self._alive(s) for s in survivors),
+                lambda: all(s in self._revealed or not self._waiting(s) for s in survivors),
                 until,
             )
             return len(self._revealed)
@@ -251,13 +352,21 @@ class ServerSession:
         try:
             return shamir.combine(shares, threshold=self.threshold)
         except ValueError as err:
-            raise RoundFailed(f"cannot recover the secret of silo {owner!r}: {err}") from err
+            reporters = sorted(self._reports.get(owner, ()))
+            why = ""
+            if reporters:
+                why = f"; its shares did not authenticate at {reporters}"
+                self.blamed = (*self.blamed, owner)
+            raise RoundFailed(
+                f"cannot recover the secret of silo {owner!r}: {err}{why}; no model is published"
+            ) from err
 
     def unmask_sum(self, total: npt.NDArray[np.uint32]) -> None:
         """Remove every mask from the ring sum `total`, in place.
 
         Raises:
-            RoundFailed: Fewer than t silos revealed shares, or a secret cannot be recovered.
+            RoundFailed: Fewer than t silos revealed shares, or a secret cannot be
+                recovered or used.
         """
         with self._cond:
             if self._survivors is None:
@@ -270,17 +379,22 @@ class ServerSession:
             seeds = [self._recover(s, 0) for s in survivors]
             pairwise: list[tuple[bytes, bool]] = []
             for gone in dropped:
-                key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
-                for alive in survivors:
-                    seed = crypto.pairwise_mask_seed(
-                        key,
-                        self._keys[alive][1],
-                        session=self.session,
-                        round=self.round,
-                        silos=(gone, alive),
-                    )
-                    # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
-                    pairwise.append((seed, alive < gone))
+                try:
+                    key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
+                    for alive in survivors:
+                        seed = crypto.pairwise_mask_seed(
+                            key,
+                            self._keys[alive][1],
+                            session=self.session,
+                            round=self.round,
+                            silos=(gone, alive),
+                        )
+                        # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
+                        pairwise.append((seed, alive < gone))
+                except SecAggError as err:
+                    raise RoundFailed(
+                        f"the pairwise masks of silo {gone!r}: {err}; no model is published"
+                    ) from err
         buffer = bytearray(4 * MASK_SLICE + 32)
         for start in range(0, total.size, MASK_SLICE):
             part = total[start : start + MASK_SLICE]

@@ -84,15 +84,18 @@ def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):
     # Arrange: silo-b..silo-e run normally; silo-a is driven by hand over its own mTLS channel
     import grpc
 
+    from fedpriv.secagg import crypto
     from fedpriv.transport import open_channel
     from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 
-    config = secure_config(tmp_path, pki, threshold=3)
+    config = secure_config(tmp_path, pki, threshold=3, min_results=3)
     with Coordinator(config) as coordinator, contextlib.ExitStack() as stack:
-        for i, name in enumerate(SILOS[1:], start=1):
+        outcomes = [
             stack.enter_context(
                 silo_thread(RandomUpdateClient(i), port=coordinator.port, tls=pki.tls(name))
             )
+            for i, name in enumerate(SILOS[1:], start=1)
+        ]
         channel = open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a"))
         stub = fleet_pb2_grpc.FleetStub(channel)
         stub.Join(fleet_pb2.JoinRequest(sdk_version="test"), timeout=10)
@@ -104,7 +107,8 @@ def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):
                 break
         assert task is not None
         other_task = coordinator.federation._phase.tasks["silo-b"]  # test-only peek
-        keys = fleet_pb2.AdvertiseKeys(cipher_public_key=bytes(32), mask_public_key=bytes([1]) * 32)
+        cipher, mask = crypto.KeyPair().public_bytes, crypto.KeyPair().public_bytes
+        keys = fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask)
         # Act: silo-a presents silo-b's task id with its own certificate
         with pytest.raises(grpc.RpcError) as refused:
             stub.SecAgg(
@@ -114,14 +118,28 @@ def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):
         reply = stub.SecAgg(
             fleet_pb2.SecAggRequest(task_id=task.task_id, round=1, advertise=keys), timeout=30
         )
+        # ... then leaves: the honest silos finish the round without it
+        stub.Leave(fleet_pb2.LeaveRequest(reason="test"), timeout=10)
         channel.close()
-        coordinator.federation.stop()
-    # Assert
+        assert coordinator.wait(timeout_s=120)
+    # Assert: every honest silo trained and ended normally, and their mean was committed
+    for outcome in outcomes:
+        assert "error" not in outcome, outcome["error"]
+        assert outcome["stats"].trained == 1
+    store = Store(config.state_dir)
+    committed = store.last_committed()
+    store.close()
+    final = read_checkpoint(committed.checkpoint).arrays()
+    updates = [random_update(i, SHAPES) for i in range(1, 5)]
+    for name in SHAPES:
+        np.testing.assert_allclose(
+            final[name], np.mean([u[name] for u in updates], axis=0), atol=1e-6
+        )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "silo-a" in refused.value.details() and other_task in refused.value.details()
     listed = {p.silo: (p.cipher_public_key, p.mask_public_key) for p in reply.peers}
     assert sorted(listed) == sorted(SILOS)
-    assert listed["silo-a"] == (bytes(32), bytes([1]) * 32)
+    assert listed["silo-a"] == (cipher, mask)
     assert all(listed[name] != listed["silo-a"] for name in SILOS[1:])
 
 
