@@ -9,7 +9,8 @@
     │   ├── AuthenticationError   no, expired or foreign certificate
     │   └── PermissionDenied      valid certificate, identity not allowed
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
-    │   └── TaskRejected          a coordinator's task failed the silo's checks
+    │   ├── TaskRejected          a coordinator's task failed the silo's checks
+    │   └── DuplicateSession      the identity already has a live session elsewhere
     ├── UpdateRejected            an update failed validation (lists every problem)
     ├── RoundFailed               a round could not complete; no model was published
     ├── PrivacyBudgetExceeded     a silo refused to train: the round would overspend its budget
@@ -32,6 +33,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "DuplicateSession",
     "FedprivError",
     "IntegrityError",
     "PKIError",
@@ -113,6 +115,18 @@ class TaskRejected(ProtocolError):
         self.round = round
         self.problems = tuple(problems)
         super().__init__(f"task {task_id!r} for round {round} refused: " + "; ".join(self.problems))
+
+
+class DuplicateSession(ProtocolError):
+    """A call under an identity that already has a live session from another connection.
+
+    The coordinator keeps one session per identity, so that a round never
+    counts an identity twice: a second process holding the same certificate
+    is refused until the first leaves, its upload breaks off, or it falls
+    silent for the liveness window.
+    """
+
+    grpc_status = "ALREADY_EXISTS"
 
 
 class UpdateRejected(FedprivError):

@@ -201,7 +201,8 @@ class AuditLog:
             StoreError: The log could not be read, or holds a kind this version
                 does not know.
         """
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if identity is not None:
             clauses.append("identity = ?")
             params.append(identity)

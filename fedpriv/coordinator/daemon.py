@@ -201,7 +201,8 @@ class Coordinator:
 
         def add(server: grpc.Server) -> list[str]:
             add_fleet_servicer(servicer, server)
-            admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.federation), server)
+            admin = AdminServicer(self.federation, audit=self.store.audit, insecure=self._insecure)
+            admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
             return ["fedpriv.v1.Fleet", "fedpriv.v1.Admin"]
 
         self._server_cm = serve(
