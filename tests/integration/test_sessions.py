@@ -340,3 +340,45 @@ def test_a_real_round_leaves_join_rejection_and_leave_entries_with_identity_and_
     assert "NaN or infinite" in rejected.detail and "round 1" in rejected.detail
     (left,) = [e for e in entries if e.kind is AuditKind.LEAVE and e.identity == "silo-c"]
     assert left.peer == joined["silo-c"].peer and left.detail == "test done"
+
+
+def test_an_upload_that_ends_short_is_dropped_not_rejected_and_its_silo_is_gone(
+    tmp_path, pki, array_client
+):
+    # Arrange: a cancelled stream can reach the servicer as one that simply ended;
+    # silo-c sends the header and one chunk, then closes its side
+    config = make_config(
+        tmp_path,
+        pki.root,
+        ARRAYS,
+        chunk_bytes=CHUNK,
+        min_clients=3,
+        min_results=2,
+        federated_evaluation=False,
+    )
+    with Coordinator(config) as coordinator:
+        with (
+            silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")) as a,
+            silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")) as b,
+            open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-c")) as channel,
+        ):
+            stub = fleet_pb2_grpc.FleetStub(channel)
+            stub.Join(fleet_pb2.JoinRequest(), timeout=5)
+            task, layout = _pull_train_task(stub)
+            # Act
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.PushResult(iter(_upload(task, layout, 5.0)[:2]), timeout=30)
+            gone = "silo-c" not in coordinator.federation.available()
+            assert coordinator.wait(timeout_s=60)
+            wait_silos([a, b])
+    # Assert
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"broke off after {CHUNK} bytes" in caught.value.details()
+    assert gone
+    store = Store(config.state_dir)
+    outcomes = {silo: outcome for _, silo, outcome, _ in store.participants(1)}
+    committed = store.last_committed()
+    store.close()
+    assert outcomes == {"silo-a": "accepted", "silo-b": "accepted", "silo-c": "dropped"}
+    final = read_checkpoint(committed.checkpoint, sha256=committed.sha256).arrays()
+    np.testing.assert_array_equal(final["w"], np.full((32, 64), 2.0, np.float32))
