@@ -86,6 +86,13 @@ class AuditEntry:
 
 
 def _bounded(value: str, limit: int) -> str:
+    """`value` cut to `limit` characters, with control characters escaped.
+
+    A caller controls its sdk version and reasons: escaping keeps it from
+    forging lines in ``fedpriv audit-log``'s output.
+    """
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value)
     return value if len(value) <= limit else value[: limit - 1] + "…"
 
 

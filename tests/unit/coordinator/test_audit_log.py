@@ -116,3 +116,11 @@ def test_an_unknown_kind_in_the_table_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="kind 'future', unknown"):
         store.audit.entries()
     store.close()
+
+
+def test_control_characters_are_escaped_so_an_entry_cannot_forge_lines(tmp_path):
+    store = Store(tmp_path)
+    store.audit.record(AuditKind.JOIN, "silo-a", "ipv4:1.2.3.4:5", "sdk 1\n2026 join silo-z\x1b[2J")
+    (entry,) = store.audit.entries()
+    store.close()
+    assert entry.detail == "sdk 1\\n2026 join silo-z\\x1b[2J"
