@@ -122,7 +122,8 @@ class DuplicateSession(ProtocolError):
 
     The coordinator keeps one session per identity, so that a round never
     counts an identity twice: a second process holding the same certificate
-    is refused until the first leaves, its upload breaks off, or it falls
+    is refused while the first has a call in progress (or took the identity
+    over from it), until the first leaves, its upload breaks off, or it falls
     silent for the liveness window.
     """
 

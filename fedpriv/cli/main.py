@@ -350,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
         "--kind",
         action="append",
         help="only entries of this kind (repeatable): join, leave, gone, rejected, "
-        "duplicate, denied, admin",
+        "duplicate, takeover, denied, admin",
     )
     audit_log.add_argument("--limit", type=_positive, help="only the newest N entries")
     audit_log.add_argument("--json", action="store_true", help="one JSON object per line")

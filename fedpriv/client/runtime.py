@@ -437,7 +437,7 @@ def run_client(
                 joined = False
                 waited = time.monotonic() - last_contact
                 if isinstance(error, DuplicateSession):
-                    # Retried: a crashed predecessor's session expires; a live twin's does not.
+                    # Retried: a crashed predecessor's calls end; a live twin's session does not.
                     if waited > reconnect_timeout_s:
                         raise error from None
                     delay = backoff.next_delay()

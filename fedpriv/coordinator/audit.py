@@ -67,6 +67,8 @@ class AuditKind(enum.Enum):
     """An update or result failed validation; the detail lists the problems."""
     DUPLICATE = "duplicate"
     """A second session for an identity with a live one was refused."""
+    TAKEOVER = "takeover"
+    """A new session took over an identity whose session had no call open (a restart)."""
     DENIED = "denied"
     """The authorisation check refused a call (not allowed, revoked, not an operator)."""
     ADMIN = "admin"

@@ -33,8 +33,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
         silo = peer_identity(context, insecure=self._insecure)
         if silo is None:  # the interceptor already refused such calls
             raise ProtocolError("caller has no identity")
-        # One live session per identity: a second connection under it is refused here.
-        self._federation.sessions.claim(silo, session=session_key(context), peer=context.peer())
+        # One session per identity: a second connection under it is refused here.
+        release = self._federation.sessions.claim(
+            silo, session=session_key(context), peer=context.peer()
+        )
+        if not context.add_callback(release):  # the call has already ended
+            release()
         return silo
 
     def Join(  # noqa: N802, D102

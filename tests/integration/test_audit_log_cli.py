@@ -62,5 +62,5 @@ def test_audit_log_refuses_an_unknown_kind_and_a_folder_without_state(tmp_path):
     unknown = audit_log(str(tmp_path), "--kind", "joins")
     missing = audit_log(str(tmp_path / "nowhere"))
     assert unknown.returncode == 2 and "--kind joins: not an audit kind" in unknown.stderr
-    assert "join, leave, gone, rejected, duplicate, denied, admin" in unknown.stderr
+    assert "join, leave, gone, rejected, duplicate, takeover, denied, admin" in unknown.stderr
     assert missing.returncode == 2 and "point at a coordinator's state folder" in missing.stderr

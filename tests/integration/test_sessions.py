@@ -91,9 +91,18 @@ def _audit(config):
         store.close()
 
 
-def test_a_second_connection_with_a_live_identity_is_refused_on_every_call(tmp_path, pki):
-    # Arrange: a round needs two silos, so silo-a's first session just waits
-    config = make_config(tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK, min_clients=2)
+def _wait_open_calls(coordinator, identity: str, count: int) -> None:
+    sessions = coordinator.federation.sessions
+    with sessions.changed:  # notified whenever a call ends
+        assert sessions.changed.wait_for(lambda: sessions.open_calls(identity) == count, 30)
+
+
+def test_a_second_connection_is_refused_on_every_call_while_the_first_is_in_one(tmp_path, pki):
+    # Arrange: a round needs two silos, so silo-a's first session waits in a long-poll
+    config = dataclasses.replace(
+        make_config(tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK, min_clients=2),
+        poll_wait_s=60,
+    )
     with (
         Coordinator(config) as coordinator,
         open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a")) as first,
@@ -101,6 +110,9 @@ def test_a_second_connection_with_a_live_identity_is_refused_on_every_call(tmp_p
     ):
         one, two = fleet_pb2_grpc.FleetStub(first), fleet_pb2_grpc.FleetStub(second)
         assert one.Join(fleet_pb2.JoinRequest(), timeout=5).silo == "silo-a"
+        _wait_open_calls(coordinator, "silo-a", 0)
+        poll = one.PullTask(fleet_pb2.PullTaskRequest(wait_s=60), timeout=90)
+        _wait_open_calls(coordinator, "silo-a", 1)
         # Act: the second connection tries every call a silo makes
         refused = {}
         calls = {
@@ -122,11 +134,12 @@ def test_a_second_connection_with_a_live_identity_is_refused_on_every_call(tmp_p
         assert one.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=5).known
         one.Leave(fleet_pb2.LeaveRequest(reason="done"), timeout=5)
         assert two.Join(fleet_pb2.JoinRequest(), timeout=5).silo == "silo-a"
+        poll.cancel()
         two.Leave(fleet_pb2.LeaveRequest(reason="done"), timeout=5)
     # Assert: ALREADY_EXISTS, naming the identity and the live session, on every call
     for name, (code, details) in refused.items():
         assert code == grpc.StatusCode.ALREADY_EXISTS, name
-        assert "'silo-a' already has a live session" in details, name
+        assert "'silo-a' already has a live session, which is in a call" in details, name
     assert still_there == ["silo-a"]  # the refused Leave did not remove the first session
     entries = _audit(config)
     kinds = [(e.kind, e.identity) for e in entries]
@@ -141,8 +154,36 @@ def test_a_second_connection_with_a_live_identity_is_refused_on_every_call(tmp_p
     assert first_join.peer in duplicate.detail
 
 
+def test_a_restarted_silo_takes_over_a_session_without_open_calls_and_the_old_is_refused(
+    tmp_path, pki
+):
+    # Arrange: the first connection joined and has no call open (it crashed, or trains)
+    config = make_config(tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK, min_clients=2)
+    with (
+        Coordinator(config) as coordinator,
+        open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a")) as first,
+        open_channel(f"127.0.0.1:{coordinator.port}", tls=pki.tls("silo-a")) as second,
+    ):
+        old, new = fleet_pb2_grpc.FleetStub(first), fleet_pb2_grpc.FleetStub(second)
+        old.Join(fleet_pb2.JoinRequest(), timeout=5)
+        _wait_open_calls(coordinator, "silo-a", 0)
+        # Act
+        assert new.Join(fleet_pb2.JoinRequest(), timeout=5).silo == "silo-a"
+        with pytest.raises(grpc.RpcError) as caught:
+            old.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=5)
+        assert new.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=5).known
+        new.Leave(fleet_pb2.LeaveRequest(reason="done"), timeout=5)
+    # Assert
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "took this identity over from this session" in caught.value.details()
+    entries = _audit(config)
+    joins = [e for e in entries if e.kind is AuditKind.JOIN]
+    (takeover,) = [e for e in entries if e.kind is AuditKind.TAKEOVER]
+    assert takeover.peer == joins[1].peer and joins[0].peer in takeover.detail
+
+
 def test_two_silo_processes_sharing_a_certificate_are_counted_once(tmp_path, pki, array_client):
-    # Arrange: silo-a runs twice (one is refused), silo-b once; each adds its delta
+    # Arrange: silo-a runs twice (one of the two is refused), silo-b once; each adds its delta
     config = make_config(
         tmp_path, pki.root, ARRAYS, chunk_bytes=CHUNK, min_clients=2, federated_evaluation=False
     )
@@ -161,7 +202,6 @@ def test_two_silo_processes_sharing_a_certificate_are_counted_once(tmp_path, pki
                 # Act
                 assert coordinator.wait(timeout_s=60, finish_grace_s=0)
                 wait_silos([a, b])
-        twin_stats = twin.get("stats")
     # Assert: the mean of +1 and +3 (+1 counted twice would give 5/3)
     store = Store(config.state_dir)
     committed = store.last_committed()
@@ -169,7 +209,7 @@ def test_two_silo_processes_sharing_a_certificate_are_counted_once(tmp_path, pki
     final = read_checkpoint(committed.checkpoint, sha256=committed.sha256).arrays()
     np.testing.assert_array_equal(final["w"], np.full((32, 64), 2.0, np.float32))
     assert reporter.completed[0].accepted == 2
-    assert twin_stats is None or twin_stats.trained == 0
+    assert "error" not in twin and "error" not in a
 
 
 def test_the_same_upload_twice_and_two_concurrent_streams_of_one_identity_count_once(
