@@ -244,7 +244,7 @@ class Federation:
         self._staged_summary: RoundSummary | None = None
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
-        # One live session per identity: a second connection under it is refused.
+        # One session per identity: a second connection is refused or takes over.
         self.sessions = SessionRegistry(
             liveness_s=self.liveness_s,
             clock=clock,
