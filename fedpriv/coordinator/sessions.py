@@ -73,7 +73,7 @@ class SessionRegistry:
         self._clock = clock
         self._audit = audit
         self._last_activity = last_activity
-        # Notified whenever a call ends (tests wait on it).
+        # Notified whenever a call starts or ends (tests wait on it).
         self.changed = threading.Condition()
         self._sessions: dict[str, _Session] = {}
 
@@ -158,6 +158,7 @@ class SessionRegistry:
     def _open(self, identity: str, held: _Session) -> Callable[[], None]:
         """Count one open call of `held` (caller holds the lock); return its release."""
         held.open_calls += 1
+        self.changed.notify_all()
         done = [False]
 
         def release() -> None:

@@ -93,7 +93,7 @@ def _audit(config):
 
 def _wait_open_calls(coordinator, identity: str, count: int) -> None:
     sessions = coordinator.federation.sessions
-    with sessions.changed:  # notified whenever a call ends
+    with sessions.changed:  # notified whenever a call starts or ends
         assert sessions.changed.wait_for(lambda: sessions.open_calls(identity) == count, 30)
 
 
@@ -201,7 +201,9 @@ def test_two_silo_processes_sharing_a_certificate_are_counted_once(tmp_path, pki
             ):
                 # Act
                 assert coordinator.wait(timeout_s=60, finish_grace_s=0)
-                wait_silos([a, b])
+                # The refused silo-a is stopped on leaving the block: it would be let in
+                # (and told FINISHED) only once the other one's session has gone silent.
+                wait_silos([b])
     # Assert: the mean of +1 and +3 (+1 counted twice would give 5/3)
     store = Store(config.state_dir)
     committed = store.last_committed()
@@ -210,6 +212,9 @@ def test_two_silo_processes_sharing_a_certificate_are_counted_once(tmp_path, pki
     np.testing.assert_array_equal(final["w"], np.full((32, 64), 2.0, np.float32))
     assert reporter.completed[0].accepted == 2
     assert "error" not in twin and "error" not in a
+    # The twin's first call was refused or took over; either is on record.
+    refusals = [e for e in _audit(config) if e.identity == "silo-a"]
+    assert {AuditKind.DUPLICATE, AuditKind.TAKEOVER} & {e.kind for e in refusals}
 
 
 def test_the_same_upload_twice_and_two_concurrent_streams_of_one_identity_count_once(
