@@ -123,13 +123,17 @@ class SessionRegistry:
                 peer,
                 previous,
             )
-            self._audit.record(
-                AuditKind.TAKEOVER,
-                identity,
-                peer,
-                f"took over from the session at {previous} (no call open there, "
-                f"active {silent_s:.1f} s ago)",
-            )
+            try:
+                self._audit.record(
+                    AuditKind.TAKEOVER,
+                    identity,
+                    peer,
+                    f"took over from the session at {previous} (no call open there, "
+                    f"active {silent_s:.1f} s ago)",
+                )
+            except BaseException:
+                release()  # the call fails: it must not stay counted as open
+                raise
             return release
         why = "took this identity over from this session" if taken_from_caller else "is in a call"
         logger.warning(
