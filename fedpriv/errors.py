@@ -10,6 +10,7 @@
     │   └── PermissionDenied      valid certificate, identity not allowed
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
     │   ├── TaskRejected          a coordinator's task failed the silo's checks
+    │   ├── DuplicateSession      the identity already has a live session elsewhere
     │   └── SecAggError           a secure-aggregation peer or roster broke the protocol
     │       ├── InvalidPublicKey  an advertised X25519 key is malformed or of small order
     │       └── InvalidShare      a relayed share ciphertext did not authenticate
@@ -35,6 +36,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConnectError",
+    "DuplicateSession",
     "FedprivError",
     "IntegrityError",
     "InvalidPublicKey",
@@ -149,6 +151,19 @@ class InvalidShare(SecAggError):
     associated data or the text was wrong. The receiving silo reveals nothing
     about that peer's secrets.
     """
+
+
+class DuplicateSession(ProtocolError):
+    """A call under an identity that already has a live session from another connection.
+
+    The coordinator keeps one session per identity, so that a round never
+    counts an identity twice: a second process holding the same certificate
+    is refused while the first has a call in progress (or took the identity
+    over from it), until the first leaves, its upload breaks off, or it falls
+    silent for the liveness window.
+    """
+
+    grpc_status = "ALREADY_EXISTS"
 
 
 class UpdateRejected(FedprivError):

@@ -189,6 +189,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_log(args: argparse.Namespace) -> int:
+    from fedpriv.cli.audit_log import format_entries, parse_kinds, to_json_lines
+    from fedpriv.coordinator.audit import AuditLog
+
+    kinds = parse_kinds(args.kind)
+    log = AuditLog.open(pathlib.Path(args.state_dir))
+    try:
+        entries = log.entries(identity=args.identity, kinds=kinds, limit=args.limit)
+    finally:
+        log.close()
+    text = to_json_lines(entries) if args.json else format_entries(entries)
+    if text:
+        print(text, flush=True)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from fedpriv.cli.status import check_health, format_status, query_status, to_json
     from fedpriv.client.config import ClientConfig
@@ -228,6 +244,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
     for command in made.commands:
         print(f"  {command}")
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,6 +308,22 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the coordinator's state dir (holds metrics.jsonl)")
     report.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
     report.set_defaults(run=_cmd_report)
+
+    audit_log = commands.add_parser(
+        "audit-log",
+        help="the coordinator's audit log: joins, leaves, rejections, refusals, admin calls",
+    )
+    audit_log.add_argument("state_dir", help="the coordinator's state dir (holds state.sqlite3)")
+    audit_log.add_argument("--identity", help="only this silo's or operator's entries")
+    audit_log.add_argument(
+        "--kind",
+        action="append",
+        help="only entries of this kind (repeatable): join, leave, gone, rejected, "
+        "duplicate, takeover, denied, admin",
+    )
+    audit_log.add_argument("--limit", type=_positive, help="only the newest N entries")
+    audit_log.add_argument("--json", action="store_true", help="one JSON object per line")
+    audit_log.set_defaults(run=_cmd_audit_log)
 
     status = commands.add_parser("status", help="ask a running coordinator for its state")
     status.add_argument(

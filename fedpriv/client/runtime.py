@@ -29,6 +29,7 @@ from fedpriv.client.tasks import ModelOwner, TaskLimits, ValidatedTask, receive_
 from fedpriv.errors import (
     AuthenticationError,
     ConnectError,
+    DuplicateSession,
     PermissionDenied,
     PrivacyBudgetExceeded,
     ProtocolError,
@@ -37,6 +38,7 @@ from fedpriv.errors import (
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
+from fedpriv.transport.session import new_session_id, with_session
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import Compression, arrays_from_payload, scalars_to_proto
 from fedpriv.wire.frames import RawChunk, parse_with_chunks, serialize
@@ -342,6 +344,8 @@ def run_client(
         AuthenticationError: The coordinator refused this silo's certificate.
         PermissionDenied: The silo is not on the coordinator's allow list.
         ConnectError: The coordinator stayed unreachable for `reconnect_timeout_s`.
+        DuplicateSession: Another process held this silo's identity (a live session
+            under the same certificate) for `reconnect_timeout_s`.
     """
     stop = stop or threading.Event()
     release = release or ReleasePolicy()
@@ -353,6 +357,8 @@ def run_client(
     channel = open_channel(
         coordinator, tls=tls, insecure=insecure, identity=identity, server_name=server_name
     )
+    # One id for this run: reconnects stay one session; a second process is another.
+    channel = with_session(channel, new_session_id())
     stub = _fleet_stub(channel)
     buffers = _ReceiveBuffer()
     joined = False
@@ -431,6 +437,14 @@ def run_client(
                     continue
                 joined = False
                 waited = time.monotonic() - last_contact
+                if isinstance(error, DuplicateSession):
+                    # Retried: a crashed predecessor's calls end; a live twin's session does not.
+                    if waited > reconnect_timeout_s:
+                        raise error from None
+                    delay = backoff.next_delay()
+                    logger.error("refused by the coordinator: %s; retrying in %.1f s", error, delay)
+                    stop.wait(delay)
+                    continue
                 if waited > reconnect_timeout_s:
                     raise ConnectError(
                         f"coordinator {coordinator} unreachable for {waited:.0f} s: {error}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from fedpriv.coordinator.audit import AuditKind, AuditLog
 from fedpriv.coordinator.federation import Federation
-from fedpriv.transport import rpc_error_translator
+from fedpriv.transport import peer_identity, rpc_error_translator
 from fedpriv.v1 import admin_pb2, admin_pb2_grpc
 
 __all__ = ["AdminServicer"]
@@ -14,13 +15,21 @@ __all__ = ["AdminServicer"]
 class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]  # generated, untyped
     """Serves ``Admin.Status``; the interceptor admits only ``[federation] operators``."""
 
-    def __init__(self, federation: Federation) -> None:
+    def __init__(self, federation: Federation, *, audit: AuditLog, insecure: bool = False) -> None:
         self._federation = federation
+        self._audit = audit
+        self._insecure = insecure
 
     def Status(  # noqa: N802, D102
         self, request: admin_pb2.StatusRequest, context: grpc.ServicerContext
     ) -> admin_pb2.StatusReply:
         with rpc_error_translator(context, "Admin.Status"):
+            self._audit.record(
+                AuditKind.ADMIN,
+                peer_identity(context, insecure=self._insecure) or "",
+                context.peer(),
+                "Admin.Status",
+            )
             status = self._federation.status()
             config = self._federation.config
             return admin_pb2.StatusReply(

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpriv.atrest import AtRestKey, is_sealed
 from fedpriv.coordinator.admin import AdminServicer
+from fedpriv.coordinator.audit import DenialRecorder
 from fedpriv.coordinator.checkpoint import read_checkpoint
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
 from fedpriv.coordinator.federation import Federation, RoundReporter
@@ -27,7 +28,7 @@ from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.pki import RevocationList
 from fedpriv.strategy import FedAvg, Strategy
 from fedpriv.transport import AuthInterceptor, ServerHandle, TLSConfig, serve
-from fedpriv.transport.auth import DenialCallback
+from fedpriv.transport.auth import DenialCallback, DenialReason
 from fedpriv.v1 import admin_pb2_grpc
 from fedpriv.wire import Model
 from fedpriv.wire.torch_interop import model_from_state_dict
@@ -167,6 +168,8 @@ class Coordinator:
         self._stopping = threading.Event()
         key = None if config.encryption_key is None else config.encryption_key.load()
         self.store = Store(config.state_dir, keep_checkpoints=config.keep_checkpoints, key=key)
+        # Every refusal at the interceptor (revoked, not allowed, ...) is an audit entry.
+        self._audit_denials = DenialRecorder(self.store.audit)
         for orphan in self.store.remove_orphans():
             logger.info("removed a checkpoint no round committed: %s", orphan.name)
         committed = self.store.last_committed()
@@ -214,6 +217,11 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
+    def _denied(self, identity: str | None, peer: str, reason: DenialReason) -> None:
+        self._audit_denials(identity, peer, reason)
+        if self._on_denied is not None:
+            self._on_denied(identity, peer, reason)
+
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
@@ -226,7 +234,8 @@ class Coordinator:
 
         def add(server: grpc.Server) -> list[str]:
             add_fleet_servicer(servicer, server)
-            admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.federation), server)
+            admin = AdminServicer(self.federation, audit=self.store.audit, insecure=self._insecure)
+            admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
             return ["fedpriv.v1.Fleet", "fedpriv.v1.Admin"]
 
         self._auth = AuthInterceptor(
@@ -234,7 +243,7 @@ class Coordinator:
             insecure=self._insecure,
             operators=self.config.operators,
             revocations=self.revocations,
-            on_denied=self._on_denied,
+            on_denied=self._denied,
         )
         if self.revocations is not None:
             self.revocations.subscribe(self._end_revoked)

@@ -21,9 +21,11 @@ import numpy as np
 import numpy.typing as npt
 
 from fedpriv._types import Scalar
+from fedpriv.coordinator.audit import AuditKind
 from fedpriv.coordinator.checkpoint import drop_page_cache
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.guarantees import FederationGuarantee, SpendGuard, release_mode
+from fedpriv.coordinator.sessions import SessionRegistry
 from fedpriv.coordinator.store import RoundPrivacy, StagedRound, Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
@@ -245,6 +247,13 @@ class Federation:
         self._staged_summary: RoundSummary | None = None
         # A silo that neither polls nor heartbeats for this long counts as gone.
         self.liveness_s = max(3.0 * config.heartbeat_interval_s, config.poll_wait_s + 10.0)
+        # One session per identity: a second connection is refused or takes over.
+        self.sessions = SessionRegistry(
+            liveness_s=self.liveness_s,
+            clock=clock,
+            audit=store.audit,
+            last_activity=self._last_seen.get,
+        )
         self._clip: ClipState | None = None
         # Every silo-level release so far, central (Gaussian) or distributed (Skellam).
         self._dp_history: list[GaussianSteps | SkellamSum] = []
@@ -373,13 +382,27 @@ class Federation:
     def _touch(self, silo: str) -> None:
         self._last_seen[silo] = self._clock()
 
-    def join(self, silo: str) -> None:
+    def join(self, silo: str, *, sdk_version: str = "") -> None:
         """Register `silo` (again, after a restart)."""
         with self._cond:
             self._touch(silo)
             self._cond.notify_all()
         self._store.touch_silo(silo)
+        self._audit(AuditKind.JOIN, silo, f"sdk {sdk_version}" if sdk_version else "")
         logger.info("joined silo=%s", silo)
+
+    def _audit(self, kind: AuditKind, silo: str, detail: str) -> None:
+        """Record an event of `silo` in the audit log, with its session's peer address."""
+        self._store.audit.record(kind, silo, self.sessions.peer(silo), detail)
+
+    def _mark_gone(self, silo: str, detail: str) -> None:
+        """Forget `silo` until it calls again, and free its identity (caller holds the lock).
+
+        Its upload broke off: the next attempt must not wait for it to time out.
+        """
+        self._last_seen.pop(silo, None)
+        self._audit(AuditKind.GONE, silo, detail)
+        self.sessions.end(silo)
 
     def heartbeat(self, silo: str) -> bool:
         """Note that `silo` is alive; False if it never joined (it should join again)."""
@@ -402,6 +425,8 @@ class Federation:
             ):
                 self._resolve(phase, silo, "dropped", f"left: {reason}")
             self._cond.notify_all()
+        self._audit(AuditKind.LEAVE, silo, reason)
+        self.sessions.end(silo)
         logger.info("left silo=%s reason=%s", silo, reason)
 
     def pull_task(self, silo: str, *, wait_s: float) -> Assignment:
@@ -484,7 +509,12 @@ class Federation:
                     f"silo {silo!r} has no open task {task_id!r} for round {round}; "
                     "the result is stale or for another silo"
                 )
-            if silo in phase.outcomes or silo in phase.uploads:
+            if silo in phase.uploads:
+                raise ProtocolError(
+                    f"silo {silo!r} already has an upload open for task {task_id!r}; "
+                    "one result per silo and task is taken"
+                )
+            if silo in phase.outcomes:
                 raise ProtocolError(f"silo {silo!r} already sent a result for task {task_id!r}")
             problems = list(header_problems) + list(metric_problems)
             reasons = ["layout"] * len(header_problems) + ["metrics"] * len(metric_problems)
@@ -568,11 +598,16 @@ class Federation:
             phase.uploads[silo] = upload
             return upload
 
-    def complete_upload(self, upload: Upload, *, error: Exception | None = None) -> None:
+    def complete_upload(
+        self, upload: Upload, *, error: Exception | None = None, broken: bool = False
+    ) -> None:
         """Finish `upload`: fold it into the round and accept it, or record why it failed.
 
         Nothing of an upload is in the round's sum until it is folded here, whole,
         once: an upload that fails or comes too late is dropped, never subtracted.
+        An upload whose stream is `broken` (cancelled, disconnected), or that ended
+        short with nothing wrong in what arrived, broke off: it is dropped, not
+        rejected, and its silo counts as gone until it calls again.
 
         Raises:
             UpdateRejected: Validation failed at the end of the stream.
@@ -585,8 +620,19 @@ class Federation:
                 result = upload.finish()
             except (UpdateRejected, ProtocolError) as err:
                 failure = err
+            if upload.broke_off:
+                broken = True
+                failure = ProtocolError(
+                    f"the upload of silo {upload.silo!r} for round {upload.round} broke off "
+                    f"after {upload.bytes_in} bytes; it counts as dropped"
+                )
         else:
             upload.cancel(f"stream broken: {error}")
+            if broken:
+                failure = ProtocolError(
+                    f"the upload of silo {upload.silo!r} for round {upload.round} broke off "
+                    f"(cancelled or disconnected) after {upload.bytes_in} bytes"
+                )
         with self._cond:
             phase = self._phase
             current = phase is not None and phase.uploads.get(upload.silo) is upload
@@ -612,6 +658,8 @@ class Federation:
             elif result is not None:
                 upload.release()
                 failure = ProtocolError(f"round {upload.round} closed before the upload completed")
+            if broken:
+                self._mark_gone(upload.silo, str(failure))
             self._cond.notify_all()
         if fold and phase is not None and result is not None:
             self._fold(phase, upload, result)
@@ -666,6 +714,7 @@ class Federation:
             return
         phase.outcomes[silo] = outcome
         if outcome == "rejected":
+            self._audit(AuditKind.REJECTED, silo, f"round {phase.round}: {detail}")
             rejected = getattr(self._reporter, "update_rejected", None)
             if rejected is not None:
                 rejected(silo=silo, round=phase.round, reason=reason or "invalid", detail=detail)

@@ -10,6 +10,7 @@ import grpc
 from fedpriv.coordinator.federation import Federation, TaskKind
 from fedpriv.errors import ProtocolError
 from fedpriv.transport import peer_identity, rpc_error_translator
+from fedpriv.transport.session import session_key
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
 from fedpriv.wire.frames import chunk_frame, chunk_of, parse_with_chunks, serialize
@@ -32,6 +33,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
         silo = peer_identity(context, insecure=self._insecure)
         if silo is None:  # the interceptor already refused such calls
             raise ProtocolError("caller has no identity")
+        # One session per identity: a second connection under it is refused here.
+        release = self._federation.sessions.claim(
+            silo, session=session_key(context), peer=context.peer()
+        )
+        if not context.add_callback(release):  # the call has already ended
+            release()
         return silo
 
     def Join(  # noqa: N802, D102
@@ -45,7 +52,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 context.peer(),
                 request.sdk_version[:64],
             )
-            self._federation.join(silo)
+            self._federation.join(silo, sdk_version=request.sdk_version[:64])
             return fleet_pb2.JoinReply(
                 silo=silo,
                 federation=self._federation.config.federation,
@@ -127,6 +134,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     if chunk is None:
                         raise ProtocolError("only TensorChunk messages may follow the ResultHeader")
                     upload.add_chunk(*chunk)
+            except grpc.RpcError as err:  # cancelled or disconnected: nobody to answer
+                self._federation.complete_upload(upload, error=err, broken=True)
+                return fleet_pb2.PushReply(accepted=False)
             except Exception as err:
                 self._federation.complete_upload(upload, error=err)
                 raise

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from fedpriv._types import Scalar
 from fedpriv.atrest import AtRestKey
+from fedpriv.coordinator.audit import AUDIT_SCHEMA, AuditLog
 from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
 from fedpriv.errors import StoreError
 from fedpriv.storage import publish
@@ -180,10 +181,12 @@ class Store:
             # commit durable before the call returns.
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_SCHEMA + AUDIT_SCHEMA)
         except (OSError, sqlite3.Error) as err:
             raise StoreError(f"cannot open coordinator state in {directory}: {err}") from err
         self._lock = threading.Lock()
+        # Joins, leaves, rejections, denials and admin calls (fedpriv audit-log).
+        self.audit = AuditLog(self._db, self._lock)
 
     def close(self) -> None:
         """Close the database."""

@@ -177,6 +177,26 @@ class Upload:
         if layout is not None and layout.payload_bytes:
             self._spool = self._spools.acquire()
 
+    @property
+    def bytes_in(self) -> int:
+        """Payload bytes received so far (decompressed)."""
+        return self._received
+
+    @property
+    def broke_off(self) -> bool:
+        """Whether the stream stopped short with nothing wrong in what arrived.
+
+        A cancelled or disconnected stream can look like one that ended: such an
+        upload is a dropout, not a rejection.
+        """
+        with self._lock:
+            return (
+                self._cancelled is None
+                and self._layout is not None
+                and self._scan.clean
+                and self._received < self._layout.payload_bytes
+            )
+
     def add_chunk(self, offset: int, data: bytes | memoryview) -> None:
         """Validate one chunk and spool it; nothing is folded before :meth:`finish`.
 

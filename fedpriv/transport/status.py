@@ -38,6 +38,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[errors.FedprivError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.ConnectError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.ConnectError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.ProtocolError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.DuplicateSession,
     grpc.StatusCode.INVALID_ARGUMENT: errors.ProtocolError,
 }
 

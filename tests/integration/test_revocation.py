@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedpriv.coordinator import Coordinator
+from fedpriv.coordinator.audit import AuditKind
 from fedpriv.coordinator.config import TLSFiles
 from fedpriv.errors import PermissionDenied, PKIError
 from fedpriv.pki import CertificateAuthority, Role
@@ -173,7 +174,7 @@ def test_an_open_call_of_a_revoked_silo_is_ended_and_it_leaves(ca_dir, tmp_path)
     assert ("silo-2", DenialReason.REVOKED) in denied
 
 
-def test_reload_on_demand_picks_up_a_revocation(ca_dir, tmp_path):
+def test_reload_on_demand_picks_up_a_revocation_and_the_refusal_is_audited(ca_dir, tmp_path):
     config = make_config(tmp_path, ca_dir, {"w": np.zeros(2, np.float32)})
     with Coordinator(config) as running:
         CertificateAuthority.load(ca_dir).revoke("silo-3")
@@ -182,7 +183,11 @@ def test_reload_on_demand_picks_up_a_revocation(ca_dir, tmp_path):
         with open_channel(f"127.0.0.1:{running.port}", tls=tls(ca_dir, "silo-3")) as channel:
             with pytest.raises(grpc.RpcError) as refused:
                 fleet_pb2_grpc.FleetStub(channel).Join(fleet_pb2.JoinRequest(), timeout=10)
+        denied = running.store.audit.entries(kinds=frozenset({AuditKind.DENIED}))
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The revocation hit is in the audit log, with the identity and its address.
+    assert [(e.identity, e.detail) for e in denied] == [("silo-3", "revoked")]
+    assert denied[0].peer.startswith("ipv4:127.0.0.1:")
 
 
 def test_coordinator_refuses_to_start_with_a_foreign_or_missing_configured_crl(ca_dir, tmp_path):
