@@ -7,7 +7,11 @@
     ├── TransportError            gRPC/TLS level problems
     │   ├── ConnectError          coordinator unreachable, handshake failed
     │   ├── AuthenticationError   no, expired or foreign certificate
-    │   └── PermissionDenied      valid certificate, identity not allowed
+    │   ├── PermissionDenied      valid certificate, identity not allowed
+    │   └── CallRefused           a call broke one of the coordinator's [limits]
+    │       ├── LimitExceeded     too many streams, too large a message (RESOURCE_EXHAUSTED)
+    │       ├── StreamStalled     no header, or no bytes, for too long (DEADLINE_EXCEEDED)
+    │       └── MalformedMessage  undecodable bytes, a stream that starts wrong (INVALID_ARGUMENT)
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
     │   └── TaskRejected          a coordinator's task failed the silo's checks
     ├── UpdateRejected            an update failed validation (lists every problem)
@@ -30,10 +34,13 @@ from collections.abc import Sequence
 
 __all__ = [
     "AuthenticationError",
+    "CallRefused",
     "ConfigError",
     "ConnectError",
     "FedprivError",
     "IntegrityError",
+    "LimitExceeded",
+    "MalformedMessage",
     "PKIError",
     "PermissionDenied",
     "PrivacyBudgetExceeded",
@@ -41,6 +48,7 @@ __all__ = [
     "ProtocolError",
     "RoundFailed",
     "StoreError",
+    "StreamStalled",
     "TaskRejected",
     "TransportError",
     "UpdateRejected",
@@ -81,6 +89,35 @@ class PermissionDenied(TransportError):
     """The certificate is valid but its identity is not on the allow list."""
 
     grpc_status = "PERMISSION_DENIED"
+
+
+class CallRefused(TransportError):
+    """The coordinator ended a call that broke one of its limits (``[limits]``).
+
+    It is logged where it is refused, at most once per identity per
+    ``limits.refusal_log_interval_s``, so that a caller cannot flood the log;
+    the status translator does not log it again.
+    """
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class LimitExceeded(CallRefused):
+    """Too many concurrent streams from one identity, or a message larger than allowed."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class StreamStalled(CallRefused):
+    """A request stream sent no header, or no bytes, for longer than its timeout."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class MalformedMessage(CallRefused):
+    """Bytes that do not decode as the method's message, or a stream that starts wrong."""
+
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class ProtocolError(FedprivError):

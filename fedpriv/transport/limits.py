@@ -1,0 +1,521 @@
+"""Limits against exhaustion: per-identity stream caps, stream timeouts, message sizes.
+
+A caller that trips a limit gets RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED or
+INVALID_ARGUMENT, and the coordinator's log gets at most one line per identity
+per ``refusal_log_interval_s``. Everything here runs before or around the
+servicers, in :class:`LimitInterceptor`; honest calls pay one counter update and,
+for request streams, a hand-off between two threads per message.
+
+gRPC's sync server has no read with a timeout: a handler that calls
+``next(request_iterator)`` on a stream that sends nothing blocks its worker
+thread for good. :class:`TimedReader` reads the stream in a helper thread and
+hands each message over; the handler waits for it with a timeout and, when it
+expires, ends the call with DEADLINE_EXCEEDED. Ending the call completes the
+helper's pending read, so both threads are freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from fedpriv.errors import (
+    CallRefused,
+    ConfigError,
+    LimitExceeded,
+    MalformedMessage,
+    StreamStalled,
+)
+from fedpriv.transport.auth import peer_identity
+
+__all__ = [
+    "CallLimits",
+    "LimitInterceptor",
+    "RefusalLog",
+    "ServerLimits",
+    "StreamSlots",
+    "TimedReader",
+]
+
+logger = logging.getLogger(__name__)
+
+# gRPC's own ceiling for one message (fedpriv.transport.options.MAX_MESSAGE_BYTES).
+_MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerLimits:
+    """The coordinator's limits against exhaustion (the ``[limits]`` table).
+
+    Args:
+        max_streams_per_identity: Concurrent streaming calls (task long-polls,
+            uploads) one identity may hold open; more get RESOURCE_EXHAUSTED. An
+            honest silo holds at most two at a time.
+        header_timeout_s: Time an upload stream has to send its first message;
+            then DEADLINE_EXCEEDED.
+        idle_timeout_s: Longest gap between two messages of an upload stream;
+            then DEADLINE_EXCEEDED (bytes must keep flowing).
+        max_header_bytes: Largest message that is not a tensor chunk (a result
+            header, a SecAgg step, a join); larger gets RESOURCE_EXHAUSTED.
+        max_metrics_bytes: Largest encoded metrics map in a result header.
+        max_concurrent_rpcs: Calls the server runs at once, one worker thread
+            each; the next gets RESOURCE_EXHAUSTED from gRPC at once instead of
+            queueing behind them.
+        max_connections: Open connections the server accepts; more are closed.
+        max_streams_per_connection: HTTP/2 streams one connection may have open
+            (``grpc.max_concurrent_streams``); further calls wait in the client.
+        min_ping_interval_s: Shortest interval between keepalive pings the server
+            accepts on a connection without calls; faster pings are strikes.
+        permit_keepalive_without_calls: Accept keepalive pings on a connection with
+            no call open (silos ping between long-polls to keep NAT paths open).
+        max_ping_strikes: Pings too early before the server closes the connection
+            (GOAWAY, too_many_pings).
+        refusal_log_interval_s: At most one log line per identity per interval
+            for refused calls; the rest are counted and the count logged next time.
+    """
+
+    max_streams_per_identity: int = 4
+    header_timeout_s: float = 30.0
+    idle_timeout_s: float = 120.0
+    max_header_bytes: int = 1 << 20
+    max_metrics_bytes: int = 64 << 10
+    max_concurrent_rpcs: int = 256
+    max_connections: int = 1024
+    max_streams_per_connection: int = 100
+    min_ping_interval_s: float = 20.0
+    permit_keepalive_without_calls: bool = True
+    max_ping_strikes: int = 2
+    refusal_log_interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        at_least_one = (
+            "max_streams_per_identity",
+            "max_concurrent_rpcs",
+            "max_connections",
+            "max_streams_per_connection",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name} = {getattr(self, name)}: must be >= 1")
+        positive = (
+            "header_timeout_s",
+            "idle_timeout_s",
+            "min_ping_interval_s",
+            "refusal_log_interval_s",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"limits.{name} = {getattr(self, name)}: must be > 0")
+        if self.max_ping_strikes < 0:
+            raise ConfigError(f"limits.max_ping_strikes = {self.max_ping_strikes}: must be >= 0")
+        for name in ("max_header_bytes", "max_metrics_bytes"):
+            if not 1024 <= getattr(self, name) <= _MAX_MESSAGE_BYTES:
+                raise ConfigError(
+                    f"limits.{name} = {getattr(self, name)}: must be in [1024, "
+                    f"{_MAX_MESSAGE_BYTES}] (gRPC's message limit)"
+                )
+        if self.max_streams_per_identity >= self.max_concurrent_rpcs:
+            raise ConfigError(
+                f"limits.max_streams_per_identity = {self.max_streams_per_identity}: must be "
+                f"less than limits.max_concurrent_rpcs ({self.max_concurrent_rpcs}), or one "
+                "identity could occupy every worker thread"
+            )
+
+    def server_options(self) -> list[tuple[str, int | str]]:
+        """The gRPC server options these limits set."""
+        return [
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                int(self.min_ping_interval_s * 1000),
+            ),
+            ("grpc.keepalive_permit_without_calls", int(self.permit_keepalive_without_calls)),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+        ]
+
+
+class RefusalLog:
+    """One WARNING line per identity per interval for refused calls; the rest are counted.
+
+    Args:
+        interval_s: Shortest time between two lines about the same identity.
+        clock: Monotonic seconds (tests pass their own).
+        max_identities: Identities tracked at once; beyond it the oldest are
+            forgotten, so that self-declared names (--insecure) cannot grow it.
+    """
+
+    def __init__(
+        self,
+        *,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_identities: int = 4096,
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._max = max_identities
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def refused(self, identity: str, limit: str, detail: str) -> bool:
+        """Note a refusal; True if it was logged (else only counted)."""
+        now = self._clock()
+        with self._lock:
+            last, suppressed = self._last.get(identity, (None, 0))
+            if last is not None and now - last < self._interval_s:
+                self._last[identity] = (last, suppressed + 1)
+                return False
+            self._last.pop(identity, None)
+            if len(self._last) >= self._max:
+                del self._last[next(iter(self._last))]
+            self._last[identity] = (now, 0)
+        logger.warning(
+            "refused identity=%s limit=%s suppressed=%d: %s",
+            identity,
+            limit,
+            suppressed,
+            detail,
+        )
+        return True
+
+
+class StreamSlots:
+    """Counts each identity's open streaming calls against a cap."""
+
+    def __init__(self, per_identity: int) -> None:
+        self._per_identity = per_identity
+        self._cond = threading.Condition()
+        self._open: dict[str, int] = {}
+
+    def acquire(self, identity: str) -> bool:
+        """Take a slot for `identity`; False when it already holds the cap."""
+        with self._cond:
+            held = self._open.get(identity, 0)
+            if held >= self._per_identity:
+                return False
+            self._open[identity] = held + 1
+            self._cond.notify_all()
+            return True
+
+    def release(self, identity: str) -> None:
+        """Give back a slot that :meth:`acquire` granted."""
+        with self._cond:
+            held = self._open.get(identity, 0) - 1
+            if held > 0:
+                self._open[identity] = held
+            else:
+                self._open.pop(identity, None)
+            self._cond.notify_all()
+
+    def held(self, identity: str) -> int:
+        """Slots `identity` holds now."""
+        with self._cond:
+            return self._open.get(identity, 0)
+
+    def wait_for(self, identity: str, count: int, timeout_s: float) -> bool:
+        """Wait until `identity` holds exactly `count` slots; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._open.get(identity, 0) == count, timeout_s)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """What a guarded deserializer returns instead of raising: the call is refused."""
+
+    error: type[CallRefused]
+    limit: str
+    detail: str
+
+
+def _is_chunk(message: Any) -> bool:
+    # fedpriv's hand-framed chunks decode to a tuple, not a protobuf message; a peer's
+    # generated code may still send chunks as ordinary messages with `chunk` set.
+    fields = getattr(message, "ListFields", None)
+    return fields is None or any(field.name == "chunk" for field, _ in fields())
+
+
+def guard_deserializer(
+    deserialize: Callable[[bytes], Any] | None, *, max_header_bytes: int
+) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so that it never raises and bounds non-chunk messages.
+
+    gRPC logs a traceback at ERROR and answers INTERNAL when a deserializer
+    raises; the wrapped one returns a refusal that the interceptor answers with
+    INVALID_ARGUMENT (undecodable) or RESOURCE_EXHAUSTED (too large).
+    """
+    if deserialize is None:
+        return None
+
+    def guarded(data: bytes) -> Any:
+        try:
+            message = deserialize(data)
+        except Exception as err:  # any decoding failure is the caller's, never ours
+            return _Refusal(
+                MalformedMessage,
+                "decoding",
+                f"{len(data)} bytes that do not decode as this method's message "
+                f"({type(err).__name__})",
+            )
+        if len(data) > max_header_bytes and not _is_chunk(message):
+            return _Refusal(
+                LimitExceeded,
+                "max_header_bytes",
+                f"a {len(data)}-byte message; at most {max_header_bytes} bytes are allowed "
+                "for anything but a tensor chunk (limits.max_header_bytes)",
+            )
+        return message
+
+    return guarded
+
+
+class TimedReader(Iterator[Any]):
+    """A request stream read in a helper thread, each message awaited with a timeout.
+
+    The helper reads the next message only when the handler asks for it, so no
+    more than one message is in flight, as with the plain iterator.
+
+    Args:
+        source: gRPC's request iterator.
+        first_timeout_s: Time the first message may take.
+        idle_timeout_s: Time every later message may take.
+        refuse: Builds (and logs) the error for a refusal.
+    """
+
+    def __init__(
+        self,
+        source: Iterator[Any],
+        *,
+        first_timeout_s: float,
+        idle_timeout_s: float,
+        refuse: Callable[[type[CallRefused], str, str], CallRefused],
+    ) -> None:
+        self._source = source
+        self._first_timeout_s = first_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._refuse = refuse
+        self._cond = threading.Condition()
+        self._wanted = False
+        self._closed = False
+        self._ended = False
+        self._result: tuple[str, Any] | None = None
+        self._received = 0
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted or self._closed)
+                if self._closed:
+                    return
+                self._wanted = False
+            try:
+                result: tuple[str, Any] = ("message", next(self._source))
+            except StopIteration:
+                result = ("end", None)
+            except BaseException as err:  # handed to the handler, which raises it
+                result = ("error", err)
+            with self._cond:
+                self._result = result
+                self._cond.notify_all()
+            if result[0] != "message":
+                return
+
+    def __next__(self) -> Any:
+        with self._cond:
+            if self._ended or self._closed:
+                raise StopIteration
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._read, name="fedpriv-stream-read", daemon=True
+                )
+                self._thread.start()
+            self._wanted = True
+            self._cond.notify_all()
+            first = self._received == 0
+            timeout_s = self._first_timeout_s if first else self._idle_timeout_s
+            result = self._cond.wait_for(lambda: self._result, timeout_s)
+            if result is None:
+                self._closed = True
+                self._cond.notify_all()
+                what = "no first message" if first else f"nothing after message {self._received}"
+                setting = "header_timeout_s" if first else "idle_timeout_s"
+                raise self._refuse(
+                    StreamStalled,
+                    setting,
+                    f"{what} in {timeout_s:g} s (limits.{setting}); the stream was ended",
+                )
+            kind, value = result
+            self._result = None
+        if kind == "end":
+            self._ended = True
+            raise StopIteration
+        if kind == "error":
+            self._ended = True
+            raise value
+        self._received += 1
+        if isinstance(value, _Refusal):
+            self.close()
+            raise self._refuse(value.error, value.limit, value.detail)
+        return value
+
+    def close(self) -> None:
+        """Stop the helper once its pending read (if any) returns."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class CallLimits:
+    """The limits of one server: settings, per-identity slots and the refusal log.
+
+    Args:
+        settings: The configured limits.
+        insecure: Identities are self-declared metadata (``--insecure``).
+        clock: Monotonic seconds for the refusal log (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        settings: ServerLimits,
+        *,
+        insecure: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.slots = StreamSlots(settings.max_streams_per_identity)
+        self.log = RefusalLog(interval_s=settings.refusal_log_interval_s, clock=clock)
+        self._insecure = insecure
+
+    def identity(self, context: grpc.ServicerContext) -> str:
+        """The caller's identity, or its peer address when it has none (health checks)."""
+        identity = peer_identity(context, insecure=self._insecure)
+        if identity is not None:
+            return identity
+        peer = context.peer() or "unknown"
+        return "peer:" + peer.rpartition(":")[0]
+
+    def refuse(
+        self, identity: str, error: type[CallRefused], limit: str, detail: str
+    ) -> CallRefused:
+        """Log the refusal (rate-limited) and return the error to raise."""
+        self.log.refused(identity, limit, detail)
+        return error(detail)
+
+    def interceptor(self) -> LimitInterceptor:
+        """The server interceptor that applies these limits."""
+        return LimitInterceptor(self)
+
+
+def _abort(context: grpc.ServicerContext, err: CallRefused) -> None:
+    context.abort(getattr(grpc.StatusCode, err.grpc_status), str(err))
+
+
+class LimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """Applies :class:`CallLimits` to every call; place it after the authorisation interceptor.
+
+    Every request deserializer is guarded (:func:`guard_deserializer`); streaming
+    calls take one of their identity's slots, released when the call ends; request
+    streams are read through a :class:`TimedReader`.
+    """
+
+    def __init__(self, limits: CallLimits) -> None:
+        self._limits = limits
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Wrap the method handler with the limits."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        limits = self._limits
+        settings = limits.settings
+        deserializer = guard_deserializer(
+            handler.request_deserializer, max_header_bytes=settings.max_header_bytes
+        )
+
+        def check(request: Any, identity: str, context: grpc.ServicerContext) -> None:
+            if isinstance(request, _Refusal):
+                refusal = limits.refuse(identity, request.error, request.limit, request.detail)
+                _abort(context, refusal)
+
+        def take_slot(identity: str, context: grpc.ServicerContext) -> None:
+            if not limits.slots.acquire(identity):
+                _abort(
+                    context,
+                    limits.refuse(
+                        identity,
+                        LimitExceeded,
+                        "max_streams_per_identity",
+                        f"{identity!r} already has {settings.max_streams_per_identity} streams "
+                        "open (limits.max_streams_per_identity); close one first",
+                    ),
+                )
+
+        def reader(requests: Iterator[Any], identity: str) -> TimedReader:
+            return TimedReader(
+                requests,
+                first_timeout_s=settings.header_timeout_s,
+                idle_timeout_s=settings.idle_timeout_s,
+                refuse=lambda error, limit, detail: limits.refuse(identity, error, limit, detail),
+            )
+
+        def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+            check(request, limits.identity(context), context)
+            return handler.unary_unary(request, context)
+
+        def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            identity = limits.identity(context)
+            check(request, identity, context)
+            take_slot(identity, context)
+            try:
+                yield from handler.unary_stream(request, context)
+            finally:
+                limits.slots.release(identity)
+
+        def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            identity = limits.identity(context)
+            take_slot(identity, context)
+            timed = reader(requests, identity)
+            try:
+                return handler.stream_unary(timed, context)
+            except CallRefused as err:  # a servicer without its own status translator
+                _abort(context, err)
+            finally:
+                timed.close()
+                limits.slots.release(identity)
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            identity = limits.identity(context)
+            take_slot(identity, context)
+            timed = reader(requests, identity)
+            try:
+                yield from handler.stream_stream(timed, context)
+            except CallRefused as err:
+                _abort(context, err)
+            finally:
+                timed.close()
+                limits.slots.release(identity)
+
+        if handler.unary_unary:
+            factory, behavior = grpc.unary_unary_rpc_method_handler, unary_unary
+        elif handler.unary_stream:
+            factory, behavior = grpc.unary_stream_rpc_method_handler, unary_stream
+        elif handler.stream_unary:
+            factory, behavior = grpc.stream_unary_rpc_method_handler, stream_unary
+        else:
+            factory, behavior = grpc.stream_stream_rpc_method_handler, stream_stream
+        return factory(
+            behavior,
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
