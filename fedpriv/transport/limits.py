@@ -318,7 +318,7 @@ class TimedReader(Iterator[Any]):
             try:
                 result: tuple[str, Any] = ("message", next(self._source))
             except StopIteration:
-                result = ("end", None)
+                result = self._confirm_end()
             except BaseException as err:  # handed to the handler, which raises it
                 result = ("error", err)
             with self._cond:
@@ -326,6 +326,20 @@ class TimedReader(Iterator[Any]):
                 self._cond.notify_all()
             if result[0] != "message":
                 return
+
+    def _confirm_end(self) -> tuple[str, Any]:
+        # gRPC also ends the iterator when it refuses a message (one over the size
+        # limit) and cancels the call, and which of the two events it handles first
+        # varies. Reading once more settles it: after a clean half-close the read
+        # ends again at once; on a cancelled call it raises, since the cancellation
+        # was queued before this read.
+        try:
+            next(self._source)
+        except StopIteration:
+            return ("end", None)
+        except BaseException as err:  # the call was cut: handed to the handler
+            return ("error", err)
+        return ("error", MalformedMessage("a message arrived after the end of the stream"))
 
     def __next__(self) -> Any:
         with self._cond:
