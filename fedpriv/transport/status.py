@@ -41,7 +41,6 @@ _BY_STATUS: dict[grpc.StatusCode, type[errors.FedprivError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.ConnectError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.ProtocolError,
     grpc.StatusCode.INVALID_ARGUMENT: errors.ProtocolError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceeded,
 }
 
 _HANDSHAKE_HINT = (

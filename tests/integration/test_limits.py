@@ -101,10 +101,12 @@ def test_header_less_streams_from_one_identity_do_not_stall_honest_rounds(
                     fleet_pb2.HeartbeatRequest(), timeout=10
                 )
             with (
-                silo_thread(array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a"))
-                as a,
-                silo_thread(array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b"))
-                as b,
+                silo_thread(
+                    array_client(delta=1.0), port=coordinator.port, tls=pki.tls("silo-a")
+                ) as a,
+                silo_thread(
+                    array_client(delta=3.0), port=coordinator.port, tls=pki.tls("silo-b")
+                ) as b,
             ):
                 finished = coordinator.wait(timeout_s=60)
                 wait_silos([a, b])
