@@ -8,9 +8,10 @@
     │   ├── ConnectError          coordinator unreachable, handshake failed
     │   ├── AuthenticationError   no, expired or foreign certificate
     │   ├── PermissionDenied      valid certificate, identity not allowed
-    │   └── CallRefused           a call broke one of the coordinator's [limits]
+    │   └── CallRefused           a call ended by the caller's doing, logged rate-limited
     │       ├── LimitExceeded     too many streams, too large a message (RESOURCE_EXHAUSTED)
     │       ├── StreamStalled     no header, or no bytes, for too long (DEADLINE_EXCEEDED)
+    │       ├── StreamCut         the caller cancelled, or gRPC cut, a request stream
     │       └── MalformedMessage  undecodable bytes, a stream that starts wrong (INVALID_ARGUMENT)
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
     │   └── TaskRejected          a coordinator's task failed the silo's checks
@@ -48,6 +49,7 @@ __all__ = [
     "ProtocolError",
     "RoundFailed",
     "StoreError",
+    "StreamCut",
     "StreamStalled",
     "TaskRejected",
     "TransportError",
@@ -92,11 +94,11 @@ class PermissionDenied(TransportError):
 
 
 class CallRefused(TransportError):
-    """The coordinator ended a call that broke one of its limits (``[limits]``).
+    """The coordinator ended a call by the caller's doing.
 
-    It is logged where it is refused, at most once per identity per
-    ``limits.refusal_log_interval_s``, so that a caller cannot flood the log;
-    the status translator does not log it again.
+    A broken limit (``[limits]``), undecodable bytes, a cut stream. It is logged
+    where it happens, at most once per identity per ``limits.refusal_log_interval_s``,
+    so that a caller cannot flood the log; the status translator does not log it again.
     """
 
     grpc_status = "RESOURCE_EXHAUSTED"
@@ -112,6 +114,16 @@ class StreamStalled(CallRefused):
     """A request stream sent no header, or no bytes, for longer than its timeout."""
 
     grpc_status = "DEADLINE_EXCEEDED"
+
+
+class StreamCut(CallRefused):
+    """A request stream ended without a clean half-close.
+
+    The caller cancelled it, or gRPC refused one of its messages (over the size
+    limit) and ended the call.
+    """
+
+    grpc_status = "CANCELLED"
 
 
 class MalformedMessage(CallRefused):

@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fedpriv.errors import CallRefused, LimitExceeded, MalformedMessage, StreamStalled
+import grpc
+
+from fedpriv.errors import CallRefused, LimitExceeded, MalformedMessage, StreamCut, StreamStalled
 
 __all__ = ["Refusal", "RefusalLog", "StreamSlots", "TimedReader", "guard_deserializer"]
 
@@ -50,8 +52,8 @@ class RefusalLog:
         self._lock = threading.Lock()
         self._last: dict[str, tuple[float, int]] = {}
 
-    def refused(self, identity: str, limit: str, detail: str) -> bool:
-        """Note a refusal; True if it was logged (else only counted)."""
+    def refused(self, identity: str, reason: str, detail: str) -> bool:
+        """Note a refused call (`reason`: the limit or check); True if it was logged."""
         now = self._clock()
         with self._lock:
             last, suppressed = self._last.get(identity, (None, 0))
@@ -63,9 +65,9 @@ class RefusalLog:
                 del self._last[next(iter(self._last))]
             self._last[identity] = (now, 0)
         logger.warning(
-            "refused identity=%s limit=%s suppressed=%d: %s",
+            "call ended identity=%s reason=%s suppressed=%d: %s",
             identity,
-            limit,
+            reason,
             suppressed,
             detail,
         )
@@ -258,6 +260,13 @@ class TimedReader(Iterator[Any]):
             raise StopIteration
         if kind == "error":
             self._ended = True
+            if isinstance(value, grpc.RpcError):  # the call was cancelled: no traceback
+                raise self._refuse(
+                    StreamCut,
+                    "stream_cut",
+                    f"the stream was cut after {self._received} messages (cancelled by the "
+                    "caller, or a message over gRPC's size limit)",
+                )
             raise value
         self._received += 1
         if isinstance(value, Refusal):

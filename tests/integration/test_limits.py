@@ -90,6 +90,9 @@ def test_header_less_streams_from_one_identity_do_not_stall_honest_rounds(
     with Coordinator(config, reporter=reporter) as coordinator:
         target = f"127.0.0.1:{coordinator.port}"
         with open_channel(target, tls=pki.tls("intruder")) as abuse_channel:
+            # Connected first: streams sent before the server's HTTP/2 settings arrive
+            # may be refused by HTTP/2 itself (REFUSED_STREAM) instead of the coordinator.
+            grpc.channel_ready_future(abuse_channel).result(timeout=10)
             abuser = _Abuser(abuse_channel)
             for _ in range(streams):
                 abuser.open()

@@ -7,10 +7,11 @@ import pathlib
 import threading
 import tomllib
 
+import grpc
 import pytest
 
 from fedpriv.coordinator import CoordinatorConfig
-from fedpriv.errors import ConfigError, LimitExceeded, MalformedMessage, StreamStalled
+from fedpriv.errors import ConfigError, LimitExceeded, MalformedMessage, StreamCut, StreamStalled
 from fedpriv.transport.guards import (
     Refusal,
     RefusalLog,
@@ -144,11 +145,11 @@ def test_timed_reader_treats_an_error_right_after_the_end_as_a_cut_stream():
                 return "header"
             if self.calls == 2:
                 raise StopIteration
-            raise RuntimeError("cancelled")  # what gRPC raises on a cancelled call
+            raise grpc.RpcError()  # what gRPC raises on a cancelled call
 
     reader = TimedReader(EndsThenFails(), first_timeout_s=60, idle_timeout_s=60, refuse=_refuse)
     assert next(reader) == "header"
-    with pytest.raises(RuntimeError, match="cancelled"):
+    with pytest.raises(StreamCut, match="cut after 1 messages"):
         next(reader)
 
 
