@@ -5,12 +5,14 @@ A coordinator (in this process, default ``[limits]``) and N honest silos
 without an attack, then while an abuser, a separate process with its own
 certificate, opens 80 and then 500 ``PushResult`` streams that never send a
 byte and opens each again whenever the coordinator ends it. Each row gives
-the median round time (rounds 2..R; round 1 includes the joins), its ratio to
-the run without the attack, PASS when the ratio is at most 1.2, and the
-statuses the abuser's streams ended with.
+the median round time (rounds 2..R of every repeat; round 1 includes the
+joins), its ratio to the runs without the attack, PASS when the ratio is at
+most 1.2, and the statuses the abuser's streams ended with. The runs are
+interleaved (none, 80, 500, none, ...) so that a machine's drifting load
+falls on every row alike.
 
-    python benchmarks/abuse_bench.py                 # 3 silos, 20 rounds, P = 100k
-    python benchmarks/abuse_bench.py --smoke         # 2 silos, 3 rounds, P = 10k
+    python benchmarks/abuse_bench.py                 # 3 silos, 20 rounds, 3 repeats, P = 100k
+    python benchmarks/abuse_bench.py --smoke         # 2 silos, 3 rounds, 1 repeat, P = 10k
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ MAX_RATIO = 1.2
 @dataclasses.dataclass
 class Row:
     attack: str
-    rounds: int
-    median_round_s: float
-    ratio: float | None
-    abuser_codes: dict[str, int]
+    round_s: list[float]
+    abuser_codes: collections.Counter[str]
+
+    @property
+    def median_round_s(self) -> float:
+        return statistics.median(self.round_s)
 
 
 class _Rounds:
@@ -108,13 +112,22 @@ def abuser(pki: pathlib.Path, port: int, streams: int) -> Iterator[subprocess.Po
 
 
 def run(
-    work: pathlib.Path, pki: pathlib.Path, *, silos: int, rounds: int, params: int, streams: int
-) -> Row:
+    work: pathlib.Path,
+    pki: pathlib.Path,
+    *,
+    silos: int,
+    rounds: int,
+    params: int,
+    streams: int,
+    repeat: int,
+) -> tuple[list[float], dict[str, int]]:
+    """One federation of `rounds` rounds; its round times (from round 2) and the abuser's
+    statuses."""
     from fedpriv.client import run_client
     from fedpriv.transport import TLSConfig
 
     name = "none" if streams == 0 else f"{streams} streams"
-    run_dir = work / name.replace(" ", "-")
+    run_dir = work / f"{name.replace(' ', '-')}-{repeat}"
     run_dir.mkdir()
     checkpoint = run_dir / "initial.fpck"
     write_checkpoint(checkpoint, Model.from_arrays({"w": np.zeros(params, np.float32)}))
@@ -166,8 +179,9 @@ def run(
             process.send_signal(signal.SIGINT)
             out, _ = process.communicate(timeout=60)
             codes = json.loads(out.strip().splitlines()[-1])
-    timed = reporter.durations[1:] or reporter.durations
-    return Row(name, len(reporter.durations), statistics.median(timed), None, codes)
+    if len(reporter.durations) != rounds:
+        raise SystemExit(f"{name}: {len(reporter.durations)} of {rounds} rounds completed")
+    return reporter.durations[1:] or reporter.durations, codes
 
 
 def abuse(port: int, streams: int, pki: pathlib.Path) -> None:
@@ -195,7 +209,11 @@ def abuse(port: int, streams: int, pki: pathlib.Path) -> None:
     def ended(future: grpc.Future) -> None:
         code = future.code()
         with lock:
-            codes[code.name] += 1
+            expected = code in (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            codes[code.name if expected else f"{code.name} ({(future.details() or '')[:60]})"] += 1
             lock.notify_all()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and not stopping.is_set():
             open_one()
@@ -212,7 +230,8 @@ def abuse(port: int, streams: int, pki: pathlib.Path) -> None:
     stopping.set()
     release.set()
     channel.close()
-    print(json.dumps({k: v for k, v in codes.items() if k != "CANCELLED"}), flush=True)
+    # Streams still held when the abuser stops end CANCELLED: its own doing.
+    print(json.dumps({k: v for k, v in codes.items() if not k.startswith("CANCELLED")}), flush=True)
 
 
 def main() -> None:
@@ -221,6 +240,7 @@ def main() -> None:
     parser.add_argument("--silos", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--params", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--abuse", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("pki", nargs="?", help=argparse.SUPPRESS)
@@ -231,26 +251,32 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.ERROR)
     if args.smoke:
-        args.silos, args.rounds, args.params = 2, 3, 10_000
+        args.silos, args.rounds, args.repeats, args.params = 2, 3, 1, 10_000
+    attacks = {0: "none", 80: "80 streams", 500: "500 streams"}
+    rows = {n: Row(name, [], collections.Counter()) for n, name in attacks.items()}
     with tempfile.TemporaryDirectory(prefix="fedpriv-abuse-") as tmp:
         work = pathlib.Path(tmp)
         pki = make_pki(work, args.silos)
         common = {"silos": args.silos, "rounds": args.rounds, "params": args.params}
-        rows = [run(work, pki, streams=n, **common) for n in (0, 80, 500)]
+        for repeat in range(args.repeats):
+            for streams, row in rows.items():
+                times, codes = run(work, pki, streams=streams, repeat=repeat, **common)
+                row.round_s.extend(times)
+                row.abuser_codes.update(codes)
     baseline = rows[0].median_round_s
     print(
-        f"{args.silos} silos, {args.rounds} rounds, P = {args.params:,} float32, mTLS, "
-        "default [limits]; the abuser is a separate process"
+        f"{args.silos} silos, {args.rounds} rounds x {args.repeats} repeats, "
+        f"P = {args.params:,} float32, mTLS, default [limits]; the abuser is a separate process"
     )
     print(
         f"{'attack':<12} {'rounds':>6} {'median round s':>15} {'ratio':>6}  result  abuser's streams"
     )
-    for row in rows:
+    for row in rows.values():
         ratio = row.median_round_s / baseline
         result = "-" if row is rows[0] else ("PASS" if ratio <= MAX_RATIO else "MISS")
         seen = ", ".join(f"{k} {v}" for k, v in sorted(row.abuser_codes.items())) or "-"
         print(
-            f"{row.attack:<12} {row.rounds:>6} {row.median_round_s:>15.4f} {ratio:>6.2f}  "
+            f"{row.attack:<12} {len(row.round_s):>6} {row.median_round_s:>15.4f} {ratio:>6.2f}  "
             f"{result:<6}  {seen}"
         )
 

@@ -53,7 +53,10 @@ class ServerLimits:
             queueing behind them.
         max_connections: Open connections the server accepts; more are closed.
         max_streams_per_connection: HTTP/2 streams one connection may have open
-            (``grpc.max_concurrent_streams``); further calls wait in the client.
+            (``grpc.max_concurrent_streams``); further calls wait in the client. It
+            bounds what one connection holds on the server; well above a burst that
+            the per-identity cap refuses, since HTTP/2 answers streams past it that
+            race its own bookkeeping with REFUSED_STREAM (UNAVAILABLE), not a status.
         min_ping_interval_s: Shortest interval between keepalive pings the server
             accepts on a connection without calls; faster pings are strikes.
         permit_keepalive_without_calls: Accept keepalive pings on a connection with
@@ -71,7 +74,7 @@ class ServerLimits:
     max_metrics_bytes: int = 64 << 10
     max_concurrent_rpcs: int = 256
     max_connections: int = 1024
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 1000
     min_ping_interval_s: float = 20.0
     permit_keepalive_without_calls: bool = True
     max_ping_strikes: int = 2
