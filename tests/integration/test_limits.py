@@ -309,3 +309,58 @@ def test_a_header_over_max_header_bytes_gets_resource_exhausted(tmp_path, pki):
                 )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_header_bytes" in caught.value.details()
+
+
+def test_connections_past_max_connections_are_closed(tmp_path, pki):
+    limits = ServerLimits(max_connections=2)
+    with Coordinator(_config(tmp_path, pki, limits=limits)) as running:
+        credentials = pki.tls("silo-a").channel_credentials()
+        # A subchannel pool of its own, so that each channel opens its own connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        target = f"127.0.0.1:{running.port}"
+        channels = [grpc.secure_channel(target, credentials, options=options) for _ in range(3)]
+        try:
+            codes = []
+            for channel in channels:
+                try:
+                    fleet_pb2_grpc.FleetStub(channel).Heartbeat(
+                        fleet_pb2.HeartbeatRequest(), timeout=5
+                    )
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+        finally:
+            for channel in channels:
+                channel.close()
+    assert codes[:2] == [grpc.StatusCode.OK] * 2
+    assert codes[2] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_a_client_that_pings_too_often_is_disconnected(tmp_path, pki):
+    # Arrange: the server allows a ping every 10 s; the client pings every 100 ms
+    limits = ServerLimits(min_ping_interval_s=10, max_ping_strikes=2)
+    with Coordinator(_config(tmp_path, pki, limits=limits)) as running:
+        options = [
+            ("grpc.keepalive_time_ms", 100),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        credentials = pki.tls("silo-a").channel_credentials()
+        target = f"127.0.0.1:{running.port}"
+        with grpc.secure_channel(target, credentials, options=options) as channel:
+            release = threading.Event()
+
+            def silence():
+                release.wait()
+                yield from ()
+
+            # Act: a call that sends nothing, so that only pings cross the connection
+            try:
+                with pytest.raises(grpc.RpcError) as caught:
+                    fleet_pb2_grpc.FleetStub(channel).PushResult(silence(), timeout=60)
+            finally:
+                release.set()
+    # Assert: the server closed the connection long before the header timeout
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "too many pings" in caught.value.details().lower()
