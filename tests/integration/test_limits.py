@@ -364,3 +364,17 @@ def test_a_client_that_pings_too_often_is_disconnected(tmp_path, pki):
     # Assert: the server closed the connection long before the header timeout
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "too many pings" in caught.value.details().lower()
+
+
+def test_metrics_over_max_metrics_bytes_get_resource_exhausted(tmp_path, pki):
+    limits = ServerLimits(max_metrics_bytes=1024)
+    metrics = {f"metric_{n}": fleet_pb2.Scalar(double_value=float(n)) for n in range(100)}
+    with Coordinator(_config(tmp_path, pki, limits=limits)) as running:
+        with open_channel(f"127.0.0.1:{running.port}", tls=pki.tls("silo-a")) as channel:
+            header = fleet_pb2.ResultHeader(task_id="t", round=1, metrics=metrics)
+            with pytest.raises(grpc.RpcError) as caught:
+                fleet_pb2_grpc.FleetStub(channel).PushResult(
+                    iter([fleet_pb2.ResultMessage(header=header)]), timeout=10
+                )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_metrics_bytes" in caught.value.details()
