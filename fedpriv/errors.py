@@ -7,7 +7,12 @@
     ├── TransportError            gRPC/TLS level problems
     │   ├── ConnectError          coordinator unreachable, handshake failed
     │   ├── AuthenticationError   no, expired or foreign certificate
-    │   └── PermissionDenied      valid certificate, identity not allowed
+    │   ├── PermissionDenied      valid certificate, identity not allowed
+    │   └── CallRefused           a call ended by the caller's doing, logged rate-limited
+    │       ├── LimitExceeded     too many streams, too large a message (RESOURCE_EXHAUSTED)
+    │       ├── StreamStalled     no header, or no bytes, for too long (DEADLINE_EXCEEDED)
+    │       ├── StreamCut         the caller cancelled, or gRPC cut, a request stream
+    │       └── MalformedMessage  undecodable bytes, a stream that starts wrong (INVALID_ARGUMENT)
     ├── ProtocolError             a peer broke the Fleet protocol (stale task, ...)
     │   ├── TaskRejected          a coordinator's task failed the silo's checks
     │   ├── DuplicateSession      the identity already has a live session elsewhere
@@ -34,6 +39,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AuthenticationError",
+    "CallRefused",
     "ConfigError",
     "ConnectError",
     "DuplicateSession",
@@ -41,6 +47,8 @@ __all__ = [
     "IntegrityError",
     "InvalidPublicKey",
     "InvalidShare",
+    "LimitExceeded",
+    "MalformedMessage",
     "PKIError",
     "PermissionDenied",
     "PrivacyBudgetExceeded",
@@ -49,6 +57,8 @@ __all__ = [
     "RoundFailed",
     "SecAggError",
     "StoreError",
+    "StreamCut",
+    "StreamStalled",
     "TaskRejected",
     "TransportError",
     "UpdateRejected",
@@ -89,6 +99,45 @@ class PermissionDenied(TransportError):
     """The certificate is valid but its identity is not on the allow list."""
 
     grpc_status = "PERMISSION_DENIED"
+
+
+class CallRefused(TransportError):
+    """The coordinator ended a call by the caller's doing.
+
+    A broken limit (``[limits]``), undecodable bytes, a cut stream. It is logged
+    where it happens, at most once per identity per ``limits.refusal_log_interval_s``,
+    so that a caller cannot flood the log; the status translator does not log it again.
+    """
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class LimitExceeded(CallRefused):
+    """Too many concurrent streams from one identity, or a message larger than allowed."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class StreamStalled(CallRefused):
+    """A request stream sent no header, or no bytes, for longer than its timeout."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class StreamCut(CallRefused):
+    """A request stream ended without a clean half-close.
+
+    The caller cancelled it, or gRPC refused one of its messages (over the size
+    limit) and ended the call.
+    """
+
+    grpc_status = "CANCELLED"
+
+
+class MalformedMessage(CallRefused):
+    """Bytes that do not decode as the method's message, or a stream that starts wrong."""
+
+    grpc_status = "INVALID_ARGUMENT"
 
 
 class ProtocolError(FedprivError):

@@ -13,6 +13,7 @@ from fedpriv.atrest import KeySource
 from fedpriv.errors import ConfigError
 from fedpriv.pki.crl import CRL_FILE
 from fedpriv.privacy.central import CentralDP
+from fedpriv.transport.limits import ServerLimits
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
 
 __all__ = [
@@ -48,6 +49,16 @@ def _compression(value: str) -> Compression:
         raise ConfigError(
             f"rounds.update_compression = {value!r}: must be one of {allowed}"
         ) from None
+
+
+def _limits(table: Table) -> ServerLimits:
+    """The ``[limits]`` table; every key defaults to :class:`ServerLimits`' value."""
+    defaults = ServerLimits()
+    values: dict[str, Any] = {}
+    for name in ServerLimits.__dataclass_fields__:
+        default = getattr(defaults, name)
+        values[name] = table.get(name, type(default), default)
+    return ServerLimits(**values)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -298,6 +309,8 @@ class CoordinatorConfig:
         prometheus: ``host:port`` for the Prometheus ``/metrics`` endpoint; None: none.
         secure_aggregation: Secure aggregation; None: off. With ``dp`` as well, the
             noise is distributed: each silo adds Skellam noise before masking.
+        limits: Limits against exhaustion (the ``[limits]`` table): streams per
+            identity, stream timeouts, message sizes, connections, keepalive.
     """
 
     federation: str = "fedpriv"
@@ -318,6 +331,7 @@ class CoordinatorConfig:
     secure_aggregation: SecAggConfig | None = None
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     prometheus: str | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
         if self.prometheus is not None and not self.prometheus.rpartition(":")[2].isdigit():
@@ -399,6 +413,7 @@ class CoordinatorConfig:
         secagg_table = top.table("secagg")
         strategy_table = top.table("strategy")
         metrics_table = top.table("metrics")
+        limits_table = top.table("limits")
         allowed = fed.strings("allowed_silos")
         tls = None
         ca, cert, key, crl = (tls_table.path(k) for k in ("ca", "cert", "key", "crl"))
@@ -471,8 +486,9 @@ class CoordinatorConfig:
                 options=strategy_table.scalars("options"),
             ),
             prometheus=metrics_table.optional("prometheus", str),
+            limits=_limits(limits_table),
         )
         tables = (fed, server, tls_table, rounds, model, store, dp_table, secagg_table)
-        for table in (*tables, strategy_table, metrics_table, top):
+        for table in (*tables, strategy_table, metrics_table, limits_table, top):
             table.finish()
         return config

@@ -29,6 +29,7 @@ from fedpriv.pki import RevocationList
 from fedpriv.strategy import FedAvg, Strategy
 from fedpriv.transport import AuthInterceptor, ServerHandle, TLSConfig, serve
 from fedpriv.transport.auth import DenialCallback, DenialReason
+from fedpriv.transport.limits import CallLimits
 from fedpriv.v1 import admin_pb2_grpc
 from fedpriv.wire import Model
 from fedpriv.wire.torch_interop import model_from_state_dict
@@ -212,6 +213,7 @@ class Coordinator:
             next_round=next_round,
             reporter=self.telemetry,
         )
+        self.limits = CallLimits(config.limits, insecure=insecure)
         self._server_cm: Any = None
         self._handle: ServerHandle | None = None
         self._thread: threading.Thread | None = None
@@ -230,7 +232,7 @@ class Coordinator:
         return self._handle.port
 
     def __enter__(self) -> Coordinator:
-        servicer = FleetServicer(self.federation, insecure=self._insecure)
+        servicer = FleetServicer(self.federation, insecure=self._insecure, limits=self.limits)
 
         def add(server: grpc.Server) -> list[str]:
             add_fleet_servicer(servicer, server)
@@ -259,6 +261,7 @@ class Coordinator:
             tls=self._tls,
             insecure=self._insecure,
             auth=self._auth,
+            limits=self.limits,
         )
         self._handle = self._server_cm.__enter__()
         logger.info(

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 import grpc
 
 from fedpriv.coordinator.federation import Federation, TaskKind
-from fedpriv.errors import ProtocolError
+from fedpriv.errors import LimitExceeded, MalformedMessage, ProtocolError, StreamCut
 from fedpriv.transport import peer_identity, rpc_error_translator
+from fedpriv.transport.limits import CallLimits
 from fedpriv.transport.session import session_key
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
-from fedpriv.wire.frames import chunk_frame, chunk_of, parse_with_chunks, serialize
+from fedpriv.wire.frames import RawChunk, chunk_frame, chunk_of, parse_with_chunks, serialize
 
 __all__ = ["FleetServicer", "add_fleet_servicer"]
 
@@ -23,9 +24,12 @@ logger = logging.getLogger(__name__)
 class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # generated, untyped
     """Serves the Fleet service for one :class:`Federation`."""
 
-    def __init__(self, federation: Federation, *, insecure: bool) -> None:
+    def __init__(
+        self, federation: Federation, *, insecure: bool, limits: CallLimits | None = None
+    ) -> None:
         self._federation = federation
         self._insecure = insecure
+        self._limits = limits or CallLimits(federation.config.limits, insecure=insecure)
         settings = federation.config.secure_aggregation
         self._unmask_deadline_s = settings.unmask_deadline_s if settings is not None else 60.0
 
@@ -97,9 +101,24 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
         with rpc_error_translator(context, "Fleet.PushResult"):
             silo = self._silo(context)
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise ProtocolError("PushResult must start with a ResultHeader message")
+            if first is None or isinstance(first, RawChunk) or first.WhichOneof("part") != "header":
+                raise self._limits.refuse(
+                    silo,
+                    MalformedMessage,
+                    "protocol",
+                    "PushResult must start with a ResultHeader message",
+                )
             header = first.header
+            most = self._limits.settings.max_metrics_bytes
+            size = sum(len(k) + v.ByteSize() for k, v in header.metrics.items())
+            if size > most:
+                raise self._limits.refuse(
+                    silo,
+                    LimitExceeded,
+                    "max_metrics_bytes",
+                    f"the result's metrics take {size} bytes; at most {most} are allowed "
+                    "(limits.max_metrics_bytes)",
+                )
             if header.declined_reason:
                 self._federation.decline(
                     silo, task_id=header.task_id, round=header.round, reason=header.declined_reason
@@ -134,8 +153,16 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     if chunk is None:
                         raise ProtocolError("only TensorChunk messages may follow the ResultHeader")
                     upload.add_chunk(*chunk)
-            except grpc.RpcError as err:  # cancelled or disconnected: nobody to answer
+                if not context.is_active():
+                    # gRPC ends the request stream when it refuses a message (one over
+                    # the size limit, say) and answers the caller with an error: the
+                    # upload was cut, whatever it held so far.
+                    raise StreamCut("the upload stream was cut before it ended")
+            except (grpc.RpcError, StreamCut) as err:
+                # Cancelled, disconnected or cut by gRPC: the upload broke off (dropped).
                 self._federation.complete_upload(upload, error=err, broken=True)
+                if isinstance(err, StreamCut):
+                    raise
                 return fleet_pb2.PushReply(accepted=False)
             except Exception as err:
                 self._federation.complete_upload(upload, error=err)

@@ -27,11 +27,10 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
+# Keepalive enforcement, stream and connection caps come from the [limits] table
+# (fedpriv.transport.limits.ServerLimits.server_options).
 SERVER_OPTIONS: list[tuple[str, int | str]] = [
     *_COMMON,
-    # Accept the clients' 30 s keepalive pings instead of answering GOAWAY (too_many_pings).
-    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
     # A model upload may take minutes; never cut a connection for its age.
     ("grpc.max_connection_age_ms", 2**31 - 1),
     # Bandwidth-delay-product probing grows each connection's receive window; with

@@ -12,16 +12,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedpriv.errors import ConfigError
 from fedpriv.transport.auth import INSECURE_IDENTITY_KEY, AuthInterceptor
+from fedpriv.transport.limits import CallLimits, ServerLimits
 from fedpriv.transport.options import CHANNEL_OPTIONS, SERVER_OPTIONS
 from fedpriv.transport.tls import TLSConfig
 
-__all__ = ["DEFAULT_MAX_WORKERS", "ServerHandle", "open_channel", "serve"]
+__all__ = ["ServerHandle", "open_channel", "serve"]
 
 logger = logging.getLogger(__name__)
 
-# Each waiting long-poll holds a worker thread; 64 covers dozens of silos
-# polling while uploads stream.
-DEFAULT_MAX_WORKERS = 64
 _INSECURE_WARNING = (
     "running WITHOUT TLS (--insecure): traffic is readable and any peer can claim any "
     "silo identity; use this only on a trusted test network"
@@ -31,10 +29,17 @@ _INSECURE_WARNING = (
 class ServerHandle:
     """A running server, its bound port and its health service."""
 
-    def __init__(self, server: grpc.Server, port: int, health_servicer: health.HealthServicer):
+    def __init__(
+        self,
+        server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        limits: CallLimits,
+    ):
         self.server = server
         self.port = port
         self.health = health_servicer
+        self.limits = limits
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Mark the service NOT_SERVING, then stop, giving calls `grace_s` to finish."""
@@ -51,8 +56,8 @@ def serve(
     insecure: bool = False,
     allowed: Iterable[str] | None = None,
     operators: Iterable[str] = (),
-    max_workers: int = DEFAULT_MAX_WORKERS,
     auth: AuthInterceptor | None = None,
+    limits: CallLimits | None = None,
 ) -> Iterator[ServerHandle]:
     """Run a gRPC server with mTLS, the allow list and the health service.
 
@@ -64,9 +69,10 @@ def serve(
         insecure: Serve plain text (logs a warning).
         allowed: Identities allowed to call; None admits any CA-signed certificate.
         operators: Identities allowed to call the Admin service.
-        max_workers: Thread-pool size.
         auth: The authorisation interceptor, when the caller keeps it (revocation);
             by default one is built from `allowed`, `operators` and `insecure`.
+        limits: Per-identity stream caps, timeouts, sizes, connection and keepalive
+            limits; None: the defaults of :class:`ServerLimits`.
 
     Yields:
         The running server's handle; the server stops when the block exits.
@@ -78,12 +84,19 @@ def serve(
     credentials = None if insecure or tls is None else tls.server_credentials()
     if credentials is None and not insecure:
         raise ConfigError("TLS material is required; pass insecure=True to serve plain text")
+    limits = limits or CallLimits(ServerLimits(), insecure=insecure)
+    most = limits.settings.max_concurrent_rpcs
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fedpriv-rpc"),
+        # One thread per admitted call: a call gRPC admits never waits for a thread,
+        # and the next one is refused with RESOURCE_EXHAUSTED instead of queueing.
+        futures.ThreadPoolExecutor(max_workers=most, thread_name_prefix="fedpriv-rpc"),
+        # The identity is checked first, so that limits count authorised identities.
         interceptors=[
-            auth or AuthInterceptor(allowed=allowed, insecure=insecure, operators=operators)
+            auth or AuthInterceptor(allowed=allowed, insecure=insecure, operators=operators),
+            limits.interceptor(),
         ],
-        options=SERVER_OPTIONS,
+        options=[*SERVER_OPTIONS, *limits.settings.server_options()],
+        maximum_concurrent_rpcs=most,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -101,7 +114,7 @@ def serve(
     server.start()
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    handle = ServerHandle(server, port, health_servicer)
+    handle = ServerHandle(server, port, health_servicer, limits)
     try:
         yield handle
     finally:

@@ -24,6 +24,8 @@ def rpc_error_translator(context: grpc.ServicerContext, method: str) -> Iterator
     """
     try:
         yield
+    except errors.CallRefused as err:  # logged, rate-limited, where it was refused
+        context.abort(getattr(grpc.StatusCode, err.grpc_status), str(err))
     except errors.FedprivError as err:
         logger.info("[%s] %s: %s", method, type(err).__name__, err)
         context.abort(getattr(grpc.StatusCode, err.grpc_status), str(err))

@@ -75,3 +75,11 @@ def test_limits_smoke_prints_ceilings_and_fractions():
     assert raw, result.stdout
     assert float(raw.group(1)) > 0 and float(raw.group(2)) > 0
     assert "fedpriv round" in result.stdout and "AES-256-GCM alone" in result.stdout
+
+
+def test_abuse_bench_smoke_prints_a_ratio_for_each_attack():
+    result = smoke("abuse_bench")
+    rows = [line.split() for line in result.stdout.strip().splitlines()[-3:]]
+    assert [row[0] for row in rows] == ["none", "80", "500"]
+    assert all(float(row[-4 if row[0] == "none" else -5]) > 0 for row in rows)
+    assert all("RESOURCE_EXHAUSTED" in " ".join(row) for row in rows[1:])
