@@ -9,6 +9,7 @@ import grpc
 
 from fedpriv.coordinator.federation import Federation, TaskKind
 from fedpriv.errors import ProtocolError
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.transport import peer_identity, rpc_error_translator
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
@@ -127,6 +128,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     if chunk is None:
                         raise ProtocolError("only TensorChunk messages may follow the ResultHeader")
                     upload.add_chunk(*chunk)
+                    reach(FaultPoint.DURING_UPLOAD)
             except Exception as err:
                 self._federation.complete_upload(upload, error=err)
                 raise

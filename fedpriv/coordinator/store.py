@@ -24,6 +24,7 @@ from fedpriv._types import Scalar
 from fedpriv.atrest import AtRestKey
 from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
 from fedpriv.errors import StoreError
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.storage import publish
 from fedpriv.wire import Model
 
@@ -331,6 +332,7 @@ class Store:
                 f"cannot write checkpoint {staged.checkpoint}: {err.strerror}"
             ) from err
         published = time.perf_counter()
+        reach(FaultPoint.AFTER_CHECKPOINT_BEFORE_SQL)
         round = staged.round
         row = (
             round,
