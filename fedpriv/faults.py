@@ -132,9 +132,7 @@ class FaultSpec:
                     f"{ENVIRONMENT_VARIABLE}={text!r}: hit {hit_text!r} must be a positive integer"
                 )
             hit = int(hit_text)
-        return cls(
-            point=point, hit=hit, action=action, fifo=pathlib.Path(fifo) if fifo else None
-        )
+        return cls(point=point, hit=hit, action=action, fifo=pathlib.Path(fifo) if fifo else None)
 
 
 class _Armed:

@@ -39,6 +39,23 @@ def make_client(config: Mapping[str, Any]) -> DeltaClient:
     return DeltaClient(float(config.get("delta", 1.0)), float(config.get("sleep_s", 0.0)))
 
 
+class AccountedClient(DeltaClient):
+    """Adds a fixed delta and declares one fixed DP mechanism per run, for the ledger.
+
+    The runtime checks and records the declared mechanism exactly as it does a
+    TorchClient's, without torch's start-up cost (the crash tests run many processes).
+    """
+
+    def plan_privacy(self, config: Mapping[str, Any]) -> Any:
+        from fedpriv.privacy import GaussianSteps
+
+        return GaussianSteps(noise_multiplier=2.0, sample_rate=0.2, steps=5)
+
+
+def make_accounted_client(config: Mapping[str, Any]) -> AccountedClient:
+    return AccountedClient(float(config.get("delta", 1.0)), 0.0)
+
+
 def make_private_client(config: Mapping[str, Any]):
     """A tiny DP-SGD silo whose parameters match make_model (w, b); functorch per-sample grads."""
     import torch
