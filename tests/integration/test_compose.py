@@ -9,7 +9,8 @@ as a process the way a container would see the world:
   /srv/fedpriv (the image's COPY) and each named volume bind-mounted at its path.
 Services start in dependency order: ``service_completed_successfully`` waits for
 the exit, ``service_healthy`` runs the healthcheck command until it passes.
-It needs root (namespaces, mounts); elsewhere it skips and says why.
+It needs root (namespaces, mounts); elsewhere it skips and says why, and under
+CI=true it fails instead (tests.helpers.require_privilege).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.helpers import require_privilege
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -40,8 +42,12 @@ def load_compose() -> dict[str, Any]:
 
 def test_compose_file_passes_docker_compose_config():
     binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (CI installs Debian's docker-compose)")
+    require_privilege(
+        "docker-compose is not installed (CI installs Debian's docker-compose)"
+        if binary is None
+        else None
+    )
+    assert binary is not None
     result = subprocess.run(
         [binary, "-f", str(COMPOSE), "config", "--quiet"],
         cwd=ROOT,
@@ -66,7 +72,7 @@ def test_compose_services_have_mtls_dp_and_secure_aggregation():
     assert "--insecure" not in services["coordinator"]["command"]
 
 
-def _skip_reason() -> str | None:
+def _missing_privilege() -> str | None:
     if sys.platform != "linux":
         return "network namespaces are Linux only"
     if os.geteuid() != 0:
@@ -189,9 +195,7 @@ def _processes() -> Iterator[dict[str, subprocess.Popen[str]]]:
 
 
 def test_compose_federation_completes_its_rounds_across_network_namespaces(tmp_path):
-    reason = _skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_privilege(_missing_privilege())
     # Arrange
     compose = load_compose()
     services: dict[str, Any] = compose["services"]
