@@ -67,6 +67,9 @@ class FaultPoint(enum.Enum):
     AFTER_LEDGER_RECORD_BEFORE_UPLOAD = "after-ledger-record-before-upload"
     """Silo: the training run's spend is in the privacy ledger, on disk; no byte of the
     update has been sent."""
+    AFTER_MASKED_UPLOAD_BEFORE_UNMASK = "after-masked-upload-before-unmask"
+    """Silo, under secure aggregation: the coordinator accepted the masked update; the
+    silo has revealed no share for the unmasking."""
 
 
 class FaultAction(enum.Enum):
