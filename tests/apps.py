@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -90,14 +91,14 @@ def make_private_client(config: Mapping[str, Any]):
         device="cpu",
     )
     if "hold_from_round" in config:
-        # A fault-injection point: from this round on, the silo says so on stdout and
+        # A fault-injection point: from this round on, the silo says so on stderr and
         # blocks before planning, on a FIFO nobody writes to, until the test kills it.
         hold_from, fifo = int(config["hold_from_round"]), pathlib.Path(str(config["hold_fifo"]))
         plan = client.plan_privacy
 
         def plan_privacy(task_config: Mapping[str, Any]) -> Any:
             if int(task_config.get("round", 0)) >= hold_from:
-                print(f"holding round {task_config['round']}", flush=True)
+                print(f"holding round {task_config['round']}", file=sys.stderr, flush=True)
                 fifo.open("rb").close()
             return plan(task_config)
 
