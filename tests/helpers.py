@@ -91,13 +91,18 @@ def make_config(
 def silo_thread(
     client: Any,
     *,
-    port: int,
+    port: int | None,
     tls: TLSConfig | None,
     insecure: bool = False,
     identity: str | None = None,
     reconnect_timeout_s: float = 30.0,
+    address: str | None = None,
+    server_name: str | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run a silo in a thread; the yielded dict gets 'stats' or 'error' when it ends."""
+    """Run a silo in a thread; the yielded dict gets 'stats' or 'error' when it ends.
+
+    It connects to 127.0.0.1:`port`, or to `address` (a Unix socket, say) when given.
+    """
     outcome: dict[str, Any] = {}
     stop = threading.Event()
 
@@ -105,7 +110,8 @@ def silo_thread(
         try:
             outcome["stats"] = run_client(
                 client,
-                coordinator=f"127.0.0.1:{port}",
+                coordinator=address or f"127.0.0.1:{port}",
+                server_name=server_name,
                 tls=tls,
                 insecure=insecure,
                 identity=identity,

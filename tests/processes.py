@@ -30,7 +30,14 @@ def fedpriv(*args: str) -> list[str]:
 
 
 class Watched:
-    """A process whose stderr is copied to `log` and can be waited on, line by line."""
+    """A process whose stderr is copied to `log` and can be waited on, line by line.
+
+    Args:
+        cmd: The command line.
+        log: Where its stderr goes.
+        env: Its whole environment (default: this process's).
+        cwd: Its working directory.
+    """
 
     def __init__(
         self,
@@ -47,7 +54,7 @@ class Watched:
         self.process = subprocess.Popen(
             cmd,
             cwd=cwd,
-            env={**os.environ, **(env or {})},
+            env=dict(os.environ if env is None else env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -142,7 +149,17 @@ class Processes:
 
     def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> Watched:
         """Run ``fedpriv ARGS``; its stderr goes to ``DIRECTORY/NAME.log``."""
-        watched = Watched(fedpriv(*args), self.directory / f"{name}.log", env=env)
+        watched = Watched(
+            fedpriv(*args), self.directory / f"{name}.log", env={**os.environ, **(env or {})}
+        )
+        self.started.append(watched)
+        return watched
+
+    def command(
+        self, name: str, cmd: list[str], *, env: Mapping[str, str], cwd: pathlib.Path
+    ) -> Watched:
+        """Run `cmd` as it is, in `cwd`, with exactly `env`."""
+        watched = Watched(cmd, self.directory / f"{name}.log", env=env, cwd=cwd)
         self.started.append(watched)
         return watched
 
