@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pathlib
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,12 +17,10 @@ def make_model() -> dict[str, np.ndarray]:
 
 
 class DeltaClient:
-    def __init__(self, delta: float, sleep_s: float) -> None:
+    def __init__(self, delta: float) -> None:
         self.delta = delta
-        self.sleep_s = sleep_s
 
     def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
-        time.sleep(self.sleep_s)
         return FitResult(
             parameters={k: v + np.float32(self.delta) for k, v in parameters.items()},
             num_examples=10,
@@ -37,7 +34,7 @@ class DeltaClient:
 
 
 def make_client(config: Mapping[str, Any]) -> DeltaClient:
-    return DeltaClient(float(config.get("delta", 1.0)), float(config.get("sleep_s", 0.0)))
+    return DeltaClient(float(config.get("delta", 1.0)))
 
 
 class AccountedClient(DeltaClient):
@@ -54,7 +51,7 @@ class AccountedClient(DeltaClient):
 
 
 def make_accounted_client(config: Mapping[str, Any]) -> AccountedClient:
-    return AccountedClient(float(config.get("delta", 1.0)), 0.0)
+    return AccountedClient(float(config.get("delta", 1.0)))
 
 
 def make_private_client(config: Mapping[str, Any]):
@@ -115,12 +112,10 @@ def random_update(index: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str
 class RandomUpdateClient:
     """Adds a fixed random update (seeded by silo index) to the model it receives."""
 
-    def __init__(self, index: int, sleep_s: float = 0.0) -> None:
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.sleep_s = sleep_s
 
     def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
-        time.sleep(self.sleep_s)
         update = random_update(self.index, {k: v.shape for k, v in parameters.items()})
         return FitResult(
             parameters={k: v + update[k] for k, v in parameters.items()},
@@ -135,7 +130,7 @@ class RandomUpdateClient:
 
 
 def make_random_client(config: Mapping[str, Any]) -> RandomUpdateClient:
-    return RandomUpdateClient(int(config["index"]), float(config.get("sleep_s", 0.0)))
+    return RandomUpdateClient(int(config["index"]))
 
 
 def flower_client_fn(context):
