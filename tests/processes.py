@@ -37,6 +37,7 @@ class Watched:
         log: Where its stderr goes.
         env: Its whole environment (default: this process's).
         cwd: Its working directory.
+        out: A file its stdout is copied to as well (it is kept in ``stdout`` too).
     """
 
     def __init__(
@@ -46,8 +47,10 @@ class Watched:
         *,
         env: Mapping[str, str] | None = None,
         cwd: pathlib.Path = ROOT,
+        out: pathlib.Path | None = None,
     ) -> None:
         self.log = log
+        self.out = out
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._ended = False
@@ -84,8 +87,12 @@ class Watched:
 
     def _copy_stdout(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.stdout.append(line)
+        with contextlib.ExitStack() as stack:
+            copy = stack.enter_context(open(self.out, "w")) if self.out is not None else None
+            for line in self.process.stdout:
+                self.stdout.append(line)
+                if copy is not None:
+                    copy.write(line)
         self.process.stdout.close()
 
     def wait_for(

@@ -22,7 +22,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import yaml
 
 from tests.helpers import require_privilege
+from tests.processes import LISTENING, Watched
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -183,15 +183,13 @@ def _start_order(services: dict[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[str]]]:
-    running: dict[str, subprocess.Popen[str]] = {}
+def _processes() -> Iterator[dict[str, Watched]]:
+    running: dict[str, Watched] = {}
     try:
         yield running
     finally:
         for process in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            process.kill()
 
 
 def test_compose_federation_completes_its_rounds_across_network_namespaces(tmp_path):
@@ -216,20 +214,15 @@ def test_compose_federation_completes_its_rounds_across_network_namespaces(tmp_p
             for dependency, condition in (spec.get("depends_on") or {}).items():
                 _wait_for(condition["condition"], dependency, services, running, network,
                           volumes_dir, logs)  # fmt: skip
-            with (
-                open(logs / f"{service}.out", "w") as out,
-                open(logs / f"{service}.log", "w") as log,
-            ):
-                running[service] = subprocess.Popen(
-                    _container(network, volumes_dir, service, spec, spec["command"]),
-                    env=_environment(spec),
-                    stdout=out,
-                    stderr=log,
-                    text=True,
-                )
+            running[service] = Watched(
+                _container(network, volumes_dir, service, spec, spec["command"]),
+                logs / f"{service}.log",
+                env=_environment(spec),
+                out=logs / f"{service}.out",
+            )
         coordinator = running["coordinator"]
-        coordinator.wait(timeout=600)
-        codes = {s: running[s].wait(timeout=120) for s in order}
+        coordinator.wait(600)
+        codes = {s: running[s].wait(120) for s in order}
         # The PKI step again, as on a second `docker compose up`: it keeps the CA.
         again = subprocess.run(
             _container(network, volumes_dir, "pki", services["pki"], services["pki"]["command"]),
@@ -269,31 +262,28 @@ def _wait_for(
     condition: str,
     dependency: str,
     services: dict[str, Any],
-    running: dict[str, subprocess.Popen[str]],
+    running: dict[str, Watched],
     network: Network,
     volumes_dir: pathlib.Path,
     logs: pathlib.Path,
 ) -> None:
     process = running[dependency]
     if condition == "service_completed_successfully":
-        code = process.wait(timeout=300)
+        code = process.wait(300)
         assert code == 0, (logs / f"{dependency}.log").read_text()
         return
     assert condition == "service_healthy", condition
     spec = services[dependency]
     test = spec["healthcheck"]["test"]
     assert test[0] == "CMD", "only exec-form healthchecks are rehearsed"
-    deadline = time.monotonic() + 180
-    while True:
-        assert process.poll() is None, (logs / f"{dependency}.log").read_text()
-        check = subprocess.run(
-            _container(network, volumes_dir, dependency, spec, test[1:]),
-            env=_environment(spec),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if check.returncode == 0 and check.stdout.strip() == "SERVING":
-            return
-        assert time.monotonic() < deadline, check.stdout + check.stderr
-        time.sleep(1.0)
+    # Docker runs the healthcheck every `interval` until it passes; here it runs once,
+    # as soon as the coordinator says it listens, and must pass at once.
+    process.wait_for(LISTENING, timeout_s=180)
+    check = subprocess.run(
+        _container(network, volumes_dir, dependency, spec, test[1:]),
+        env=_environment(spec),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0 and check.stdout.strip() == "SERVING", check.stdout + check.stderr
