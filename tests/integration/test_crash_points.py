@@ -172,6 +172,10 @@ def test_a_kill_at_each_fault_point_loses_nothing_committed_and_counts_each_spen
         match = victim.wait_for(FAULT)
         assert (match.group(1), int(match.group(2))) == (crash.point.value, crash.hit)
         assert victim.wait() == -9
+        if crash.victim != "coordinator":
+            # Round 1's commit overlaps round 2's downloads: wait for it to be durable
+            # (the still running coordinator says so) before taking the "before" state.
+            coordinator.wait_for(r"committed round=1 ")
         before = committed_state(db)
         ledgers_before = {silo: ledger_entries(tmp_path, silo) for silo in SILOS}
         if crash.victim == "coordinator":
