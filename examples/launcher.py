@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import IO
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,7 +24,6 @@ __all__ = [
     "ROOT",
     "coordinator_toml",
     "fedpriv",
-    "free_port",
     "make_pki",
     "run_federation",
     "silo_toml",
@@ -34,11 +35,32 @@ def fedpriv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedpriv", "--log-level", "INFO", *args]
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_LISTENING = re.compile(r"coordinator listening port=(\d+)")
+
+
+class _CoordinatorLog:
+    """Copies the coordinator's stderr to its log and notes the port it says it bound."""
+
+    def __init__(self, stream: IO[str], path: pathlib.Path) -> None:
+        self.port: int | None = None
+        self.ended_or_bound = threading.Event()
+        self._thread = threading.Thread(target=self._copy, args=(stream, path), daemon=True)
+        self._thread.start()
+
+    def _copy(self, stream: IO[str], path: pathlib.Path) -> None:
+        with open(path, "w") as handle:
+            for line in stream:
+                handle.write(line)
+                handle.flush()
+                match = _LISTENING.search(line) if self.port is None else None
+                if match:
+                    self.port = int(match.group(1))
+                    self.ended_or_bound.set()
+        stream.close()
+        self.ended_or_bound.set()
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def _run(cmd: list[str]) -> None:
@@ -72,13 +94,16 @@ def coordinator_toml(
     *,
     federation: str,
     silos: Sequence[str],
-    port: int,
+    port: int = 0,
     rounds: str,
     model: str,
     top: str = "",
     rest: str = "",
 ) -> str:
     """A coordinator's TOML on 127.0.0.1:`port` with the certificates of :func:`make_pki`.
+
+    Port 0 (the default) lets the coordinator pick a free port; it prints the one
+    it bound, and :func:`run_federation` gives it to the silos.
 
     `rounds` and `model` are the bodies of those tables; `top` goes before the
     first table (top-level keys) and `rest` after the last.
@@ -109,8 +134,12 @@ dir = "state"
 {rest}"""
 
 
-def silo_toml(*, name: str, port: int, app: str, rest: str = "") -> str:
-    """Silo `name`'s TOML: the coordinator on 127.0.0.1:`port`, its certificate, `[app]`."""
+def silo_toml(*, name: str, port: int = 0, app: str, rest: str = "") -> str:
+    """Silo `name`'s TOML: the coordinator on 127.0.0.1:`port`, its certificate, `[app]`.
+
+    Port 0 stands for the port the coordinator binds: :func:`run_federation`
+    writes that in before it starts the silo.
+    """
     tail = f"\n{rest.strip()}\n" if rest.strip() else ""
     return f"""[coordinator]
 address = "127.0.0.1:{port}"
@@ -138,15 +167,31 @@ def run_federation(
 ) -> int:
     """Start the coordinator and every silo (name -> (app, config)); wait for all to exit.
 
+    The silos start once the coordinator listens. A silo config that names the
+    coordinator as ``127.0.0.1:0`` gets the port the coordinator bound.
+
     Returns:
         0 when every process exited with status 0, else 1 (the logs say why).
     """
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "coordinator.log", "w") as handle:
-        coordinator = subprocess.Popen(
-            fedpriv("coordinator", "--config", str(coordinator_config)), cwd=ROOT, stderr=handle
-        )
+    coordinator = subprocess.Popen(
+        fedpriv("coordinator", "--config", str(coordinator_config)),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert coordinator.stderr is not None  # stderr=PIPE
+    log = _CoordinatorLog(coordinator.stderr, logs / "coordinator.log")
+    if not log.ended_or_bound.wait(timeout_s) or log.port is None:
+        coordinator.kill()
+        coordinator.wait()
+        print(f"the coordinator did not start; see {logs / 'coordinator.log'}", file=sys.stderr)
+        return 1
+    for _, config in silos.values():
+        text = config.read_text()
+        if '"127.0.0.1:0"' in text:
+            config.write_text(text.replace('"127.0.0.1:0"', f'"127.0.0.1:{log.port}"'))
     # One intra-op thread per silo: the silos share this machine's cores, and
     # torch's default (one thread per core each) makes them spin against each other.
     silo_env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -176,6 +221,8 @@ def run_federation(
         for process in [coordinator, *processes.values()]:
             if process.poll() is None:
                 process.kill()
+                process.wait()
+        log.join()
     failed = {name: code for name, code in codes.items() if code != 0}
     if failed or len(codes) != len(silos) + 1:
         print(f"processes failed: {failed}; see {logs}", file=sys.stderr)

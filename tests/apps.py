@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-import time
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +17,10 @@ def make_model() -> dict[str, np.ndarray]:
 
 
 class DeltaClient:
-    def __init__(self, delta: float, sleep_s: float) -> None:
+    def __init__(self, delta: float) -> None:
         self.delta = delta
-        self.sleep_s = sleep_s
 
     def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
-        time.sleep(self.sleep_s)
         return FitResult(
             parameters={k: v + np.float32(self.delta) for k, v in parameters.items()},
             num_examples=10,
@@ -36,7 +34,24 @@ class DeltaClient:
 
 
 def make_client(config: Mapping[str, Any]) -> DeltaClient:
-    return DeltaClient(float(config.get("delta", 1.0)), float(config.get("sleep_s", 0.0)))
+    return DeltaClient(float(config.get("delta", 1.0)))
+
+
+class AccountedClient(DeltaClient):
+    """Adds a fixed delta and declares one fixed DP mechanism per run, for the ledger.
+
+    The runtime checks and records the declared mechanism exactly as it does a
+    TorchClient's, without torch's start-up cost (the crash tests run many processes).
+    """
+
+    def plan_privacy(self, config: Mapping[str, Any]) -> Any:
+        from fedpriv.privacy import GaussianSteps
+
+        return GaussianSteps(noise_multiplier=2.0, sample_rate=0.2, steps=5)
+
+
+def make_accounted_client(config: Mapping[str, Any]) -> AccountedClient:
+    return AccountedClient(float(config.get("delta", 1.0)))
 
 
 def make_private_client(config: Mapping[str, Any]):
@@ -73,14 +88,14 @@ def make_private_client(config: Mapping[str, Any]):
         device="cpu",
     )
     if "hold_from_round" in config:
-        # A fault-injection point: from this round on, the silo says so on stdout and
+        # A fault-injection point: from this round on, the silo says so on stderr and
         # blocks before planning, on a FIFO nobody writes to, until the test kills it.
         hold_from, fifo = int(config["hold_from_round"]), pathlib.Path(str(config["hold_fifo"]))
         plan = client.plan_privacy
 
         def plan_privacy(task_config: Mapping[str, Any]) -> Any:
             if int(task_config.get("round", 0)) >= hold_from:
-                print(f"holding round {task_config['round']}", flush=True)
+                print(f"holding round {task_config['round']}", file=sys.stderr, flush=True)
                 fifo.open("rb").close()
             return plan(task_config)
 
@@ -97,12 +112,10 @@ def random_update(index: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str
 class RandomUpdateClient:
     """Adds a fixed random update (seeded by silo index) to the model it receives."""
 
-    def __init__(self, index: int, sleep_s: float = 0.0) -> None:
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.sleep_s = sleep_s
 
     def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
-        time.sleep(self.sleep_s)
         update = random_update(self.index, {k: v.shape for k, v in parameters.items()})
         return FitResult(
             parameters={k: v + update[k] for k, v in parameters.items()},
@@ -117,7 +130,7 @@ class RandomUpdateClient:
 
 
 def make_random_client(config: Mapping[str, Any]) -> RandomUpdateClient:
-    return RandomUpdateClient(int(config["index"]), float(config.get("sleep_s", 0.0)))
+    return RandomUpdateClient(int(config["index"]))
 
 
 def flower_client_fn(context):

@@ -19,7 +19,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from examples.launcher import (  # noqa: E402
     coordinator_toml,
-    free_port,
     make_pki,
     run_federation,
     silo_toml,
@@ -150,7 +149,7 @@ def main() -> int:
         work,
         rounds=args.rounds,
         silos=args.silos,
-        port=free_port(),
+        port=0,  # the coordinator picks a free port; run_federation gives it to the silos
         dp=args.dp,
         fed_noise=args.fed_noise,
         clip=args.fed_clip,

@@ -18,7 +18,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from examples.launcher import (  # noqa: E402
     coordinator_toml,
-    free_port,
     make_pki,
     run_federation,
     silo_toml,
@@ -94,7 +93,7 @@ def main() -> int:
         rounds=args.rounds,
         epsilon=args.epsilon,
         fed_noise=args.fed_noise,
-        port=free_port(),
+        port=0,  # the coordinator picks a free port; run_federation gives it to the silos
     )
     print(
         f"hospital federation: {len(HOSPITALS)} hospitals, {args.rounds} rounds, mTLS, "

@@ -24,7 +24,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from examples.launcher import (  # noqa: E402
     coordinator_toml,
-    free_port,
     make_pki,
     run_federation,
     silo_toml,
@@ -94,7 +93,7 @@ def main() -> int:
         flush=True,
     )
     make_pki(work / "pki", federation="lm", silos=SILOS)
-    write_configs(work, rounds=args.rounds, port=free_port())
+    write_configs(work, rounds=args.rounds, port=0)  # the coordinator picks the port
     print(f"fine-tuning across {len(SILOS)} silos, {args.rounds} rounds, mTLS; files in {work}")
     code = run_federation(
         work,

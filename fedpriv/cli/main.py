@@ -16,6 +16,7 @@ from typing import Any
 from fedpriv.cli.pki import add_pki_commands
 from fedpriv.cli.round_table import RoundPrinter, print_epsilons
 from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.faults import arm_from_environment
 
 __all__ = ["main"]
 
@@ -367,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         force=True,
     )
     try:
+        # Crash tests name a fault-injection point here (fedpriv.faults); unset, nothing is armed.
+        arm_from_environment()
         return int(args.run(args))
     except FedprivError as err:
         print(f"fedpriv: error: {err}", file=sys.stderr)

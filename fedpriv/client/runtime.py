@@ -35,6 +35,7 @@ from fedpriv.errors import (
     ProtocolError,
     TaskRejected,
 )
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
@@ -238,6 +239,7 @@ def _run_task(
             metrics["delta"] = ledger.budget.delta
             # The looser RDP bound of the same history, shown beside the tight figure.
             metrics["epsilon_rdp"] = ledger.spent_epsilon_rdp()
+            reach(FaultPoint.AFTER_LEDGER_RECORD_BEFORE_UPLOAD)
         if secure is not None:
             secure.push(
                 fit.parameters,

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats, result_messages
 from fedpriv.errors import ProtocolError
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import ClientSession, RingCodec
 from fedpriv.secagg.client import collect_peers, collect_shares
@@ -165,6 +166,7 @@ class SecureUpload:
             header, self.layout, {"secagg": ring.view(np.int32)}, self._stats
         )
         self._stub.PushResult(messages, timeout=timeout)
+        reach(FaultPoint.AFTER_MASKED_UPLOAD_BEFORE_UNMASK)
         logger.info(
             "masked update sent round=%d encode_s=%.3f mask_s=%.3f mask_wait_s=%.3f",
             self._task.round,

@@ -29,6 +29,7 @@ from fedpriv.coordinator.sessions import SessionRegistry
 from fedpriv.coordinator.store import RoundPrivacy, StagedRound, Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, account
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
 from fedpriv.secagg import RingCodec, ServerSession
@@ -1079,6 +1080,7 @@ class Federation:
             federation_metrics = self._privatize(train)
             model = train.aggregator.finalize(total_weight=train.total_weight)
         self._check_finite(round, started_unix, _nonfinite_tensors(model))
+        reach(FaultPoint.AFTER_FOLD_BEFORE_COMMIT)
         privacy = release_mode(self.config)
         federation_metrics = self._guarantee.record(round, privacy, federation_metrics)
         fit_metrics = weighted_means(train.results)

@@ -9,6 +9,7 @@ import grpc
 
 from fedpriv.coordinator.federation import Federation, TaskKind
 from fedpriv.errors import LimitExceeded, MalformedMessage, ProtocolError, StreamCut
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.transport import peer_identity, rpc_error_translator
 from fedpriv.transport.limits import CallLimits
 from fedpriv.transport.session import session_key
@@ -153,6 +154,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     if chunk is None:
                         raise ProtocolError("only TensorChunk messages may follow the ResultHeader")
                     upload.add_chunk(*chunk)
+                    reach(FaultPoint.DURING_UPLOAD)
                 if not context.is_active():
                     # gRPC ends the request stream when it refuses a message (one over
                     # the size limit, say) and answers the caller with an error: the

@@ -25,6 +25,7 @@ from fedpriv.atrest import AtRestKey
 from fedpriv.coordinator.audit import AUDIT_SCHEMA, AuditLog
 from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
 from fedpriv.errors import StoreError
+from fedpriv.faults import FaultPoint, reach
 from fedpriv.storage import publish
 from fedpriv.wire import Model
 
@@ -201,12 +202,18 @@ class Store:
             raise StoreError(f"cannot write coordinator state: {err}") from err
 
     def remove_orphans(self) -> list[pathlib.Path]:
-        """Delete checkpoints a crash left half written or never made durable; return them.
+        """Delete checkpoints a crash left half written or never committed; return them.
 
-        No committed round refers to them. Call it only while no coordinator runs
-        on this folder: a running one's staged checkpoint looks the same.
+        No committed round refers to them: temporary files, and checkpoints renamed
+        into place whose round's SQLite transaction never ran (a crash between the
+        two). Call it only while no coordinator runs on this folder: a running
+        one's staged checkpoint looks the same.
         """
-        orphans = sorted(self.checkpoints.glob(".round-*.tmp"))
+        committed = {self.checkpoint_path(round) for round in self.rounds()}
+        published = (
+            path for path in self.checkpoints.glob("round-*.fpck") if path not in committed
+        )
+        orphans = sorted([*self.checkpoints.glob(".round-*.tmp"), *published])
         for orphan in orphans:
             orphan.unlink(missing_ok=True)
         return orphans
@@ -334,6 +341,7 @@ class Store:
                 f"cannot write checkpoint {staged.checkpoint}: {err.strerror}"
             ) from err
         published = time.perf_counter()
+        reach(FaultPoint.AFTER_CHECKPOINT_BEFORE_SQL)
         round = staged.round
         row = (
             round,

@@ -9,7 +9,8 @@ as a process the way a container would see the world:
   /srv/fedpriv (the image's COPY) and each named volume bind-mounted at its path.
 Services start in dependency order: ``service_completed_successfully`` waits for
 the exit, ``service_healthy`` runs the healthcheck command until it passes.
-It needs root (namespaces, mounts); elsewhere it skips and says why.
+It needs root (namespaces, mounts); elsewhere it skips and says why, and under
+CI=true it fails instead (tests.helpers.require_privilege).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import yaml
+
+from tests.helpers import require_privilege
+from tests.processes import LISTENING, Watched
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -40,8 +42,12 @@ def load_compose() -> dict[str, Any]:
 
 def test_compose_file_passes_docker_compose_config():
     binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("docker-compose is not installed (CI installs Debian's docker-compose)")
+    require_privilege(
+        "docker-compose is not installed (CI installs Debian's docker-compose)"
+        if binary is None
+        else None
+    )
+    assert binary is not None
     result = subprocess.run(
         [binary, "-f", str(COMPOSE), "config", "--quiet"],
         cwd=ROOT,
@@ -66,7 +72,7 @@ def test_compose_services_have_mtls_dp_and_secure_aggregation():
     assert "--insecure" not in services["coordinator"]["command"]
 
 
-def _skip_reason() -> str | None:
+def _missing_privilege() -> str | None:
     if sys.platform != "linux":
         return "network namespaces are Linux only"
     if os.geteuid() != 0:
@@ -177,21 +183,17 @@ def _start_order(services: dict[str, Any]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _processes() -> Iterator[dict[str, subprocess.Popen[str]]]:
-    running: dict[str, subprocess.Popen[str]] = {}
+def _processes() -> Iterator[dict[str, Watched]]:
+    running: dict[str, Watched] = {}
     try:
         yield running
     finally:
         for process in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            process.kill()
 
 
 def test_compose_federation_completes_its_rounds_across_network_namespaces(tmp_path):
-    reason = _skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_privilege(_missing_privilege())
     # Arrange
     compose = load_compose()
     services: dict[str, Any] = compose["services"]
@@ -212,20 +214,15 @@ def test_compose_federation_completes_its_rounds_across_network_namespaces(tmp_p
             for dependency, condition in (spec.get("depends_on") or {}).items():
                 _wait_for(condition["condition"], dependency, services, running, network,
                           volumes_dir, logs)  # fmt: skip
-            with (
-                open(logs / f"{service}.out", "w") as out,
-                open(logs / f"{service}.log", "w") as log,
-            ):
-                running[service] = subprocess.Popen(
-                    _container(network, volumes_dir, service, spec, spec["command"]),
-                    env=_environment(spec),
-                    stdout=out,
-                    stderr=log,
-                    text=True,
-                )
+            running[service] = Watched(
+                _container(network, volumes_dir, service, spec, spec["command"]),
+                logs / f"{service}.log",
+                env=_environment(spec),
+                out=logs / f"{service}.out",
+            )
         coordinator = running["coordinator"]
-        coordinator.wait(timeout=600)
-        codes = {s: running[s].wait(timeout=120) for s in order}
+        coordinator.wait(600)
+        codes = {s: running[s].wait(120) for s in order}
         # The PKI step again, as on a second `docker compose up`: it keeps the CA.
         again = subprocess.run(
             _container(network, volumes_dir, "pki", services["pki"], services["pki"]["command"]),
@@ -265,31 +262,28 @@ def _wait_for(
     condition: str,
     dependency: str,
     services: dict[str, Any],
-    running: dict[str, subprocess.Popen[str]],
+    running: dict[str, Watched],
     network: Network,
     volumes_dir: pathlib.Path,
     logs: pathlib.Path,
 ) -> None:
     process = running[dependency]
     if condition == "service_completed_successfully":
-        code = process.wait(timeout=300)
+        code = process.wait(300)
         assert code == 0, (logs / f"{dependency}.log").read_text()
         return
     assert condition == "service_healthy", condition
     spec = services[dependency]
     test = spec["healthcheck"]["test"]
     assert test[0] == "CMD", "only exec-form healthchecks are rehearsed"
-    deadline = time.monotonic() + 180
-    while True:
-        assert process.poll() is None, (logs / f"{dependency}.log").read_text()
-        check = subprocess.run(
-            _container(network, volumes_dir, dependency, spec, test[1:]),
-            env=_environment(spec),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if check.returncode == 0 and check.stdout.strip() == "SERVING":
-            return
-        assert time.monotonic() < deadline, check.stdout + check.stderr
-        time.sleep(1.0)
+    # Docker runs the healthcheck every `interval` until it passes; here it runs once,
+    # as soon as the coordinator says it listens, and must pass at once.
+    process.wait_for(LISTENING, timeout_s=180)
+    check = subprocess.run(
+        _container(network, volumes_dir, dependency, spec, test[1:]),
+        env=_environment(spec),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0 and check.stdout.strip() == "SERVING", check.stdout + check.stderr

@@ -18,17 +18,19 @@ import pytest
 
 from fedpriv.coordinator import Coordinator, Store, read_checkpoint
 from fedpriv.errors import StoreError
-from tests.helpers import make_config, silo_thread
+from tests.helpers import make_config, require_privilege, silo_thread
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None,
-    reason="mounts a small tmpfs to fill up: needs Linux, root and mount(8) (CI runs as root)",
-)
+
+def _missing_privilege() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None:
+        return "mounts a small tmpfs to fill up: needs Linux, root and mount(8) (CI runs as root)"
+    return None
 
 
 @contextlib.contextmanager
 def small_filesystem(path, size_mib: int):
     """A tmpfs of `size_mib` MiB mounted at `path` for the duration."""
+    require_privilege(_missing_privilege())
     path.mkdir()
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
@@ -36,7 +38,7 @@ def small_filesystem(path, size_mib: int):
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+        require_privilege(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
     try:
         yield path
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
@@ -89,30 +91,51 @@ def test_model_larger_than_grpc_message_limit_completes_a_round(tmp_path, pki, a
     assert all(s.bytes_sent > 64e6 and s.bytes_received > 64e6 for s in stats)
 
 
+class _Retries(logging.Handler):
+    """Wakes a waiter once `threads` silo threads have each failed to connect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+        self.cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("coordinator unreachable"):
+            with self.cond:
+                self.threads.add(record.threadName)
+                self.cond.notify_all()
+
+
 def test_silo_started_before_coordinator_connects_with_backoff(tmp_path, pki, array_client):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # A Unix socket: nothing listens until the coordinator starts, and no other
+    # process can take the address meanwhile (as one could a TCP port freed for it).
+    address = f"unix:{tmp_path / 'coordinator.sock'}"
     arrays = {"w": np.zeros(3, np.float32)}
-    config = make_config(tmp_path, pki.root, arrays, num_rounds=1)
-    config = type(config)(
-        **{
-            **{f: getattr(config, f) for f in config.__dataclass_fields__},
-            "address": f"127.0.0.1:{port}",
-        }
+    config = dataclasses.replace(
+        make_config(tmp_path, pki.root, arrays, num_rounds=1), address=address
     )
-    with (
-        silo_thread(array_client(), port=port, tls=pki.tls("silo-a")) as a,
-        silo_thread(array_client(), port=port, tls=pki.tls("silo-b")) as b,
-    ):
-        import time
-
-        time.sleep(2.0)  # both silos are retrying against a closed port
-        with Coordinator(config) as coordinator:
-            assert coordinator.wait(timeout_s=60)
-            stats = wait_silos([a, b])
+    retries = _Retries()
+    runtime = logging.getLogger("fedpriv.client.runtime")
+    runtime.addHandler(retries)
+    try:
+        with (
+            silo_thread(
+                array_client(), port=None, address=address, server_name="localhost",
+                tls=pki.tls("silo-a"),
+            ) as a,
+            silo_thread(
+                array_client(), port=None, address=address, server_name="localhost",
+                tls=pki.tls("silo-b"),
+            ) as b,
+        ):  # fmt: skip
+            # Both silos found no coordinator and are backing off before it starts.
+            with retries.cond:
+                assert retries.cond.wait_for(lambda: len(retries.threads) >= 2, timeout=60)
+            with Coordinator(config) as coordinator:
+                assert coordinator.wait(timeout_s=60)
+                stats = wait_silos([a, b])
+    finally:
+        runtime.removeHandler(retries)
     assert all(s is not None and s.trained == 1 for s in stats)
     assert all(s.reconnects >= 1 for s in stats)
 

@@ -7,9 +7,9 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import time
 
-from tests.integration.test_processes import ROOT, free_port
+from tests.integration.test_processes import ROOT
+from tests.processes import LISTENING, processes
 
 BIN = pathlib.Path(sys.executable).parent
 
@@ -19,7 +19,6 @@ def test_init_scaffolds_a_federation_that_runs_as_printed(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)  # the scaffold must not need the repository on the path
     target = tmp_path / "myfed"
-    port = free_port()
     init = subprocess.run(
         [
             "fedpriv",
@@ -30,7 +29,7 @@ def test_init_scaffolds_a_federation_that_runs_as_printed(tmp_path):
             "--rounds",
             "3",
             "--address",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",  # the coordinator picks a free port and prints it
         ],
         cwd=tmp_path,
         env=env,
@@ -45,48 +44,32 @@ def test_init_scaffolds_a_federation_that_runs_as_printed(tmp_path):
     coordinator, *silos, status = commands
     assert coordinator.startswith("fedpriv coordinator") and len(silos) == 2
     assert status.startswith("fedpriv status")
-    # Act: run each printed command as its own process, from the printed folder
+    # Act: run each printed command as its own process, from the printed folder. The
+    # one edit: port 0 is known only once the coordinator has bound it, so the silos'
+    # and the operator's files get the port it printed.
     logs = tmp_path / "logs"
     logs.mkdir()
-    processes = []
-    for k, command in enumerate([coordinator, *silos]):
-        with open(logs / f"{k}.log", "w") as log:
-            processes.append(
-                subprocess.Popen(
-                    shlex.split(command),
-                    cwd=target,
-                    env=env,
-                    stdout=subprocess.PIPE if k == 0 else subprocess.DEVNULL,
-                    stderr=log,
-                    text=True,
-                )
-            )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            asked = subprocess.run(
-                shlex.split(status),
-                cwd=target,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if asked.returncode == 0 and "silo-1" in asked.stdout:
-                break
-            assert time.monotonic() < deadline, asked.stderr
-            time.sleep(0.5)
-        out, _ = processes[0].communicate(timeout=240)
-        codes = [p.wait(60) for p in processes[1:]]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
+    with processes(logs) as running:
+        server = running.command("coordinator", shlex.split(coordinator), env=env, cwd=target)
+        port = int(server.wait_for(LISTENING).group(1))
+        for config in target.rglob("*.toml"):
+            text = config.read_text()
+            if '"127.0.0.1:0"' in text and "[coordinator]" in text:
+                config.write_text(text.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
+        parties = [
+            running.command(f"silo-{k}", shlex.split(command), env=env, cwd=target)
+            for k, command in enumerate(silos, start=1)
+        ]
+        server.wait_for("joined silo=silo-1")
+        asked = subprocess.run(
+            shlex.split(status), cwd=target, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert asked.returncode == 0 and "silo-1" in asked.stdout, asked.stderr
+        code = server.wait(240)
+        codes = [p.wait(60) for p in parties]
+    out = "".join(server.stdout)
     # Assert
-    assert processes[0].returncode == 0, (logs / "0.log").read_text()
+    assert code == 0, server.text()
     assert codes == [0, 0]
     rounds = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [int(line.split()[0]) for line in rounds] == [1, 2, 3]

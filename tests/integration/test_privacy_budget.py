@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
 import sqlite3
-import subprocess
 
 import pytest
 
 from fedpriv.privacy import GaussianSteps, epsilon
-from tests.integration.test_processes import ROOT, cli_pki, fedpriv, free_port
+from tests.integration.test_processes import cli_pki
+from tests.processes import processes
 
 SIGMA, SAMPLE_RATE, STEPS = 2.0, 0.2, 5  # tests.apps.make_private_client: 100 examples, batch 20
 
@@ -30,18 +29,12 @@ def outcomes(db: pathlib.Path, silo: str) -> list[tuple[int, str]]:
             return []
 
 
-def start(cmd, log):
-    with open(log, "w") as handle:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=handle)
-
-
 @pytest.fixture
 def work(tmp_path):
     cli_pki(tmp_path / "pki", ["open-silo", "private-silo"])
-    port = free_port()
-    (tmp_path / "coordinator.toml").write_text(f"""
+    (tmp_path / "coordinator.toml").write_text("""
 [server]
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 # The killed silo counts as live for 3 heartbeats (30 s), so its round-2 task is
 # still open when the restarted process asks for it again.
 heartbeat_interval_s = 10
@@ -68,6 +61,10 @@ dir = "state"
         [GaussianSteps(noise_multiplier=SIGMA, sample_rate=SAMPLE_RATE, steps=2 * STEPS)],
         delta=1e-5,
     )
+    return tmp_path, one, two
+
+
+def write_silo_configs(tmp_path, port: int, one: float, two: float) -> None:
     for name, extra in (
         ("open-silo", ""),
         (
@@ -86,63 +83,47 @@ key = "pki/{name}.key"
 poll_wait_s = 2
 reconnect_timeout_s = 60
 {extra}""")
-    return tmp_path, one
 
 
 def test_tiny_budget_trains_once_then_refuses_even_after_kill_9(work):
     # Arrange
-    tmp, one_round_epsilon = work
+    tmp, one_round_epsilon, two_rounds_epsilon = work
     db = tmp / "state" / "state.sqlite3"
-    coordinator = start(
-        fedpriv("coordinator", "--config", str(tmp / "coordinator.toml")), tmp / "coordinator.log"
-    )
-    open_silo = start(
-        fedpriv(
-            "client", "--app", "tests.apps:make_client", "--config", str(tmp / "open-silo.toml")
-        ),
-        tmp / "open.log",
-    )
-    private_cmd = fedpriv(
+    private_args = (
         "client",
         "--app",
         "tests.apps:make_private_client",
         "--config",
         str(tmp / "private-silo.toml"),
     )
-    # The first process trains round 1, then holds at round 2 (tests.apps' fault
-    # injection point) until it is killed: the restarted one meets rounds 2-4.
-    config = tmp / "private-silo.toml"
-    plain_config = config.read_text()
-    fifo = tmp / "hold.fifo"
-    os.mkfifo(fifo)
-    config.write_text(plain_config + f'[app]\nhold_from_round = 2\nhold_fifo = "{fifo}"\n')
-    with open(tmp / "private-1.log", "w") as handle:
-        private = subprocess.Popen(
-            private_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=handle, text=True
+    with processes(tmp) as running:
+        coordinator, port = running.coordinator("coordinator", tmp / "coordinator.toml")
+        write_silo_configs(tmp, port, one_round_epsilon, two_rounds_epsilon)
+        open_silo = running.start(
+            "open",
+            "client",
+            "--app",
+            "tests.apps:make_client",
+            "--config",
+            str(tmp / "open-silo.toml"),
         )
-    processes = [coordinator, open_silo, private]
-    try:
-        assert private.stdout is not None
-        for line in private.stdout:
-            if line.startswith("holding round 2"):
-                break
-        else:
-            pytest.fail((tmp / "private-1.log").read_text())
+        # The first process trains round 1, then holds at round 2 (tests.apps' fault
+        # injection point, before the budget check) until it is killed: the restarted
+        # one meets rounds 2-4.
+        config = tmp / "private-silo.toml"
+        plain_config = config.read_text()
+        fifo = tmp / "hold.fifo"
+        os.mkfifo(fifo)
+        config.write_text(plain_config + f'[app]\nhold_from_round = 2\nhold_fifo = "{fifo}"\n')
+        private = running.start("private-1", *private_args)
+        private.wait_for("^holding round 2")
         ledger_before = json.loads((tmp / "ledger.json").read_text())
         # Act: kill -9 the private silo, then start it again on the same ledger
-        private.send_signal(signal.SIGKILL)
-        private.wait(10)
-        private.stdout.close()
+        private.kill()
         config.write_text(plain_config)
-        private = start(private_cmd, tmp / "private-2.log")
-        processes.append(private)
-        assert coordinator.wait(120) == 0, (tmp / "coordinator.log").read_text()
-        assert private.wait(60) == 0 and open_silo.wait(60) == 0
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        restarted = running.start("private-2", *private_args)
+        assert coordinator.wait() == 0, coordinator.text()
+        assert restarted.wait() == 0 and open_silo.wait() == 0
     # Assert: exactly one training run ever recorded; every later round refused
     ledger_after = json.loads((tmp / "ledger.json").read_text())
     assert len(ledger_before["entries"]) == 1

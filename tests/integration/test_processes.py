@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import pathlib
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from fedpriv.coordinator import Store, read_checkpoint
 from fedpriv.privacy import GaussianSteps, epsilon
+from tests.processes import FAULT, processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def fedpriv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedpriv", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cli_pki(pki: pathlib.Path, silos: list[str]) -> None:
@@ -43,12 +36,14 @@ def cli_pki(pki: pathlib.Path, silos: list[str]) -> None:
 @pytest.fixture
 def federation_dir(tmp_path):
     cli_pki(tmp_path / "pki", ["silo-1", "silo-2"])
-    port = free_port()
+    # A Unix socket: the restarted coordinator binds the same address, which no other
+    # process can take while the first one is dead (a freed TCP port can be taken).
+    socket = tmp_path / "coordinator.sock"
     (tmp_path / "coordinator.toml").write_text(f"""
 [federation]
 allowed_silos = ["silo-1", "silo-2"]
 [server]
-address = "127.0.0.1:{port}"
+address = "unix:{socket}"
 heartbeat_interval_s = 1
 poll_wait_s = 2
 [tls]
@@ -67,7 +62,8 @@ dir = "state"
     for k, delta in ((1, 1.0), (2, 3.0)):
         (tmp_path / f"silo-{k}.toml").write_text(f"""
 [coordinator]
-address = "127.0.0.1:{port}"
+address = "unix:{socket}"
+server_name = "127.0.0.1"  # the name in the coordinator's certificate
 [tls]
 ca = "pki/ca.crt"
 cert = "pki/silo-{k}.crt"
@@ -77,74 +73,51 @@ poll_wait_s = 2
 reconnect_timeout_s = 60
 [app]
 delta = {delta}
-sleep_s = 0.4
 """)
     return tmp_path
 
 
-def start(cmd, log: pathlib.Path) -> subprocess.Popen:
-    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=handle, text=True)
-
-
 def committed_rounds(db: pathlib.Path) -> list[int]:
-    if not db.exists():
-        return []
     with sqlite3.connect(db) as conn:
-        try:
-            return [r for (r,) in conn.execute("SELECT round FROM rounds ORDER BY round")]
-        except sqlite3.OperationalError:
-            return []
+        return [r for (r,) in conn.execute("SELECT round FROM rounds ORDER BY round")]
 
 
 def test_coordinator_killed_mid_federation_resumes_without_losing_rounds(federation_dir):
     # Arrange
     work = federation_dir
-    silos = [
-        start(
-            fedpriv(
+    with processes(work) as running:
+        # Killed by its own fault point once round 3 is summed, before any of it is written.
+        coordinator = running.start(
+            "coordinator-1",
+            "coordinator",
+            "--config",
+            str(work / "coordinator.toml"),
+            env={"FEDPRIV_FAULT": "after-fold-before-commit@3,kill"},
+        )
+        silos = [
+            running.start(
+                f"silo-{k}",
                 "client",
                 "--app",
                 "tests.apps:make_client",
                 "--config",
                 str(work / f"silo-{k}.toml"),
-            ),
-            work / f"silo-{k}.log",
-        )
-        for k in (1, 2)
-    ]
-    coordinator = start(
-        fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
-        work / "coordinator-1.log",
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while max(committed_rounds(work / "state" / "state.sqlite3") or [0]) < 2:
-            assert time.monotonic() < deadline, (work / "coordinator-1.log").read_text()
-            time.sleep(0.05)
-        # Act: kill -9 between rounds or mid-round, then restart with the same config
-        coordinator.send_signal(signal.SIGKILL)
-        coordinator.wait(10)
-        coordinator.stdout.close()
+            )
+            for k in (1, 2)
+        ]
+        # Act: the kill, then a restart with the same config
+        assert coordinator.wait_for(FAULT).group(1) == "after-fold-before-commit"
+        assert coordinator.wait() == -signal.SIGKILL
         killed_after = committed_rounds(work / "state" / "state.sqlite3")
-        time.sleep(1.0)
-        coordinator = start(
-            fedpriv("coordinator", "--config", str(work / "coordinator.toml")),
-            work / "coordinator-2.log",
+        coordinator = running.start(
+            "coordinator-2", "coordinator", "--config", str(work / "coordinator.toml")
         )
-        out, _ = coordinator.communicate(timeout=120)
-        codes = [s.wait(60) for s in silos]
-    finally:
-        for process in [coordinator, *silos]:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            process.stdout.close()
+        assert coordinator.wait() == 0, coordinator.text()
+        codes = [s.wait() for s in silos]
     # Assert: every round committed exactly once; the model holds 5 rounds of +2
-    assert coordinator.returncode == 0, (work / "coordinator-2.log").read_text()
     assert codes == [0, 0]
-    assert killed_after[-1] >= 2
-    assert "resuming after committed round=" in (work / "coordinator-2.log").read_text()
+    assert killed_after == [0, 1, 2]
+    assert "resuming after committed round=2" in coordinator.text()
     store = Store(work / "state")
     assert store.rounds() == [0, 1, 2, 3, 4, 5]
     last = store.last_committed()
@@ -152,8 +125,9 @@ def test_coordinator_killed_mid_federation_resumes_without_losing_rounds(federat
     store.close()
     np.testing.assert_array_equal(final["w"], np.full((64, 32), 10.0, np.float32))
     # The resumed coordinator printed only the rounds it ran, starting after the last commit.
+    out = "".join(coordinator.stdout)
     printed = [int(line.split()[0]) for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert printed == list(range(killed_after[-1] + 1, 6))
+    assert printed == [3, 4, 5]
 
 
 def test_digits_demo_reaches_90_percent_and_exits_cleanly(tmp_path):

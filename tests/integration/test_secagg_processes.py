@@ -4,45 +4,29 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import time
 
 import numpy as np
 import pytest
 
 from fedpriv.coordinator import Store, read_checkpoint
 from tests.apps import make_model, random_update
-from tests.integration.test_processes import ROOT, cli_pki, fedpriv, free_port
+from tests.integration.test_processes import cli_pki
+from tests.processes import FAULT, processes
 
 NAMES = [f"silo-{i}" for i in range(5)]
 SHAPES = {name: value.shape for name, value in make_model().items()}
 
 
-def accepted(db, silo):
-    if not db.exists():
-        return False
-    try:
-        with sqlite3.connect(db) as conn:
-            row = conn.execute(
-                "SELECT 1 FROM participants WHERE silo = ? AND task = 'train' AND outcome = 'accepted'",
-                (silo,),
-            ).fetchone()
-    except sqlite3.OperationalError:
-        return False
-    return row is not None
-
-
 @pytest.fixture
 def federation(tmp_path):
     cli_pki(tmp_path / "pki", NAMES)
-    port = free_port()
-    (tmp_path / "coordinator.toml").write_text(f"""
+    (tmp_path / "coordinator.toml").write_text("""
 secure_aggregation = true
 [secagg]
 threshold = 3
 unmask_deadline_s = 10
 [server]
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 heartbeat_interval_s = 1
 poll_wait_s = 2
 [tls]
@@ -62,8 +46,12 @@ chunk_bytes = 2048
 [store]
 dir = "state"
 """)
+    return tmp_path
+
+
+def write_silo_configs(work, port: int) -> None:
     for index, name in enumerate(NAMES):
-        (tmp_path / f"{name}.toml").write_text(f"""
+        (work / f"{name}.toml").write_text(f"""
 [coordinator]
 address = "127.0.0.1:{port}"
 [tls]
@@ -75,48 +63,37 @@ poll_wait_s = 2
 reconnect_timeout_s = 30
 [app]
 index = {index}
-sleep_s = {0.0 if index >= 2 else 4.0}
 """)
-    return tmp_path
 
 
 def run(work, kill):
-    """Start everything; SIGKILL the silos in `kill` as soon as their masked update is accepted."""
-    logs = work / "logs"
-    logs.mkdir()
-    processes = {}
-    for name in ["coordinator", *NAMES]:
-        cmd = (
-            fedpriv("coordinator", "--config", str(work / "coordinator.toml"))
-            if name == "coordinator"
-            else fedpriv(
+    """Start everything; the silos in `kill` die once their masked update is accepted.
+
+    Each stops at its fault point (fedpriv.faults) after the coordinator accepted its
+    masked input and before it reveals any share: the coordinator must rebuild its
+    self mask from the survivors' shares.
+    """
+    fault = {"FEDPRIV_FAULT": "after-masked-upload-before-unmask,kill"}
+    with processes(work) as running:
+        coordinator, port = running.coordinator("coordinator", work / "coordinator.toml")
+        write_silo_configs(work, port)
+        silos = {
+            name: running.start(
+                name,
                 "client",
                 "--app",
                 "tests.apps:make_random_client",
                 "--config",
                 str(work / f"{name}.toml"),
+                env=fault if name in kill else None,
             )
-        )
-        with open(logs / f"{name}.log", "w") as log:
-            processes[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    db = work / "state" / "state.sqlite3"
-    pending = set(kill)
-    deadline = time.monotonic() + 60
-    try:
-        while pending and time.monotonic() < deadline:
-            for name in sorted(pending):
-                if accepted(db, name):
-                    processes[name].send_signal(signal.SIGKILL)
-                    pending.discard(name)
-            time.sleep(0.02)
-        assert not pending, f"{pending} never had an update accepted"
-        code = processes["coordinator"].wait(timeout=90)
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    return code, (logs / "coordinator.log").read_text()
+            for name in NAMES
+        }
+        for name in kill:
+            silos[name].wait_for(FAULT)
+            assert silos[name].wait() == -signal.SIGKILL
+        code = coordinator.wait()
+    return code, coordinator.text()
 
 
 def test_two_silos_killed_after_masked_input_the_sum_is_still_exact(federation):

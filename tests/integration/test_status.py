@@ -6,7 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
+import threading
 
 import numpy as np
 
@@ -16,16 +16,29 @@ from tests.helpers import make_config, silo_thread, wait_silos
 from tests.integration.test_processes import ROOT
 
 
-class SlowClient(ArrayClient):
+class HeldClient(ArrayClient):
+    """Trains the first round only once the test lets it: status is asked meanwhile."""
+
+    def __init__(self, training: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self.training = training
+        self.release = release
+
     def fit(self, parameters, *, config):
-        time.sleep(0.5)
+        self.training.set()
+        assert self.release.wait(60), "the test never released the round"
         return super().fit(parameters, config=config)
 
 
-def status(tmp_path, pki, port: int, name: str, *flags: str) -> subprocess.CompletedProcess[str]:
+def status(
+    tmp_path, pki, port: int | str, name: str, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    address = port if isinstance(port, str) else f"127.0.0.1:{port}"
+    # A Unix socket has no host name to check the certificate against.
+    server_name = 'server_name = "localhost"\n' if address.startswith("unix:") else ""
     config = tmp_path / f"{name}.toml"
     config.write_text(
-        f'[coordinator]\naddress = "127.0.0.1:{port}"\n\n[tls]\n'
+        f'[coordinator]\naddress = "{address}"\n{server_name}\n[tls]\n'
         f'ca = "{pki.root / "ca.crt"}"\ncert = "{pki.root / f"{name}.crt"}"\n'
         f'key = "{pki.root / f"{name}.key"}"\n'
     )
@@ -63,22 +76,22 @@ def test_status_shows_an_operator_the_federation_and_refuses_silos(tmp_path, pki
         assert denied.returncode == 2
         assert "'silo-a' is not an operator" in denied.stderr
         assert "[federation] operators" in denied.stderr
-        # Act: run the rounds and ask while they run
-        seen_states = set()
+        # Act: ask while both silos are training round 1, then let the rounds run
+        training = [threading.Event(), threading.Event()]
+        release = threading.Event()
         with (
-            silo_thread(SlowClient(), port=port, tls=pki.tls("silo-a")) as a,
-            silo_thread(SlowClient(), port=port, tls=pki.tls("silo-b")) as b,
+            silo_thread(HeldClient(training[0], release), port=port, tls=pki.tls("silo-a")) as a,
+            silo_thread(HeldClient(training[1], release), port=port, tls=pki.tls("silo-b")) as b,
         ):
-            deadline = time.monotonic() + 60
-            while not coordinator.federation.finished and time.monotonic() < deadline:
-                reply = status(tmp_path, pki, port, "operator", "--json")
-                assert reply.returncode == 0, reply.stderr
-                seen_states.add(json.loads(reply.stdout)["state"])
+            assert all(event.wait(60) for event in training)
+            during = status(tmp_path, pki, port, "operator", "--json")
+            release.set()
+            assert during.returncode == 0, during.stderr
             assert coordinator.wait(timeout_s=60)
             wait_silos([a, b])
         final = json.loads(status(tmp_path, pki, port, "operator", "--json").stdout)
     # Assert
-    assert "training" in seen_states
+    assert json.loads(during.stdout)["state"] == "training"
     assert final["state"] == "finished" and final["completed_rounds"] == 3
     assert [s["name"] for s in final["silos"]] == ["silo-a", "silo-b"]
     assert "train_loss" in final["last_round_metrics"]
@@ -86,11 +99,7 @@ def test_status_shows_an_operator_the_federation_and_refuses_silos(tmp_path, pki
 
 
 def test_status_reports_an_unreachable_coordinator_clearly(tmp_path, pki):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    reply = status(tmp_path, pki, port, "operator", "--timeout", "2")
+    # A Unix socket nobody listens on: unreachable for sure, unlike a freed TCP port.
+    reply = status(tmp_path, pki, f"unix:{tmp_path / 'nobody.sock'}", "operator", "--timeout", "2")
     assert reply.returncode == 2
     assert reply.stderr.startswith("fedpriv: error:") and "Traceback" not in reply.stderr

@@ -7,8 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 
 import numpy as np
@@ -16,7 +14,7 @@ import numpy as np
 from fedpriv.client import FitResult
 from fedpriv.coordinator import Coordinator
 from tests.conftest import ArrayClient
-from tests.helpers import make_config, silo_thread, wait_silos
+from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
 from tests.integration.test_processes import ROOT
 
 
@@ -24,7 +22,6 @@ class ReportingClient(ArrayClient):
     """Reports a growing sample-level epsilon, as a DP silo's runtime does."""
 
     def fit(self, parameters, *, config):
-        time.sleep(0.3)
         result = super().fit(parameters, config=config)
         return FitResult(
             parameters=result.parameters,
@@ -42,38 +39,39 @@ def scrape(port: int) -> float | None:
     return float(match.group(1)) if match else None
 
 
+class ScrapingReporter(CollectingReporter):
+    """Scrapes the rounds counter each time a round is reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = 0
+        self.seen: list[float | None] = []
+
+    def round_completed(self, summary) -> None:
+        self.seen.append(scrape(self.port))
+        super().round_completed(summary)
+
+
 def test_prometheus_counter_advances_and_report_plots_every_round(tmp_path, pki):
     # Arrange
     config = dataclasses.replace(
         make_config(tmp_path, pki.root, {"w": np.zeros(8, np.float32)}, num_rounds=4),
         prometheus="127.0.0.1:0",
     )
-    seen: list[float] = []
-    # Act: scrape the endpoint while the rounds run
-    with Coordinator(config) as coordinator:
-        port = coordinator.telemetry.port
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.is_set():
-                value = scrape(port)
-                if value is not None and (not seen or value != seen[-1]):
-                    seen.append(value)
-                time.sleep(0.05)
-
-        poller = threading.Thread(target=poll)
-        poller.start()
+    # Act: scrape the endpoint from the reporter, as each round is reported: the
+    # exporter serves from its own thread, so it answers while the round loop waits.
+    reporter = ScrapingReporter()
+    with Coordinator(config, reporter=reporter) as coordinator:
+        reporter.port = coordinator.telemetry.port
         with (
             silo_thread(ReportingClient(), port=coordinator.port, tls=pki.tls("silo-a")) as a,
             silo_thread(ReportingClient(), port=coordinator.port, tls=pki.tls("silo-b")) as b,
         ):
             assert coordinator.wait(timeout_s=60)
             wait_silos([a, b])
-        time.sleep(0.2)
-        stop.set()
-        poller.join()
+    seen = reporter.seen
     # Assert: the counter was seen climbing, one round at a time, to 4
-    assert seen == sorted(seen) and seen[-1] == 4.0 and len(seen) >= 3, seen
+    assert seen == [1.0, 2.0, 3.0, 4.0], seen
     records = [
         json.loads(line) for line in (config.state_dir / "metrics.jsonl").read_text().splitlines()
     ]

@@ -151,6 +151,23 @@ def test_a_staged_round_is_readable_at_once_and_committed_only_when_asked(tmp_pa
     reopened.close()
 
 
+def test_a_checkpoint_published_without_its_round_row_is_an_orphan_too(tmp_path):
+    # A crash after the checkpoint's rename and before the SQLite transaction leaves
+    # a file under its final name that no committed round refers to.
+    store = Store(tmp_path)
+    model = Model.from_arrays({"w": np.arange(10, dtype=np.float32)})
+    _commit(store, 1, model)
+    staged = store.stage_round(
+        round=2, model=model, started_unix_s=0.0, selected=2, accepted=2, total_weight=2.0
+    )
+    staged.temporary.rename(staged.checkpoint)
+    store.close()
+    reopened = Store(tmp_path)
+    assert reopened.remove_orphans() == [staged.checkpoint] and not staged.checkpoint.exists()
+    assert reopened.checkpoint_path(1).exists() and reopened.rounds() == [1]
+    reopened.close()
+
+
 def _commit(store: Store, round: int, model: Model) -> None:
     store.commit_staged(
         store.stage_round(

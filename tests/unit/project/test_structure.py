@@ -28,6 +28,7 @@ LAYERS = {
     "_types": 0,
     "_config": 0,
     "storage": 0,
+    "faults": 0,
 }
 
 
