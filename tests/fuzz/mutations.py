@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from fedpriv.v1 import fleet_pb2, tensor_pb2
 from fedpriv.wire.frames import chunk_frame
 
-
 U64 = st.one_of(
     st.sampled_from([0, 1, 2, 7, 2**31 - 1, 2**32, 2**40, 2**53 + 1, 2**63, 2**64 - 1]),
     st.integers(0, 2**64 - 1),
@@ -176,7 +175,9 @@ def _tensor_header(plan: Plan, header: tensor_pb2.TensorHeader) -> str:
     return "empty tensor header"
 
 
-def mutate_result_header(plan: Plan, message: bytes, *, task_ids: Sequence[str]) -> tuple[str, bytes]:
+def mutate_result_header(
+    plan: Plan, message: bytes, *, task_ids: Sequence[str]
+) -> tuple[str, bytes]:
     """One field of a ResultHeader changed: ids, round, kind, weight, metrics, tensors."""
     parsed = fleet_pb2.ResultMessage.FromString(message)
     header = parsed.header
@@ -334,7 +335,9 @@ def valid_unary(rpc: str, *, task_id: str, round: int) -> bytes:
     ).SerializeToString()
 
 
-def mutate_unary(plan: Plan, rpc: str, valid: bytes, *, task_ids: Sequence[str]) -> tuple[str, bytes]:
+def mutate_unary(
+    plan: Plan, rpc: str, valid: bytes, *, task_ids: Sequence[str]
+) -> tuple[str, bytes]:
     """A field-level or byte-level mutation of a unary request."""
     if plan.flag():
         return mutate_bytes(plan, valid)
@@ -346,7 +349,9 @@ def mutate_unary(plan: Plan, rpc: str, valid: bytes, *, task_ids: Sequence[str])
     if rpc == "Leave":
         return "reason", fleet_pb2.LeaveRequest(reason=plan.text()).SerializeToString()
     if rpc == "SecAgg":
-        request = fleet_pb2.SecAggRequest(task_id=plan.pick([*task_ids, plan.text()]), round=plan.u64())
+        request = fleet_pb2.SecAggRequest(
+            task_id=plan.pick([*task_ids, plan.text()]), round=plan.u64()
+        )
         step = plan.pick(["advertise", "share", "roster", "unmask", "none"])
         if step == "advertise":
             request.advertise.cipher_public_key = plan.blob()

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from tests.fuzz.conftest import FUZZ
 from tests.fuzz.mutations import mutate_stream, plans
 
-STREAM_EXAMPLES = 600
+STREAM_EXAMPLES = 800
 
 
 def test_mutated_result_streams_get_an_allowed_status_and_the_model_stays_exact(fleet):
