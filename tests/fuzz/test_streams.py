@@ -11,7 +11,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 
 from tests.fuzz.conftest import FUZZ
-from tests.fuzz.mutations import mutate_stream, plans
+from tests.fuzz.drivers import fuzz_stream
+from tests.fuzz.mutations import plans
 
 STREAM_EXAMPLES = 800
 
@@ -22,16 +23,7 @@ def test_mutated_result_streams_get_an_allowed_status_and_the_model_stays_exact(
     @settings(FUZZ, max_examples=STREAM_EXAMPLES)
     @given(plan=plans())
     def answer(plan):
-        slots = fleet.open_slots()
-        slot = plan.pick(slots)
-        past = [stream for _, stream in fleet.past_valid]
-        _, messages = mutate_stream(
-            plan,
-            slot.valid,
-            task_ids=fleet.other_task_ids(slot.silo),
-            past=past,
-        )
-        fleet.push(slot, messages)
+        fuzz_stream(fleet, plan)
 
     answer()
     assert not fleet.findings, fleet.report()

@@ -75,3 +75,11 @@ def test_limits_smoke_prints_ceilings_and_fractions():
     assert raw, result.stdout
     assert float(raw.group(1)) > 0 and float(raw.group(2)) > 0
     assert "fedpriv round" in result.stdout and "AES-256-GCM alone" in result.stdout
+
+
+def test_fuzz_rpcs_smoke_reports_inputs_per_second_and_no_findings():
+    result = smoke("fuzz_rpcs")
+    rate = re.search(r"fuzzed \d+ s: (\d+) inputs, ([\d.]+) inputs/s", result.stdout)
+    assert rate, result.stdout
+    assert int(rate.group(1)) > 0 and float(rate.group(2)) > 0
+    assert "status codes seen:" in result.stdout and "findings: 0" in result.stdout
