@@ -110,11 +110,16 @@ def _honest_rounds(
         push = channel.stream_unary(PUSH)
         stub.Join(fleet_pb2.JoinRequest(sdk_version="load-bench"), timeout=120)
         out.put(json.dumps({"joined": name}))
+        failures = 0
         while True:
             try:
                 task, layout, payload = _pull(stub)
+                failures = 0
             except grpc.RpcError as err:
                 errors[f"PullTask {err.code().name}"] += 1
+                failures += 1
+                if failures >= 30:  # the coordinator is gone
+                    break
                 continue
             if task.kind == fleet_pb2.TASK_KIND_FINISHED:
                 break
@@ -268,6 +273,7 @@ class CoordinatorProcess:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.levels: collections.Counter[str] = collections.Counter()
         self._changed = threading.Condition()
+        self.ended = threading.Event()  # its log closed: it exited (reaped by wait())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -288,13 +294,14 @@ class CoordinatorProcess:
                     self.levels[found.group(1)] += 1
                 self._changed.notify_all()
         with self._changed:
+            self.ended.set()
             self._changed.notify_all()
 
     def wait_for(self, predicate: Any, timeout_s: float) -> bool:
         with self._changed:
             return (
                 self._changed.wait_for(
-                    lambda: predicate() or self.process.poll() is not None, timeout=timeout_s
+                    lambda: predicate() or self.ended.is_set(), timeout=timeout_s
                 )
                 and predicate()
             )
@@ -336,6 +343,8 @@ num_rounds = {2 * args.rounds}
 min_clients = {args.silos + 1}
 # The slow silo never finishes an upload: the honest ones are enough.
 min_results = {args.silos}
+# A round the idle streams stall is retried rather than ending the run.
+max_failed_attempts = 50
 deadline_s = {args.deadline_s}
 federated_evaluation = false
 [model]
@@ -413,9 +422,11 @@ def run(args: argparse.Namespace) -> int:
                     )
                     attacker.stdin.close()  # type: ignore[union-attr]
                     released_at = time.time()
-                if coordinator.process.poll() is not None and all(
-                    w.poll() is not None for w in workers
-                ):
+                if coordinator.ended.is_set():
+                    # It stopped (the federation failed, say): the silos would poll for ever.
+                    for process in workers:
+                        if process.poll() is None:
+                            process.terminate()
                     break
                 continue
             if tag == 1:
