@@ -490,6 +490,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def under_attack_unfinished(accepted, args, released_at) -> bool:  # type: ignore[no-untyped-def]
+    """Whether some attacked round's honest uploads finished only after the release."""
+    return any(
+        len(accepted.get(r, [])) < args.silos or max(a for _, a in accepted[r]) > released_at
+        for r in range(args.rounds + 1, 2 * args.rounds + 1)
+    )
+
+
 def report(
     args,
     work,
@@ -549,6 +557,12 @@ def report(
         print(
             f"honest round time: {len(under)} of {args.rounds} rounds completed their honest "
             f"uploads while the {args.idle_streams} idle streams were open -> MISS"
+        )
+    if released_at is not None and under_attack_unfinished(accepted, args, released_at):
+        print(
+            "the idle streams were released early: the federation had no honest upload for "
+            f"{2 * args.deadline_s + 30:g} s with them open (the rounds after the release are "
+            "shown above but not counted)"
         )
     baseline = rss_steps[0][1]
     peak = usage.ru_maxrss * 1024 / 1e6  # Linux reports KiB
