@@ -83,3 +83,21 @@ def test_abuse_bench_smoke_prints_a_ratio_for_each_attack():
     assert [row[0] for row in rows] == ["none", "80", "500"]
     assert all(float(row[-4 if row[0] == "none" else -5]) > 0 for row in rows)
     assert all("RESOURCE_EXHAUSTED" in " ".join(row) for row in rows[1:])
+
+
+def test_fuzz_rpcs_smoke_reports_inputs_per_second_and_no_findings():
+    result = smoke("fuzz_rpcs")
+    rate = re.search(r"fuzzed \d+ s: (\d+) inputs, ([\d.]+) inputs/s", result.stdout)
+    assert rate, result.stdout
+    assert int(rate.group(1)) > 0 and float(rate.group(2)) > 0
+    assert "status codes seen:" in result.stdout and "findings: 0" in result.stdout
+
+
+def test_load_bench_smoke_prints_round_times_rss_slope_and_errors():
+    result = smoke("load_bench")
+    assert "silos as threads in 2 worker processes" in result.stdout
+    assert "rounds committed: 2 of 2" in result.stdout
+    assert re.search(r"honest round time: .*-> (PASS|MISS)", result.stdout), result.stdout
+    slope = re.search(r"([\d.]+) MB per connected silo \(target <= 5\) -> (PASS|MISS)", result.stdout)
+    assert slope and float(slope.group(1)) >= 0, result.stdout
+    assert "coordinator CPU" in result.stdout and "errors seen:" in result.stdout

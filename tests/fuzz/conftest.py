@@ -1,0 +1,30 @@
+"""One live federation for the whole fuzz suite, and the fixed hypothesis profile it runs under."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from tests.fuzz.harness import FuzzFleet
+
+# CI runs the same inputs every time (derandomize), never times one example out (the
+# server's answer is bounded by the call timeout instead) and keeps no example database.
+settings.register_profile(
+    "fuzz-ci",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=False,
+)
+FUZZ = settings.get_profile("fuzz-ci")
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[FuzzFleet]:
+    with FuzzFleet(tmp_path_factory.mktemp("fuzz"), pki) as running:
+        yield running
+        # Shown with -s (or in the log of a failing run): what the suite tried and saw.
+        print("\n" + running.report())
