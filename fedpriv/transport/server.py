@@ -16,7 +16,7 @@ from fedpriv.transport.limits import CallLimits, ServerLimits
 from fedpriv.transport.options import CHANNEL_OPTIONS, SERVER_OPTIONS
 from fedpriv.transport.tls import TLSConfig
 
-__all__ = ["ServerHandle", "open_channel", "serve"]
+__all__ = ["ServerHandle", "open_channel", "serve", "with_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def open_channel(
         logger.warning(_INSECURE_WARNING)
         channel = grpc.insecure_channel(target, options=options)
         if identity:
-            channel = grpc.intercept_channel(channel, _IdentityMetadata(identity))
+            channel = with_metadata(channel, (INSECURE_IDENTITY_KEY, identity))
         return channel
     if tls is None:
         raise ConfigError("TLS material is required; pass insecure=True for plain text")
@@ -156,15 +156,15 @@ def open_channel(
     return grpc.secure_channel(target, tls.channel_credentials(), options=options)
 
 
-class _IdentityMetadata(
+class _CallMetadata(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc ships no types
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
 ):
-    """Adds the claimed identity to every call on a plain-text channel."""
+    """Adds fixed metadata to every call made on a channel."""
 
-    def __init__(self, identity: str) -> None:
-        self._metadata = ((INSECURE_IDENTITY_KEY, identity),)
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = tuple(details.metadata or ()) + self._metadata
@@ -178,3 +178,8 @@ class _IdentityMetadata(
 
     def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
         return continuation(self._details(details), requests)
+
+
+def with_metadata(channel: grpc.Channel, *pairs: tuple[str, str]) -> grpc.Channel:
+    """`channel`, sending the (key, value) `pairs` as metadata with every call."""
+    return grpc.intercept_channel(channel, _CallMetadata(tuple(pairs)))

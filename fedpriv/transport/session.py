@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Any
 
 import grpc
 
 from fedpriv.errors import ProtocolError
+from fedpriv.transport.server import with_metadata
 
 __all__ = ["SESSION_KEY", "new_session_id", "session_key", "with_session"]
 
@@ -43,29 +43,6 @@ def session_key(context: grpc.ServicerContext) -> str:
     return f"peer:{context.peer()}"
 
 
-class _SessionMetadata(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc ships no types
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-):
-    """Adds the session id to every call."""
-
-    def __init__(self, session_id: str) -> None:
-        self._metadata = ((SESSION_KEY, session_id),)
-
-    def _details(self, details: Any) -> Any:
-        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
-
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
-        return continuation(self._details(details), requests)
-
-
 def with_session(channel: grpc.Channel, session_id: str) -> grpc.Channel:
     """`channel`, sending `session_id` (from :func:`new_session_id`) with every call.
 
@@ -74,4 +51,4 @@ def with_session(channel: grpc.Channel, session_id: str) -> grpc.Channel:
     """
     if not _SESSION_ID.fullmatch(session_id):
         raise ValueError("a session id is 32 lowercase hex digits (new_session_id())")
-    return grpc.intercept_channel(channel, _SessionMetadata(session_id))
+    return with_metadata(channel, (SESSION_KEY, session_id))

@@ -98,6 +98,8 @@ def test_load_bench_smoke_prints_round_times_rss_slope_and_errors():
     assert "silos as threads in 2 worker processes" in result.stdout
     assert "rounds committed: 2 of 2" in result.stdout
     assert re.search(r"honest round time: .*-> (PASS|MISS)", result.stdout), result.stdout
-    slope = re.search(r"([\d.]+) MB per connected silo \(target <= 5\) -> (PASS|MISS)", result.stdout)
+    slope = re.search(
+        r"([\d.]+) MB per connected silo \(target <= 5\) -> (PASS|MISS)", result.stdout
+    )
     assert slope and float(slope.group(1)) >= 0, result.stdout
     assert "coordinator CPU" in result.stdout and "errors seen:" in result.stdout

@@ -333,6 +333,7 @@ dir = "state"
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=_env(),
     )
     # The coordinator binds port 0 and says which port it got.
     port = None
