@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -50,17 +51,28 @@ def test_nothing_is_armed_without_the_variable():
     reach(FaultPoint.DURING_UPLOAD)  # returns: nothing armed
 
 
-def test_only_the_armed_point_on_its_hit_acts(tmp_path):
+def test_only_the_armed_point_on_its_hit_acts(tmp_path, capsys):
     fifo = tmp_path / "release.fifo"
     os.mkfifo(fifo)
     arm(FaultSpec(point=FaultPoint.DURING_UPLOAD, hit=3, action=FaultAction.HOLD, fifo=fifo))
     try:
         reach(FaultPoint.AFTER_FOLD_BEFORE_COMMIT)  # another point: no hit
         reach(FaultPoint.DURING_UPLOAD)
-        reach(FaultPoint.DURING_UPLOAD)  # hits 1 and 2 pass; hit 3 would block here
+        reach(FaultPoint.DURING_UPLOAD)  # hits 1 and 2 pass
+        assert "fedpriv fault" not in capsys.readouterr().err
+        third = threading.Thread(target=reach, args=(FaultPoint.DURING_UPLOAD,))
+        third.start()
+        # Opening the FIFO for writing returns only once hit 3 holds on it for reading.
+        with open(fifo, "wb") as release:
+            assert third.is_alive()
+            release.write(b"go")
+        third.join(timeout=30)
+        assert not third.is_alive()
+        assert "fedpriv fault point=during-upload hit=3 action=hold" in capsys.readouterr().err
     finally:
         disarm()
-    reach(FaultPoint.DURING_UPLOAD)
+    reach(FaultPoint.DURING_UPLOAD)  # disarmed: returns at once
+    assert "fedpriv fault" not in capsys.readouterr().err
 
 
 def _run_point(env: dict[str, str], *, stdin: str = "") -> subprocess.Popen[str]:
