@@ -228,8 +228,10 @@ def abuse(port: int, streams: int, pki: pathlib.Path) -> None:
     print("ready", flush=True)
     signal.sigwait([signal.SIGINT])
     stopping.set()
-    release.set()
+    # Closed before the request iterators end: an iterator that ended first would
+    # send an empty stream, which the coordinator rightly refuses.
     channel.close()
+    release.set()
     # Streams still held when the abuser stops end CANCELLED: its own doing.
     print(json.dumps({k: v for k, v in codes.items() if not k.startswith("CANCELLED")}), flush=True)
 
