@@ -17,6 +17,7 @@ import numpy as np
 
 from fedpriv.atrest import AtRestKey, is_sealed
 from fedpriv.coordinator.admin import AdminServicer
+from fedpriv.coordinator.aggregation import AnyStrategy
 from fedpriv.coordinator.audit import DenialRecorder
 from fedpriv.coordinator.checkpoint import read_checkpoint
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource
@@ -26,7 +27,7 @@ from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.pki import RevocationList
-from fedpriv.strategy import FedAvg, Strategy
+from fedpriv.strategy import FedAvg
 from fedpriv.transport import AuthInterceptor, ServerHandle, TLSConfig, serve
 from fedpriv.transport.auth import DenialCallback, DenialReason
 from fedpriv.transport.limits import CallLimits
@@ -141,7 +142,7 @@ class Coordinator:
         config: CoordinatorConfig,
         *,
         insecure: bool = False,
-        strategy: Strategy | None = None,
+        strategy: AnyStrategy | None = None,
         reporter: RoundReporter | None = None,
         on_denied: DenialCallback | None = None,
     ) -> None:
@@ -201,7 +202,7 @@ class Coordinator:
         if strategy is None and config.strategy.flower is not None:
             from fedpriv.strategy.flower import flower_strategy
 
-            strategy = flower_strategy(
+            strategy = flower_strategy(  # type: ignore[assignment]  # until the adapter lands
                 config.strategy.flower, model=model, options=config.strategy.options
             )
         self.telemetry = Telemetry(config.state_dir, inner=reporter, prometheus=config.prometheus)

@@ -371,8 +371,13 @@ class Upload:
                 clip_scale=self._scale,
             )
 
-    def fold(self) -> None:
-        """Fold the finished update into the aggregator once, from the spool.
+    @property
+    def num_examples(self) -> int:
+        """The example count the header reported."""
+        return self._num_examples
+
+    def fold(self, *, into: Aggregator | None = None) -> None:
+        """Fold the finished update into `into` (default: the aggregator given) once.
 
         The aggregate gets ``weight·(s·w + (1 - s)·w_global)``, s the clip scale
         (1 unless clipped). The spool is given back afterwards.
@@ -388,23 +393,42 @@ class Upload:
             if not self._done or self._folded or released:
                 raise RuntimeError("only a finished upload is folded, and only once")
             self._folded = True
+            aggregator = into if into is not None else self._aggregator
             try:
-                if self._aggregator is not None and self._spool is not None:
-                    self._fold_spool()
+                if aggregator is not None and self._spool is not None:
+                    self._fold_spool(aggregator)
             finally:
                 self._close()
 
-    def _fold_spool(self) -> None:
+    def detach_spool(self) -> int:
+        """Take the finished update's spool instead of folding it (whole-update rules).
+
+        The caller owns the file descriptor (and gives it back to the pool); the
+        file holds the update's model payload in the layout's order.
+
+        Raises:
+            RuntimeError: The upload did not finish successfully, or was taken already.
+        """
+        with self._lock:
+            if not self._done or self._folded or self._spool is None:
+                raise RuntimeError("only a finished upload is taken, and only once")
+            if self._scale != 1.0:
+                raise RuntimeError("a clipped update is folded, not kept whole")
+            self._folded = True
+            fd, self._spool = self._spool, None
+            return fd
+
+    def _fold_spool(self, aggregator: Aggregator) -> None:
         """Fold every spooled chunk (and the base model's share when clipped)."""
-        assert self._layout is not None and self._aggregator is not None and self._spool is not None
+        assert self._layout is not None and self._spool is not None
         scale = self._scale
         for index in range(self._layout.num_chunks):
             offset, length = self._layout.chunk_range(index)
             chunk = os.pread(self._spool, length, offset)
-            self._aggregator.fold(offset, chunk, weight=self._weight * scale)
+            aggregator.fold(offset, chunk, weight=self._weight * scale)
             if scale < 1.0 and self._base is not None:
                 base_chunk = self._base.payload[offset : offset + length].data
-                self._aggregator.fold(offset, base_chunk, weight=self._weight * (1.0 - scale))
+                aggregator.fold(offset, base_chunk, weight=self._weight * (1.0 - scale))
                 self._base.evict(offset, length)
 
     def cancel(self, reason: str) -> bool:

@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -432,7 +431,3 @@ class RingSum:
                 target += values
             else:
                 target -= values
-
-    def finalize(self, *, total_weight: float) -> Any:
-        """Not used: the coordinator unmasks and decodes :attr:`total` itself."""
-        raise RuntimeError("a ring sum is unmasked by the coordinator, not finalized")

@@ -1,26 +1,20 @@
-"""The plug-in point for aggregation rules.
+"""The folding interface between an upload and a round's running sum.
 
-A strategy opens one :class:`Aggregator` per round. The coordinator feeds it
-the chunks of each complete, validated update (from several threads at once)
-and finally asks it for the next global model. Streaming strategies keep O(model) state;
-rules that need every update at once (median, Krum) must spool to disk.
+An :class:`Aggregator` receives the chunks of each complete, validated update
+(from several threads at once). The streaming sum (``FedAvgAggregator``) and
+the secure-aggregation ring sum (``RingSum``) implement it; what a round does
+with the sum afterwards is the strategy's (``fedpriv.strategy.protocol``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
-from fedpriv.wire import Model
-
-__all__ = ["Aggregator", "NoisyAggregator", "Strategy"]
+__all__ = ["Aggregator"]
 
 
 class Aggregator(Protocol):
-    """Running state of one round's aggregation."""
+    """A running sum that chunks of updates are folded into."""
 
     def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
         """Add ``weight * chunk`` to the aggregate.
@@ -29,30 +23,4 @@ class Aggregator(Protocol):
         complete, validated updates, each once, and never subtracts one again.
         Calls for different chunks may run concurrently.
         """
-        ...
-
-    def finalize(self, *, total_weight: float) -> Model:
-        """Return the next global model from everything folded; call once."""
-        ...
-
-
-@runtime_checkable
-class NoisyAggregator(Aggregator, Protocol):
-    """An aggregator of sums that can be perturbed before finalizing (DP-FedAvg noise)."""
-
-    def perturb_sums(self, perturb: Callable[[npt.NDArray[np.floating]], None]) -> None:
-        """Apply `perturb` in place to each tensor's running (unnormalised) sum."""
-        ...
-
-
-class Strategy(Protocol):
-    """An aggregation rule (FedAvg, FedAdam, robust rules, Flower adapters)."""
-
-    @property
-    def name(self) -> str:
-        """Short name for logs and the store."""
-        ...
-
-    def begin_round(self, round: int, *, model: Model) -> Aggregator:
-        """Open the aggregation of `round`, starting from the global `model`."""
         ...

@@ -6,10 +6,13 @@ import collections
 import sys
 import threading
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
+from fedpriv._types import Scalar
+from fedpriv.strategy.protocol import UpdateSum
 from fedpriv.wire import DType, Model, TensorLayout, bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = ["FedAvg", "FedAvgAggregator"]
@@ -95,6 +98,27 @@ class FedAvgAggregator:
                     np.multiply(values, total.dtype.type(weight), out=scratch)
                     target += scratch
 
+    @property
+    def payload(self) -> npt.NDArray[np.uint8]:
+        """The buffer the float32/float64 sums live in (the next model's payload)."""
+        return self._payload
+
+    def update_sum(self, total_weight: float, *, contributors: int) -> UpdateSum:
+        """Hand the running sums over as an :class:`UpdateSum`; no fold after this."""
+        sums = []
+        for index, total in enumerate(self._sums):
+            if total is None:
+                raise RuntimeError("update_sum after finalize")
+            sums.append(total)
+            self._sums[index] = None
+        return UpdateSum(
+            layout=self._layout,
+            sums=sums,
+            weight=total_weight,
+            contributors=contributors,
+            payload=self._payload,
+        )
+
     def perturb_sums(self, perturb: Callable[[npt.NDArray[np.floating]], None]) -> None:
         """Apply `perturb` in place to each tensor's running (unnormalised) sum."""
         for total in self._sums:
@@ -145,6 +169,7 @@ class FedAvg:
     """
 
     name = "fedavg"
+    supports_secure_aggregation: ClassVar[bool] = True
 
     def __init__(self) -> None:
         # Payloads of the models this strategy produced. One that nothing else holds
@@ -165,6 +190,14 @@ class FedAvg:
             elif found is None and payload.nbytes == size:
                 found = payload
         return found
+
+    def configure(self, round: int) -> dict[str, Scalar]:
+        """FedAvg announces nothing."""
+        return {}
+
+    def aggregate(self, round: int, *, base: Model, total: UpdateSum) -> Model:
+        """The weighted mean of the round's models."""
+        return total.mean()
 
     def begin_round(self, round: int, *, model: Model) -> FedAvgAggregator:
         """Open a new running average with the global model's layout."""

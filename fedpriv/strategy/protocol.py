@@ -164,7 +164,11 @@ class Strategy(Protocol):
     state across rounds (an optimiser's moments).
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Short name for logs and the store."""
+        ...
+
     #: Whether the rule's maths holds on a sum whose parts are each clipped and noised.
     supports_secure_aggregation: ClassVar[bool]
 
@@ -181,7 +185,10 @@ class Strategy(Protocol):
 class WholeUpdateStrategy(Protocol):
     """A rule that needs every update on its own (Krum, median, trimmed mean, Flower's)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Short name for logs and the store."""
+        ...
 
     def configure(self, round: int) -> Mapping[str, Scalar]:
         """Settings announced to every silo in round `round`'s task config ({} for none)."""

@@ -385,13 +385,13 @@ class FuzzFleet:
         federation = self.coordinator.federation
 
         def honest_done() -> bool:
-            phase = federation._phase  # read under the federation's lock, as its tests do
+            phase = federation.phase  # read under the federation's lock, as its tests do
             if phase is None or phase.tasks.get(slot.silo) != slot.task.task_id:
                 return True  # the phase is over: nothing of this slot can be folded
             return all(phase.outcomes.get(silo) == "accepted" for silo in HONEST)
 
-        with federation._cond:
-            assert federation._cond.wait_for(honest_done, timeout=60), "honest silos not accepted"
+        with federation.cond:
+            assert federation.cond.wait_for(honest_done, timeout=60), "honest silos not accepted"
 
     def push(self, slot: Slot, messages: Sequence[bytes]) -> grpc.StatusCode:
         """Send a (mutated) answer to `slot`'s task and settle the slot."""

@@ -63,8 +63,8 @@ def _train_slot(fleet) -> Slot:
 def _phase_of(fleet, slot: Slot):
     """The coordinator's phase that holds `slot`'s task (it outlives its closing)."""
     federation = fleet.coordinator.federation
-    with federation._cond:
-        phase = federation._phase
+    with federation.cond:
+        phase = federation.phase
     assert phase is not None and phase.tasks.get(slot.silo) == slot.task.task_id
     return phase
 
@@ -72,8 +72,8 @@ def _phase_of(fleet, slot: Slot):
 def _outcome(fleet, phase, silo: str) -> str:
     """`silo`'s outcome in `phase`, once the coordinator has recorded it."""
     federation = fleet.coordinator.federation
-    with federation._cond:  # notified on every outcome
-        assert federation._cond.wait_for(lambda: silo in phase.outcomes, timeout=30)
+    with federation.cond:  # notified on every outcome
+        assert federation.cond.wait_for(lambda: silo in phase.outcomes, timeout=30)
         return phase.outcomes[silo]
 
 

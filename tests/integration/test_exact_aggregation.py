@@ -102,8 +102,8 @@ def _wait_until_honest_accepted(coordinator: Coordinator) -> None:
         outcomes = {s.name: s.round_outcome for s in federation.status().silos}
         return outcomes.get("silo-a") == outcomes.get("silo-b") == "accepted"
 
-    with federation._cond:  # the federation notifies it on every upload's outcome
-        assert federation._cond.wait_for(honest_accepted, timeout=60)
+    with federation.cond:  # the federation notifies it on every upload's outcome
+        assert federation.cond.wait_for(honest_accepted, timeout=60)
 
 
 @pytest.fixture

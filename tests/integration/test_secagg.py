@@ -106,7 +106,7 @@ def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):
                 task = messages[0].task
                 break
         assert task is not None
-        other_task = coordinator.federation._phase.tasks["silo-b"]  # test-only peek
+        other_task = coordinator.federation.phase.tasks["silo-b"]  # test-only peek
         cipher, mask = crypto.KeyPair().public_bytes, crypto.KeyPair().public_bytes
         keys = fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask)
         # Act: silo-a presents silo-b's task id with its own certificate
@@ -165,7 +165,7 @@ def test_distributed_dp_accounts_only_the_noise_beyond_the_tolerated_colluders(
     config = dataclasses.replace(
         config, secure_aggregation=SecAggConfig(tolerate_colluders=1, unmask_deadline_s=15)
     )
-    caplog.set_level("INFO", logger="fedpriv.coordinator.federation")
+    caplog.set_level("INFO", logger="fedpriv.coordinator")
     # Act
     with Coordinator(config) as coordinator, contextlib.ExitStack() as stack:
         outcomes = [

@@ -243,8 +243,8 @@ def test_a_silo_tampering_with_every_share_is_benched_and_the_retry_completes_wi
         silo_thread(RandomUpdateClient(4), port=coordinator.port, tls=pki.tls("silo-e")) as bad,
     ):
         federation = coordinator.federation
-        with federation._cond:  # test-only: silo-e is sure to be in the first attempt
-            assert federation._cond.wait_for(lambda: "silo-e" in federation.available(), 30)
+        with federation.cond:  # test-only: silo-e is sure to be in the first attempt
+            assert federation.cond.wait_for(lambda: "silo-e" in federation.available(), 30)
         # Act
         with honest_silos(coordinator.port, pki, SILOS[:4]) as outcomes:
             assert coordinator.wait(timeout_s=120)

@@ -191,9 +191,9 @@ def test_two_silo_processes_sharing_a_certificate_are_counted_once(tmp_path, pki
     with Coordinator(config, reporter=reporter) as coordinator:
         port = coordinator.port
         with silo_thread(array_client(delta=1.0), port=port, tls=pki.tls("silo-a")) as a:
-            with coordinator.federation._cond:  # notified on every join
-                assert coordinator.federation._cond.wait_for(
-                    lambda: "silo-a" in coordinator.federation._last_seen, timeout=30
+            with coordinator.federation.cond:  # notified on every join
+                assert coordinator.federation.cond.wait_for(
+                    lambda: coordinator.federation.registry.known("silo-a"), timeout=30
                 )
             with (
                 silo_thread(array_client(delta=1.0), port=port, tls=pki.tls("silo-a")) as twin,

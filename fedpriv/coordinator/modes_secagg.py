@@ -1,0 +1,259 @@
+"""Secure aggregation as an aggregation mode: the coordinator learns only the sum.
+
+Silos clip, quantise and mask their updates' differences in Z/2^32; the
+coordinator folds the masked chunks with modular addition, collects the shares
+that remove the masks, and decodes the sum. What the strategy receives is an
+ordinary :class:`~fedpriv.strategy.UpdateSum` (each silo weighing 1), so a
+server optimiser such as FedAdam runs under secure aggregation unchanged.
+With ``[dp]``, each silo also adds its share of Skellam noise, and the round's
+release is accounted over the survivors that did not collude.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from fedpriv._types import Scalar
+from fedpriv.coordinator.admission import Problem
+from fedpriv.coordinator.config import SecAggConfig
+from fedpriv.coordinator.modes import RoundRelease, UploadPlan
+from fedpriv.coordinator.modes_dp import ReleaseHistory
+from fedpriv.coordinator.phases import Reason
+from fedpriv.coordinator.upload import Upload, UploadResult
+from fedpriv.errors import ConfigError, RoundFailed
+from fedpriv.privacy.accounting import SkellamSum
+from fedpriv.privacy.central import CentralDP
+from fedpriv.secagg import RingCodec, ServerSession
+from fedpriv.secagg.server import RingSum
+from fedpriv.strategy.protocol import UpdateSum
+from fedpriv.wire import DType, Model, TensorLayout, TensorSpec
+
+__all__ = ["SecureMode", "SecureRound"]
+
+logger = logging.getLogger(__name__)
+
+
+class SecureRound:
+    """One round's secure-aggregation session and masked ring sum."""
+
+    def __init__(
+        self,
+        mode: SecureMode,
+        *,
+        round: int,
+        model: Model,
+        session: ServerSession,
+        codec: RingCodec,
+        layout: TensorLayout,
+    ) -> None:
+        self._mode = mode
+        self._round = round
+        self._model = model
+        self.session = session
+        self._codec = codec
+        self.plan = UploadPlan(layout=layout, equal_weights=True)
+        self._ring = RingSum(layout.specs[0].numel, chunk_bytes=layout.chunk_bytes)
+
+    def announce(self) -> Mapping[str, Scalar]:
+        """The ring and session settings every silo of the round needs."""
+        codec, session = self._codec, self.session
+        return {
+            "secagg.session": session.session,
+            "secagg.threshold": session.threshold,
+            "secagg.clip_norm": codec.clip_norm,
+            "secagg.scale": codec.scale,
+            "secagg.size": self.plan.layout.specs[0].numel,
+            "secagg.noise_variance": codec.noise_variance,
+            "secagg.chunk_bytes": self.plan.layout.chunk_bytes,
+        }
+
+    def policy_problems(self, silo: str) -> list[Problem]:
+        """A silo that did not share its keys may not upload: its masks stay."""
+        if self.session.may_upload(silo):
+            return []
+        text = "this silo did not share its keys: its masks could not be removed"
+        return [Problem(Reason.SECAGG, text)]
+
+    def take(self, upload: Upload) -> None:
+        """Add a masked update to the ring sum (modulo 2^32)."""
+        upload.fold(into=self._ring)
+
+    def close(self, reason: str) -> None:
+        """End the session: its barriers stop waiting."""
+        self.session.cancel(reason)
+
+    def finish(self, results: Sequence[UploadResult]) -> RoundRelease:
+        """Unmask the survivors' sum and decode it; account the noise with [dp].
+
+        Raises:
+            RoundFailed: Too few survivors, or a secret could not be recovered.
+        """
+        survivors = [r.silo for r in results]
+        session = self.session
+        try:
+            if len(survivors) < session.threshold:
+                raise RoundFailed(
+                    f"{len(survivors)} masked updates, "
+                    f"{session.threshold} needed to unmask; no model is published"
+                )
+            session.set_roster(survivors)
+            unmask_deadline_s = self._mode.settings.unmask_deadline_s
+            session.wait_for_shares(until=self._mode.clock() + unmask_deadline_s)
+            unmask_started = time.perf_counter()
+            session.unmask_sum(self._ring.total)
+            logger.info(
+                "unmasked round=%d survivors=%d dropped=%d unmask_s=%.3f",
+                self._round,
+                len(survivors),
+                len(session.tasks) - len(survivors),
+                time.perf_counter() - unmask_started,
+            )
+        except RoundFailed as err:
+            session.cancel(str(err))
+            if session.blamed:
+                self._mode.bench(session.blamed)
+                logger.warning(
+                    "round=%d benched=%s until the round completes (shares did not authenticate)",
+                    self._round,
+                    ",".join(session.blamed),
+                )
+            raise
+        session.cancel("the round's secure aggregation is complete")
+        release = RoundRelease(total=self._decode(len(survivors)))
+        release.metrics["survivors"] = float(len(survivors))
+        dp = self._mode.dp
+        if dp is not None:
+            self._account(release, survivors=len(survivors), dp=dp)
+        return release
+
+    def _decode(self, survivors: int) -> UpdateSum:
+        """The unmasked ring sum Σ Δ_u as the sum of models Σ (base + Δ_u), each weighing 1."""
+        total = self._codec.decode(self._ring.total)  # float64, one element per parameter
+        sums: list[npt.NDArray[np.floating]] = []
+        position = 0
+        for spec, current in zip(
+            self._model.layout.specs, self._model.arrays().values(), strict=True
+        ):
+            part = total[position : position + spec.numel]
+            position += spec.numel
+            part += current.reshape(-1).astype(np.float64) * survivors
+            sums.append(part)
+        self._model.evict(0, self._model.layout.payload_bytes)
+        return UpdateSum(
+            layout=self._model.layout, sums=sums, weight=float(survivors), contributors=survivors
+        )
+
+    def _account(self, release: RoundRelease, *, survivors: int, dp: CentralDP) -> None:
+        # Up to k colluding survivors know (and can subtract) their own noise: only
+        # the other survivors' noise counts towards the guarantee.
+        colluders = self._mode.settings.tolerate_colluders
+        skellam = SkellamSum(
+            mu=(survivors - colluders) * self._codec.noise_variance,
+            l1_sensitivity=self._codec.l1_sensitivity,
+            l2_sensitivity=self._codec.l2_sensitivity,
+        )
+        assert self._mode.history is not None  # checked with dp in SecureMode
+        spent = self._mode.history.add(skellam)
+        release.release = skellam
+        release.metrics.update(
+            {
+                **spent,
+                "skellam_mu": skellam.mu,
+                "l1_sensitivity": skellam.l1_sensitivity,
+                "l2_sensitivity": skellam.l2_sensitivity,
+                "clip_norm": self._codec.clip_norm,
+                "noise_multiplier": dp.noise_multiplier,
+                "colluders_tolerated": float(colluders),
+            }
+        )
+        logger.info(
+            "distributed dp round=%d epsilon=%.4f delta=%g colluders_tolerated=%d",
+            self._round,
+            spent["epsilon"],
+            dp.delta,
+            colluders,
+        )
+
+
+class SecureMode:
+    """Secure aggregation (optionally with distributed DP) of every round.
+
+    Args:
+        settings: The ``[secagg]`` settings.
+        dp: The ``[dp]`` settings (Skellam noise shares), or None.
+        history: The federation's releases (with `dp`).
+        alive: Whether a silo is still connected.
+        clock: Monotonic seconds.
+        on_refused: Called when a silo's keys or shares are refused (it is out of the round).
+        bench: Called with the silos blamed for a failed unmasking.
+
+    Raises:
+        ConfigError: The model has tensors that are not floating point.
+    """
+
+    def __init__(
+        self,
+        settings: SecAggConfig,
+        *,
+        model: Model,
+        dp: CentralDP | None,
+        history: ReleaseHistory | None,
+        alive: Callable[[str], bool],
+        clock: Callable[[], float],
+        on_refused: Callable[[str, str], None],
+        bench: Callable[[Collection[str]], None],
+    ) -> None:
+        bad = [s.describe() for s in model.layout.specs if not s.dtype.is_floating]
+        if bad:
+            raise ConfigError(
+                "secure_aggregation = true needs a model of floating-point tensors only; "
+                f"this one also has {', '.join(bad)}"
+            )
+        self.settings = settings
+        self.dp = dp
+        if dp is not None and history is None:
+            raise ValueError("distributed DP needs the federation's release history")
+        self.history = history
+        self.clock = clock
+        self.bench = bench
+        self._alive = alive
+        self._on_refused = on_refused
+
+    def open(
+        self, round: int, *, model: Model, tasks: Mapping[str, str], deadline: float
+    ) -> SecureRound:
+        """Plan the ring and start the round's session."""
+        threshold = self.settings.threshold_for(len(tasks))
+        size = sum(spec.numel for spec in model.layout.specs)
+        dp = self.dp
+        codec = RingCodec.plan(
+            clip_norm=dp.clip_norm if dp is not None else self.settings.clip_norm,
+            size=size,
+            clients=len(tasks),
+            threshold=threshold,
+            noise_multiplier=dp.noise_multiplier if dp is not None else 0.0,
+            tolerate_colluders=self.settings.tolerate_colluders,
+        )
+        layout = TensorLayout.from_specs(
+            [TensorSpec(name="secagg", dtype=DType.INT32, shape=(size,))],
+            chunk_bytes=model.layout.chunk_bytes,
+        )
+        session = ServerSession(
+            session=uuid.uuid4().hex,
+            round=round,
+            tasks=tasks,
+            threshold=threshold,
+            deadline=deadline,
+            alive=self._alive,
+            clock=self.clock,
+            on_refused=self._on_refused,
+        )
+        return SecureRound(
+            self, round=round, model=model, session=session, codec=codec, layout=layout
+        )
