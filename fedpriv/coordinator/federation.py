@@ -454,10 +454,11 @@ class Federation:
         *,
         reason: Reason = Reason.INVALID,
     ) -> None:
-        """Record a silo's outcome for the phase (caller holds the lock)."""
+        """Record a silo's outcome for the phase and wake its waiters (caller holds the lock)."""
         if silo in phase.outcomes:
             return
         phase.outcomes[silo] = outcome
+        self.cond.notify_all()
         if outcome is Outcome.REJECTED:
             self._audit(AuditKind.REJECTED, silo, f"round {phase.round}: {detail}")
             if isinstance(self.reporter, RejectionReporter):

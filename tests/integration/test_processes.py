@@ -130,21 +130,22 @@ def test_coordinator_killed_mid_federation_resumes_without_losing_rounds(federat
     assert printed == [3, 4, 5]
 
 
-def test_digits_demo_reaches_90_percent_and_exits_cleanly(tmp_path):
+@pytest.fixture(scope="module")
+def plain_demo(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], pathlib.Path]:
+    """One run of the digits demo (5 rounds), shared by the tests that read it."""
+    workdir = tmp_path_factory.mktemp("plain") / "demo"
     result = subprocess.run(
-        [
-            sys.executable,
-            "examples/digits/demo.py",
-            "--rounds",
-            "5",
-            "--workdir",
-            str(tmp_path / "demo"),
-        ],
+        [sys.executable, "examples/digits/demo.py", "--rounds", "5", "--workdir", str(workdir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
+    return result, workdir
+
+
+def test_digits_demo_reaches_90_percent_and_exits_cleanly(plain_demo):
+    result, workdir = plain_demo
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert sum(1 for line in lines if line.strip()[:1].isdigit()) == 5
@@ -152,7 +153,7 @@ def test_digits_demo_reaches_90_percent_and_exits_cleanly(tmp_path):
     assert final and float(final[0].split(":")[1]) >= 0.90
     assert "all processes exited cleanly" in result.stdout
     # Without a terminal each silo logs one line per local epoch (3 a round).
-    silo_log = (tmp_path / "demo" / "logs" / "silo-1.log").read_text()
+    silo_log = (workdir / "logs" / "silo-1.log").read_text()
     assert silo_log.count("round 5 epoch ") == 3 and "round 5 epoch 3/3 loss " in silo_log
 
 
@@ -240,8 +241,14 @@ def _demo_accuracy(tmp_path, *extra: str) -> float:
     return float(final[0].split(":")[1])
 
 
-def test_int8_compressed_demo_stays_within_one_point_of_uncompressed(tmp_path):
-    plain = _demo_accuracy(tmp_path / "plain")
+def test_int8_compressed_demo_stays_within_one_point_of_uncompressed(tmp_path, plain_demo):
+    plain_result, plain_dir = plain_demo
+    assert plain_result.returncode == 0, plain_result.stdout + plain_result.stderr
+    plain = float(
+        [line for line in plain_result.stdout.splitlines() if line.startswith("final accuracy:")][
+            0
+        ].split(":")[1]
+    )
     int8 = _demo_accuracy(tmp_path / "int8", "--compression", "int8")
     assert int8 >= plain - 0.01, (plain, int8)
     db = sqlite3.connect(tmp_path / "int8" / "state" / "state.sqlite3")
@@ -249,7 +256,7 @@ def test_int8_compressed_demo_stays_within_one_point_of_uncompressed(tmp_path):
         "SELECT SUM(bytes_received) FROM participants WHERE task = 'train'"
     ).fetchone()[0]
     db.close()
-    db = sqlite3.connect(tmp_path / "plain" / "state" / "state.sqlite3")
+    db = sqlite3.connect(plain_dir / "state" / "state.sqlite3")
     full = db.execute(
         "SELECT SUM(bytes_received) FROM participants WHERE task = 'train'"
     ).fetchone()[0]
