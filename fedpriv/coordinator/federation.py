@@ -34,6 +34,7 @@ from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, account
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
 from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.server import RingSum
+from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.strategy import Aggregator, NoisyAggregator, Strategy
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import Compression, DType, Model, TensorLayout, TensorSpec
@@ -62,6 +63,9 @@ class Assignment:
     config: Mapping[str, Scalar] = field(default_factory=dict)
     model: Model | None = None
     deadline_unix_s: float = 0.0
+    # Set on a TRAIN task of a secure-aggregation round.
+    secagg: SecAggSettings | None = None
+    compression: Compression = Compression.NONE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +150,7 @@ class _SecAggRound:
     codec: RingCodec
     layout: TensorLayout
     ring: RingSum
+    settings: SecAggSettings
 
 
 @dataclass(slots=True)
@@ -162,6 +167,7 @@ class _Phase:
     aggregator: Aggregator | None
     clip_norm: float | None = None
     secagg: _SecAggRound | None = None
+    compression: Compression = Compression.NONE
     outcomes: dict[str, str] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     results: list[UploadResult] = field(default_factory=list)
@@ -456,6 +462,8 @@ class Federation:
                         config=phase.config,
                         model=phase.model,
                         deadline_unix_s=phase.deadline_unix_s,
+                        secagg=phase.secagg.settings if phase.secagg is not None else None,
+                        compression=phase.compression,
                     )
                 remaining = deadline - self._clock()
                 if remaining <= 0 or self._stop.is_set():
@@ -825,15 +833,14 @@ class Federation:
         )
         config = dict(self._rounds.client_config)
         config["round"] = round
-        if (
-            kind is TaskKind.TRAIN
-            and not secure
-            and self._rounds.update_compression is not Compression.NONE
-        ):
-            config["compression"] = self._rounds.update_compression.value
+        compression = (
+            self._rounds.update_compression
+            if kind is TaskKind.TRAIN and not secure
+            else Compression.NONE
+        )
         tasks = {silo: uuid.uuid4().hex for silo in silos}
         deadline = self._clock() + deadline_s
-        secagg = self._open_secagg(round, tasks, deadline, config) if secure else None
+        secagg = self._open_secagg(round, tasks, deadline) if secure else None
         phase = _Phase(
             kind=kind,
             round=round,
@@ -849,6 +856,7 @@ class Federation:
                 else None
             ),
             secagg=secagg,
+            compression=compression,
         )
         with self._cond:
             self._phase = phase
@@ -860,10 +868,8 @@ class Federation:
         seen = self._last_seen.get(silo)
         return seen is not None and self._clock() - seen <= self.liveness_s
 
-    def _open_secagg(
-        self, round: int, tasks: Mapping[str, str], deadline: float, config: dict[str, Scalar]
-    ) -> _SecAggRound:
-        """Plan the ring and start the session; announce both in the task config."""
+    def _open_secagg(self, round: int, tasks: Mapping[str, str], deadline: float) -> _SecAggRound:
+        """Plan the ring and start the session; the task announces both (``Task.secagg``)."""
         settings = self.config.secure_aggregation
         assert settings is not None  # caller checked
         threshold = settings.threshold_for(len(tasks))
@@ -891,22 +897,17 @@ class Federation:
             clock=self._clock,
             on_refused=self._secagg_refused,
         )
-        config.update(
-            {
-                "secagg.session": session.session,
-                "secagg.threshold": threshold,
-                "secagg.clip_norm": codec.clip_norm,
-                "secagg.scale": codec.scale,
-                "secagg.size": size,
-                "secagg.noise_variance": codec.noise_variance,
-                "secagg.chunk_bytes": layout.chunk_bytes,
-            }
-        )
         return _SecAggRound(
             session=session,
             codec=codec,
             layout=layout,
             ring=RingSum(size, chunk_bytes=layout.chunk_bytes),
+            settings=SecAggSettings.from_codec(
+                codec,
+                session=session.session,
+                threshold=threshold,
+                chunk_bytes=layout.chunk_bytes,
+            ),
         )
 
     def _secagg_refused(self, silo: str, reason: str) -> None:
