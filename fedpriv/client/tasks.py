@@ -197,7 +197,7 @@ def _check_upload_mode(
     if not task.HasField("secagg"):
         return compression, None, problems
     settings, secagg_problems = settings_from_proto(task.secagg)
-    problems += [f"secure-aggregation settings: {p}" for p in secagg_problems]
+    problems += [f"secagg.{p}" for p in secagg_problems]  # each names its field
     if task.kind != fleet_pb2.TASK_KIND_TRAIN:
         problems.append("secure-aggregation settings on a task that is not TRAIN")
     if compression is not Compression.NONE:

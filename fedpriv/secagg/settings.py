@@ -221,5 +221,5 @@ def _field_problems(
         problems.append(f"ring_bits {ring_bits!r}: this silo implements Z/2^{RING_BITS} only")
     if not problems and clip_norm * scale >= _HALF_RING:
         # A clipped, scaled element must fit in int32, or it wraps before it is masked.
-        problems.append(f"clip_norm * scale = {clip_norm * scale:.6g} must be below 2^31")
+        problems.append(f"scale {scale!r} times clip_norm {clip_norm!r} must be below 2^31")
     return problems
