@@ -214,10 +214,10 @@ def _run_task(
             _decline(stub, task, refusal, stats)
             return
         secure = None
-        if "secagg.session" in config:
+        if received.secagg is not None:
             # Keys are agreed before training, so a round that cannot reach the
             # threshold fails before anyone spends time or privacy on it.
-            secure = SecureUpload(stub, task, config, stats)
+            secure = SecureUpload(stub, task, received.secagg, stats)
             secure.setup(timeout=timeout)
         fit = client.fit(arrays, config=config)
         # Under DP only the noised update, the accounting values below and what the

@@ -16,10 +16,11 @@ from fedpriv.client.messages import ClientStats, result_messages
 from fedpriv.errors import ProtocolError
 from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.central import secure_generator
-from fedpriv.secagg import ClientSession, RingCodec
+from fedpriv.secagg import ClientSession
 from fedpriv.secagg.client import collect_peers, collect_shares
+from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
-from fedpriv.wire import DType, TensorLayout, TensorSpec, scalars_to_proto
+from fedpriv.wire import scalars_to_proto
 
 __all__ = ["SecureUpload"]
 
@@ -33,30 +34,17 @@ class SecureUpload:
         self,
         stub: fleet_pb2_grpc.FleetStub,
         task: fleet_pb2.Task,
-        config: Mapping[str, Scalar],
+        settings: SecAggSettings,
         stats: ClientStats,
     ) -> None:
-        try:
-            self.codec = RingCodec(
-                clip_norm=float(config["secagg.clip_norm"]),
-                scale=float(config["secagg.scale"]),
-                size=int(config["secagg.size"]),
-                noise_variance=float(config["secagg.noise_variance"]),
-            )
-            self.layout = TensorLayout.from_specs(
-                [TensorSpec(name="secagg", dtype=DType.INT32, shape=(self.codec.size,))],
-                chunk_bytes=int(config["secagg.chunk_bytes"]),
-            )
-            self.session = ClientSession(
-                silo=stats.silo,
-                session=str(config["secagg.session"]),
-                round=task.round,
-                threshold=int(config["secagg.threshold"]),
-            )
-        except (KeyError, ValueError) as err:
-            raise ProtocolError(
-                f"coordinator sent incomplete secure-aggregation settings: {err}"
-            ) from err
+        self.codec = settings.codec
+        self.layout = settings.layout
+        self.session = ClientSession(
+            silo=stats.silo,
+            session=settings.session,
+            round=task.round,
+            threshold=settings.threshold,
+        )
         self._stub = stub
         self._task = task
         self._stats = stats

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats
 from fedpriv.errors import ConfigError, TaskRejected
+from fedpriv.secagg.settings import SecAggSettings, settings_from_proto
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import (
     Compression,
@@ -117,6 +118,7 @@ class ValidatedTask:
     payload: npt.NDArray[np.uint8]
     config: dict[str, Scalar]
     compression: Compression
+    secagg: SecAggSettings | None = None
 
 
 def _bounded(problems: Sequence[str]) -> list[str]:
@@ -163,7 +165,7 @@ def _check_fields(task: fleet_pb2.Task, now_unix_s: float) -> list[str]:
     return problems
 
 
-def _check_config(task: fleet_pb2.Task) -> tuple[dict[str, Scalar], Compression, list[str]]:
+def _check_config(task: fleet_pb2.Task) -> tuple[dict[str, Scalar], list[str]]:
     config, problems = scalars_from_proto(task.config)
     problems = [p.replace("metric", "config value", 1) for p in problems]
     problems += [
@@ -175,16 +177,35 @@ def _check_config(task: fleet_pb2.Task) -> tuple[dict[str, Scalar], Compression,
         problems.append(
             f"config round {config['round']!r} differs from the task's round {task.round}"
         )
+    return config, problems
+
+
+def _check_upload_mode(
+    task: fleet_pb2.Task,
+) -> tuple[Compression, SecAggSettings | None, list[str]]:
+    """The task's update compression and secure-aggregation settings, checked."""
+    problems = []
     compression = Compression.NONE
-    if "compression" in config:
-        try:
-            compression = Compression(str(config["compression"]))
-        except ValueError:
-            known = ", ".join(c.value for c in Compression)
-            problems.append(
-                f"unknown compression {str(config['compression'])[:32]!r}; this silo knows {known}"
-            )
-    return config, compression, problems
+    try:
+        compression = Compression.from_proto(task.compression)
+    except ValueError:
+        known = ", ".join(c.name for c in Compression)
+        problems.append(
+            f"unknown compression {task.compression}; this silo knows {known} "
+            "(upgrade the silo if the federation uses a newer protocol)"
+        )
+    if not task.HasField("secagg"):
+        return compression, None, problems
+    settings, secagg_problems = settings_from_proto(task.secagg)
+    problems += [f"secagg.{p}" for p in secagg_problems]  # each names its field
+    if task.kind != fleet_pb2.TASK_KIND_TRAIN:
+        problems.append("secure-aggregation settings on a task that is not TRAIN")
+    if compression is not Compression.NONE:
+        problems.append(
+            f"compression {compression.name} with secure aggregation: a masked update "
+            "is never compressed"
+        )
+    return compression, settings, problems
 
 
 def _check_layout(
@@ -330,10 +351,18 @@ def receive_task(
     now = time.time() if now_unix_s is None else now_unix_s
     memory = _physical_memory_bytes() if memory_bytes is None else memory_bytes
     problems = _check_fields(task, now)
-    config, compression, config_problems = _check_config(task)
+    config, config_problems = _check_config(task)
     problems += config_problems
+    compression, secagg, mode_problems = _check_upload_mode(task)
+    problems += mode_problems
     layout, layout_problems = _check_layout(task, limits, expected, memory)
     problems += layout_problems
+    if layout is not None and secagg is not None:
+        elements = sum(spec.numel for spec in layout.specs)
+        if secagg.size != elements:
+            problems.append(
+                f"secure-aggregation size {secagg.size} != the model's {elements} elements"
+            )
     if problems or layout is None:
         raise _rejected(task, problems)
     receiver = _ModelReceiver(layout, take_buffer)
@@ -349,5 +378,10 @@ def receive_task(
     if payload is None or problem is not None:
         raise _rejected(task, [problem or "no model"])
     return ValidatedTask(
-        task=task, layout=layout, payload=payload, config=config, compression=compression
+        task=task,
+        layout=layout,
+        payload=payload,
+        config=config,
+        compression=compression,
+        secagg=secagg,
     )

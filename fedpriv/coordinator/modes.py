@@ -26,16 +26,17 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fedpriv._types import Scalar
 from fedpriv.coordinator.admission import Problem
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.privacy.accounting import GaussianSteps, SkellamSum
+from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.strategy.fedavg import FedAvgAggregator
 from fedpriv.strategy.protocol import SpooledUpdate, UpdateSum
 from fedpriv.wire import Compression, Model, TensorLayout
 
 __all__ = [
     "AggregationMode",
+    "Announcement",
     "PlainMode",
     "RoundAggregation",
     "RoundRelease",
@@ -70,6 +71,14 @@ class UploadPlan:
         return 1.0 if self.equal_weights else float(num_examples)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Announcement:
+    """What every silo of a TRAIN phase is told about the aggregation (typed Task fields)."""
+
+    compression: Compression = Compression.NONE
+    secagg: SecAggSettings | None = None
+
+
 @dataclass(slots=True, kw_only=True)
 class RoundRelease:
     """What a round's aggregation hands to the strategy and the ledger.
@@ -89,8 +98,8 @@ class RoundAggregation(Protocol):
 
     plan: UploadPlan
 
-    def announce(self) -> Mapping[str, Scalar]:
-        """Task-config entries every silo of the phase receives."""
+    def announce(self) -> Announcement:
+        """What every silo of the phase is told (``Task.compression``, ``Task.secagg``)."""
         ...
 
     def policy_problems(self, silo: str) -> list[Problem]:
@@ -168,10 +177,8 @@ class _StreamingRound:
         buffers.issue(self._sum.payload)
         self._weight = 0.0
 
-    def announce(self) -> Mapping[str, Scalar]:
-        if self.plan.compression is Compression.NONE:
-            return {}
-        return {"compression": self.plan.compression.value}
+    def announce(self) -> Announcement:
+        return Announcement(compression=self.plan.compression)
 
     def policy_problems(self, silo: str) -> list[Problem]:
         return []
@@ -232,10 +239,8 @@ class _WholeUpdateRound:
         self._spools = spools
         self._kept: list[tuple[SpooledUpdate, int]] = []
 
-    def announce(self) -> Mapping[str, Scalar]:
-        if self.plan.compression is Compression.NONE:
-            return {}
-        return {"compression": self.plan.compression.value}
+    def announce(self) -> Announcement:
+        return Announcement(compression=self.plan.compression)
 
     def policy_problems(self, silo: str) -> list[Problem]:
         return []

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from fedpriv._types import Scalar
 from fedpriv.coordinator.admission import Problem
 from fedpriv.coordinator.modes import (
+    Announcement,
     PlainMode,
     RoundAggregation,
     RoundRelease,
@@ -67,7 +67,7 @@ class _CentralDPRound:
         self._mode = mode
         self._round = round
 
-    def announce(self) -> Mapping[str, Scalar]:
+    def announce(self) -> Announcement:
         return self._inner.announce()
 
     def policy_problems(self, silo: str) -> list[Problem]:

@@ -19,10 +19,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from fedpriv._types import Scalar
 from fedpriv.coordinator.admission import Problem
 from fedpriv.coordinator.config import SecAggConfig
-from fedpriv.coordinator.modes import RoundRelease, UploadPlan
+from fedpriv.coordinator.modes import Announcement, RoundRelease, UploadPlan
 from fedpriv.coordinator.modes_dp import ReleaseHistory
 from fedpriv.coordinator.phases import Reason
 from fedpriv.coordinator.upload import Upload, UploadResult
@@ -31,8 +30,9 @@ from fedpriv.privacy.accounting import SkellamSum
 from fedpriv.privacy.central import CentralDP
 from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.server import RingSum
+from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.strategy.protocol import UpdateSum
-from fedpriv.wire import DType, Model, TensorLayout, TensorSpec
+from fedpriv.wire import Model
 
 __all__ = ["SecureMode", "SecureRound"]
 
@@ -50,28 +50,22 @@ class SecureRound:
         model: Model,
         session: ServerSession,
         codec: RingCodec,
-        layout: TensorLayout,
+        chunk_bytes: int,
     ) -> None:
         self._mode = mode
         self._round = round
         self._model = model
         self.session = session
         self._codec = codec
-        self.plan = UploadPlan(layout=layout, equal_weights=True)
-        self._ring = RingSum(layout.specs[0].numel, chunk_bytes=layout.chunk_bytes)
+        self.settings = SecAggSettings.from_codec(
+            codec, session=session.session, threshold=session.threshold, chunk_bytes=chunk_bytes
+        )
+        self.plan = UploadPlan(layout=self.settings.layout, equal_weights=True)
+        self._ring = RingSum(codec.size, chunk_bytes=chunk_bytes)
 
-    def announce(self) -> Mapping[str, Scalar]:
-        """The ring and session settings every silo of the round needs."""
-        codec, session = self._codec, self.session
-        return {
-            "secagg.session": session.session,
-            "secagg.threshold": session.threshold,
-            "secagg.clip_norm": codec.clip_norm,
-            "secagg.scale": codec.scale,
-            "secagg.size": self.plan.layout.specs[0].numel,
-            "secagg.noise_variance": codec.noise_variance,
-            "secagg.chunk_bytes": self.plan.layout.chunk_bytes,
-        }
+    def announce(self) -> Announcement:
+        """The ring and session settings every silo of the round needs (``Task.secagg``)."""
+        return Announcement(secagg=self.settings)
 
     def policy_problems(self, silo: str) -> list[Problem]:
         """A silo that did not share its keys may not upload: its masks stay."""
@@ -240,10 +234,6 @@ class SecureMode:
             noise_multiplier=dp.noise_multiplier if dp is not None else 0.0,
             tolerate_colluders=self.settings.tolerate_colluders,
         )
-        layout = TensorLayout.from_specs(
-            [TensorSpec(name="secagg", dtype=DType.INT32, shape=(size,))],
-            chunk_bytes=model.layout.chunk_bytes,
-        )
         session = ServerSession(
             session=uuid.uuid4().hex,
             round=round,
@@ -255,5 +245,10 @@ class SecureMode:
             on_refused=self._on_refused,
         )
         return SecureRound(
-            self, round=round, model=model, session=session, codec=codec, layout=layout
+            self,
+            round=round,
+            model=model,
+            session=session,
+            codec=codec,
+            chunk_bytes=model.layout.chunk_bytes,
         )

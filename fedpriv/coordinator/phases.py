@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator.store import RoundPrivacy
+from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2
-from fedpriv.wire import Model
+from fedpriv.wire import Compression, Model
 
 if TYPE_CHECKING:
-    from fedpriv.coordinator.modes import RoundAggregation
+    from fedpriv.coordinator.modes import Announcement, RoundAggregation
     from fedpriv.coordinator.upload import Upload, UploadResult
 
 __all__ = [
@@ -93,6 +94,9 @@ class Assignment:
     config: Mapping[str, Scalar] = field(default_factory=dict)
     model: Model | None = None
     deadline_unix_s: float = 0.0
+    # Set on a TRAIN task of a secure-aggregation round.
+    secagg: SecAggSettings | None = None
+    compression: Compression = Compression.NONE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +161,7 @@ class Phase:
     deadline: float
     deadline_unix_s: float
     aggregation: RoundAggregation | None = None
+    announcement: Announcement | None = None
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     results: list[UploadResult] = field(default_factory=list)
@@ -193,6 +198,8 @@ class Phase:
             config=self.config,
             model=self.model,
             deadline_unix_s=self.deadline_unix_s,
+            secagg=self.announcement.secagg if self.announcement else None,
+            compression=self.announcement.compression if self.announcement else Compression.NONE,
         )
 
 

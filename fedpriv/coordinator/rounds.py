@@ -98,7 +98,6 @@ class RoundLoop:
         if kind is TaskKind.TRAIN:
             config.update(announced(fed.strategy, round))
             aggregation = fed.mode.open(round, model=fed.model, tasks=tasks, deadline=deadline)
-            config.update(aggregation.announce())
         config["round"] = round
         phase = Phase(
             kind=kind,
@@ -109,6 +108,7 @@ class RoundLoop:
             deadline=deadline,
             deadline_unix_s=time.time() + deadline_s,
             aggregation=aggregation,
+            announcement=aggregation.announce() if aggregation is not None else None,
         )
         with fed.cond:
             fed.phase = phase

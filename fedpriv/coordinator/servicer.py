@@ -79,6 +79,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     config=scalars_to_proto(task.config),
                     model=header,
                     deadline_unix_s=task.deadline_unix_s,
+                    secagg=task.secagg.to_proto() if task.secagg is not None else None,
+                    compression=task.compression.to_proto(),
                 )
             )
             if task.model is None:

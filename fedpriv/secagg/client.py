@@ -38,13 +38,15 @@ import numpy.typing as npt
 from fedpriv.errors import InvalidPublicKey, InvalidShare, ProtocolError, SecAggError
 from fedpriv.secagg import crypto, shamir
 
-__all__ = ["ClientSession", "MASK_SLICE", "collect_peers", "collect_shares"]
+__all__ = ["ClientSession", "MASK_SLICE", "SHARE_PLAINTEXT", "collect_peers", "collect_shares"]
 
 logger = logging.getLogger(__name__)
 
 # Masks are expanded this many elements at a time (4 MiB of keystream).
 MASK_SLICE = 1 << 20
-_PLAIN = struct.Struct(f">H{shamir.SHARE_BYTES}s{shamir.SHARE_BYTES}s")
+# What a silo seals for each peer: the peer's x (u16), then its share of the self-mask
+# seed and its share of the mask private key (each a big-endian field element).
+SHARE_PLAINTEXT = struct.Struct(f">H{shamir.SHARE_BYTES}s{shamir.SHARE_BYTES}s")
 _Share = tuple[str, int, bytes]  # (whose secret, x, y)
 _Plain = tuple[int, bytes, bytes]  # (x, seed share, mask-key share)
 
@@ -230,7 +232,7 @@ class ClientSession:
         out = {}
         for name in sorted(self._peers):
             index = self._index[name]
-            plain = _PLAIN.pack(index, seed_shares[index], key_shares[index])
+            plain = SHARE_PLAINTEXT.pack(index, seed_shares[index], key_shares[index])
             if name == self.silo:
                 self._own = (index, seed_shares[index], key_shares[index])
                 continue
@@ -249,9 +251,9 @@ class ClientSession:
         plain = crypto.decrypt(
             self._derived[sender][1], sealed, associated=self._associated(sender, self.silo)
         )
-        if len(plain) != _PLAIN.size:
+        if len(plain) != SHARE_PLAINTEXT.size:
             raise InvalidShare("the share did not authenticate")
-        index, seed_y, key_y = _PLAIN.unpack(plain)
+        index, seed_y, key_y = SHARE_PLAINTEXT.unpack(plain)
         if index != self._index[self.silo]:
             raise InvalidShare("the share did not authenticate")
         return index, seed_y, key_y

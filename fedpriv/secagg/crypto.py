@@ -6,7 +6,8 @@ that order (one key per direction), a pairwise mask seed to the unordered pair
 (both ends must expand the same mask, so that it cancels). AES-GCM draws a fresh
 96-bit nonce from the OS CSPRNG for every message and sends it in front of the
 ciphertext; callers never handle nonces. The byte layouts are specified in
-docs/secure-aggregation.md, so that a client in another language can implement them.
+docs/protocol.md, so that a client in another language can implement them; the
+known-answer vectors in tests/vectors/ pin them.
 
 Every public key a peer advertises passes :func:`check_public_key`, and every
 error that ``cryptography`` raises for a peer's bytes leaves this module as an
@@ -37,9 +38,11 @@ __all__ = [
     "decrypt",
     "encrypt",
     "mask_elements",
+    "pairwise_mask_info",
     "pairwise_mask_seed",
     "share_associated_data",
     "share_key",
+    "share_key_info",
 ]
 
 # Labels: one per use, so no key, seed or associated data of one use is valid for another.
@@ -179,8 +182,19 @@ def share_key(
     Raises:
         ValueError: `peer_public` is not a valid X25519 public key.
     """
-    info = _binding(_SHARE_KEY_LABEL, session=session, round=round, first=sender, second=receiver)
+    info = share_key_info(session=session, round=round, sender=sender, receiver=receiver)
     return _derive(private, peer_public, info)
+
+
+def share_key_info(*, session: str, round: int, sender: str, receiver: str) -> bytes:
+    """HKDF ``info`` of the share key `sender` → `receiver` (its parties in that order)."""
+    return _binding(_SHARE_KEY_LABEL, session=session, round=round, first=sender, second=receiver)
+
+
+def pairwise_mask_info(*, session: str, round: int, silos: tuple[str, str]) -> bytes:
+    """HKDF ``info`` of the pairwise mask seed of two silos (names sorted by UTF-8 bytes)."""
+    first, second = sorted(silos, key=str.encode)
+    return _binding(_MASK_LABEL, session=session, round=round, first=first, second=second)
 
 
 def pairwise_mask_seed(
@@ -191,9 +205,9 @@ def pairwise_mask_seed(
     Raises:
         InvalidPublicKey: `peer_public` is not a usable X25519 public key.
     """
-    first, second = sorted(silos, key=str.encode)
-    info = _binding(_MASK_LABEL, session=session, round=round, first=first, second=second)
-    return _derive(private, peer_public, info)
+    return _derive(
+        private, peer_public, pairwise_mask_info(session=session, round=round, silos=silos)
+    )
 
 
 def share_associated_data(*, session: str, round: int, sender: str, receiver: str) -> bytes:

@@ -15,11 +15,22 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
     TASK_KIND_FINISHED: _ClassVar[TaskKind]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_FP16: _ClassVar[Compression]
+    COMPRESSION_BF16: _ClassVar[Compression]
+    COMPRESSION_INT8: _ClassVar[Compression]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_WAIT: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 TASK_KIND_FINISHED: TaskKind
+COMPRESSION_NONE: Compression
+COMPRESSION_FP16: Compression
+COMPRESSION_BF16: Compression
+COMPRESSION_INT8: Compression
 
 class Scalar(_message.Message):
     __slots__ = ("double_value", "int_value", "string_value", "bool_value")
@@ -56,7 +67,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, wait_s: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "config", "model", "deadline_unix_s")
+    __slots__ = ("task_id", "kind", "round", "config", "model", "deadline_unix_s", "secagg", "compression")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,13 +81,37 @@ class Task(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     round: int
     config: _containers.MessageMap[str, Scalar]
     model: _tensor_pb2.TensorHeader
     deadline_unix_s: float
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., model: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    secagg: SecAggSettings
+    compression: Compression
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., model: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., deadline_unix_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSettings, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class SecAggSettings(_message.Message):
+    __slots__ = ("session", "threshold", "clip_norm", "scale", "size", "noise_variance", "chunk_bytes", "ring_bits")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    threshold: int
+    clip_norm: float
+    scale: float
+    size: int
+    noise_variance: float
+    chunk_bytes: int
+    ring_bits: int
+    def __init__(self, session: _Optional[str] = ..., threshold: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., size: _Optional[int] = ..., noise_variance: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., ring_bits: _Optional[int] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("task", "chunk")

@@ -22,6 +22,7 @@ import enum
 import numpy as np
 import numpy.typing as npt
 
+from fedpriv.v1 import fleet_pb2
 from fedpriv.wire.codec import bfloat16_to_float32, float32_to_bfloat16
 
 __all__ = ["Compression"]
@@ -36,6 +37,26 @@ class Compression(enum.Enum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
+
+    @classmethod
+    def from_proto(cls, value: int) -> Compression:
+        """The codec a ``fedpriv.v1.Compression`` value names.
+
+        Example:
+            >>> Compression.from_proto(fleet_pb2.COMPRESSION_INT8)
+            <Compression.INT8: 'int8'>
+
+        Raises:
+            ValueError: `value` names no codec this side knows (a newer protocol).
+        """
+        for codec, number in _PROTO.items():
+            if number == value:
+                return codec
+        raise ValueError(f"unknown compression {value}")
+
+    def to_proto(self) -> fleet_pb2.Compression:
+        """The ``fedpriv.v1.Compression`` value of this codec."""
+        return _PROTO[self]
 
     def wire_length(self, chunk_bytes: int) -> int:
         """Bytes on the wire for a float32 chunk of `chunk_bytes` bytes.
@@ -95,3 +116,11 @@ class Compression(enum.Enum):
         quantised = np.frombuffer(data, dtype=np.int8, offset=_SCALE_BYTES)
         decoded: npt.NDArray[np.float32] = quantised.astype(np.float32) * scale
         return decoded
+
+
+_PROTO: dict[Compression, fleet_pb2.Compression] = {
+    Compression.NONE: fleet_pb2.COMPRESSION_NONE,
+    Compression.FP16: fleet_pb2.COMPRESSION_FP16,
+    Compression.BF16: fleet_pb2.COMPRESSION_BF16,
+    Compression.INT8: fleet_pb2.COMPRESSION_INT8,
+}

@@ -115,6 +115,7 @@ def task(
     model: fleet_pb2.TensorHeader | None = None,
     config: Mapping[str, Any] | None = None,
     deadline_unix_s: float = 0.0,
+    **fields: Any,
 ) -> fleet_pb2.TaskMessage:
     return fleet_pb2.TaskMessage(
         task=fleet_pb2.Task(
@@ -124,8 +125,23 @@ def task(
             config=scalars_to_proto({"round": round} if config is None else config),
             model=model,
             deadline_unix_s=deadline_unix_s,
+            **fields,
         )
     )
+
+
+def secagg_settings(**changes: Any) -> fleet_pb2.SecAggSettings:
+    """Valid settings for MODEL (67 elements), with `changes` applied."""
+    values: dict[str, Any] = {
+        "session": "s" * 32,
+        "threshold": 2,
+        "clip_norm": 1.0,
+        "scale": 1e6,
+        "size": 67,
+        "chunk_bytes": CHUNK,
+        "ring_bits": 32,
+    }
+    return fleet_pb2.SecAggSettings(**(values | changes))
 
 
 def chunk(offset: int, data: bytes) -> fleet_pb2.TaskMessage:
@@ -230,7 +246,34 @@ MALFORMED: list[tuple[str, list[Any], str]] = [
     ("negative-deadline", with_model("bad", deadline_unix_s=-5.0), "deadline_unix_s"),
     ("round-zero", with_model("bad", round=0, config={}), "round 0"),
     ("config-round-differs", with_model("bad", config={"round": 2}), "config round 2"),
-    ("unknown-compression", with_model("bad", config={"round": 1, "compression": "zip"}), "zip"),
+    ("unknown-compression", with_model("bad", compression=7), "unknown compression 7"),
+    (
+        "secagg-bad-values",
+        with_model("bad", secagg=secagg_settings(threshold=0, clip_norm=math.nan)),
+        "secagg.threshold 0 must be in [1, 65535]; secagg.clip_norm nan must be a finite number > 0",
+    ),
+    ("secagg-no-session", with_model("bad", secagg=secagg_settings(session="")), "session"),
+    ("secagg-ring-bits", with_model("bad", secagg=secagg_settings(ring_bits=64)), "ring_bits 64"),
+    (
+        "secagg-chunk-bytes",
+        with_model("bad", secagg=secagg_settings(chunk_bytes=12)),
+        "chunk_bytes 12",
+    ),
+    (
+        "secagg-size-differs",
+        with_model("bad", secagg=secagg_settings(size=10)),
+        "secure-aggregation size 10 != the model's 67 elements",
+    ),
+    (
+        "secagg-on-evaluate",
+        with_model("bad", kind=EVALUATE, secagg=secagg_settings()),
+        "not TRAIN",
+    ),
+    (
+        "secagg-compressed",
+        with_model("bad", secagg=secagg_settings(), compression=fleet_pb2.COMPRESSION_INT8),
+        "never compressed",
+    ),
     ("nan-config", with_model("bad", config={"round": 1, "lr": math.nan}), "'lr'"),
     ("overlong-task-id", with_model("x" * 300), "task_id"),
 ]

@@ -8,8 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedpriv.client import runtime
 from fedpriv.coordinator import Coordinator, SecAggConfig, Store, read_checkpoint
 from fedpriv.coordinator.upload import Upload
+from fedpriv.secagg.settings import SecAggSettings
+from fedpriv.v1 import fleet_pb2
 from tests.apps import RandomUpdateClient, random_update
 from tests.conftest import SILOS
 from tests.helpers import CollectingReporter, make_config, silo_thread, wait_silos
@@ -78,6 +81,54 @@ def test_five_silos_sum_is_exact_and_no_masked_vector_correlates_with_its_update
         assert abs(correlation) < 0.05, (name, correlation)
         # the masked vector looks uniform over the ring: mean ~ 2^31
         assert abs(masked.astype(np.float64).mean() / 2**31 - 1) < 0.02
+
+
+class ConfigRecordingClient(RandomUpdateClient):
+    """Records the config its fit call gets."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.configs: list[dict] = []
+
+    def fit(self, parameters, *, config):
+        self.configs.append(dict(config))
+        return super().fit(parameters, config=config)
+
+
+def test_the_settings_travel_as_the_task_secagg_field_and_not_in_the_config(
+    tmp_path, pki, monkeypatch
+):
+    # Arrange: record every task as the silos receive it off the wire
+    sent: list[fleet_pb2.Task] = []
+    original = runtime.receive_task
+
+    def spy(task, stream, **kwargs):
+        sent.append(task)
+        return original(task, stream, **kwargs)
+
+    monkeypatch.setattr(runtime, "receive_task", spy)
+    config = secure_config(tmp_path, pki)
+    clients = [ConfigRecordingClient(i) for i in range(len(SILOS))]
+    # Act
+    with Coordinator(config) as coordinator, contextlib.ExitStack() as stack:
+        outcomes = [
+            stack.enter_context(silo_thread(client, port=coordinator.port, tls=pki.tls(name)))
+            for client, name in zip(clients, SILOS, strict=True)
+        ]
+        assert coordinator.wait(timeout_s=120)
+        wait_silos(outcomes)
+    # Assert
+    train = [t for t in sent if t.kind == fleet_pb2.TASK_KIND_TRAIN]
+    assert len(train) >= len(SILOS)
+    settings = [SecAggSettings.from_proto(t.secagg) for t in train]
+    assert len({s.session for s in settings}) == 1 and len(set(settings)) == 1
+    assert settings[0].size == sum(int(np.prod(shape)) for shape in SHAPES.values())
+    assert settings[0].threshold == 3 and settings[0].ring_bits == 32
+    assert all(t.compression == fleet_pb2.COMPRESSION_NONE for t in train)
+    for task in train:
+        assert not [k for k in task.config if k.startswith("secagg") or k == "compression"]
+    for client in clients:
+        assert client.configs and all(set(c) == {"round"} for c in client.configs)
 
 
 def test_a_silo_cannot_advertise_keys_in_another_silos_name(tmp_path, pki):

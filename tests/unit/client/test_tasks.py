@@ -13,8 +13,16 @@ from fedpriv.client import ClientStats
 from fedpriv.client.config import ClientConfig
 from fedpriv.client.tasks import DEFAULT_MAX_MODEL_BYTES, TaskLimits, receive_task
 from fedpriv.errors import ConfigError, ProtocolError, TaskRejected
+from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, tensor_pb2
-from fedpriv.wire import DType, Model, TensorLayout, TensorSpec, float32_to_bfloat16
+from fedpriv.wire import (
+    Compression,
+    DType,
+    Model,
+    TensorLayout,
+    TensorSpec,
+    float32_to_bfloat16,
+)
 from fedpriv.wire.frames import RawChunk
 
 NOW = 1_700_000_000.0
@@ -147,3 +155,34 @@ def test_torch_client_declares_its_model_shapes() -> None:
     )
     assert isinstance(client, ModelOwner)
     assert client.model_shapes() == {"weight": (2, 3), "bias": (2,)}
+
+
+def test_secure_aggregation_settings_and_compression_arrive_as_typed_fields() -> None:
+    model = Model.from_arrays({"w": np.arange(40, dtype=np.float32)}, chunk_bytes=64)
+    settings = SecAggSettings(
+        session="s" * 32, threshold=2, clip_norm=1.0, scale=1e6, size=40, chunk_bytes=64
+    )
+
+    secure = _receive(_task(model, secagg=settings.to_proto()), _chunks(model))
+    compressed = _receive(_task(model, compression=fleet_pb2.COMPRESSION_BF16), _chunks(model))
+    plain = _receive(_task(model), _chunks(model))
+
+    assert (secure.secagg, secure.compression) == (settings, Compression.NONE)
+    assert (compressed.secagg, compressed.compression) == (None, Compression.BF16)
+    assert (plain.secagg, plain.compression) == (None, Compression.NONE)
+
+
+def test_secure_aggregation_settings_are_refused_with_every_problem() -> None:
+    model = Model.from_arrays({"w": np.arange(40, dtype=np.float32)}, chunk_bytes=64)
+    bad = fleet_pb2.SecAggSettings(session="s", threshold=0, clip_norm=1.0, scale=1.0, size=41)
+    task = _task(model, kind=fleet_pb2.TASK_KIND_EVALUATE, secagg=bad, compression=9)
+
+    with pytest.raises(TaskRejected) as rejected:
+        _receive(task, _chunks(model))
+
+    problems = rejected.value.problems
+    assert any(p.startswith("unknown compression 9") for p in problems)
+    assert "secagg.threshold 0 must be in [1, 65535]" in problems
+    assert any(p.startswith("secagg.chunk_bytes 0") for p in problems)
+    assert any(p.startswith("secagg.ring_bits 0") for p in problems)
+    assert "secure-aggregation settings on a task that is not TRAIN" in problems
