@@ -1,8 +1,37 @@
-"""Aggregation strategies: the Strategy protocol and streaming FedAvg."""
+"""Aggregation strategies: streaming FedAvg, server optimisers, robust rules, by name.
+
+:mod:`fedpriv.strategy.protocol` holds the contract every aggregation mode ends
+in (:class:`UpdateSum`, :class:`SpooledUpdate`, its ``Strategy`` and
+:class:`WholeUpdateStrategy`); ``Strategy`` here is still the streaming
+protocol of :mod:`fedpriv.strategy.base` that the current engine folds into.
+"""
 
 from __future__ import annotations
 
 from fedpriv.strategy.base import Aggregator, NoisyAggregator, Strategy
 from fedpriv.strategy.fedavg import FedAvg
+from fedpriv.strategy.fedopt import FedAdagrad, FedAdam, FedYogi
+from fedpriv.strategy.fedprox import FedProx
+from fedpriv.strategy.protocol import SpooledUpdate, UpdateSum, WholeUpdateStrategy, model_from_flat
+from fedpriv.strategy.registry import StrategyName, build_strategy
+from fedpriv.strategy.robust import Krum, Median, TrimmedMean
 
-__all__ = ["Aggregator", "FedAvg", "NoisyAggregator", "Strategy"]
+__all__ = [
+    "Aggregator",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedProx",
+    "FedYogi",
+    "Krum",
+    "Median",
+    "NoisyAggregator",
+    "SpooledUpdate",
+    "Strategy",
+    "StrategyName",
+    "TrimmedMean",
+    "UpdateSum",
+    "WholeUpdateStrategy",
+    "build_strategy",
+    "model_from_flat",
+]

@@ -8,9 +8,14 @@ what the Flower strategy itself needs; the coordinator stores only complete,
 validated updates, so those that were cancelled or rejected stay empty and are
 left out.
 
+Under the strategy contract (:mod:`fedpriv.strategy.protocol`),
+:meth:`FlowerStrategy.aggregate_updates` reads the coordinator's own spool
+files instead: no second copy, no temporary directory.
+
 Only ``aggregate_fit`` is used. fedpriv's coordinator does the scheduling, so
-``configure_fit`` values (FedProx's ``proximal_mu``, for example) belong in
-``rounds.client_config``.
+``configure_fit`` is never called; :meth:`FlowerStrategy.configure` announces
+what it would have added (``on_fit_config_fn``'s values, FedProx's
+``proximal_mu``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import inspect
 import pathlib
 import tempfile
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import flwr.server.strategy as flower_strategies
 import numpy as np
@@ -30,6 +35,7 @@ from flwr.server.strategy import Strategy as FlowerStrategyBase
 
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError, RoundFailed
+from fedpriv.strategy.protocol import SpooledUpdate
 from fedpriv.wire import Model, TensorLayout
 
 __all__ = ["FlowerStrategy", "flower_strategy"]
@@ -49,6 +55,40 @@ class _Proxy(ClientProxy):
         )
 
     get_properties = get_parameters = fit = evaluate = reconnect = _refuse
+
+
+def _fit_result(silo: str, model: Model, *, weight: float) -> tuple[ClientProxy, FitRes]:
+    """One update as ``aggregate_fit`` receives it."""
+    return (
+        _Proxy(silo),
+        FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=ndarrays_to_parameters(list(model.arrays().values())),
+            num_examples=int(weight),
+            metrics={},
+        ),
+    )
+
+
+def _aggregate_fit(
+    strategy: FlowerStrategyBase,
+    round: int,
+    layout: TensorLayout,
+    results: list[tuple[ClientProxy, FitRes]],
+) -> Model:
+    """Call ``aggregate_fit`` and lay its answer out in `layout`.
+
+    Raises:
+        RoundFailed: The strategy returned no model, or another number of arrays.
+    """
+    parameters, _ = strategy.aggregate_fit(round, results, [])
+    if parameters is None:
+        raise RoundFailed(f"the Flower strategy returned no model for round {round}")
+    new = parameters_to_ndarrays(parameters)
+    names = [spec.name for spec in layout.specs]
+    if len(new) != len(names):
+        raise RoundFailed(f"the Flower strategy returned {len(new)} arrays for {len(names)}")
+    return Model.from_arrays(dict(zip(names, new, strict=True)), layout=layout)
 
 
 class _UpdateSpool:
@@ -111,48 +151,39 @@ class FlowerAggregator:
 
     def finalize(self, *, total_weight: float) -> Model:
         """Call the Flower strategy's ``aggregate_fit`` with every complete update."""
-        results: list[tuple[ClientProxy, FitRes]] = []
-        for silo, spool in self._updates:
-            if not spool.complete:
-                continue
-            arrays = list(
-                Model(layout=self._model.layout, payload=np.asarray(spool.payload))
-                .arrays()
-                .values()
-            )
-            results.append(
-                (
-                    _Proxy(silo),
-                    FitRes(
-                        status=Status(code=Code.OK, message=""),
-                        parameters=ndarrays_to_parameters(arrays),
-                        num_examples=int(spool.weight),
-                        metrics={},
-                    ),
-                )
-            )
+        layout = self._model.layout
         try:
-            parameters, _ = self._strategy.aggregate_fit(self._round, results, [])
+            results = [
+                _fit_result(
+                    silo,
+                    Model(layout=layout, payload=np.asarray(spool.payload)),
+                    weight=spool.weight,
+                )
+                for silo, spool in self._updates
+                if spool.complete
+            ]
+            return _aggregate_fit(self._strategy, self._round, layout, results)
         finally:
             for _, spool in self._updates:
                 spool.close()
             if self._directory is not None:
                 self._directory.rmdir()
-        if parameters is None:
-            raise RoundFailed(f"the Flower strategy returned no model for round {self._round}")
-        new = parameters_to_ndarrays(parameters)
-        names = [spec.name for spec in self._model.layout.specs]
-        if len(new) != len(names):
-            raise RoundFailed(f"the Flower strategy returned {len(new)} arrays for {len(names)}")
-        return Model.from_arrays(dict(zip(names, new, strict=True)), layout=self._model.layout)
 
 
 class FlowerStrategy:
-    """A fedpriv :class:`~fedpriv.strategy.Strategy` that delegates to a Flower strategy.
+    """A fedpriv strategy that delegates to a Flower strategy.
+
+    It is both the current engine's :class:`~fedpriv.strategy.Strategy`
+    (:meth:`begin_round`) and a
+    :class:`~fedpriv.strategy.protocol.WholeUpdateStrategy`
+    (:meth:`aggregate_updates`): a Flower strategy sees every update on its own,
+    so it refuses secure aggregation.
 
     Args:
         strategy: A Flower strategy instance, e.g. ``flwr.server.strategy.FedAdam(...)``.
     """
+
+    supports_secure_aggregation: ClassVar[bool] = False
 
     def __init__(self, strategy: FlowerStrategyBase) -> None:
         if not isinstance(strategy, FlowerStrategyBase):
@@ -167,6 +198,57 @@ class FlowerStrategy:
     def begin_round(self, round: int, *, model: Model) -> FlowerAggregator:
         """Open a round; the strategy keeps its own state (FedAdam's moments) across rounds."""
         return FlowerAggregator(self.strategy, round, model)
+
+    def configure(self, round: int) -> Mapping[str, Scalar]:
+        """What Flower's ``configure_fit`` would add to the task config.
+
+        That is ``on_fit_config_fn(round)`` and, for FedProx, ``proximal_mu``.
+
+        Raises:
+            ConfigError: ``on_fit_config_fn`` returned something other than plain scalars.
+        """
+        config: dict[str, Scalar] = {}
+        on_fit_config_fn = getattr(self.strategy, "on_fit_config_fn", None)
+        if on_fit_config_fn is not None:
+            config.update(on_fit_config_fn(round))
+        if isinstance(self.strategy, flower_strategies.FedProx):
+            config["proximal_mu"] = float(self.strategy.proximal_mu)
+        wrong = sorted(k for k, v in config.items() if not isinstance(v, str | int | float | bool))
+        if wrong:
+            raise ConfigError(
+                f"{self.name}: on_fit_config_fn gave {', '.join(wrong)} values that are not "
+                "plain scalars (bool, int, float, str)"
+            )
+        return config
+
+    def aggregate_updates(
+        self, round: int, *, base: Model, updates: Sequence[SpooledUpdate]
+    ) -> Model:
+        """Hand every update to ``aggregate_fit``, read from the coordinator's spool.
+
+        Each update is read into memory once, as Flower's strategies need them all
+        at once; the strategy keeps its own state (FedAdam's moments) across rounds.
+
+        Raises:
+            RoundFailed: No updates, one in another layout, or the strategy returned
+                no model or another number of arrays.
+        """
+        if not updates:
+            raise RoundFailed(f"{self.name}: round {round} has no complete update")
+        layout = base.layout
+        results = []
+        for update in updates:
+            if update.layout != layout:
+                raise RoundFailed(
+                    f"{self.name}: the update of {update.silo!r} is not in the model's layout"
+                )
+            payload = np.frombuffer(update.read(0, layout.payload_bytes), dtype=np.uint8)
+            results.append(
+                _fit_result(
+                    update.silo, Model(layout=layout, payload=payload), weight=update.weight
+                )
+            )
+        return _aggregate_fit(self.strategy, round, layout, results)
 
 
 def flower_strategy(
