@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy.typing as npt
@@ -14,8 +16,10 @@ from torch.utils.data import DataLoader
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
 from fedpriv.client.progress import training_progress
+from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.local import LocalDP, prepare_module, private_plan, train_private
+from fedpriv.strategy.fedprox import PROXIMAL_MU
 from fedpriv.wire.torch_interop import arrays_from_state_dict, copy_arrays_into
 
 __all__ = ["TorchClient", "best_device"]
@@ -35,6 +39,68 @@ def _dataset_size(loader: DataLoader[Any]) -> int:
         return len(loader.dataset)  # type: ignore[arg-type]  # sized datasets only
     except TypeError:
         return sum(len(batch[0]) for batch in loader)
+
+
+def _proximal_mu(config: Mapping[str, Scalar]) -> float:
+    """The task's ``proximal_mu`` (0 without one).
+
+    Raises:
+        ConfigError: It is not a finite number >= 0.
+    """
+    value = config.get(PROXIMAL_MU, 0.0)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"task config {PROXIMAL_MU} = {value!r}: must be a finite number >= 0")
+    return float(value)
+
+
+@contextlib.contextmanager
+def _proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> Iterator[None]:
+    """Add FedProx's ``mu * (w - w_global)`` to every gradient `optimizer` steps with.
+
+    ``w_global`` is each parameter's value on entry (the global model just
+    loaded). A step pre-hook on the user's own optimiser adds the term to
+    ``p.grad`` right before the update, so any optimiser (SGD, momentum, Adam)
+    minimises ``loss + mu / 2 * ||w - w_global||^2``, as FedProx defines it.
+
+    Under DP-SGD the term would be lost in the loss: it depends on the weights
+    alone, so it has no per-sample gradient for Opacus to clip. Here Opacus's
+    DPOptimizer calls the user's optimiser only after clipping, noising and
+    scaling, so the hook sees the privatised gradient and adds the term to it
+    unclipped and un-noised. That is post-processing of the DP-SGD output plus
+    a function of the global model (public to the silo): no privacy cost, and
+    the ledger's accounting is unchanged. With physical batches
+    (``max_physical_batch_size``) Opacus calls the optimiser once per logical
+    step, so the term is added once per step as well.
+    """
+    if mu == 0:
+        yield
+        return
+    anchors = [
+        (p, p.detach().clone())
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.requires_grad
+    ]
+
+    def pull(*_: Any) -> None:
+        with torch.no_grad():
+            for parameter, anchor in anchors:
+                correction = (parameter.detach() - anchor).mul_(mu)
+                if parameter.grad is None:  # unused this step: the term is its whole gradient
+                    parameter.grad = correction
+                else:
+                    parameter.grad.add_(correction)
+
+    handle = optimizer.register_step_pre_hook(pull)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _batches(loader: DataLoader[Any]) -> int | None:
@@ -59,6 +125,14 @@ class TorchClient:
         privacy: Train with DP-SGD (Opacus) under these settings. Layers Opacus
             cannot train privately (BatchNorm) are replaced by its validator.
             ``loss_fn`` must then accept ``reduction=``, as the functional losses do.
+
+    A task config with ``proximal_mu`` > 0 (FedProx) adds
+    ``mu / 2 * ||w - w_global||^2`` to the local objective, ``w_global`` being
+    the model the round started from. Its gradient ``mu * (w - w_global)`` is
+    added to each step's gradient inside the optimiser's step; with DP-SGD that
+    is after Opacus clips and noises, which a loss term could not be (Opacus
+    sees only per-sample gradients, and this term has none). See
+    :func:`_proximal_term`.
     """
 
     def __init__(
@@ -113,7 +187,14 @@ class TorchClient:
         """Load `parameters`, train for ``epochs`` and return the new state dict."""
         self._load(parameters)
         epochs = int(config.get("epochs", self.epochs))
+        mu = _proximal_mu(config)
         optimizer = self.optimizer_factory(self.model.parameters())
+        with _proximal_term(optimizer, mu):
+            return self._train(optimizer, config, epochs)
+
+    def _train(
+        self, optimizer: torch.optim.Optimizer, config: Mapping[str, Scalar], epochs: int
+    ) -> FitResult:
         plan = self.plan_privacy(config)
         label = f"round {config['round']}" if "round" in config else "training"
         batches = _batches(self.train_loader)

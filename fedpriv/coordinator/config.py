@@ -253,13 +253,23 @@ class StrategyConfig:
     """The aggregation rule (the ``[strategy]`` table).
 
     Args:
+        name: A native strategy (``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``,
+            ``fedadagrad``, ``krum``, ``median``, ``trimmed_mean``); None: ``fedavg``.
         flower: Name of a strategy in ``flwr.server.strategy`` (``FedAdam``,
-            ``FedTrimmedAvg``, ``Krum``, ...); None: fedpriv's streaming FedAvg.
-        options: Keyword arguments for the Flower strategy.
+            ``FedTrimmedAvg``, ``Krum``, ...) instead of a native one.
+        options: Keyword arguments for the strategy.
     """
 
+    name: str | None = None
     flower: str | None = None
     options: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.flower is not None:
+            raise ConfigError(
+                f"strategy.name = {self.name!r} and strategy.flower = {self.flower!r}: "
+                "give one of them"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -482,6 +492,7 @@ class CoordinatorConfig:
             dp=dp,
             secure_aggregation=secure_aggregation,
             strategy=StrategyConfig(
+                name=strategy_table.optional("name", str),
                 flower=strategy_table.optional("flower", str),
                 options=strategy_table.scalars("options"),
             ),

@@ -27,7 +27,7 @@ from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.pki import RevocationList
-from fedpriv.strategy import FedAvg
+from fedpriv.strategy import FedAvg, build_strategy
 from fedpriv.transport import AuthInterceptor, ServerHandle, TLSConfig, serve
 from fedpriv.transport.auth import DenialCallback, DenialReason
 from fedpriv.transport.limits import CallLimits
@@ -199,10 +199,14 @@ class Coordinator:
         # The global model is served from its checkpoint's pages, not held in memory
         # (unless the checkpoint is encrypted).
         model = self.store.load_checkpoint(committed.checkpoint, sha256=expected)
+        if strategy is None and config.strategy.name is not None:
+            strategy = build_strategy(
+                config.strategy.name, model=model, options=config.strategy.options
+            )
         if strategy is None and config.strategy.flower is not None:
             from fedpriv.strategy.flower import flower_strategy
 
-            strategy = flower_strategy(  # type: ignore[assignment]  # until the adapter lands
+            strategy = flower_strategy(
                 config.strategy.flower, model=model, options=config.strategy.options
             )
         self.telemetry = Telemetry(config.state_dir, inner=reporter, prometheus=config.prometheus)

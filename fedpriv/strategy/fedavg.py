@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -157,6 +157,11 @@ class FedAvgAggregator:
 class FedAvg:
     """Weighted FedAvg: the new model is the example-weighted mean of the updates.
 
+    It is both the current engine's streaming strategy (:meth:`begin_round`) and
+    a :class:`fedpriv.strategy.protocol.Strategy` over a round's sum
+    (:meth:`aggregate`). The mean of a sum is all it needs, so it works on a
+    securely aggregated sum as well.
+
     Example:
         >>> base = Model.from_arrays({"w": np.zeros(2, np.float32)})
         >>> agg = FedAvg().begin_round(1, model=base)
@@ -191,14 +196,6 @@ class FedAvg:
                 found = payload
         return found
 
-    def configure(self, round: int) -> dict[str, Scalar]:
-        """FedAvg announces nothing."""
-        return {}
-
-    def aggregate(self, round: int, *, base: Model, total: UpdateSum) -> Model:
-        """The weighted mean of the round's models."""
-        return total.mean()
-
     def begin_round(self, round: int, *, model: Model) -> FedAvgAggregator:
         """Open a new running average with the global model's layout."""
         aggregator = FedAvgAggregator(
@@ -206,3 +203,21 @@ class FedAvg:
         )
         self._issued.append(aggregator._payload)
         return aggregator
+
+    def configure(self, round: int) -> Mapping[str, Scalar]:
+        """FedAvg announces nothing to the silos."""
+        return {}
+
+    def aggregate(self, round: int, *, base: Model, total: UpdateSum) -> Model:
+        """The weighted mean of round `round`'s updates; consumes `total`.
+
+        Example:
+            >>> layout = Model.from_arrays({"w": np.zeros(2, np.float32)}).layout
+            >>> total = UpdateSum(
+            ...     layout=layout, sums=[np.array([4.0, 8.0], np.float32)], weight=4.0,
+            ...     contributors=2)
+            >>> FedAvg().aggregate(1, base=Model.from_arrays({"w": np.zeros(2, np.float32)}),
+            ...                    total=total).arrays()["w"].tolist()
+            [1.0, 2.0]
+        """
+        return total.mean()

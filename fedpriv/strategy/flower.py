@@ -1,26 +1,22 @@
 """Flower strategies (FedAdam, FedProx, FedTrimmedAvg, Krum, ...) as fedpriv strategies.
 
 Flower's ``Strategy.aggregate_fit`` needs every update of a round at once, so
-this adapter cannot fold as updates stream in. It writes each update to a
-memory-mapped spool file once the update is complete. When the round closes, it hands
-the complete ones to the Flower strategy as ``FitRes`` objects. Memory is then
-what the Flower strategy itself needs; the coordinator stores only complete,
-validated updates, so those that were cancelled or rejected stay empty and are
-left out.
+this adapter is a whole-update strategy: :meth:`FlowerStrategy.aggregate_updates`
+reads the complete, validated updates from the coordinator's own spool files
+(no second copy, no temporary directory) and hands them to the Flower strategy
+as ``FitRes`` objects. Memory is then what the Flower strategy itself needs.
 
 Only ``aggregate_fit`` is used. fedpriv's coordinator does the scheduling, so
-``configure_fit`` values (FedProx's ``proximal_mu``, for example) belong in
-``rounds.client_config``.
+``configure_fit`` is never called; :meth:`FlowerStrategy.configure` announces
+what it would have added (``on_fit_config_fn``'s values, FedProx's
+``proximal_mu``).
 """
 
 from __future__ import annotations
 
 import inspect
-import pathlib
-import tempfile
-import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import flwr.server.strategy as flower_strategies
 import numpy as np
@@ -30,6 +26,7 @@ from flwr.server.strategy import Strategy as FlowerStrategyBase
 
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError, RoundFailed
+from fedpriv.strategy.protocol import SpooledUpdate
 from fedpriv.wire import Model, TensorLayout
 
 __all__ = ["FlowerStrategy", "flower_strategy"]
@@ -51,108 +48,52 @@ class _Proxy(ClientProxy):
     get_properties = get_parameters = fit = evaluate = reconnect = _refuse
 
 
-class _UpdateSpool:
-    """One silo's update, written to a memory-mapped file chunk by chunk."""
-
-    def __init__(self, layout: TensorLayout, directory: pathlib.Path, *, weight: float) -> None:
-        self.layout = layout
-        self.weight = weight
-        handle = tempfile.NamedTemporaryFile(dir=directory, suffix=".update", delete=False)
-        handle.close()
-        self.path = pathlib.Path(handle.name)
-        self.payload = np.memmap(
-            self.path, dtype=np.uint8, mode="w+", shape=(layout.payload_bytes,)
-        )
-        self._stored = np.zeros(max(layout.num_chunks, 1), dtype=bool)
-        self._lock = threading.Lock()
-
-    def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
-        """Store one chunk of a complete, validated update (the coordinator folds each once)."""
-        if not weight > 0:
-            raise ValueError(f"an update's chunk is stored with a positive weight, got {weight}")
-        index = offset // self.layout.chunk_bytes
-        with self._lock:
-            self.payload[offset : offset + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-            self._stored[index] = True
-
-    @property
-    def complete(self) -> bool:
-        """Whether every chunk was stored (an update that failed stores none)."""
-        return bool(self._stored.all())
-
-    def close(self) -> None:
-        del self.payload
-        self.path.unlink(missing_ok=True)
+def _fit_result(silo: str, model: Model, *, weight: float) -> tuple[ClientProxy, FitRes]:
+    """One update as ``aggregate_fit`` receives it."""
+    return (
+        _Proxy(silo),
+        FitRes(
+            status=Status(code=Code.OK, message=""),
+            parameters=ndarrays_to_parameters(list(model.arrays().values())),
+            num_examples=int(weight),
+            metrics={},
+        ),
+    )
 
 
-class FlowerAggregator:
-    """One round of a Flower strategy over spooled updates."""
+def _aggregate_fit(
+    strategy: FlowerStrategyBase,
+    round: int,
+    layout: TensorLayout,
+    results: list[tuple[ClientProxy, FitRes]],
+) -> Model:
+    """Call ``aggregate_fit`` and lay its answer out in `layout`.
 
-    def __init__(self, strategy: FlowerStrategyBase, round: int, model: Model) -> None:
-        self._strategy = strategy
-        self._round = round
-        self._model = model
-        self._directory: pathlib.Path | None = None  # made for the first update
-        self._updates: list[tuple[str, _UpdateSpool]] = []
-        self._lock = threading.Lock()
-
-    def open_update(self, silo: str, *, weight: float) -> _UpdateSpool:
-        """A sink for one silo's update (used by the coordinator instead of ``fold``)."""
-        with self._lock:
-            if self._directory is None:
-                self._directory = pathlib.Path(tempfile.mkdtemp(prefix="fedpriv-flower-"))
-            spool = _UpdateSpool(self._model.layout, self._directory, weight=weight)
-            self._updates.append((silo, spool))
-        return spool
-
-    def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
-        """Not used: each update goes to its own sink from :meth:`open_update`."""
-        raise RuntimeError("a Flower strategy aggregates whole updates; use open_update")
-
-    def finalize(self, *, total_weight: float) -> Model:
-        """Call the Flower strategy's ``aggregate_fit`` with every complete update."""
-        results: list[tuple[ClientProxy, FitRes]] = []
-        for silo, spool in self._updates:
-            if not spool.complete:
-                continue
-            arrays = list(
-                Model(layout=self._model.layout, payload=np.asarray(spool.payload))
-                .arrays()
-                .values()
-            )
-            results.append(
-                (
-                    _Proxy(silo),
-                    FitRes(
-                        status=Status(code=Code.OK, message=""),
-                        parameters=ndarrays_to_parameters(arrays),
-                        num_examples=int(spool.weight),
-                        metrics={},
-                    ),
-                )
-            )
-        try:
-            parameters, _ = self._strategy.aggregate_fit(self._round, results, [])
-        finally:
-            for _, spool in self._updates:
-                spool.close()
-            if self._directory is not None:
-                self._directory.rmdir()
-        if parameters is None:
-            raise RoundFailed(f"the Flower strategy returned no model for round {self._round}")
-        new = parameters_to_ndarrays(parameters)
-        names = [spec.name for spec in self._model.layout.specs]
-        if len(new) != len(names):
-            raise RoundFailed(f"the Flower strategy returned {len(new)} arrays for {len(names)}")
-        return Model.from_arrays(dict(zip(names, new, strict=True)), layout=self._model.layout)
+    Raises:
+        RoundFailed: The strategy returned no model, or another number of arrays.
+    """
+    parameters, _ = strategy.aggregate_fit(round, results, [])
+    if parameters is None:
+        raise RoundFailed(f"the Flower strategy returned no model for round {round}")
+    new = parameters_to_ndarrays(parameters)
+    names = [spec.name for spec in layout.specs]
+    if len(new) != len(names):
+        raise RoundFailed(f"the Flower strategy returned {len(new)} arrays for {len(names)}")
+    return Model.from_arrays(dict(zip(names, new, strict=True)), layout=layout)
 
 
 class FlowerStrategy:
-    """A fedpriv :class:`~fedpriv.strategy.Strategy` that delegates to a Flower strategy.
+    """A fedpriv strategy that delegates to a Flower strategy.
+
+    A :class:`~fedpriv.strategy.protocol.WholeUpdateStrategy`: a Flower strategy
+    sees every update on its own, so it refuses secure aggregation. It keeps its
+    own state (FedAdam's moments) across rounds.
 
     Args:
         strategy: A Flower strategy instance, e.g. ``flwr.server.strategy.FedAdam(...)``.
     """
+
+    supports_secure_aggregation: ClassVar[bool] = False
 
     def __init__(self, strategy: FlowerStrategyBase) -> None:
         if not isinstance(strategy, FlowerStrategyBase):
@@ -164,9 +105,56 @@ class FlowerStrategy:
         """The Flower class name."""
         return f"flower:{type(self.strategy).__name__}"
 
-    def begin_round(self, round: int, *, model: Model) -> FlowerAggregator:
-        """Open a round; the strategy keeps its own state (FedAdam's moments) across rounds."""
-        return FlowerAggregator(self.strategy, round, model)
+    def configure(self, round: int) -> Mapping[str, Scalar]:
+        """What Flower's ``configure_fit`` would add to the task config.
+
+        That is ``on_fit_config_fn(round)`` and, for FedProx, ``proximal_mu``.
+
+        Raises:
+            ConfigError: ``on_fit_config_fn`` returned something other than plain scalars.
+        """
+        config: dict[str, Scalar] = {}
+        on_fit_config_fn = getattr(self.strategy, "on_fit_config_fn", None)
+        if on_fit_config_fn is not None:
+            config.update(on_fit_config_fn(round))
+        if isinstance(self.strategy, flower_strategies.FedProx):
+            config["proximal_mu"] = float(self.strategy.proximal_mu)
+        wrong = sorted(k for k, v in config.items() if not isinstance(v, str | int | float | bool))
+        if wrong:
+            raise ConfigError(
+                f"{self.name}: on_fit_config_fn gave {', '.join(wrong)} values that are not "
+                "plain scalars (bool, int, float, str)"
+            )
+        return config
+
+    def aggregate_updates(
+        self, round: int, *, base: Model, updates: Sequence[SpooledUpdate]
+    ) -> Model:
+        """Hand every update to ``aggregate_fit``, read from the coordinator's spool.
+
+        Each update is read into memory once, as Flower's strategies need them all
+        at once; the strategy keeps its own state (FedAdam's moments) across rounds.
+
+        Raises:
+            RoundFailed: No updates, one in another layout, or the strategy returned
+                no model or another number of arrays.
+        """
+        if not updates:
+            raise RoundFailed(f"{self.name}: round {round} has no complete update")
+        layout = base.layout
+        results = []
+        for update in updates:
+            if update.layout != layout:
+                raise RoundFailed(
+                    f"{self.name}: the update of {update.silo!r} is not in the model's layout"
+                )
+            payload = np.frombuffer(update.read(0, layout.payload_bytes), dtype=np.uint8)
+            results.append(
+                _fit_result(
+                    update.silo, Model(layout=layout, payload=payload), weight=update.weight
+                )
+            )
+        return _aggregate_fit(self.strategy, round, layout, results)
 
 
 def flower_strategy(

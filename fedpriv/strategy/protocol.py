@@ -78,14 +78,28 @@ class UpdateSum:
 
     def mean_deltas(self, base: Model) -> list[npt.NDArray[np.float64]]:
         """``mean − base`` per tensor, in float64 (for server optimisers); the sum is kept."""
+        return [
+            self.mean_delta(index, current) for index, current in enumerate(base.arrays().values())
+        ]
+
+    def mean_delta(self, index: int, base: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:
+        """``mean − base`` of tensor `index` alone, flat, in float64; the sum is kept.
+
+        One tensor at a time, a server optimiser holds one tensor's float64
+        temporaries instead of a float64 copy of the whole model.
+
+        Args:
+            index: The tensor's position in `layout`.
+            base: That tensor of the base model (any shape of its element count).
+
+        Raises:
+            ValueError: The weight is not positive.
+        """
         if not self.weight > 0:
             raise ValueError(f"an update sum's weight must be positive, got {self.weight}")
-        deltas = []
-        for total, current in zip(self.sums, base.arrays().values(), strict=True):
-            delta = total.astype(np.float64) / self.weight
-            delta -= current.reshape(-1).astype(np.float64)
-            deltas.append(delta)
-        return deltas
+        delta = self.sums[index].astype(np.float64) / self.weight
+        delta -= base.reshape(-1).astype(np.float64)
+        return delta
 
 
 def _lay_out(
