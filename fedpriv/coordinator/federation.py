@@ -25,12 +25,13 @@ from fedpriv.coordinator.audit import AuditKind
 from fedpriv.coordinator.checkpoint import drop_page_cache
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.guarantees import FederationGuarantee, SpendGuard, release_mode
+from fedpriv.coordinator.privacy_record import RoundPrivacy
+from fedpriv.coordinator.release_ledger import FederationAccount, Mechanism, Release
 from fedpriv.coordinator.sessions import SessionRegistry
-from fedpriv.coordinator.store import RoundPrivacy, StagedRound, Store
+from fedpriv.coordinator.store import StagedRound, Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ConfigError, ProtocolError, RoundFailed, UpdateRejected
 from fedpriv.faults import FaultPoint, reach
-from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, account
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
 from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.server import RingSum
@@ -257,7 +258,7 @@ class Federation:
         )
         self._clip: ClipState | None = None
         # Every silo-level release so far, central (Gaussian) or distributed (Skellam).
-        self._dp_history: list[GaussianSteps | SkellamSum] = []
+        self._account: FederationAccount | None = None
         if config.secure_aggregation is not None:
             bad = [s.describe() for s in model.layout.specs if not s.dtype.is_floating]
             if bad:
@@ -291,27 +292,12 @@ class Federation:
             raise ConfigError(
                 f"[dp] needs a strategy whose aggregator can add noise; {strategy.name!r} cannot"
             )
-        per_round: dict[int, dict[str, float]] = {}
-        for round, _, name, value in self._store.metrics(source="federation"):
-            per_round.setdefault(round, {})[name] = value
-        clip_norm = None
-        for round in sorted(per_round):
-            values = per_round[round]
-            if round < self._next_round and "skellam_mu" in values:
-                self._dp_history.append(
-                    SkellamSum(
-                        mu=values["skellam_mu"],
-                        l1_sensitivity=values["l1_sensitivity"],
-                        l2_sensitivity=values["l2_sensitivity"],
-                    )
-                )
-            elif round < self._next_round and "noise_multiplier" in values:
-                self._dp_history.append(
-                    GaussianSteps(
-                        noise_multiplier=values["noise_multiplier"], sample_rate=1.0, steps=1
-                    )
-                )
-                clip_norm = values.get("next_clip_norm", clip_norm)
+        # The release ledger holds every committed round's release (rounds before
+        # next_round): the accountant's history and the adaptive norm come from it.
+        self._account = FederationAccount.resume(
+            self._store.releases, next_round=self._next_round, delta=self.config.dp.delta
+        )
+        clip_norm = self._account.next_clip_norm
         # Only an adaptive norm carries over a restart; a fixed one is the configured one.
         self._clip = ClipState(
             self.config.dp, clip_norm=clip_norm if self.config.dp.adaptive else None
@@ -989,22 +975,29 @@ class Federation:
             # Up to k colluding survivors know (and can subtract) their own noise: only
             # the other survivors' noise counts towards the guarantee.
             colluders = self.config.secure_aggregation.tolerate_colluders
-            release = SkellamSum(
-                mu=(len(survivors) - colluders) * secagg.codec.noise_variance,
+            mu = (len(survivors) - colluders) * secagg.codec.noise_variance
+            release = Release(
+                round=train.round,
+                mechanism=Mechanism.SKELLAM,
+                noise_multiplier=dp.noise_multiplier,
+                skellam_mu=mu,
                 l1_sensitivity=secagg.codec.l1_sensitivity,
                 l2_sensitivity=secagg.codec.l2_sensitivity,
+                clip_norm=secagg.codec.clip_norm,
+                colluders_tolerated=colluders,
+                delta=dp.delta,
             )
-            self._dp_history.append(release)
-            accounted = account(self._dp_history, delta=dp.delta)
+            assert self._account is not None  # set with config.dp
+            accounted = self._account.spend(release)
             spent = accounted.epsilon
             metrics.update(
                 {
                     "epsilon": spent,
                     "epsilon_rdp": accounted.epsilon_rdp,
                     "delta": dp.delta,
-                    "skellam_mu": release.mu,
-                    "l1_sensitivity": release.l1_sensitivity,
-                    "l2_sensitivity": release.l2_sensitivity,
+                    "skellam_mu": mu,
+                    "l1_sensitivity": secagg.codec.l1_sensitivity,
+                    "l2_sensitivity": secagg.codec.l2_sensitivity,
                     "clip_norm": secagg.codec.clip_norm,
                     "noise_multiplier": dp.noise_multiplier,
                     "colluders_tolerated": float(colluders),
@@ -1220,11 +1213,19 @@ class Federation:
                 "clipped_count_stddev": dp.count_stddev,
                 "count_sensitivity": dp.count_sensitivity,
             }
-        self._dp_history.append(
-            GaussianSteps(noise_multiplier=dp.noise_multiplier, sample_rate=1.0, steps=1)
-        )
+        assert self._account is not None  # set with self._clip
         # Every silo takes part in every round (no sampling amplification is claimed).
-        accounted = account(self._dp_history, delta=dp.delta)  # exact: Gaussian, q = 1
+        accounted = self._account.spend(  # exact: Gaussian, q = 1
+            Release(
+                round=train.round,
+                mechanism=Mechanism.GAUSSIAN,
+                noise_multiplier=dp.noise_multiplier,
+                l2_sensitivity=train.clip_norm,
+                clip_norm=train.clip_norm,
+                next_clip_norm=self._clip.clip_norm,
+                delta=dp.delta,
+            )
+        )
         spent = accounted.epsilon
         logger.info(
             "dp round=%d clip_norm=%.4g noise_stddev=%.4g epsilon=%.4f delta=%g",
