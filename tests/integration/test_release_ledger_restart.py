@@ -9,10 +9,15 @@ reported for every round equals, with ``==``, the epsilon an uninterrupted run
 reported for the same round, and the accountant's epsilon over the table's
 releases. The adaptive norm carries over the kill: each round was clipped to the
 norm the round before it chose.
+
+In-process coordinators check the rest: a state folder from before the ledger
+(the table dropped, the metric rows kept) resumes with the same epsilon, and
+distributed DP's Skellam releases are rows too and compose over a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,14 +28,17 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fedpriv.coordinator import Store
+from fedpriv.coordinator import Coordinator, SecAggConfig, Store
 from fedpriv.coordinator.release_ledger import Mechanism, Release
 from fedpriv.faults import FaultPoint
 from fedpriv.privacy.accounting import GaussianSteps, account
 from fedpriv.privacy.central import CentralDP
-from tests.helpers import make_config
+from tests.apps import RandomUpdateClient
+from tests.conftest import SILOS as CONFTEST_SILOS
+from tests.helpers import make_config, silo_thread, wait_silos
 from tests.integration.test_central_dp import SILOS as THREE_SILOS
 from tests.integration.test_central_dp import federation_metrics, run_federation
+from tests.integration.test_secagg import SHAPES as SECAGG_SHAPES
 from tests.processes import FAULT, processes
 
 SILOS = ("silo-a", "silo-b")
@@ -228,3 +236,54 @@ def test_a_previous_versions_state_resumes_from_its_metric_rows_with_the_same_ep
     assert rows[3]["epsilon"] == account(history, delta=1e-5).epsilon
     assert rows[3]["epsilon"] == account([r.to_accountant() for r in releases], delta=1e-5).epsilon
     assert releases[2].clip_norm == old_rows[2]["next_clip_norm"] == rows[3]["clip_norm"]
+
+
+def test_distributed_dp_releases_are_skellam_rows_and_resume_after_a_restart(tmp_path, pki):
+    # Arrange: secure aggregation with distributed DP, three silos, one colluder tolerated
+    config = make_config(
+        tmp_path,
+        pki.root,
+        {name: np.zeros(shape, np.float32) for name, shape in SECAGG_SHAPES.items()},
+        min_clients=3,
+        max_clients=3,
+        num_rounds=1,
+        federated_evaluation=False,
+        chunk_bytes=16 << 10,
+        dp=CentralDP(noise_multiplier=1.0, clip_norm=1.0, expected_clients=3),
+    )
+    config = dataclasses.replace(
+        config, secure_aggregation=SecAggConfig(tolerate_colluders=1, unmask_deadline_s=15)
+    )
+    again = dataclasses.replace(config, rounds=dataclasses.replace(config.rounds, num_rounds=2))
+    # Act: round 1, a new coordinator on the same state, round 2
+    for run_config in (config, again):
+        with Coordinator(run_config) as coordinator, contextlib.ExitStack() as stack:
+            outcomes = [
+                stack.enter_context(
+                    silo_thread(RandomUpdateClient(i), port=coordinator.port, tls=pki.tls(name))
+                )
+                for i, name in enumerate(CONFTEST_SILOS[:3])
+            ]
+            assert coordinator.wait(timeout_s=120)
+            wait_silos(outcomes)
+    # Assert: one Skellam release per round, as the metric rows report it ...
+    rows, _ = federation_metrics(config.state_dir)
+    store = Store(config.state_dir)
+    releases = store.releases.releases()
+    store.close()
+    assert [(r.round, r.mechanism, r.colluders_tolerated) for r in releases] == [
+        (1, Mechanism.SKELLAM, 1),
+        (2, Mechanism.SKELLAM, 1),
+    ]
+    for release in releases:
+        row = rows[release.round]
+        assert (release.skellam_mu, release.l1_sensitivity, release.l2_sensitivity) == (
+            row["skellam_mu"],
+            row["l1_sensitivity"],
+            row["l2_sensitivity"],
+        )
+        assert release.clip_norm == row["clip_norm"] == 1.0
+    # ... and round 2's epsilon, after the restart, composes both releases
+    both = account([r.to_accountant() for r in releases], delta=DELTA)
+    assert rows[2]["epsilon"] == both.epsilon
+    assert rows[2]["epsilon"] > rows[1]["epsilon"]
