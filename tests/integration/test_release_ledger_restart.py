@@ -111,7 +111,15 @@ delta = 0.01
 """)
 
 
-def run(tmp: pathlib.Path, pki_root: pathlib.Path, crash: Crash | None) -> dict[str, object]:
+@dataclass(frozen=True)
+class Outcome:
+    rows: dict[int, dict[str, float]]  # federation metrics, per round
+    releases: list[Release]  # the ledger when the federation finished
+    before: list[Release]  # the ledger when the coordinator had been killed
+    log: str  # the last coordinator's stderr
+
+
+def run(tmp: pathlib.Path, pki_root: pathlib.Path, crash: Crash | None) -> Outcome:
     """Run the federation in `tmp` (killed and restarted at `crash`); what it committed."""
     write_configs(tmp, pki_root)
     config = str(tmp / "coordinator.toml")
@@ -148,7 +156,7 @@ def run(tmp: pathlib.Path, pki_root: pathlib.Path, crash: Crash | None) -> dict[
     store = Store(tmp / "state")
     releases = store.releases.releases()
     store.close()
-    return {"rows": rows, "releases": releases, "before": before, "log": log}
+    return Outcome(rows=rows, releases=releases, before=before, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -162,16 +170,14 @@ def test_a_killed_coordinator_resumes_the_federation_epsilon_exactly(
 ):
     # Act: kill the coordinator at the fault point, restart it, let it finish
     resumed = run(tmp_path, pki.root, crash)
-    releases: list[Release] = resumed["releases"]  # type: ignore[assignment]
-    rows: dict[int, dict[str, float]] = resumed["rows"]  # type: ignore[assignment]
-    reference: list[Release] = uninterrupted["releases"]  # type: ignore[assignment]
-    reference_rows: dict[int, dict[str, float]] = uninterrupted["rows"]  # type: ignore[assignment]
+    releases, rows = resumed.releases, resumed.rows
+    reference, reference_rows = uninterrupted.releases, uninterrupted.rows
     # Assert: one release per round, each recorded once; those committed before the
     # kill are unchanged, and the round that died with the process left none
     committed_before = crash.committed[-1]
-    assert f"resuming after committed round={committed_before}" in resumed["log"]
-    assert [r.round for r in resumed["before"]] == list(range(1, committed_before + 1))
-    assert releases[:committed_before] == resumed["before"]
+    assert f"resuming after committed round={committed_before}" in resumed.log
+    assert [r.round for r in resumed.before] == list(range(1, committed_before + 1))
+    assert releases[:committed_before] == resumed.before
     assert [(r.round, r.mechanism) for r in releases] == [
         (round, Mechanism.GAUSSIAN) for round in range(1, NUM_ROUNDS + 1)
     ]
