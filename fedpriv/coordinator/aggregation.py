@@ -10,17 +10,17 @@ from collections.abc import Callable, Collection
 
 from fedpriv.coordinator.config import CoordinatorConfig
 from fedpriv.coordinator.modes import AggregationMode, PlainMode, WholeUpdateMode
-from fedpriv.coordinator.modes_dp import CentralDPMode, ReleaseHistory
+from fedpriv.coordinator.modes_dp import CentralDPMode
 from fedpriv.coordinator.modes_secagg import SecureMode
+from fedpriv.coordinator.release_ledger import FederationAccount
 from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.upload import SpoolPool
 from fedpriv.errors import ConfigError
-from fedpriv.privacy.accounting import GaussianSteps, SkellamSum
 from fedpriv.privacy.central import ClipState
 from fedpriv.strategy.protocol import Strategy, WholeUpdateStrategy
 from fedpriv.wire import Compression, DType, Model
 
-__all__ = ["AnyStrategy", "build_mode", "check_strategy", "resume_releases"]
+__all__ = ["AnyStrategy", "build_mode", "check_strategy"]
 
 AnyStrategy = Strategy | WholeUpdateStrategy
 
@@ -65,33 +65,6 @@ def check_strategy(config: CoordinatorConfig, strategy: AnyStrategy, model: Mode
             )
 
 
-def resume_releases(
-    store: Store, *, next_round: int
-) -> tuple[list[GaussianSteps | SkellamSum], float | None]:
-    """The silo-level releases of the committed rounds, and the last adaptive clip norm."""
-    per_round: dict[int, dict[str, float]] = {}
-    for round, _, name, value in store.metrics(source="federation"):
-        per_round.setdefault(round, {})[name] = value
-    releases: list[GaussianSteps | SkellamSum] = []
-    clip_norm = None
-    for round in sorted(per_round):
-        values = per_round[round]
-        if round < next_round and "skellam_mu" in values:
-            releases.append(
-                SkellamSum(
-                    mu=values["skellam_mu"],
-                    l1_sensitivity=values["l1_sensitivity"],
-                    l2_sensitivity=values["l2_sensitivity"],
-                )
-            )
-        elif round < next_round and "noise_multiplier" in values:
-            releases.append(
-                GaussianSteps(noise_multiplier=values["noise_multiplier"], sample_rate=1.0, steps=1)
-            )
-            clip_norm = values.get("next_clip_norm", clip_norm)
-    return releases, clip_norm
-
-
 def build_mode(
     config: CoordinatorConfig,
     *,
@@ -112,11 +85,15 @@ def build_mode(
     """
     check_strategy(config, strategy, model)
     compression = config.rounds.update_compression
-    history = None
+    account = None
     clip = None
     if config.dp is not None:
-        releases, clip_norm = resume_releases(store, next_round=next_round)
-        history = ReleaseHistory(releases, delta=config.dp.delta)
+        # The release ledger holds every committed round's release (rounds before
+        # next_round): the accountant's history and the adaptive norm come from it.
+        account = FederationAccount.resume(
+            store.releases, next_round=next_round, delta=config.dp.delta
+        )
+        clip_norm = account.next_clip_norm
         # Only an adaptive norm carries over a restart; a fixed one is the configured one.
         clip = ClipState(config.dp, clip_norm=clip_norm if config.dp.adaptive else None)
     if config.secure_aggregation is not None:
@@ -124,7 +101,7 @@ def build_mode(
             config.secure_aggregation,
             model=model,
             dp=config.dp,
-            history=history,
+            account=account,
             alive=alive,
             clock=clock,
             on_refused=on_refused,
@@ -133,6 +110,6 @@ def build_mode(
     if not isinstance(strategy, Strategy):
         return WholeUpdateMode(spools, compression=compression)
     plain = PlainMode(compression=compression)
-    if clip is not None and history is not None:
-        return CentralDPMode(plain, clip=clip, history=history)
+    if clip is not None and account is not None:
+        return CentralDPMode(plain, clip=clip, account=account)
     return plain

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator.config import CoordinatorConfig
-from fedpriv.coordinator.store import RoundPrivacy, SiloSpend
+from fedpriv.coordinator.privacy_record import RoundPrivacy, SiloSpend
 
 __all__ = ["FederationGuarantee", "SpendGuard", "release_mode"]
 

@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fedpriv.coordinator.admission import Problem
+from fedpriv.coordinator.release_ledger import Release
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
-from fedpriv.privacy.accounting import GaussianSteps, SkellamSum
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.strategy.fedavg import FedAvgAggregator
 from fedpriv.strategy.protocol import SpooledUpdate, UpdateSum
@@ -89,7 +89,7 @@ class RoundRelease:
 
     total: UpdateSum | None = None
     updates: Sequence[SpooledUpdate] = ()
-    release: GaussianSteps | SkellamSum | None = None
+    release: Release | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
 

@@ -22,38 +22,15 @@ from fedpriv.coordinator.modes import (
     nonfinite_message,
     nonfinite_sums,
 )
+from fedpriv.coordinator.release_ledger import FederationAccount, Mechanism, Release
 from fedpriv.coordinator.upload import Upload, UploadResult
 from fedpriv.errors import RoundFailed
-from fedpriv.privacy.accounting import GaussianSteps, SkellamSum, account
 from fedpriv.privacy.central import ClipState, add_gaussian_noise, secure_generator
 from fedpriv.wire import Model
 
-__all__ = ["CentralDPMode", "ReleaseHistory"]
+__all__ = ["CentralDPMode"]
 
 logger = logging.getLogger(__name__)
-
-
-class ReleaseHistory:
-    """Every silo-level release of the federation so far, and the epsilon they add up to.
-
-    Args:
-        releases: The releases of the rounds committed before this process started.
-        delta: The federation's delta.
-    """
-
-    def __init__(self, releases: Sequence[GaussianSteps | SkellamSum], *, delta: float) -> None:
-        self._releases = list(releases)
-        self.delta = delta
-
-    def add(self, release: GaussianSteps | SkellamSum) -> dict[str, float]:
-        """Account one more release; the epsilon of all of them (tightest and RDP)."""
-        self._releases.append(release)
-        spent = account(self._releases, delta=self.delta)
-        return {"epsilon": spent.epsilon, "epsilon_rdp": spent.epsilon_rdp, "delta": self.delta}
-
-    def undo(self) -> None:
-        """Forget the last release (its round failed before anything was published)."""
-        self._releases.pop()
 
 
 class _CentralDPRound:
@@ -94,6 +71,7 @@ class _CentralDPRound:
         for values in inner.total.sums:
             add_gaussian_noise(values, stddev=stddev, rng=rng)
         clip_norm = self.plan.clip_norm
+        assert clip_norm is not None  # opened with the norm
         metrics: dict[str, float] = {}
         if dp.adaptive:
             # Releases only the centred count, noised, over the configured expected_clients
@@ -106,21 +84,31 @@ class _CentralDPRound:
                 "count_sensitivity": dp.count_sensitivity,
             }
         # Every silo takes part in every round (no sampling amplification is claimed).
-        release = GaussianSteps(noise_multiplier=dp.noise_multiplier, sample_rate=1.0, steps=1)
-        spent = self._mode.history.add(release)  # exact: Gaussian, q = 1
+        release = Release(
+            round=self._round,
+            mechanism=Mechanism.GAUSSIAN,
+            noise_multiplier=dp.noise_multiplier,
+            l2_sensitivity=clip_norm,
+            clip_norm=clip_norm,
+            next_clip_norm=clip.clip_norm,
+            delta=dp.delta,
+        )
+        spent = self._mode.account.spend(release)  # exact: Gaussian, q = 1
         logger.info(
             "dp round=%d clip_norm=%.4g noise_stddev=%.4g epsilon=%.4f delta=%g",
             self._round,
             clip_norm,
             stddev,
-            spent["epsilon"],
+            spent.epsilon,
             dp.delta,
         )
         inner.release = release
         inner.metrics = {
-            **spent,
+            "epsilon": spent.epsilon,
+            "epsilon_rdp": spent.epsilon_rdp,
+            "delta": dp.delta,
             "noise_multiplier": dp.noise_multiplier,
-            "clip_norm": float(clip_norm or 0.0),
+            "clip_norm": clip_norm,
             "noise_stddev": stddev,
             "next_clip_norm": clip.clip_norm,
             **metrics,
@@ -134,13 +122,13 @@ class CentralDPMode:
     Args:
         inner: The streaming mode whose sum is noised.
         clip: The clipping norm (fixed or adaptive) and the DP settings.
-        history: The federation's releases (shared with the ledger).
+        account: The federation's releases (staged into each round's commit).
     """
 
-    def __init__(self, inner: PlainMode, *, clip: ClipState, history: ReleaseHistory) -> None:
+    def __init__(self, inner: PlainMode, *, clip: ClipState, account: FederationAccount) -> None:
         self._inner = inner
         self.clip = clip
-        self.history = history
+        self.account = account
 
     def open(
         self, round: int, *, model: Model, tasks: Mapping[str, str], deadline: float

@@ -22,11 +22,10 @@ import numpy.typing as npt
 from fedpriv.coordinator.admission import Problem
 from fedpriv.coordinator.config import SecAggConfig
 from fedpriv.coordinator.modes import Announcement, RoundRelease, UploadPlan
-from fedpriv.coordinator.modes_dp import ReleaseHistory
 from fedpriv.coordinator.phases import Reason
+from fedpriv.coordinator.release_ledger import FederationAccount, Mechanism, Release
 from fedpriv.coordinator.upload import Upload, UploadResult
 from fedpriv.errors import ConfigError, RoundFailed
-from fedpriv.privacy.accounting import SkellamSum
 from fedpriv.privacy.central import CentralDP
 from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.server import RingSum
@@ -147,20 +146,28 @@ class SecureRound:
         # Up to k colluding survivors know (and can subtract) their own noise: only
         # the other survivors' noise counts towards the guarantee.
         colluders = self._mode.settings.tolerate_colluders
-        skellam = SkellamSum(
-            mu=(survivors - colluders) * self._codec.noise_variance,
+        skellam = Release(
+            round=self._round,
+            mechanism=Mechanism.SKELLAM,
+            noise_multiplier=dp.noise_multiplier,
+            skellam_mu=(survivors - colluders) * self._codec.noise_variance,
             l1_sensitivity=self._codec.l1_sensitivity,
             l2_sensitivity=self._codec.l2_sensitivity,
+            clip_norm=self._codec.clip_norm,
+            colluders_tolerated=colluders,
+            delta=dp.delta,
         )
-        assert self._mode.history is not None  # checked with dp in SecureMode
-        spent = self._mode.history.add(skellam)
+        assert self._mode.account is not None  # checked with dp in SecureMode
+        spent = self._mode.account.spend(skellam)
         release.release = skellam
         release.metrics.update(
             {
-                **spent,
-                "skellam_mu": skellam.mu,
-                "l1_sensitivity": skellam.l1_sensitivity,
-                "l2_sensitivity": skellam.l2_sensitivity,
+                "epsilon": spent.epsilon,
+                "epsilon_rdp": spent.epsilon_rdp,
+                "delta": dp.delta,
+                "skellam_mu": float(skellam.skellam_mu or 0.0),
+                "l1_sensitivity": self._codec.l1_sensitivity,
+                "l2_sensitivity": self._codec.l2_sensitivity,
                 "clip_norm": self._codec.clip_norm,
                 "noise_multiplier": dp.noise_multiplier,
                 "colluders_tolerated": float(colluders),
@@ -169,7 +176,7 @@ class SecureRound:
         logger.info(
             "distributed dp round=%d epsilon=%.4f delta=%g colluders_tolerated=%d",
             self._round,
-            spent["epsilon"],
+            spent.epsilon,
             dp.delta,
             colluders,
         )
@@ -181,7 +188,7 @@ class SecureMode:
     Args:
         settings: The ``[secagg]`` settings.
         dp: The ``[dp]`` settings (Skellam noise shares), or None.
-        history: The federation's releases (with `dp`).
+        account: The federation's releases (with `dp`).
         alive: Whether a silo is still connected.
         clock: Monotonic seconds.
         on_refused: Called when a silo's keys or shares are refused (it is out of the round).
@@ -197,7 +204,7 @@ class SecureMode:
         *,
         model: Model,
         dp: CentralDP | None,
-        history: ReleaseHistory | None,
+        account: FederationAccount | None,
         alive: Callable[[str], bool],
         clock: Callable[[], float],
         on_refused: Callable[[str, str], None],
@@ -211,9 +218,9 @@ class SecureMode:
             )
         self.settings = settings
         self.dp = dp
-        if dp is not None and history is None:
-            raise ValueError("distributed DP needs the federation's release history")
-        self.history = history
+        if dp is not None and account is None:
+            raise ValueError("distributed DP needs the federation's release account")
+        self.account = account
         self.clock = clock
         self.bench = bench
         self._alive = alive

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fedpriv._types import Scalar
-from fedpriv.coordinator.store import RoundPrivacy
+from fedpriv.coordinator.privacy_record import RoundPrivacy
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import Compression, Model

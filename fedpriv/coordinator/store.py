@@ -11,7 +11,6 @@ the SQLite database is not.
 
 from __future__ import annotations
 
-import enum
 import logging
 import pathlib
 import sqlite3
@@ -24,18 +23,26 @@ from fedpriv._types import Scalar
 from fedpriv.atrest import AtRestKey
 from fedpriv.coordinator.audit import AUDIT_SCHEMA, AuditLog
 from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
+from fedpriv.coordinator.privacy_record import (
+    ROUND_PRIVACY_SCHEMA,
+    RoundPrivacy,
+    SiloSpend,
+    record_round_privacy,
+    round_privacy,
+    silo_spends,
+)
+from fedpriv.coordinator.release_ledger import (
+    RELEASES_SCHEMA,
+    Release,
+    ReleaseLedger,
+    insert_release,
+)
 from fedpriv.errors import StoreError
 from fedpriv.faults import FaultPoint, reach
 from fedpriv.storage import publish
 from fedpriv.wire import Model
 
-__all__ = [
-    "CommittedRound",
-    "RoundPrivacy",
-    "SiloSpend",
-    "StagedRound",
-    "Store",
-]
+__all__ = ["CommittedRound", "StagedRound", "Store"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +88,6 @@ CREATE TABLE IF NOT EXISTS silos (
     first_seen_unix_s REAL NOT NULL,
     last_seen_unix_s REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS round_privacy (
-    round INTEGER PRIMARY KEY,
-    mode TEXT NOT NULL
-);
 """
 
 _INSERT_ATTEMPT = (
@@ -101,23 +104,6 @@ def _numeric_rows(
         for name, value in values.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     ]
-
-
-class RoundPrivacy(enum.Enum):
-    """Which silo-level differential privacy a committed round's model was released under."""
-
-    NONE = "none"
-    CENTRAL = "central"
-    DISTRIBUTED = "distributed"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SiloSpend:
-    """The sample-level epsilon a silo last reported in a committed round."""
-
-    round: int
-    epsilon: float
-    delta: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,6 +132,7 @@ class StagedRound:
     payload_bytes: int
     write_s: float
     privacy: RoundPrivacy | None = None
+    release: Release | None = None
 
 
 class Store:
@@ -182,12 +169,14 @@ class Store:
             # commit durable before the call returns.
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA + AUDIT_SCHEMA)
+            self._db.executescript(_SCHEMA + ROUND_PRIVACY_SCHEMA + RELEASES_SCHEMA + AUDIT_SCHEMA)
         except (OSError, sqlite3.Error) as err:
             raise StoreError(f"cannot open coordinator state in {directory}: {err}") from err
         self._lock = threading.Lock()
         # Joins, leaves, rejections, denials and admin calls (fedpriv audit-log).
         self.audit = AuditLog(self._db, self._lock)
+        # The federation's silo-level releases, one row per round, committed with it.
+        self.releases = ReleaseLedger(self._db, self._lock)
 
     def close(self) -> None:
         """Close the database."""
@@ -302,7 +291,9 @@ class Store:
         so a published model and its privacy spend are never recorded apart. With
         `record_attempt`, the completed attempt is too: one fsync instead of one
         per row. `privacy` records which silo-level DP the round ran under (None for
-        round 0, the initial model, which releases nothing).
+        round 0, the initial model, which releases nothing). The release staged for
+        `round` in :attr:`releases` (:meth:`ReleaseLedger.stage`), if any, becomes part
+        of the round too: its row is committed in the same transaction.
         """
         path = self.checkpoint_path(round)
         started = time.perf_counter()
@@ -324,6 +315,7 @@ class Store:
             payload_bytes=model.layout.payload_bytes,
             write_s=time.perf_counter() - started,
             privacy=privacy,
+            release=self.releases.take_staged(round),
         )
 
     def commit_staged(self, staged: StagedRound) -> CommittedRound:
@@ -368,10 +360,9 @@ class Store:
                     if staged.record_attempt:
                         self._db.execute(_INSERT_ATTEMPT, (*row[:3], "completed", ""))
                     if staged.privacy is not None:
-                        self._db.execute(
-                            "INSERT OR REPLACE INTO round_privacy VALUES (?, ?)",
-                            (round, staged.privacy.value),
-                        )
+                        record_round_privacy(self._db, round, staged.privacy)
+                    if staged.release is not None:
+                        insert_release(self._db, staged.release)
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
@@ -459,49 +450,12 @@ class Store:
     def round_privacy(self) -> dict[int, RoundPrivacy]:
         """Which silo-level DP each committed round (1, 2, ...) ran under.
 
-        A round committed before this table existed counts as private only if it
-        stored its noise (``noise_multiplier`` or ``skellam_mu``).
+        See :func:`fedpriv.coordinator.privacy_record.round_privacy`.
         """
         with self._lock:
-            recorded = dict(
-                self._db.execute(
-                    "SELECT r.round, p.mode FROM rounds r "
-                    "LEFT JOIN round_privacy p ON p.round = r.round WHERE r.round > 0"
-                ).fetchall()
-            )
-            noised = {
-                round: name
-                for round, name in self._db.execute(
-                    "SELECT round, name FROM metrics WHERE source = 'federation' "
-                    "AND name IN ('noise_multiplier', 'skellam_mu') ORDER BY name"
-                )
-            }
-        modes = {}
-        for round, mode in recorded.items():
-            if mode is not None:
-                modes[round] = RoundPrivacy(mode)
-            elif round in noised:
-                modes[round] = (
-                    RoundPrivacy.DISTRIBUTED
-                    if noised[round] == "skellam_mu"
-                    else RoundPrivacy.CENTRAL
-                )
-            else:
-                modes[round] = RoundPrivacy.NONE
-        return dict(sorted(modes.items()))
+            return round_privacy(self._db)
 
     def silo_spends(self) -> dict[str, SiloSpend]:
         """Each silo's epsilon and delta as last reported in a committed round."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT e.source, e.round, e.value, d.value FROM metrics e "
-                "LEFT JOIN metrics d ON d.round = e.round AND d.source = e.source "
-                "AND d.name = 'delta' "
-                "WHERE e.name = 'epsilon' AND e.source LIKE 'silo:%' ORDER BY e.round"
-            ).fetchall()
-        return {
-            source.removeprefix("silo:"): SiloSpend(
-                round=round, epsilon=epsilon, delta=float("nan") if delta is None else delta
-            )
-            for source, round, epsilon, delta in rows
-        }
+            return silo_spends(self._db)

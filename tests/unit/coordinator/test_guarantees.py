@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from fedpriv.coordinator.guarantees import FederationGuarantee, SpendGuard
-from fedpriv.coordinator.store import RoundPrivacy, SiloSpend
+from fedpriv.coordinator.privacy_record import RoundPrivacy, SiloSpend
 
 
 def test_a_round_without_dp_makes_every_later_epsilon_none():

@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from fedpriv.coordinator.store import RoundPrivacy, Store
+from fedpriv.coordinator.privacy_record import RoundPrivacy
+from fedpriv.coordinator.store import Store
 from fedpriv.wire import Model
 
 
