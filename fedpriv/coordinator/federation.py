@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 
 from fedpriv._types import Scalar
-from fedpriv.coordinator.admission import Expected, Header, Problem, header_problems
+from fedpriv.coordinator import intake
 from fedpriv.coordinator.aggregation import AnyStrategy, build_mode
 from fedpriv.coordinator.audit import AuditKind
 from fedpriv.coordinator.config import CoordinatorConfig
@@ -38,9 +38,9 @@ from fedpriv.coordinator.staging import StagedCommit
 from fedpriv.coordinator.status import FederationStatus, describe
 from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
-from fedpriv.errors import ProtocolError, UpdateRejected
+from fedpriv.errors import ProtocolError
 from fedpriv.secagg import ServerSession
-from fedpriv.wire import Compression, Model, TensorLayout
+from fedpriv.wire import Model, TensorLayout
 
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
@@ -190,7 +190,7 @@ class Federation:
         """Record an event of `silo` in the audit log, with its session's peer address."""
         self.store.audit.record(kind, silo, self.sessions.peer(silo), detail)
 
-    def _mark_gone(self, silo: str, detail: str) -> None:
+    def mark_gone(self, silo: str, detail: str) -> None:
         """Forget `silo` until it calls again, and free its identity (caller holds the lock).
 
         Its upload broke off: the next attempt must not wait for it to time out.
@@ -275,174 +275,33 @@ class Federation:
         """Check a result header against the silo's task and open its upload.
 
         Raises:
-            ProtocolError: The silo has no open task with that id and round (stale,
-                replayed or forged).
+            ProtocolError: The silo has no open task with that id and round.
             UpdateRejected: The header is invalid; every problem is listed.
         """
-        with self.cond:
-            self.registry.touch(silo)
-            phase = self.phase
-            if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
-                raise ProtocolError(
-                    f"silo {silo!r} has no open task {task_id!r} for round {round}; "
-                    "the result is stale or for another silo"
-                )
-            if silo in phase.uploads:
-                raise ProtocolError(
-                    f"silo {silo!r} already has an upload open for task {task_id!r}; "
-                    "one result per silo and task is taken"
-                )
-            if silo in phase.outcomes:
-                raise ProtocolError(f"silo {silo!r} already sent a result for task {task_id!r}")
-            aggregation = phase.aggregation
-            plan = aggregation.plan if aggregation is not None else None
-            policy: list[Problem] = []
-            if phase.kind is TaskKind.TRAIN:
-                policy = [Problem(Reason.PRIVACY, p) for p in self.spends.problems(silo, metrics)]
-            if aggregation is not None:
-                policy += aggregation.policy_problems(silo)
-            problems = _admit(
-                phase,
-                Header(
-                    round=round,
-                    kind=kind,
-                    num_examples=num_examples,
-                    layout=layout,
-                    compression=compression,
-                    layout_problems=tuple(header_problems),
-                    metric_problems=tuple(metric_problems),
-                ),
-                task_id=task_id,
-                max_num_examples=self.rounds.max_num_examples,
-                policy=policy,
-            )
-            if problems:
-                texts = [p.text for p in problems]
-                reason = problems[0].reason
-                self.resolve(phase, silo, Outcome.REJECTED, "; ".join(texts), reason=reason)
-                raise UpdateRejected(silo=silo, round=round, problems=texts, reason=reason)
-            upload = Upload(
-                silo=silo,
-                round=phase.round,
-                layout=plan.layout if plan is not None else None,
-                aggregator=None,
-                num_examples=num_examples,
-                metrics=metrics,
-                spool_dir=self.store.directory / "spool",
-                spools=self.spools,
-                on_chunk=lambda: self.registry.touch(silo),
-                weight=plan.weight(num_examples) if plan is not None else None,
-                base=plan.base if plan is not None else None,
-                clip_norm=plan.clip_norm if plan is not None else None,
-                compression=plan.compression if plan is not None else Compression.NONE,
-                max_value=self.rounds.max_update_value,
-            )
-            phase.uploads[silo] = upload
-            return upload
+        return intake.open_upload(
+            self,
+            silo,
+            task_id=task_id,
+            round=round,
+            kind=kind,
+            num_examples=num_examples,
+            metrics=metrics,
+            metric_problems=metric_problems,
+            layout=layout,
+            header_problems=header_problems,
+            compression=compression,
+        )
 
     def complete_upload(
         self, upload: Upload, *, error: Exception | None = None, broken: bool = False
     ) -> None:
-        """Finish `upload`: fold it into the round and accept it, or record why it failed.
-
-        Nothing of an upload is in the round's sum until it is folded here, whole,
-        once: an upload that fails or comes too late is dropped, never subtracted.
-        An upload whose stream is `broken` (cancelled, disconnected), or that ended
-        short with nothing wrong in what arrived, broke off: it is dropped, not
-        rejected, and its silo counts as gone until it calls again.
+        """Fold `upload` into the round and accept it, or record why it failed.
 
         Raises:
             UpdateRejected: Validation failed at the end of the stream.
             ProtocolError: The round closed before the upload completed.
         """
-        result: UploadResult | None = None
-        failure: Exception | None = error
-        if failure is None:
-            try:
-                result = upload.finish()
-            except (UpdateRejected, ProtocolError) as err:
-                failure = err
-            if upload.broke_off:
-                broken = True
-                failure = ProtocolError(
-                    f"the upload of silo {upload.silo!r} for round {upload.round} broke off "
-                    f"after {upload.bytes_in} bytes; it counts as dropped"
-                )
-        else:
-            upload.cancel(f"stream broken: {error}")
-            if broken:
-                failure = ProtocolError(
-                    f"the upload of silo {upload.silo!r} for round {upload.round} broke off "
-                    f"(cancelled or disconnected) after {upload.bytes_in} bytes"
-                )
-        with self.cond:
-            phase = self.phase
-            current = phase is not None and phase.uploads.get(upload.silo) is upload
-            fold = current and phase is not None and result is not None and not phase.closed
-            if fold and phase is not None:
-                # Left in phase.uploads while it folds (its silo's result is on the way);
-                # a closing phase waits for every fold before its sum is read.
-                phase.folding += 1
-            elif current and phase is not None:
-                del phase.uploads[upload.silo]
-                if result is not None:
-                    upload.release()
-                    failure = ProtocolError(
-                        f"round {upload.round} closed before the upload completed"
-                    )
-                    self.resolve(phase, upload.silo, Outcome.LATE, str(failure))
-                elif isinstance(failure, UpdateRejected):
-                    self.resolve(
-                        phase,
-                        upload.silo,
-                        Outcome.REJECTED,
-                        str(failure),
-                        reason=Reason(failure.reason),
-                    )
-                else:
-                    self.resolve(phase, upload.silo, Outcome.DROPPED, str(failure))
-            elif result is not None:
-                upload.release()
-                failure = ProtocolError(f"round {upload.round} closed before the upload completed")
-            if broken:
-                self._mark_gone(upload.silo, str(failure))
-            self.cond.notify_all()
-        if fold and phase is not None and result is not None:
-            self._fold(phase, upload, result)
-        if failure is not None and error is None:
-            raise failure
-
-    def _fold(self, phase: Phase, upload: Upload, result: UploadResult) -> None:
-        """Fold an accepted upload into the phase's sum (outside the lock), then accept it.
-
-        Raises:
-            OSError: The spool could not be read back; the round fails.
-        """
-        try:
-            if phase.aggregation is not None:
-                phase.aggregation.take(upload)
-            else:
-                upload.fold()
-        except Exception as err:
-            with self.cond:
-                phase.folding -= 1
-                del phase.uploads[upload.silo]
-                detail = f"folding the update of silo {upload.silo!r} failed: {err}"
-                phase.fold_error = phase.fold_error or detail
-                self.resolve(phase, upload.silo, Outcome.DROPPED, detail)
-                self.cond.notify_all()
-            raise
-        with self.cond:
-            phase.folding -= 1
-            del phase.uploads[upload.silo]
-            phase.results.append(result)
-            phase.bytes_received += result.bytes_received
-            if phase.aggregation is not None:
-                phase.total_weight += phase.aggregation.plan.weight(result.num_examples)
-            self.resolve(phase, upload.silo, Outcome.ACCEPTED, "", result)
-            if phase.kind is TaskKind.TRAIN:
-                self.spends.note(phase.round, upload.silo, result.metrics)
-            self.cond.notify_all()
+        intake.complete_upload(self, upload, error=error, broken=broken)
 
     def resolve(
         self,
@@ -555,24 +414,3 @@ class Federation:
                 if now >= end:
                     return False
                 self.cond.wait(min(0.5, end - now))
-
-
-def _admit(
-    phase: Phase,
-    header: Header,
-    *,
-    task_id: str,
-    max_num_examples: int,
-    policy: list[Problem],
-) -> list[Problem]:
-    """Every problem of `header` for `phase` (see :mod:`fedpriv.coordinator.admission`)."""
-    plan = phase.aggregation.plan if phase.aggregation is not None else None
-    expected = Expected(
-        round=phase.round,
-        kind=phase.kind,
-        task_id=task_id,
-        layout=plan.layout if plan is not None else None,
-        compression=plan.compression if plan is not None else Compression.NONE,
-        max_num_examples=max_num_examples,
-    )
-    return header_problems(header, expected, policy=policy)
