@@ -28,3 +28,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[FuzzFleet]:
         yield running
         # Shown with -s (or in the log of a failing run): what the suite tried and saw.
         print("\n" + running.report())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, every fuzz test runs in one worker: they share one fleet."""
+    for item in items:
+        if "tests/fuzz/" in item.nodeid:
+            item.add_marker(pytest.mark.xdist_group("fuzz"))
