@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) examples/digits/demo.py
 
+# Two pytest-xdist workers (the CI machine has 2 cores); WORKERS=0 runs the suite in one process.
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -21,6 +21,10 @@ settings.register_profile(
 )
 FUZZ = settings.get_profile("fuzz-ci")
 
+# Every fuzz module sets pytestmark = ONE_WORKER: under pytest-xdist (--dist loadgroup) the
+# fuzz tests run in one worker, because they share one fleet and test_totals counts its inputs.
+ONE_WORKER = pytest.mark.xdist_group("fuzz")
+
 
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[FuzzFleet]:
@@ -28,10 +32,3 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[FuzzFleet]:
         yield running
         # Shown with -s (or in the log of a failing run): what the suite tried and saw.
         print("\n" + running.report())
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, every fuzz test runs in one worker: they share one fleet."""
-    for item in items:
-        if "tests/fuzz/" in item.nodeid:
-            item.add_marker(pytest.mark.xdist_group("fuzz"))

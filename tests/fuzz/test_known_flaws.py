@@ -18,7 +18,10 @@ from fedpriv.client.messages import result_messages
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import MAX_CHUNK_BYTES
 from fedpriv.wire.frames import chunk_frame, serialize
+from tests.fuzz.conftest import ONE_WORKER
 from tests.fuzz.harness import OUTSIDER, Slot
+
+pytestmark = ONE_WORKER
 
 UNDECODABLE = b"\xff\xff\xff\xff"  # a tag whose varint never ends: no message type parses it
 

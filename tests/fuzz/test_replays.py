@@ -5,9 +5,11 @@ from __future__ import annotations
 import grpc
 from hypothesis import given, settings
 
-from tests.fuzz.conftest import FUZZ
+from tests.fuzz.conftest import FUZZ, ONE_WORKER
 from tests.fuzz.drivers import REPLAY_OPS, fuzz_replay
 from tests.fuzz.mutations import plans
+
+pytestmark = ONE_WORKER
 
 REPLAY_EXAMPLES = 150
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.conftest import FUZZ
+from tests.fuzz.conftest import FUZZ, ONE_WORKER
 from tests.fuzz.drivers import CALLERS, RPCS, fuzz_request
 from tests.fuzz.mutations import plans
+
+pytestmark = ONE_WORKER
 
 REQUEST_EXAMPLES = 1200
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
-from tests.fuzz.conftest import FUZZ
+from tests.fuzz.conftest import FUZZ, ONE_WORKER
 from tests.fuzz.drivers import fuzz_stream
 from tests.fuzz.mutations import plans
+
+pytestmark = ONE_WORKER
 
 STREAM_EXAMPLES = 800
 

@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+from tests.fuzz.conftest import ONE_WORKER
+
+pytestmark = ONE_WORKER
+
 MIN_INPUTS = 2_000
 PROPERTY_TESTS = (
     "test_streams.py::test_mutated_result_streams_get_an_allowed_status_and_the_model_stays_exact",
