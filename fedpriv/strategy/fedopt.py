@@ -120,9 +120,11 @@ class _FedOpt:
             ValueError: The round's model has another layout than earlier rounds'
                 (the moments would not line up), or the sum's weight is not positive.
         """
+        if total.layout != base.layout:
+            raise ValueError(f"{self.name}: the round's sum is not in the base model's layout")
         if self._layout is None:
             self._allocate(base.layout)
-        elif self._layout != base.layout or total.layout != base.layout:
+        elif self._layout != base.layout:
             raise ValueError(
                 f"{self.name}: the model's layout changed since the moments were made; "
                 "a server optimiser's state belongs to one model"

@@ -7,7 +7,7 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 
 from fedpriv.strategy.protocol import SpooledUpdate, UpdateSum
@@ -76,7 +76,3 @@ def flower_results(
         )
         for i, (m, w) in enumerate(zip(models, weights, strict=True))
     ]
-
-
-def flower_arrays(parameters) -> list[np.ndarray]:
-    return parameters_to_ndarrays(parameters)

@@ -71,3 +71,16 @@ def test_fedavg_announces_nothing_and_fedprox_its_mu_every_round():
 def test_fedprox_refuses_a_negative_or_non_finite_mu(mu):
     with pytest.raises(ConfigError, match="proximal_mu"):
         FedProx(proximal_mu=mu)
+
+
+def test_mean_delta_is_one_tensor_of_mean_deltas_and_keeps_the_sum():
+    updates = models()
+    base = updates[0]
+    total = update_sum(updates, [1, 2, 1])
+    whole = total.mean_deltas(base)
+    for index, current in enumerate(base.arrays().values()):
+        one = total.mean_delta(index, current)
+        assert one.dtype == np.float64
+        np.testing.assert_array_equal(one, whole[index])
+    np.testing.assert_allclose(whole[0], 2.0)  # mean 3 - base 1
+    assert len(total.sums) == 3  # kept for the step that follows
