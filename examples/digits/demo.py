@@ -60,9 +60,16 @@ delta = 1e-5
 """
 
 
-# Server options for this demo where a native strategy's defaults do not suit it
-# (strategy name -> [strategy.options] body). See strategy_table.
-STRATEGY_OPTIONS: dict[str, str] = {}
+# [strategy.options] for the strategies that need some (strategy name -> inline table
+# body); the others run on their defaults. FedAdam's defaults (eta 0.1, beta_1 0.9,
+# beta_2 0.99, tau 1e-9) reach 0.877 under --dp --secagg in 5 rounds, so nothing is
+# tuned for it. FedProx's term and Krum's byzantine count are required options: the
+# silos here are honest, so Krum tolerates none, and FedProx's pull is light (the
+# digits app's training loop does not read it).
+STRATEGY_OPTIONS: dict[str, str] = {
+    "fedprox": "proximal_mu = 0.01",
+    "krum": "byzantine = 0",
+}
 
 
 def strategy_table(name: str) -> str:
