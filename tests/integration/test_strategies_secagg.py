@@ -45,7 +45,8 @@ def test_digits_demo_with_fedadam_dp_and_secure_aggregation_reaches_85_percent(t
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert 'name = "fedadam"' in (tmp_path / "demo" / "coordinator.toml").read_text()
+    toml = (tmp_path / "demo" / "coordinator.toml").read_text()
+    assert 'name = "fedadam"' in toml and "eta = 0.2" in toml
     lines = result.stdout.splitlines()
     final = [line for line in lines if line.startswith("final accuracy:")]
     assert final and float(final[0].split(":")[1]) >= 0.85
