@@ -1,5 +1,7 @@
 # Every target creates .venv on first use; nothing needs installing by hand.
 PYTHON ?= python3
+# The coordinator's native strategy for demo-secure (fedavg, fedadam, ...).
+STRATEGY ?= fedavg
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +10,7 @@ demo-dp: $(STAMP)
 	$(PY) examples/digits/demo.py --dp
 
 demo-secure: $(STAMP)
-	$(PY) examples/digits/demo.py --dp --secagg
+	$(PY) examples/digits/demo.py --dp --secagg --strategy $(STRATEGY)
 
 .PHONY: demo demo-dp demo-secure test proto lint typecheck bench clean
 
