@@ -188,6 +188,10 @@ seed = {k}
             )
     _, status, usage = os.wait4(coordinator.pid, 0)
     coordinator.returncode = os.waitstatus_to_exitcode(status)
+    if coordinator.returncode != 0:
+        # Its silos would retry until their reconnect timeout; the run has failed already.
+        for silo in silos:
+            silo.terminate()
     codes = []
     clients_cpu = 0.0
     for silo in silos:
