@@ -10,10 +10,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def smoke(script: str) -> subprocess.CompletedProcess[str]:
-    """Run benchmarks/<script>.py --smoke; fail with its output if it fails."""
+def smoke(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run benchmarks/<script>.py --smoke `args`; fail with its output if it fails."""
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}.py", "--smoke"],
+        [sys.executable, f"benchmarks/{script}.py", "--smoke", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -30,6 +30,18 @@ def test_round_bench_smoke_prints_its_table():
     fields = row.split()
     assert fields[0] == "10,000" and fields[1] == "2"
     assert float(fields[3]) > 0 and float(fields[4]) > 0.03  # 40 kB sent per round
+
+
+def test_round_bench_smoke_runs_a_robust_rule_and_judges_its_rss():
+    result = smoke("round_bench", "--strategy", "median")
+    row, verdict = result.stdout.strip().splitlines()[-2:]
+    assert row.split()[:2] == ["10,000", "2"]
+    # A 10k-parameter model is far below the interpreter's own RSS, so this misses.
+    assert re.fullmatch(
+        r"target: median coordinator peak RSS < 2x model bytes at P=10,000, N=2: "
+        r"[0-9.]+x -> MISS",
+        verdict,
+    ), verdict
 
 
 def test_dp_bench_smoke_prints_a_ratio_for_every_mode():
