@@ -150,7 +150,13 @@ class _Criterion(nn.Module):
         self.reduction = "mean"
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(outputs, targets, reduction=self.reduction)
+        loss = self.loss_fn(outputs, targets, reduction=self.reduction)
+        if self.reduction == "none" and loss.dim() > 1:
+            # Ghost clipping scales this by its per-record factors, shape (B,); a (B, 1)
+            # or (B, k) loss (mse_loss on a regression head) would broadcast to B x B and
+            # clip no record. One mean per record keeps the "mean" loss's value.
+            loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
+        return loss
 
 
 class EpochProgress(Protocol):
