@@ -28,6 +28,7 @@ from fedpriv.coordinator.telemetry import Telemetry
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.pki import RevocationList
 from fedpriv.strategy import FedAvg, build_strategy
+from fedpriv.strategy.protocol import StatefulStrategy
 from fedpriv.transport import AuthInterceptor, ServerHandle, TLSConfig, serve
 from fedpriv.transport.auth import DenialCallback, DenialReason
 from fedpriv.transport.limits import CallLimits
@@ -112,6 +113,33 @@ def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> 
         f"model.factory = {source.factory!r} returned {type(made).__name__}; "
         "return a torch.nn.Module or a dict of numpy arrays"
     )
+
+
+def _restore_strategy(strategy: AnyStrategy, store: Store, round: int) -> None:
+    """Give a stateful strategy the state committed with `round` (its optimiser's moments).
+
+    Raises:
+        ConfigError: The stored state is the same strategy's but does not fit the model.
+    """
+    if not isinstance(strategy, StatefulStrategy):
+        return
+    stored = store.strategy_state(round)
+    if stored is None or stored.strategy != strategy.name:
+        # A federation that switched strategy (or a state folder from before strategy
+        # state was stored): the new strategy starts from its initial state.
+        found = "no state" if stored is None else f"the state of {stored.strategy!r}"
+        logger.warning(
+            "strategy %r starts from its initial state: round %d committed %s",
+            strategy.name,
+            round,
+            found,
+        )
+        return
+    try:
+        strategy.restore(stored.state)
+    except ValueError as err:
+        raise ConfigError(f"cannot resume strategy {strategy.name!r}: {err}") from err
+    logger.info("restored the state of strategy %r after round %d", strategy.name, round)
 
 
 class Coordinator:
@@ -209,10 +237,13 @@ class Coordinator:
             strategy = flower_strategy(
                 config.strategy.flower, model=model, options=config.strategy.options
             )
+        strategy = strategy or FedAvg()
+        if committed.round > 0:
+            _restore_strategy(strategy, self.store, committed.round)
         self.telemetry = Telemetry(config.state_dir, inner=reporter, prometheus=config.prometheus)
         self.federation = Federation(
             config=config,
-            strategy=strategy or FedAvg(),
+            strategy=strategy,
             store=self.store,
             model=model,
             next_round=next_round,

@@ -21,7 +21,7 @@ from fedpriv.coordinator.modes import RoundRelease, nonfinite_message, nonfinite
 from fedpriv.coordinator.phases import Outcome, Phase, RoundSummary, TaskKind, weighted_means
 from fedpriv.errors import RoundFailed
 from fedpriv.faults import FaultPoint, reach
-from fedpriv.strategy.protocol import Strategy, announced
+from fedpriv.strategy.protocol import StatefulStrategy, Strategy, announced
 from fedpriv.wire import Model
 
 if TYPE_CHECKING:
@@ -188,6 +188,14 @@ class RoundLoop:
             raise self._fail_attempt(train.round, started_unix, nonfinite_message(nonfinite))
         return model, release.metrics
 
+    def _strategy_state(self) -> tuple[str, Model] | None:
+        """The strategy's state to commit with the round (an optimiser's moments), if any."""
+        strategy = self._fed.strategy
+        if not isinstance(strategy, StatefulStrategy):
+            return None
+        state = strategy.state()
+        return None if state is None else (strategy.name, state)
+
     def _aggregate(self, round: int, release: RoundRelease) -> Model:
         """Hand the round's sum (or its updates) to the strategy."""
         fed = self._fed
@@ -231,6 +239,7 @@ class RoundLoop:
             metrics=metrics,
             record_attempt=True,
             privacy=privacy,
+            strategy_state=self._strategy_state(),
         )
         # Served from the checkpoint's pages from now on: the buffer `model` was summed
         # in is free for the next round's sum, so the process holds one model, not two.

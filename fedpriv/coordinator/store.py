@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 from fedpriv._types import Scalar
 from fedpriv.atrest import AtRestKey
-from fedpriv.coordinator.audit import AUDIT_SCHEMA, AuditLog
+from fedpriv.coordinator.audit import AuditLog
 from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
 from fedpriv.coordinator.privacy_record import (
-    ROUND_PRIVACY_SCHEMA,
     RoundPrivacy,
     SiloSpend,
     record_round_privacy,
@@ -32,10 +31,18 @@ from fedpriv.coordinator.privacy_record import (
     silo_spends,
 )
 from fedpriv.coordinator.release_ledger import (
-    RELEASES_SCHEMA,
     Release,
     ReleaseLedger,
     insert_release,
+)
+from fedpriv.coordinator.schema import SCHEMA
+from fedpriv.coordinator.strategy_state import (
+    StagedState,
+    StoredState,
+    insert_state,
+    load_state,
+    prune_states,
+    stage_state,
 )
 from fedpriv.errors import StoreError
 from fedpriv.faults import FaultPoint, reach
@@ -46,49 +53,6 @@ __all__ = ["CommittedRound", "StagedRound", "Store"]
 
 logger = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    started_unix_s REAL NOT NULL,
-    finished_unix_s REAL NOT NULL,
-    selected INTEGER NOT NULL,
-    accepted INTEGER NOT NULL,
-    total_weight REAL NOT NULL,
-    checkpoint TEXT NOT NULL,
-    sha256 TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    started_unix_s REAL NOT NULL,
-    finished_unix_s REAL NOT NULL,
-    outcome TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS participants (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    task TEXT NOT NULL,
-    silo TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    num_examples INTEGER NOT NULL,
-    bytes_received INTEGER NOT NULL,
-    detail TEXT NOT NULL,
-    unix_s REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    round INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    name TEXT NOT NULL,
-    value REAL NOT NULL,
-    PRIMARY KEY (round, source, name)
-);
-CREATE TABLE IF NOT EXISTS silos (
-    silo TEXT PRIMARY KEY,
-    first_seen_unix_s REAL NOT NULL,
-    last_seen_unix_s REAL NOT NULL
-);
-"""
 
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (round, started_unix_s, finished_unix_s, outcome, detail) "
@@ -133,6 +97,7 @@ class StagedRound:
     write_s: float
     privacy: RoundPrivacy | None = None
     release: Release | None = None
+    strategy_state: StagedState | None = None
 
 
 class Store:
@@ -169,7 +134,7 @@ class Store:
             # commit durable before the call returns.
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA + ROUND_PRIVACY_SCHEMA + RELEASES_SCHEMA + AUDIT_SCHEMA)
+            self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as err:
             raise StoreError(f"cannot open coordinator state in {directory}: {err}") from err
         self._lock = threading.Lock()
@@ -198,11 +163,21 @@ class Store:
         two). Call it only while no coordinator runs on this folder: a running
         one's staged checkpoint looks the same.
         """
+        with self._lock:
+            states = self._db.execute("SELECT file FROM strategy_state").fetchall()
         committed = {self.checkpoint_path(round) for round in self.rounds()}
+        committed |= {self.directory / file for (file,) in states}
         published = (
-            path for path in self.checkpoints.glob("round-*.fpck") if path not in committed
+            path
+            for pattern in ("round-*.fpck", "strategy-*.fpck")
+            for path in self.checkpoints.glob(pattern)
+            if path not in committed
         )
-        orphans = sorted([*self.checkpoints.glob(".round-*.tmp"), *published])
+        temporary = [
+            *self.checkpoints.glob(".round-*.tmp"),
+            *self.checkpoints.glob(".strategy-*.tmp"),
+        ]
+        orphans = sorted([*temporary, *published])
         for orphan in orphans:
             orphan.unlink(missing_ok=True)
         return orphans
@@ -219,6 +194,15 @@ class Store:
             ConfigError: Without a key: it is encrypted.
         """
         return map_checkpoint(path, sha256=sha256, key=self._key)
+
+    def strategy_state(self, round: int) -> StoredState | None:
+        """The strategy state committed with `round`, if any (see :meth:`stage_round`).
+
+        Raises:
+            StoreError: Its file is missing, corrupt or altered.
+        """
+        with self._lock:
+            return load_state(self._db, self.directory, round, self._key)
 
     def checkpoint_path(self, round: int) -> pathlib.Path:
         """Where the model after `round` is stored (round 0: the initial model)."""
@@ -279,6 +263,7 @@ class Store:
         metrics: Mapping[str, Mapping[str, Scalar]] | None = None,
         record_attempt: bool = False,
         privacy: RoundPrivacy | None = None,
+        strategy_state: tuple[str, Model] | None = None,
     ) -> StagedRound:
         """Write `model` as the checkpoint of `round`, not yet durable (see :meth:`commit_staged`).
 
@@ -293,7 +278,8 @@ class Store:
         per row. `privacy` records which silo-level DP the round ran under (None for
         round 0, the initial model, which releases nothing). The release staged for
         `round` in :attr:`releases` (:meth:`ReleaseLedger.stage`), if any, becomes part
-        of the round too: its row is committed in the same transaction.
+        of the round too: its row is committed in the same transaction. So does
+        `strategy_state`, ``(strategy name, state)`` (:mod:`~fedpriv.coordinator.strategy_state`).
         """
         path = self.checkpoint_path(round)
         started = time.perf_counter()
@@ -301,6 +287,10 @@ class Store:
             temporary, digest = stage_checkpoint(path, model, key=self._key)
         except OSError as err:
             raise StoreError(f"cannot write checkpoint {path}: {err.strerror}") from err
+        state = None
+        if strategy_state is not None:
+            name, tensors = strategy_state
+            state = stage_state(self.checkpoints, round, name, tensors, self._key)
         return StagedRound(
             round=round,
             checkpoint=path,
@@ -316,6 +306,7 @@ class Store:
             write_s=time.perf_counter() - started,
             privacy=privacy,
             release=self.releases.take_staged(round),
+            strategy_state=state,
         )
 
     def commit_staged(self, staged: StagedRound) -> CommittedRound:
@@ -326,12 +317,14 @@ class Store:
                 round is not committed.
         """
         started = time.perf_counter()
-        try:
-            publish(staged.temporary, staged.checkpoint)
-        except OSError as err:
-            raise StoreError(
-                f"cannot write checkpoint {staged.checkpoint}: {err.strerror}"
-            ) from err
+        files = [(staged.temporary, staged.checkpoint)]
+        if staged.strategy_state is not None:
+            files.append((staged.strategy_state.temporary, staged.strategy_state.path))
+        for temporary, path in files:
+            try:
+                publish(temporary, path)
+            except OSError as err:
+                raise StoreError(f"cannot write checkpoint {path}: {err.strerror}") from err
         published = time.perf_counter()
         reach(FaultPoint.AFTER_CHECKPOINT_BEFORE_SQL)
         round = staged.round
@@ -363,6 +356,8 @@ class Store:
                         record_round_privacy(self._db, round, staged.privacy)
                     if staged.release is not None:
                         insert_release(self._db, staged.release)
+                    if staged.strategy_state is not None:
+                        insert_state(self._db, self.directory, staged.strategy_state)
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
@@ -378,6 +373,8 @@ class Store:
             time.perf_counter() - published,
         )
         self.prune_checkpoints(round)
+        if staged.strategy_state is not None:
+            prune_states(self.checkpoints, round)
         return CommittedRound(round=round, checkpoint=staged.checkpoint, sha256=staged.sha256)
 
     def record_attempt(

@@ -88,6 +88,7 @@ class _FedOpt:
         self._layout: TensorLayout | None = None
         self._m: list[npt.NDArray[np.floating] | None] = []
         self._v: list[npt.NDArray[np.floating] | None] = []
+        self._pending: Model | None = None  # restored before the layout was known
         if layout is not None:
             self._allocate(layout)
 
@@ -99,6 +100,40 @@ class _FedOpt:
             for spec in layout.specs
         ]
         self._v = [None if m is None else np.zeros_like(m) for m in self._m]
+
+    def state(self) -> Model | None:
+        """The moments: ``m/<tensor>`` and ``v/<tensor>`` per floating tensor (None before any)."""
+        if self._layout is None:
+            return None
+        arrays: dict[str, npt.NDArray[np.generic]] = {}
+        for spec, m, v in zip(self._layout.specs, self._m, self._v, strict=True):
+            if m is not None and v is not None:
+                arrays[f"m/{spec.name}"] = m
+                arrays[f"v/{spec.name}"] = v
+        return Model.from_arrays(arrays)
+
+    def restore(self, state: Model) -> None:
+        """Take up moments that :meth:`state` returned.
+
+        Without a layout yet (no ``layout=``), they are taken up at the first round.
+
+        Raises:
+            ValueError: The moments are not those of this model's floating tensors.
+        """
+        if self._layout is None:
+            self._pending = state
+            return
+        expected = self.state()
+        assert expected is not None  # the layout is known
+        if expected.layout.specs != state.layout.specs:
+            raise ValueError(
+                f"{self.name}: the stored moments are not those of this model's tensors"
+            )
+        stored = state.arrays()
+        for spec, m, v in zip(self._layout.specs, self._m, self._v, strict=True):
+            if m is not None and v is not None:
+                m[...] = stored[f"m/{spec.name}"]
+                v[...] = stored[f"v/{spec.name}"]
 
     def configure(self, round: int) -> Mapping[str, Scalar]:
         """Server optimisers announce nothing to the silos."""
@@ -124,6 +159,9 @@ class _FedOpt:
             raise ValueError(f"{self.name}: the round's sum is not in the base model's layout")
         if self._layout is None:
             self._allocate(base.layout)
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self.restore(pending)
         elif self._layout != base.layout:
             raise ValueError(
                 f"{self.name}: the model's layout changed since the moments were made; "

@@ -24,6 +24,7 @@ from fedpriv.wire import DType, Model, TensorLayout, bfloat16_to_float32, float3
 
 __all__ = [
     "SpooledUpdate",
+    "StatefulStrategy",
     "Strategy",
     "UpdateSum",
     "WholeUpdateStrategy",
@@ -192,6 +193,34 @@ class Strategy(Protocol):
 
     def aggregate(self, round: int, *, base: Model, total: UpdateSum) -> Model:
         """The next global model from round `round`'s sum; may consume `total`."""
+        ...
+
+
+@runtime_checkable
+class StatefulStrategy(Protocol):
+    """A strategy whose state across rounds must survive a restart (an optimiser's moments).
+
+    The coordinator stores :meth:`state` beside each round's checkpoint and commits
+    both in one transaction; after a restart it calls :meth:`restore` with the
+    state of the last committed round, so that a resumed federation steps as an
+    uninterrupted one would.
+    """
+
+    @property
+    def name(self) -> str:
+        """Short name; a stored state is restored only into a strategy of the same name."""
+        ...
+
+    def state(self) -> Model | None:
+        """The state after the last :meth:`aggregate` call, as tensors (None before any)."""
+        ...
+
+    def restore(self, state: Model) -> None:
+        """Take up `state`, as :meth:`state` returned it.
+
+        Raises:
+            ValueError: `state` does not fit this strategy and its model.
+        """
         ...
 
 
