@@ -258,6 +258,8 @@ def _run_task(
             num_examples=allowed.num_examples,
             metrics=scalars_to_proto(metrics),
             update=received.layout.to_proto(),
+            update_compression=compression.to_proto(),
+            # For coordinators that read only the deprecated name (field 8).
             compression=compression.value,
         )
         if compression is Compression.NONE:

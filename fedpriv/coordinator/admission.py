@@ -32,8 +32,9 @@ class Header:
     kind: TaskKind
     num_examples: int
     layout: TensorLayout | None
-    compression: str
+    compression: Compression
     layout_problems: tuple[str, ...] = ()
+    compression_problems: tuple[str, ...] = ()
     metric_problems: tuple[str, ...] = ()
 
 
@@ -81,11 +82,13 @@ def header_problems(
                 f"[1, {expected.max_num_examples}] (rounds.max_num_examples)",
             )
         )
-    if (header.compression or "none") != expected.compression.value:
+    if header.compression_problems:
+        problems += [Problem(Reason.COMPRESSION, text) for text in header.compression_problems]
+    elif header.compression is not expected.compression:
         problems.append(
             Problem(
                 Reason.COMPRESSION,
-                f"compression {header.compression or 'none'!r} != "
+                f"compression {header.compression.value!r} != "
                 f"{expected.compression.value!r}, the federation's update compression",
             )
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator import intake
@@ -40,7 +40,7 @@ from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ProtocolError
 from fedpriv.secagg import ServerSession
-from fedpriv.wire import Model, TensorLayout
+from fedpriv.wire import Compression, Model, TensorLayout
 
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
@@ -270,7 +270,8 @@ class Federation:
         metric_problems: list[str],
         layout: TensorLayout | None,
         header_problems: list[str],
-        compression: str = "",
+        compression: Compression = Compression.NONE,
+        compression_problems: Sequence[str] = (),
     ) -> Upload:
         """Check a result header against the silo's task and open its upload.
 
@@ -290,6 +291,7 @@ class Federation:
             layout=layout,
             header_problems=header_problems,
             compression=compression,
+            compression_problems=compression_problems,
         )
 
     def complete_upload(

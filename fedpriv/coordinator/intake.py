@@ -7,7 +7,7 @@ open phase under its lock; folding runs outside it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from fedpriv._types import Scalar
@@ -35,7 +35,8 @@ def open_upload(
     metric_problems: list[str],
     layout: TensorLayout | None,
     header_problems: list[str],
-    compression: str = "",
+    compression: Compression = Compression.NONE,
+    compression_problems: Sequence[str] = (),
 ) -> Upload:
     """Check a result header against the silo's task and open its upload.
 
@@ -74,6 +75,7 @@ def open_upload(
                 num_examples=num_examples,
                 layout=layout,
                 compression=compression,
+                compression_problems=tuple(compression_problems),
                 layout_problems=tuple(header_problems),
                 metric_problems=tuple(metric_problems),
             ),

@@ -15,6 +15,7 @@ from fedpriv.transport.limits import CallLimits
 from fedpriv.transport.session import session_key
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
+from fedpriv.wire.compression import declared_compression
 from fedpriv.wire.frames import RawChunk, chunk_frame, chunk_of, parse_with_chunks, serialize
 
 __all__ = ["FleetServicer", "add_fleet_servicer"]
@@ -131,6 +132,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 layout_from_proto(header.update) if header.HasField("update") else (None, [])
             )
             metrics, metric_problems = scalars_from_proto(header.metrics)
+            compression, compression_problems = declared_compression(header)
             try:
                 kind = TaskKind(header.kind)
             except ValueError:
@@ -148,7 +150,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 metric_problems=metric_problems,
                 layout=layout,
                 header_problems=header_problems or [],
-                compression=header.compression,
+                compression=compression,
+                compression_problems=compression_problems,
             )
             try:
                 for message in request_iterator:

@@ -122,7 +122,7 @@ class TaskMessage(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("task_id", "round", "kind", "num_examples", "metrics", "update", "declined_reason", "compression")
+    __slots__ = ("task_id", "round", "kind", "num_examples", "metrics", "update", "declined_reason", "compression", "update_compression")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class ResultHeader(_message.Message):
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     DECLINED_REASON_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     kind: TaskKind
@@ -146,7 +147,8 @@ class ResultHeader(_message.Message):
     update: _tensor_pb2.TensorHeader
     declined_reason: str
     compression: str
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., update: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., declined_reason: _Optional[str] = ..., compression: _Optional[str] = ...) -> None: ...
+    update_compression: Compression
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., update: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., declined_reason: _Optional[str] = ..., compression: _Optional[str] = ..., update_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

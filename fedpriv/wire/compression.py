@@ -25,7 +25,7 @@ import numpy.typing as npt
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire.codec import bfloat16_to_float32, float32_to_bfloat16
 
-__all__ = ["Compression"]
+__all__ = ["Compression", "declared_compression"]
 
 _SCALE_BYTES = 4
 
@@ -57,6 +57,18 @@ class Compression(enum.Enum):
     def to_proto(self) -> fleet_pb2.Compression:
         """The ``fedpriv.v1.Compression`` value of this codec."""
         return _PROTO[self]
+
+    @classmethod
+    def from_name(cls, name: str) -> Compression:
+        """The codec of a lower-case name (``ResultHeader.compression``; "" is NONE).
+
+        Raises:
+            ValueError: No codec has that name.
+        """
+        try:
+            return cls(name or "none")
+        except ValueError:
+            raise ValueError(f"unknown compression {name[:64]!r}") from None
 
     def wire_length(self, chunk_bytes: int) -> int:
         """Bytes on the wire for a float32 chunk of `chunk_bytes` bytes.
@@ -124,3 +136,40 @@ _PROTO: dict[Compression, fleet_pb2.Compression] = {
     Compression.BF16: fleet_pb2.COMPRESSION_BF16,
     Compression.INT8: fleet_pb2.COMPRESSION_INT8,
 }
+
+
+def declared_compression(header: fleet_pb2.ResultHeader) -> tuple[Compression, list[str]]:
+    """The compression a result header declares, and what is wrong with the declaration.
+
+    ``update_compression`` (field 9) says it; without it, the deprecated name in
+    ``compression`` (field 8) does. A value this side does not know, or two
+    fields that disagree, is a problem (then NONE is returned beside it).
+
+    Example:
+        >>> header = fleet_pb2.ResultHeader(
+        ...     compression="int8", update_compression=fleet_pb2.COMPRESSION_INT8
+        ... )
+        >>> declared_compression(header)
+        (<Compression.INT8: 'int8'>, [])
+        >>> declared_compression(fleet_pb2.ResultHeader(compression="fp16"))
+        (<Compression.FP16: 'fp16'>, [])
+    """
+    try:
+        legacy = Compression.from_name(header.compression)
+    except ValueError as err:
+        legacy_problem: str | None = f"compression (field 8): {err}"
+        legacy = Compression.NONE
+    else:
+        legacy_problem = None
+    if not header.HasField("update_compression"):
+        return legacy, [] if legacy_problem is None else [legacy_problem]
+    try:
+        typed = Compression.from_proto(header.update_compression)
+    except ValueError as err:
+        return Compression.NONE, [f"update_compression: {err}"]
+    if header.compression and (legacy_problem is not None or legacy is not typed):
+        return Compression.NONE, [
+            f"update_compression {typed.value!r} and compression {header.compression[:64]!r} "
+            "(field 8) disagree"
+        ]
+    return typed, []

@@ -25,7 +25,7 @@ def header(**changes: object) -> Header:
         "kind": TaskKind.TRAIN,
         "num_examples": 10,
         "layout": MODEL.layout,
-        "compression": "",
+        "compression": Compression.NONE,
         **changes,
     }
     return Header(**fields)  # type: ignore[arg-type]
@@ -43,7 +43,7 @@ def test_every_problem_is_listed_with_its_reason_in_a_stable_order():
             kind=TaskKind.EVALUATE,
             num_examples=0,
             layout=other.layout,
-            compression="int8",
+            compression=Compression.INT8,
             metric_problems=("loss: not finite",),
         ),
         EXPECTED,
@@ -79,3 +79,10 @@ def test_too_many_examples_and_tensors_on_an_evaluation_are_refused():
     assert [p.reason for p in problems] == [Reason.NUM_EXAMPLES, Reason.LAYOUT]
     assert problems[1].text == "an evaluation result must not carry tensors"
     assert header_problems(header(kind=TaskKind.EVALUATE, layout=None), evaluation) == []
+
+
+def test_an_unreadable_compression_declaration_is_a_compression_problem():
+    problems = header_problems(
+        header(compression_problems=("update_compression: unknown compression 9",)), EXPECTED
+    )
+    assert problems == [Problem(Reason.COMPRESSION, "update_compression: unknown compression 9")]
