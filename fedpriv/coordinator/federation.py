@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 
 from fedpriv._types import Scalar
 from fedpriv.coordinator import intake
+from fedpriv.coordinator.admission import Header
 from fedpriv.coordinator.aggregation import AnyStrategy, build_mode
 from fedpriv.coordinator.audit import AuditKind
 from fedpriv.coordinator.config import CoordinatorConfig
@@ -40,7 +41,7 @@ from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ProtocolError
 from fedpriv.secagg import ServerSession
-from fedpriv.wire import Compression, Model, TensorLayout
+from fedpriv.wire import Model
 
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
@@ -259,40 +260,15 @@ class Federation:
             self.cond.notify_all()
 
     def open_upload(
-        self,
-        silo: str,
-        *,
-        task_id: str,
-        round: int,
-        kind: TaskKind,
-        num_examples: int,
-        metrics: Mapping[str, Scalar],
-        metric_problems: list[str],
-        layout: TensorLayout | None,
-        header_problems: list[str],
-        compression: Compression = Compression.NONE,
-        compression_problems: Sequence[str] = (),
+        self, silo: str, header: Header, *, task_id: str, metrics: Mapping[str, Scalar]
     ) -> Upload:
-        """Check a result header against the silo's task and open its upload.
+        """Check `header` (what the silo claims) against its task and open its upload.
 
         Raises:
             ProtocolError: The silo has no open task with that id and round.
             UpdateRejected: The header is invalid; every problem is listed.
         """
-        return intake.open_upload(
-            self,
-            silo,
-            task_id=task_id,
-            round=round,
-            kind=kind,
-            num_examples=num_examples,
-            metrics=metrics,
-            metric_problems=metric_problems,
-            layout=layout,
-            header_problems=header_problems,
-            compression=compression,
-            compression_problems=compression_problems,
-        )
+        return intake.open_upload(self, silo, header, task_id=task_id, metrics=metrics)
 
     def complete_upload(
         self, upload: Upload, *, error: Exception | None = None, broken: bool = False

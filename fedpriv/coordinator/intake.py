@@ -7,7 +7,7 @@ open phase under its lock; folding runs outside it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from fedpriv._types import Scalar
@@ -15,7 +15,7 @@ from fedpriv.coordinator.admission import Expected, Header, Problem, header_prob
 from fedpriv.coordinator.phases import Outcome, Phase, Reason, TaskKind
 from fedpriv.coordinator.upload import Upload, UploadResult
 from fedpriv.errors import ProtocolError, UpdateRejected
-from fedpriv.wire import Compression, TensorLayout
+from fedpriv.wire import Compression
 
 if TYPE_CHECKING:
     from fedpriv.coordinator.federation import Federation
@@ -26,19 +26,12 @@ __all__ = ["complete_upload", "open_upload"]
 def open_upload(
     fed: Federation,
     silo: str,
+    header: Header,
     *,
     task_id: str,
-    round: int,
-    kind: TaskKind,
-    num_examples: int,
     metrics: Mapping[str, Scalar],
-    metric_problems: list[str],
-    layout: TensorLayout | None,
-    header_problems: list[str],
-    compression: Compression = Compression.NONE,
-    compression_problems: Sequence[str] = (),
 ) -> Upload:
-    """Check a result header against the silo's task and open its upload.
+    """Check `header` (what the silo claims) against its task and open its upload.
 
     Raises:
         ProtocolError: The silo has no open task with that id and round (stale,
@@ -50,7 +43,7 @@ def open_upload(
         phase = fed.phase
         if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
             raise ProtocolError(
-                f"silo {silo!r} has no open task {task_id!r} for round {round}; "
+                f"silo {silo!r} has no open task {task_id!r} for round {header.round}; "
                 "the result is stale or for another silo"
             )
         if silo in phase.uploads:
@@ -69,16 +62,7 @@ def open_upload(
             policy += aggregation.policy_problems(silo)
         problems = _admit(
             phase,
-            Header(
-                round=round,
-                kind=kind,
-                num_examples=num_examples,
-                layout=layout,
-                compression=compression,
-                compression_problems=tuple(compression_problems),
-                layout_problems=tuple(header_problems),
-                metric_problems=tuple(metric_problems),
-            ),
+            header,
             task_id=task_id,
             max_num_examples=fed.rounds.max_num_examples,
             policy=policy,
@@ -87,18 +71,18 @@ def open_upload(
             texts = [p.text for p in problems]
             reason = problems[0].reason
             fed.resolve(phase, silo, Outcome.REJECTED, "; ".join(texts), reason=reason)
-            raise UpdateRejected(silo=silo, round=round, problems=texts, reason=reason)
+            raise UpdateRejected(silo=silo, round=header.round, problems=texts, reason=reason)
         upload = Upload(
             silo=silo,
             round=phase.round,
             layout=plan.layout if plan is not None else None,
             aggregator=None,
-            num_examples=num_examples,
+            num_examples=header.num_examples,
             metrics=metrics,
             spool_dir=fed.store.directory / "spool",
             spools=fed.spools,
             on_chunk=lambda: fed.registry.touch(silo),
-            weight=plan.weight(num_examples) if plan is not None else None,
+            weight=plan.weight(header.num_examples) if plan is not None else None,
             base=plan.base if plan is not None else None,
             clip_norm=plan.clip_norm if plan is not None else None,
             compression=plan.compression if plan is not None else Compression.NONE,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from fedpriv.coordinator.admission import Header
 from fedpriv.coordinator.federation import Federation, TaskKind
 from fedpriv.errors import LimitExceeded, MalformedMessage, ProtocolError, StreamCut
 from fedpriv.faults import FaultPoint, reach
@@ -140,18 +141,18 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
             logger.info(
                 "[Fleet.PushResult] silo=%s round=%d kind=%s", silo, header.round, kind.name
             )
-            upload = self._federation.open_upload(
-                silo,
-                task_id=header.task_id,
+            claim = Header(
                 round=header.round,
                 kind=kind,
                 num_examples=header.num_examples,
-                metrics=metrics,
-                metric_problems=metric_problems,
                 layout=layout,
-                header_problems=header_problems or [],
                 compression=compression,
-                compression_problems=compression_problems,
+                layout_problems=tuple(header_problems or []),
+                compression_problems=tuple(compression_problems),
+                metric_problems=tuple(metric_problems),
+            )
+            upload = self._federation.open_upload(
+                silo, claim, task_id=header.task_id, metrics=metrics
             )
             try:
                 for message in request_iterator:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from fedpriv.coordinator.admission import Header
 from fedpriv.coordinator.config import CoordinatorConfig, ModelSource, RoundConfig
 from fedpriv.coordinator.federation import Federation
 from fedpriv.coordinator.phases import Outcome, Phase, RoundSummary, TaskKind
@@ -21,7 +22,7 @@ from fedpriv.coordinator.registry import SiloRegistry
 from fedpriv.coordinator.store import Store
 from fedpriv.errors import ProtocolError, RoundFailed
 from fedpriv.strategy import FedAvg
-from fedpriv.wire import Model
+from fedpriv.wire import Compression, Model
 
 SIZE = 1024  # float32 elements: 4 chunks of 1 KiB
 
@@ -156,17 +157,14 @@ def outcome(federation: Federation, phase: Phase, silo: str) -> Outcome:
 
 def upload(federation: Federation, phase: Phase, silo: str, model: Model, *, chunks: int = -1):
     """Open an upload of `model` for `silo` and send its first `chunks` chunks (-1: all)."""
-    opened = federation.open_upload(
-        silo,
-        task_id=phase.tasks[silo],
+    claim = Header(
         round=phase.round,
         kind=phase.kind,
         num_examples=10,
-        metrics={},
-        metric_problems=[],
         layout=model.layout if phase.kind is TaskKind.TRAIN else None,
-        header_problems=[],
+        compression=Compression.NONE,
     )
+    opened = federation.open_upload(silo, claim, task_id=phase.tasks[silo], metrics={})
     if phase.kind is TaskKind.TRAIN:
         for index, (offset, chunk) in enumerate(model.chunks()):
             if index == chunks:
