@@ -222,7 +222,10 @@ def mutate_result_header(
     elif how == "drop_update":
         header.ClearField("update")
     elif how == "compression":
-        header.compression = plan.pick(["fp16", "bf16", "int8", "none", plan.text()])
+        if plan.flag():  # the deprecated name (field 8)
+            header.compression = plan.pick(["fp16", "bf16", "int8", "none", plan.text()])
+        else:  # the typed field 9, known values and ones from a newer protocol
+            header.update_compression = plan.pick([0, 1, 2, 3, plan.below(1 << 20)])
     else:
         header.declined_reason = plan.text()
     return f"header {how}", parsed.SerializeToString()
@@ -240,10 +243,11 @@ def mutate_chunk(plan: Plan, message: bytes) -> tuple[str, bytes]:
     elif how == "shorter" and data:
         data = data[: plan.below(len(data))]
     elif how == "values" and len(data) >= 4:
-        values = np.frombuffer(data, "<f4").copy()
+        whole = len(data) // 4 * 4  # a chunk cut short earlier may end mid-value
+        values = np.frombuffer(data[:whole], "<f4").copy()
         for _ in range(plan.between(1, 8)):
             values[plan.below(len(values))] = np.float32(plan.float())
-        data = values.tobytes()
+        data = values.tobytes() + data[whole:]
     elif how == "empty":
         data = b""
     else:
