@@ -9,7 +9,8 @@ from ``fedpriv.v1.SecAggSettings`` (docs/protocol.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from fedpriv.errors import ProtocolError
 from fedpriv.secagg.ring import RingCodec
@@ -108,16 +109,7 @@ class SecAggSettings:
 
     def to_proto(self) -> fleet_pb2.SecAggSettings:
         """The ``fedpriv.v1.SecAggSettings`` message."""
-        return fleet_pb2.SecAggSettings(
-            session=self.session,
-            threshold=self.threshold,
-            clip_norm=self.clip_norm,
-            scale=self.scale,
-            size=self.size,
-            noise_variance=self.noise_variance,
-            chunk_bytes=self.chunk_bytes,
-            ring_bits=self.ring_bits,
-        )
+        return fleet_pb2.SecAggSettings(**_values(self))
 
     @property
     def codec(self) -> RingCodec:
@@ -146,42 +138,21 @@ def settings_from_proto(
     Returns:
         The settings and no problems, or None and every problem found.
     """
-    problems = _field_problems(
-        session=message.session,
-        threshold=message.threshold,
-        clip_norm=message.clip_norm,
-        scale=message.scale,
-        size=message.size,
-        noise_variance=message.noise_variance,
-        chunk_bytes=message.chunk_bytes,
-        ring_bits=message.ring_bits,
-    )
+    values = _values(message)
+    problems = _field_problems(**values)
     if problems:
         return None, problems
-    settings = SecAggSettings(
-        session=message.session,
-        threshold=message.threshold,
-        clip_norm=message.clip_norm,
-        scale=message.scale,
-        size=message.size,
-        noise_variance=message.noise_variance,
-        chunk_bytes=message.chunk_bytes,
-        ring_bits=message.ring_bits,
-    )
+    settings = SecAggSettings(**values)
     return settings, []
 
 
 def _problems(settings: SecAggSettings) -> list[str]:
-    return _field_problems(
-        session=settings.session,
-        threshold=settings.threshold,
-        clip_norm=settings.clip_norm,
-        scale=settings.scale,
-        size=settings.size,
-        noise_variance=settings.noise_variance,
-        chunk_bytes=settings.chunk_bytes,
-        ring_bits=settings.ring_bits,
-    )
+    return _field_problems(**_values(settings))
+
+
+def _values(source: SecAggSettings | fleet_pb2.SecAggSettings) -> dict[str, Any]:
+    """The settings' fields by name, read from the dataclass or from its message."""
+    return {f.name: getattr(source, f.name) for f in fields(SecAggSettings)}
 
 
 def _positive_finite(value: float) -> bool:
