@@ -10,13 +10,14 @@ they return as soon as the line is there.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WAIT_S = 120.0  # a bound for a broken build, never a timing window: waits end on the line
@@ -190,3 +191,65 @@ def processes(directory: pathlib.Path) -> Iterator[Processes]:
         yield started
     finally:
         started.close()
+
+
+def write_unix_federation(
+    tmp: pathlib.Path,
+    pki_root: pathlib.Path,
+    silos: Sequence[str],
+    *,
+    num_rounds: int,
+    coordinator_extra: str = "",
+    silo_extra: Callable[[str], str] = lambda silo: "",
+) -> None:
+    """Write ``coordinator.toml`` and one ``<silo>.toml`` per silo for a federation on a Unix socket.
+
+    The restarted coordinator binds the same socket, which no other process can
+    take while the first is dead (a freed TCP port can be taken). A killed silo
+    counts as live for 3 heartbeats (30 s), so its open task is given again to
+    the restarted process instead of failing the round. `coordinator_extra` and
+    `silo_extra(silo)` are TOML appended to each file (``[dp]``, ``[privacy]``, ``[app]``).
+    """
+    socket = tmp / "coordinator.sock"
+    (tmp / "coordinator.toml").write_text(
+        f"""
+[federation]
+allowed_silos = {json.dumps(list(silos))}
+[server]
+address = "unix:{socket}"
+heartbeat_interval_s = 10
+poll_wait_s = 2
+[tls]
+ca = "{pki_root / "ca.crt"}"
+cert = "{pki_root / "coordinator.crt"}"
+key = "{pki_root / "coordinator.key"}"
+[rounds]
+num_rounds = {num_rounds}
+min_clients = 2
+deadline_s = 120
+federated_evaluation = false
+[model]
+factory = "tests.apps:make_model"
+chunk_bytes = 1024
+[store]
+dir = "{tmp / "state"}"
+"""
+        + coordinator_extra
+    )
+    for silo in silos:
+        (tmp / f"{silo}.toml").write_text(
+            f"""
+[coordinator]
+address = "unix:{socket}"
+# The coordinator's certificate names localhost; a Unix socket has no host.
+server_name = "localhost"
+[tls]
+ca = "{pki_root / "ca.crt"}"
+cert = "{pki_root / f"{silo}.crt"}"
+key = "{pki_root / f"{silo}.key"}"
+[client]
+poll_wait_s = 2
+reconnect_timeout_s = 120
+"""
+            + silo_extra(silo)
+        )

@@ -30,7 +30,7 @@ import pytest
 from fedpriv.coordinator import Store, read_checkpoint
 from fedpriv.faults import FaultPoint
 from fedpriv.privacy import GaussianSteps, epsilon
-from tests.processes import FAULT, Processes, processes
+from tests.processes import FAULT, Processes, processes, write_unix_federation
 
 SILOS = ("silo-a", "silo-b")
 DELTAS = {"silo-a": 1.0, "silo-b": 3.0}
@@ -63,51 +63,22 @@ CRASHES = [
 
 
 def write_configs(tmp: pathlib.Path, pki_root: pathlib.Path) -> None:
-    socket = tmp / "coordinator.sock"
-    (tmp / "coordinator.toml").write_text(f"""
-[federation]
-allowed_silos = {json.dumps(list(SILOS))}
-[server]
-address = "unix:{socket}"
-# A killed silo counts as live for 3 heartbeats (30 s): its open task is given
-# again to the restarted process instead of failing the round.
-heartbeat_interval_s = 10
-poll_wait_s = 2
-[tls]
-ca = "{pki_root / "ca.crt"}"
-cert = "{pki_root / "coordinator.crt"}"
-key = "{pki_root / "coordinator.key"}"
-[rounds]
-num_rounds = {NUM_ROUNDS}
-min_clients = 2
-deadline_s = 120
-federated_evaluation = false
-[model]
-factory = "tests.apps:make_model"
-chunk_bytes = 1024
-[store]
-dir = "{tmp / "state"}"
-""")
-    for silo in SILOS:
-        (tmp / f"{silo}.toml").write_text(f"""
-[coordinator]
-address = "unix:{socket}"
-# The coordinator's certificate names localhost; a Unix socket has no host.
-server_name = "localhost"
-[tls]
-ca = "{pki_root / "ca.crt"}"
-cert = "{pki_root / f"{silo}.crt"}"
-key = "{pki_root / f"{silo}.key"}"
-[client]
-poll_wait_s = 2
-reconnect_timeout_s = 120
+    write_unix_federation(
+        tmp,
+        pki_root,
+        SILOS,
+        num_rounds=NUM_ROUNDS,
+        silo_extra=lambda silo: (
+            f"""
 [privacy]
 epsilon = 100.0
 delta = {DELTA}
 ledger = "{tmp / f"{silo}-ledger.json"}"
 [app]
 delta = {DELTAS[silo]}
-""")
+"""
+        ),
+    )
 
 
 def start_silo(running: Processes, tmp: pathlib.Path, silo: str, name: str, env=None):

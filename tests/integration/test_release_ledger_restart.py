@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import pathlib
 import sqlite3
@@ -39,7 +38,7 @@ from tests.helpers import make_config, silo_thread, wait_silos
 from tests.integration.test_central_dp import SILOS as THREE_SILOS
 from tests.integration.test_central_dp import federation_metrics, run_federation
 from tests.integration.test_secagg import SHAPES as SECAGG_SHAPES
-from tests.processes import FAULT, processes
+from tests.processes import FAULT, processes, write_unix_federation
 
 SILOS = ("silo-a", "silo-b")
 NUM_ROUNDS = 4
@@ -65,50 +64,26 @@ CRASHES = [
 
 
 def write_configs(tmp: pathlib.Path, pki_root: pathlib.Path) -> None:
-    socket = tmp / "coordinator.sock"
-    (tmp / "coordinator.toml").write_text(f"""
-[federation]
-allowed_silos = {json.dumps(list(SILOS))}
-[server]
-address = "unix:{socket}"
-heartbeat_interval_s = 10
-poll_wait_s = 2
-[tls]
-ca = "{pki_root / "ca.crt"}"
-cert = "{pki_root / "coordinator.crt"}"
-key = "{pki_root / "coordinator.key"}"
-[rounds]
-num_rounds = {NUM_ROUNDS}
-min_clients = 2
-deadline_s = 120
-federated_evaluation = false
-[model]
-factory = "tests.apps:make_model"
-chunk_bytes = 1024
-[store]
-dir = "{tmp / "state"}"
+    write_unix_federation(
+        tmp,
+        pki_root,
+        SILOS,
+        num_rounds=NUM_ROUNDS,
+        coordinator_extra=f"""
 [dp]
 noise_multiplier = {NOISE_MULTIPLIER}
 clip_norm = 100.0
 adaptive = true
 clipped_count_stddev = 1.0
 delta = {DELTA}
-""")
-    for silo in SILOS:
-        (tmp / f"{silo}.toml").write_text(f"""
-[coordinator]
-address = "unix:{socket}"
-server_name = "localhost"
-[tls]
-ca = "{pki_root / "ca.crt"}"
-cert = "{pki_root / f"{silo}.crt"}"
-key = "{pki_root / f"{silo}.key"}"
-[client]
-poll_wait_s = 2
-reconnect_timeout_s = 120
+""",
+        silo_extra=lambda silo: (
+            """
 [app]
 delta = 0.01
-""")
+"""
+        ),
+    )
 
 
 @dataclass(frozen=True)
