@@ -22,7 +22,10 @@ settings.register_profile(
 FUZZ = settings.get_profile("fuzz-ci")
 
 # Every fuzz module sets pytestmark = ONE_WORKER: under pytest-xdist (--dist loadgroup) the
-# fuzz tests run in one worker, because they share one fleet and test_totals counts its inputs.
+# fuzz tests would run in one worker, because they share one fleet and test_totals counts its
+# inputs. pytest 9.2 no longer honours that mark (xdist 3.8 renames a node id that pytest now
+# derives), so `make test` runs tests/fuzz in a process of its own, and test_totals checks that
+# the tests it sums ran against its fleet instead of trusting the mark.
 ONE_WORKER = pytest.mark.xdist_group("fuzz")
 
 
@@ -32,3 +35,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, pki) -> Iterator[FuzzFleet]:
         yield running
         # Shown with -s (or in the log of a failing run): what the suite tried and saw.
         print("\n" + running.report())
+
+
+@pytest.fixture(autouse=True)
+def _recorded(request: pytest.FixtureRequest) -> None:
+    """Note on the fleet every test that uses it, so test_totals sees what ran against it."""
+    if "fleet" in request.fixturenames:
+        fleet: FuzzFleet = request.getfixturevalue("fleet")
+        fleet.tests.add(request.node.nodeid.split("tests/fuzz/")[-1].split("[")[0])

@@ -182,6 +182,7 @@ class FuzzFleet:
         self.config = dataclasses.replace(self.config, operators=frozenset({OPERATOR}))
         self.reporter = CollectingReporter()
         self.inputs = Counter[str]()
+        self.tests: set[str] = set()  # the tests that ran against this fleet (conftest)
         self.codes = Counter[tuple[str, str]]()
         self.findings: list[Finding] = []
         self.accepted_fuzz = 0
