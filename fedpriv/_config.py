@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -11,7 +12,26 @@ from fedpriv.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["Table", "check_positive"]
+__all__ = ["Table", "check_positive", "field_default"]
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass `cls`'s field `name`, so a TOML reader never repeats it.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Example:
+    ...     delta: float = 1e-5
+    >>> field_default(Example, "delta")
+    1e-05
+
+    Raises:
+        TypeError: The field has no plain default (it is required, or uses a factory).
+    """
+    default = cls.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+    if default is dataclasses.MISSING:
+        raise TypeError(f"{cls.__name__}.{name} has no plain default")
+    return default
 
 
 def check_positive(value: float) -> str | None:

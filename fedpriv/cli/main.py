@@ -17,6 +17,7 @@ from fedpriv.cli.pki import add_pki_commands
 from fedpriv.cli.round_table import RoundPrinter, print_epsilons
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.faults import arm_from_environment
+from fedpriv.transport.options import DEFAULT_ADDRESS
 
 __all__ = ["main"]
 
@@ -298,7 +299,11 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--guesses", type=int, default=200, help="even number (default 200)")
     audit.add_argument("--rounds", type=int, default=1, help="rounds of local training")
     audit.add_argument("--epochs", type=int, help="epochs per round (default: the client's)")
-    audit.add_argument("--delta", type=float, help="default: the client's DP delta, else 1e-5")
+    from fedpriv.privacy.accounting import DEFAULT_DELTA
+
+    audit.add_argument(
+        "--delta", type=float, help=f"default: the client's DP delta, else {DEFAULT_DELTA:g}"
+    )
     audit.add_argument("--confidence", type=float, default=0.95)
     audit.add_argument("--seed", type=int, default=0)
     audit.set_defaults(run=_cmd_audit)
@@ -348,7 +353,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--silos", type=int, default=3, help="number of silos (default 3)")
     init.add_argument("--rounds", type=int, default=5, help="rounds to run (default 5)")
     init.add_argument(
-        "--address", default="127.0.0.1:7443", help="coordinator host:port (default 127.0.0.1:7443)"
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"coordinator host:port (default {DEFAULT_ADDRESS})",
     )
     init.add_argument("--federation", help="federation name (default: the folder's name)")
     init.set_defaults(run=_cmd_init)

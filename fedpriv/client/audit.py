@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpriv.client.torch import TorchClient
 from fedpriv.errors import ConfigError
-from fedpriv.privacy.accounting import GaussianSteps, epsilon
+from fedpriv.privacy.accounting import DEFAULT_DELTA, GaussianSteps, epsilon
 from fedpriv.privacy.audit import AuditResult, epsilon_lower_bound
 from fedpriv.wire.torch_interop import arrays_from_state_dict
 
@@ -64,7 +64,7 @@ def audit_client(
         guesses: Guesses, half "in" (highest scores) and half "out" (lowest).
         rounds: Rounds of local training (``fit`` calls) to audit.
         epochs: Epochs per round (default: the client's).
-        delta: δ for both bounds (default: the client's DP delta, else 1e-5).
+        delta: δ for both bounds (default: the client's DP delta, else ``DEFAULT_DELTA``).
         confidence: Confidence of the lower bound.
         seed: Seeds the canaries, their inclusion and the data order (DP noise
             always comes from the operating system's CSPRNG).
@@ -77,7 +77,8 @@ def audit_client(
             f"need an even number of guesses in (0, canaries]; got guesses={guesses}, "
             f"canaries={canaries}"
         )
-    delta = delta if delta is not None else (client.privacy.delta if client.privacy else 1e-5)
+    if delta is None:
+        delta = client.privacy.delta if client.privacy else DEFAULT_DELTA
     inputs, labels = _tensors(client.train_loader)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpriv._config import Table, check_positive
+from fedpriv._config import Table, check_positive, field_default
 from fedpriv._types import Scalar
 from fedpriv.atrest import KeySource
 from fedpriv.client.release import ReleasePolicy
@@ -15,6 +15,7 @@ from fedpriv.client.tasks import DEFAULT_MAX_MODEL_BYTES, TaskLimits
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.ledger import PrivacyBudget, PrivacyLedger
 from fedpriv.transport import TLSConfig
+from fedpriv.transport.options import DEFAULT_POLL_WAIT_S, DEFAULT_RECONNECT_TIMEOUT_S
 
 __all__ = ["ClientConfig"]
 
@@ -50,8 +51,8 @@ class ClientConfig:
     key: pathlib.Path | None = None
     server_name: str | None = None
     identity: str | None = None
-    poll_wait_s: int = 30
-    reconnect_timeout_s: float = 300.0
+    poll_wait_s: int = DEFAULT_POLL_WAIT_S
+    reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S
     app: Mapping[str, Scalar] = field(default_factory=dict)
     budget: PrivacyBudget | None = None
     ledger: pathlib.Path | None = None
@@ -129,7 +130,10 @@ class ClientConfig:
         budget = (
             None
             if budget_epsilon is None
-            else PrivacyBudget(epsilon=budget_epsilon, delta=privacy.get("delta", float, 1e-5))
+            else PrivacyBudget(
+                epsilon=budget_epsilon,
+                delta=privacy.get("delta", float, field_default(PrivacyBudget, "delta")),
+            )
         )
         config = cls(
             coordinator=coordinator.require("address", str),
@@ -138,15 +142,22 @@ class ClientConfig:
             cert=tls.path("cert"),
             key=tls.path("key"),
             identity=client.optional("identity", str),
-            poll_wait_s=client.get("poll_wait_s", int, 30),
-            reconnect_timeout_s=client.get("reconnect_timeout_s", float, 300.0, check_positive),
+            poll_wait_s=client.get("poll_wait_s", int, field_default(cls, "poll_wait_s")),
+            reconnect_timeout_s=client.get(
+                "reconnect_timeout_s",
+                float,
+                field_default(cls, "reconnect_timeout_s"),
+                check_positive,
+            ),
             app=top.scalars("app"),
             budget=budget,
             ledger=privacy.path("ledger"),
             ledger_key=KeySource.from_table(privacy),
             release=ReleasePolicy(
                 share_metrics=privacy.strings("share_metrics") or (),
-                public_evaluation=privacy.get("public_evaluation", bool, False),
+                public_evaluation=privacy.get(
+                    "public_evaluation", bool, field_default(ReleasePolicy, "public_evaluation")
+                ),
                 public_num_examples=privacy.optional("public_num_examples", int),
             ),
             # The largest model a task may make the silo allocate (see fedpriv.client.tasks).

@@ -35,6 +35,7 @@ import numpy as np
 from fedpriv.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_DELTA",
     "DEFAULT_ORDERS",
     "INTEGER_ORDERS",
     "PRV_EPSILON_ERROR",
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# δ at which every ε is reported unless a config says otherwise (keep it below 1/N records).
+DEFAULT_DELTA = 1e-5
 
 # Integer orders are the only ones at which every RDP bound fedpriv uses holds
 # (Skellam's needs them); small ones matter for large epsilon, large ones for small.

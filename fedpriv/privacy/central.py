@@ -40,6 +40,7 @@ import numpy.typing as npt
 import randomgen
 
 from fedpriv.errors import ConfigError
+from fedpriv.privacy.accounting import DEFAULT_DELTA
 
 __all__ = [
     "CentralDP",
@@ -85,7 +86,7 @@ class CentralDP:
     clip_learning_rate: float = 0.2
     clipped_count_stddev: float | None = None
     expected_clients: int = 2
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
 
     def __post_init__(self) -> None:
         for name in ("noise_multiplier", "clip_norm", "clip_learning_rate"):

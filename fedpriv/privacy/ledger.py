@@ -51,7 +51,7 @@ from typing import Any
 
 from fedpriv.atrest import AtRestKey, Purpose, read_file, refuse_sealed, write_file
 from fedpriv.errors import ConfigError, PrivacyBudgetExceeded, StoreError
-from fedpriv.privacy.accounting import GaussianSteps, epsilon, epsilon_rdp
+from fedpriv.privacy.accounting import DEFAULT_DELTA, GaussianSteps, epsilon, epsilon_rdp
 from fedpriv.storage import write_atomic
 
 __all__ = ["LedgerEntry", "PrivacyBudget", "PrivacyLedger"]
@@ -76,7 +76,7 @@ class PrivacyBudget:
     """
 
     epsilon: float
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0 or not math.isfinite(self.epsilon):

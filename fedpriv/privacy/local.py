@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from fedpriv.errors import ConfigError
-from fedpriv.privacy.accounting import GaussianSteps, noise_multiplier_for
+from fedpriv.privacy.accounting import DEFAULT_DELTA, GaussianSteps, noise_multiplier_for
 
 __all__ = ["GradSampleMode", "LocalDP", "prepare_module", "private_plan", "train_private"]
 
@@ -80,7 +80,7 @@ class LocalDP:
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     planned_rounds: int | None = None
-    delta: float = 1e-5
+    delta: float = DEFAULT_DELTA
     grad_sample_mode: GradSampleMode = GradSampleMode.GHOST
     max_physical_batch_size: int | None = None
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fedpriv.errors import ConfigError
 from fedpriv.pki import CertificateAuthority, Role
+from fedpriv.transport.options import DEFAULT_ADDRESS
 
 __all__ = ["Scaffold", "scaffold"]
 
@@ -78,7 +79,7 @@ def scaffold(
     *,
     silos: int = 3,
     rounds: int = 5,
-    address: str = "127.0.0.1:7443",
+    address: str = DEFAULT_ADDRESS,
     federation: str | None = None,
 ) -> Scaffold:
     """Write a federation into `root` (which must be empty or absent).
@@ -92,7 +93,7 @@ def scaffold(
         raise ConfigError(f"--rounds {rounds}: need at least 1")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"--address {address!r}: expected host:port, e.g. 127.0.0.1:7443")
+        raise ConfigError(f"--address {address!r}: expected host:port, e.g. {DEFAULT_ADDRESS}")
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root} is not empty; fedpriv init writes into a new folder")
     name = federation or root.resolve().name

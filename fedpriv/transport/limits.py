@@ -26,11 +26,12 @@ from fedpriv.transport.guards import (
     TimedReader,
     guard_deserializer,
 )
+from fedpriv.transport.options import MAX_MESSAGE_BYTES
 
 __all__ = ["CallLimits", "LimitInterceptor", "ServerLimits"]
 
-# gRPC's own ceiling for one message (fedpriv.transport.options.MAX_MESSAGE_BYTES).
-_MAX_MESSAGE_BYTES = 8 << 20
+# gRPC's own ceiling for one message.
+_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

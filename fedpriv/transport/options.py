@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_BYTES", "SERVER_OPTIONS"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_POLL_WAIT_S",
+    "DEFAULT_RECONNECT_TIMEOUT_S",
+    "MAX_MESSAGE_BYTES",
+    "SERVER_OPTIONS",
+]
+
+# Where a coordinator listens, and where a silo looks for it, unless configured: loopback only.
+DEFAULT_ADDRESS = "127.0.0.1:7443"
+# Longest a PullTask long-poll waits before the coordinator answers WAIT (both sides' default).
+DEFAULT_POLL_WAIT_S = 30
+# How long a silo keeps retrying a coordinator it cannot reach before it gives up.
+DEFAULT_RECONNECT_TIMEOUT_S = 300.0
 
 # A chunk is at most 4 MiB (fedpriv.wire.MAX_CHUNK_BYTES; a test keeps this larger) and
 # headers of models with many tensors add a little. gRPC's default 4 MiB receive limit
