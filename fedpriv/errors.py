@@ -30,12 +30,16 @@
 
 Errors that cross the wire carry ``grpc_status`` (the name of a
 ``grpc.StatusCode`` member), so that one translator in each direction maps
-them without ``isinstance`` ladders.
+them without ``isinstance`` ladders: the coordinator answers a raised error
+with its ``grpc_status``, and a caller turns a status back into the one class
+that lists it in ``grpc_received`` (``fedpriv.transport.status`` derives both
+tables from these attributes; any other status is a plain TransportError).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 __all__ = [
     "AuthenticationError",
@@ -68,7 +72,14 @@ __all__ = [
 class FedprivError(Exception):
     """Root of every error fedpriv raises on purpose."""
 
-    grpc_status: str = "INTERNAL"
+    grpc_status: ClassVar[str] = "INTERNAL"
+    # The statuses a caller turns into this class; each status is listed by one class at most.
+    grpc_received: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def received(cls, message: str) -> FedprivError:
+        """This error as a caller sees it, from a failed call's status message."""
+        return cls(message)
 
 
 class ConfigError(FedprivError):
@@ -84,21 +95,27 @@ class TransportError(FedprivError):
 
 
 class ConnectError(TransportError):
-    """The coordinator could not be reached or the TLS handshake failed."""
+    """The coordinator could not be reached or the TLS handshake failed.
+
+    A call the coordinator did not answer before the caller's deadline is one too.
+    """
 
     grpc_status = "UNAVAILABLE"
+    grpc_received = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class AuthenticationError(TransportError):
     """The peer presented no certificate, or one the federation CA did not sign."""
 
     grpc_status = "UNAUTHENTICATED"
+    grpc_received = ("UNAUTHENTICATED",)
 
 
 class PermissionDenied(TransportError):
     """The certificate is valid but its identity is not on the allow list."""
 
     grpc_status = "PERMISSION_DENIED"
+    grpc_received = ("PERMISSION_DENIED",)
 
 
 class CallRefused(TransportError):
@@ -144,6 +161,7 @@ class ProtocolError(FedprivError):
     """A message arrived that the Fleet protocol does not allow at this point."""
 
     grpc_status = "FAILED_PRECONDITION"
+    grpc_received = ("FAILED_PRECONDITION",)
 
 
 class TaskRejected(ProtocolError):
@@ -213,6 +231,7 @@ class DuplicateSession(ProtocolError):
     """
 
     grpc_status = "ALREADY_EXISTS"
+    grpc_received = ("ALREADY_EXISTS",)
 
 
 class UpdateRejected(FedprivError):
@@ -234,6 +253,8 @@ class UpdateRejected(FedprivError):
     """
 
     grpc_status = "INVALID_ARGUMENT"
+    # A silo's call refused as invalid is its update, or a message of its round, rejected.
+    grpc_received = ("INVALID_ARGUMENT",)
 
     def __init__(
         self, *, silo: str, round: int, problems: Sequence[str], reason: str = "invalid"
@@ -245,6 +266,19 @@ class UpdateRejected(FedprivError):
         super().__init__(
             f"update from silo {silo!r} for round {round} rejected: " + "; ".join(self.problems)
         )
+
+    @classmethod
+    def received(cls, message: str) -> FedprivError:
+        """The rejection as the silo sees it: the coordinator's message is the one problem.
+
+        >>> err = UpdateRejected.received("INVALID_ARGUMENT: w: 3 NaN values")
+        >>> str(err), err.problems, err.round
+        ('INVALID_ARGUMENT: w: 3 NaN values', ('INVALID_ARGUMENT: w: 3 NaN values',), -1)
+        """
+        err = cls.__new__(cls)
+        Exception.__init__(err, message)
+        err.silo, err.round, err.problems, err.reason = "", -1, (message,), "invalid"
+        return err
 
 
 class RoundFailed(FedprivError):

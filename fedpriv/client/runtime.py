@@ -34,11 +34,13 @@ from fedpriv.errors import (
     PrivacyBudgetExceeded,
     ProtocolError,
     TaskRejected,
+    UpdateRejected,
 )
 from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.ledger import PrivacyLedger
 from fedpriv.transport import TLSConfig, error_from_rpc, open_channel
+from fedpriv.transport.options import DEFAULT_POLL_WAIT_S, DEFAULT_RECONNECT_TIMEOUT_S
 from fedpriv.transport.session import new_session_id, with_session
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import Compression, arrays_from_payload, scalars_to_proto
@@ -312,8 +314,8 @@ def run_client(
     insecure: bool = False,
     identity: str | None = None,
     server_name: str | None = None,
-    poll_wait_s: int = 30,
-    reconnect_timeout_s: float = 300.0,
+    poll_wait_s: int = DEFAULT_POLL_WAIT_S,
+    reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S,
     stop: threading.Event | None = None,
     ledger: PrivacyLedger | None = None,
     release: ReleasePolicy | None = None,
@@ -432,11 +434,11 @@ def run_client(
                 error = error_from_rpc(rpc_error)
                 if isinstance(error, AuthenticationError | PermissionDenied):
                     raise error from None
-                if rpc_error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if isinstance(error, UpdateRejected):
                     stats.rejected += 1
                     logger.error("result rejected by the coordinator: %s", rpc_error.details())
                     continue
-                if rpc_error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if isinstance(error, ProtocolError) and not isinstance(error, DuplicateSession):
                     logger.warning("coordinator: %s", rpc_error.details())
                     continue
                 joined = False

@@ -10,9 +10,15 @@ import grpc
 
 from fedpriv import errors
 
-__all__ = ["error_from_rpc", "rpc_error_translator"]
+__all__ = ["error_from_rpc", "rpc_error_translator", "status_of"]
 
 logger = logging.getLogger(__name__)
+
+
+def status_of(err: errors.FedprivError) -> grpc.StatusCode:
+    """The status the coordinator answers `err` with: its class's ``grpc_status``."""
+    code: grpc.StatusCode = getattr(grpc.StatusCode, err.grpc_status)
+    return code
 
 
 @contextlib.contextmanager
@@ -25,24 +31,38 @@ def rpc_error_translator(context: grpc.ServicerContext, method: str) -> Iterator
     try:
         yield
     except errors.CallRefused as err:  # logged, rate-limited, where it was refused
-        context.abort(getattr(grpc.StatusCode, err.grpc_status), str(err))
+        context.abort(status_of(err), str(err))
     except errors.FedprivError as err:
         logger.info("[%s] %s: %s", method, type(err).__name__, err)
-        context.abort(getattr(grpc.StatusCode, err.grpc_status), str(err))
+        context.abort(status_of(err), str(err))
     except Exception:
         logger.exception("[%s] unexpected error", method)
         context.abort(grpc.StatusCode.INTERNAL, "internal coordinator error; see its log")
 
 
-_BY_STATUS: dict[grpc.StatusCode, type[errors.FedprivError]] = {
-    grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.UNAVAILABLE: errors.ConnectError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.ConnectError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.ProtocolError,
-    grpc.StatusCode.ALREADY_EXISTS: errors.DuplicateSession,
-    grpc.StatusCode.INVALID_ARGUMENT: errors.ProtocolError,
-}
+def _error_classes() -> list[type[errors.FedprivError]]:
+    named = (getattr(errors, name) for name in errors.__all__)
+    return [c for c in named if isinstance(c, type) and issubclass(c, errors.FedprivError)]
+
+
+def _received_by_status() -> dict[grpc.StatusCode, type[errors.FedprivError]]:
+    """Each status a caller maps, to the class that lists it in its own ``grpc_received``.
+
+    Only a class's own attribute counts: LimitExceeded does not inherit CallRefused's claim.
+    """
+    table: dict[grpc.StatusCode, type[errors.FedprivError]] = {}
+    for cls in _error_classes():
+        for name in cls.__dict__.get("grpc_received", ()):
+            code = getattr(grpc.StatusCode, name)
+            if code in table:
+                raise TypeError(
+                    f"{name} is received as both {table[code].__name__} and {cls.__name__}"
+                )
+            table[code] = cls
+    return table
+
+
+_BY_STATUS = _received_by_status()
 
 _HANDSHAKE_HINT = (
     " (if the coordinator is up, the TLS handshake may have failed: check that this "
@@ -59,4 +79,4 @@ def error_from_rpc(err: grpc.RpcError) -> errors.FedprivError:
     message = f"{code.name}: {details}"
     if cls is errors.ConnectError:
         message += _HANDSHAKE_HINT
-    return cls(message)
+    return cls.received(message)
