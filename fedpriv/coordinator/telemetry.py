@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from fedpriv.coordinator.federation import RoundReporter, RoundSummary
+from fedpriv.coordinator.phases import RejectionReporter
 
 __all__ = ["Telemetry"]
 
@@ -155,9 +156,8 @@ class Telemetry:
                 "detail": detail[:1000],
             }
         )
-        forward = getattr(self._inner, "update_rejected", None)
-        if forward is not None:
-            forward(silo=silo, round=round, reason=reason, detail=detail)
+        if isinstance(self._inner, RejectionReporter):
+            self._inner.update_rejected(silo=silo, round=round, reason=reason, detail=detail)
 
     def round_failed(self, round: int, reason: str) -> None:
         """Log, count, and forward a failed attempt."""
