@@ -73,7 +73,8 @@ class FedprivError(Exception):
     """Root of every error fedpriv raises on purpose."""
 
     grpc_status: ClassVar[str] = "INTERNAL"
-    # The statuses a caller turns into this class; each status is listed by one class at most.
+    # The statuses a caller turns into this class, read from each class itself (never
+    # inherited); each status is listed by one class at most.
     grpc_received: ClassVar[tuple[str, ...]] = ()
 
     @classmethod

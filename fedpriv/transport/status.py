@@ -48,7 +48,7 @@ def _error_classes() -> list[type[errors.FedprivError]]:
 def _received_by_status() -> dict[grpc.StatusCode, type[errors.FedprivError]]:
     """Each status a caller maps, to the class that lists it in its own ``grpc_received``.
 
-    Only a class's own attribute counts: LimitExceeded does not inherit CallRefused's claim.
+    Only a class's own attribute counts: TaskRejected does not inherit ProtocolError's claim.
     """
     table: dict[grpc.StatusCode, type[errors.FedprivError]] = {}
     for cls in _error_classes():
