@@ -197,3 +197,12 @@ def test_the_root_api_has_the_names_a_user_needs_and_imports_no_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.split() == ["False", "True", "fedpriv.client.torch"]
+
+
+def test_test_modules_have_unique_basenames():
+    # tests/ has no __init__.py files below it, so pytest imports each test module by its
+    # basename: two files with one name fail collection, in whichever run meets both.
+    names: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
