@@ -48,6 +48,18 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, Scalar]:
     return {k: v for k, v in metrics.items() if isinstance(v, bool | int | float | str)}
 
 
+def _flower_config(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """The task's config as Flower gives it to a client: ``server_round`` is always there.
+
+    >>> _flower_config({"round": 3, "lr": 0.1})
+    {'round': 3, 'lr': 0.1, 'server_round': 3}
+    """
+    flower = dict(config)
+    if "round" in config:
+        flower["server_round"] = config["round"]
+    return flower
+
+
 class FlowerClientAdapter:
     """A :class:`fedpriv.Client` backed by a Flower ``NumPyClient`` or ``Client``.
 
@@ -69,9 +81,9 @@ class FlowerClientAdapter:
         names = list(parameters)
         arrays = [np.asarray(parameters[name]) for name in names]
         if isinstance(self.client, NumPyClient):
-            new, num_examples, metrics = self.client.fit(arrays, dict(config))
+            new, num_examples, metrics = self.client.fit(arrays, _flower_config(config))
         else:
-            reply = self.client.fit(FitIns(ndarrays_to_parameters(arrays), dict(config)))
+            reply = self.client.fit(FitIns(ndarrays_to_parameters(arrays), _flower_config(config)))
             if reply.status.code != Code.OK:
                 raise RuntimeError(f"Flower client fit failed: {reply.status.message}")
             new = parameters_to_ndarrays(reply.parameters)
@@ -92,9 +104,11 @@ class FlowerClientAdapter:
         """Call the Flower client's ``evaluate``; its loss is reported as ``loss``."""
         arrays = [np.asarray(v) for v in parameters.values()]
         if isinstance(self.client, NumPyClient):
-            loss, num_examples, metrics = self.client.evaluate(arrays, dict(config))
+            loss, num_examples, metrics = self.client.evaluate(arrays, _flower_config(config))
         else:
-            reply = self.client.evaluate(EvaluateIns(ndarrays_to_parameters(arrays), dict(config)))
+            reply = self.client.evaluate(
+                EvaluateIns(ndarrays_to_parameters(arrays), _flower_config(config))
+            )
             if reply.status.code != Code.OK:
                 raise RuntimeError(f"Flower client evaluate failed: {reply.status.message}")
             loss, num_examples, metrics = reply.loss, reply.num_examples, reply.metrics

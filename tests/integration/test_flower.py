@@ -36,7 +36,16 @@ class QuickstartClient(NumPyClient):
 ARRAYS = {"w": np.zeros((8, 4), np.float32), "b": np.zeros(4, np.float32)}
 
 
-def federation(tmp_path, pki, *, strategy=None, clients=(1.0, 3.0), rounds=2, **config_kwargs):
+def federation(
+    tmp_path,
+    pki,
+    *,
+    strategy=None,
+    clients=(1.0, 3.0),
+    rounds=2,
+    make_client=QuickstartClient,
+    **config_kwargs,
+):
     config = make_config(tmp_path, pki.root, ARRAYS, num_rounds=rounds, min_clients=len(clients))
     config = dataclasses.replace(config, **config_kwargs)
     reporter = CollectingReporter()
@@ -49,7 +58,7 @@ def federation(tmp_path, pki, *, strategy=None, clients=(1.0, 3.0), rounds=2, **
                 stack.enter_context(
                     silo_thread(
                         FlowerClientAdapter(
-                            QuickstartClient(step).to_client() if i % 2 else QuickstartClient(step)
+                            make_client(step).to_client() if i % 2 else make_client(step)
                         ),
                         port=coordinator.port,
                         tls=pki.tls(name),
@@ -72,6 +81,31 @@ def test_unmodified_numpy_clients_complete_a_fedpriv_federation(tmp_path, pki):
     np.testing.assert_allclose(final["w"], 4.0)  # two rounds of the mean step (1 + 3) / 2
     assert reporter.completed[0].evaluation_metrics["accuracy"] == pytest.approx(0.5)
     assert reporter.completed[0].fit_metrics["train_loss"] == pytest.approx(2.0)
+
+
+class SklearnStyleClient(QuickstartClient):
+    """Reads ``config["server_round"]``, as Flower's sklearn example does; records what it saw."""
+
+    seen: list[tuple[str, int]] = []
+
+    def fit(self, parameters, config):
+        SklearnStyleClient.seen.append(("fit", config["server_round"]))
+        return super().fit(parameters, config)
+
+    def evaluate(self, parameters, config):
+        SklearnStyleClient.seen.append(("evaluate", config["server_round"]))
+        return super().evaluate(parameters, config)
+
+
+def test_a_flower_client_reads_server_round_in_fit_and_evaluate(tmp_path, pki):
+    SklearnStyleClient.seen = []
+    reporter, final = federation(tmp_path, pki, make_client=SklearnStyleClient)
+    assert [s.accepted for s in reporter.completed] == [2, 2]
+    np.testing.assert_allclose(final["w"], 4.0)
+    # Two silos, two rounds: each fit and each evaluation saw its round's number.
+    assert sorted(SklearnStyleClient.seen) == sorted(
+        [(kind, round) for round in (1, 2) for kind in ("fit", "evaluate") for _ in range(2)]
+    )
 
 
 def test_flower_fedadam_runs_as_the_fedpriv_strategy(tmp_path, pki):
