@@ -35,6 +35,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common import Scalar as FlowerScalar
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
@@ -48,13 +49,13 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, Scalar]:
     return {k: v for k, v in metrics.items() if isinstance(v, bool | int | float | str)}
 
 
-def _flower_config(config: Mapping[str, Scalar]) -> dict[str, Scalar]:
+def _flower_config(config: Mapping[str, Scalar]) -> dict[str, FlowerScalar]:
     """The task's config as Flower gives it to a client: ``server_round`` is always there.
 
     >>> _flower_config({"round": 3, "lr": 0.1})
     {'round': 3, 'lr': 0.1, 'server_round': 3}
     """
-    flower = dict(config)
+    flower: dict[str, FlowerScalar] = dict(config)
     if "round" in config:
         flower["server_round"] = config["round"]
     return flower
