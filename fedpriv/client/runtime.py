@@ -26,6 +26,7 @@ from fedpriv.client.messages import (
 from fedpriv.client.release import ReleasePolicy
 from fedpriv.client.secure import SecureUpload
 from fedpriv.client.tasks import ModelOwner, TaskLimits, ValidatedTask, receive_task
+from fedpriv.client.user_code import UserCodeFailed, call_user_code
 from fedpriv.errors import (
     AuthenticationError,
     ConnectError,
@@ -221,10 +222,10 @@ def _run_task(
             # threshold fails before anyone spends time or privacy on it.
             secure = SecureUpload(stub, task, received.secagg, stats)
             secure.setup(timeout=timeout)
-        fit = client.fit(arrays, config=config)
         # Under DP only the noised update, the accounting values below and what the
         # silo opted in to leave it (see fedpriv.client.release).
         private = ledger is not None or planned is not None
+        fit = call_user_code("fit", lambda: client.fit(arrays, config=config), private=private)
         allowed = release.fit(fit.metrics, num_examples=fit.num_examples, private=private)
         _log_withheld(task, allowed.dropped)
         metrics = dict(allowed.metrics)
@@ -278,9 +279,11 @@ def _run_task(
             )
         stats.trained += 1
     else:
-        evaluation = client.evaluate(arrays, config=config)
         plan_fn = getattr(client, "plan_privacy", None)
         private = ledger is not None or (plan_fn is not None and plan_fn(config) is not None)
+        evaluation = call_user_code(
+            "evaluate", lambda: client.evaluate(arrays, config=config), private=private
+        )
         allowed = release.evaluate(
             evaluation.metrics, num_examples=evaluation.num_examples, private=private
         )
@@ -428,6 +431,10 @@ def run_client(
                         # aggregation, a peer or roster that breaks it): declined with the
                         # reason, and the silo takes the next task.
                         _decline(stub, received.task, str(err), stats)
+                    except UserCodeFailed as failed:
+                        # The silo's own fit or evaluate raised (logged with its traceback):
+                        # that task fails with the reason, and the silo takes the next one.
+                        _decline(stub, received.task, failed.reason, stats)
                 buffers.keep(received.payload)
                 del received
             except grpc.RpcError as rpc_error:
