@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import pathlib
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -12,7 +14,7 @@ from fedpriv.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["Table", "check_positive", "field_default"]
+__all__ = ["Table", "check_positive", "field_default", "load_factory"]
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -150,3 +152,22 @@ class Table:
                 f"unknown key(s) in {where}: {', '.join(unknown)}; "
                 f"allowed: {', '.join(sorted(self._seen))}"
             )
+
+
+def load_factory(spec: str, *, field: str) -> Any:
+    """Import ``module:attribute`` (the current directory is importable, as with ``python -m``).
+
+    Raises:
+        ConfigError: The module or attribute cannot be found.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(pathlib.Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{field} = {spec!r}: cannot import {module_name!r}: {err}") from err
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"{field} = {spec!r}: {module_name!r} has no {attribute!r}") from None

@@ -93,10 +93,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
     elif args.reset_ledger:
         logger.warning("--reset-ledger has no effect: this silo has no [privacy] ledger")
     if args.flower_app:
-        from fedpriv.client.flower import from_client_fn
+        from fedpriv.client.flower_app import load_flower_app
 
-        client = from_client_fn(
-            load_factory(args.flower_app, field="--flower-app"), node_config=dict(config.app)
+        client = load_flower_app(
+            args.flower_app, node_config=config.app, run_config=config.run_config
         )
     else:
         client = load_factory(args.app, field="--app")(dict(config.app))
@@ -274,7 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     app.add_argument("--app", help="module:factory returning a fedpriv Client")
     app.add_argument(
         "--flower-app",
-        help="module:client_fn of an unmodified Flower client (NumPyClient or Client)",
+        help="module:app of an unmodified Flower app: a ClientApp (Message API or "
+        "client_fn) or a client_fn returning a NumPyClient or Client",
     )
     client.add_argument("--config", required=True, help="silo TOML file")
     client.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")

@@ -33,7 +33,10 @@ class ClientConfig:
         identity: Name to claim on a plain-text channel (--insecure only).
         poll_wait_s: Long-poll length.
         reconnect_timeout_s: Give up after this long without reaching the coordinator.
-        app: Values passed to the app factory (data paths, silo index, ...).
+        app: Values passed to the app factory (data paths, silo index, ...); a
+            Flower app's ``context.node_config``.
+        run_config: A Flower app's ``context.run_config`` over its project's
+            ``[tool.flwr.app.config]`` (``[run_config]``; as ``flwr run --run-config``).
         budget: The silo's privacy budget; with it every round is checked and
             recorded in the ledger at `ledger`.
         ledger: Where the privacy ledger is kept (on the silo's own disk).
@@ -54,6 +57,7 @@ class ClientConfig:
     poll_wait_s: int = DEFAULT_POLL_WAIT_S
     reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S
     app: Mapping[str, Scalar] = field(default_factory=dict)
+    run_config: Mapping[str, Scalar] = field(default_factory=dict)
     budget: PrivacyBudget | None = None
     ledger: pathlib.Path | None = None
     # Off by default: a lost key makes the ledger unreadable, and the silo then
@@ -150,6 +154,7 @@ class ClientConfig:
                 check_positive,
             ),
             app=top.scalars("app"),
+            run_config=top.scalars("run_config"),
             budget=budget,
             ledger=privacy.path("ledger"),
             ledger_key=KeySource.from_table(privacy),

@@ -41,18 +41,18 @@ from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
 from fedpriv.errors import ConfigError
 
-__all__ = ["FlowerClientAdapter", "from_client_fn"]
+__all__ = ["FlowerClientAdapter", "flower_config", "from_client_fn", "scalars"]
 
 
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, Scalar]:
+def scalars(metrics: Mapping[str, Any]) -> dict[str, Scalar]:
     """Flower metrics may hold bytes or lists; fedpriv carries scalars only."""
     return {k: v for k, v in metrics.items() if isinstance(v, bool | int | float | str)}
 
 
-def _flower_config(config: Mapping[str, Scalar]) -> dict[str, FlowerScalar]:
+def flower_config(config: Mapping[str, Scalar]) -> dict[str, FlowerScalar]:
     """The task's config as Flower gives it to a client: ``server_round`` is always there.
 
-    >>> _flower_config({"round": 3, "lr": 0.1})
+    >>> flower_config({"round": 3, "lr": 0.1})
     {'round': 3, 'lr': 0.1, 'server_round': 3}
     """
     flower: dict[str, FlowerScalar] = dict(config)
@@ -82,9 +82,9 @@ class FlowerClientAdapter:
         names = list(parameters)
         arrays = [np.asarray(parameters[name]) for name in names]
         if isinstance(self.client, NumPyClient):
-            new, num_examples, metrics = self.client.fit(arrays, _flower_config(config))
+            new, num_examples, metrics = self.client.fit(arrays, flower_config(config))
         else:
-            reply = self.client.fit(FitIns(ndarrays_to_parameters(arrays), _flower_config(config)))
+            reply = self.client.fit(FitIns(ndarrays_to_parameters(arrays), flower_config(config)))
             if reply.status.code != Code.OK:
                 raise RuntimeError(f"Flower client fit failed: {reply.status.message}")
             new = parameters_to_ndarrays(reply.parameters)
@@ -96,7 +96,7 @@ class FlowerClientAdapter:
         return FitResult(
             parameters=dict(zip(names, new, strict=True)),
             num_examples=int(num_examples),
-            metrics=_scalars(metrics or {}),
+            metrics=scalars(metrics or {}),
         )
 
     def evaluate(
@@ -105,17 +105,17 @@ class FlowerClientAdapter:
         """Call the Flower client's ``evaluate``; its loss is reported as ``loss``."""
         arrays = [np.asarray(v) for v in parameters.values()]
         if isinstance(self.client, NumPyClient):
-            loss, num_examples, metrics = self.client.evaluate(arrays, _flower_config(config))
+            loss, num_examples, metrics = self.client.evaluate(arrays, flower_config(config))
         else:
             reply = self.client.evaluate(
-                EvaluateIns(ndarrays_to_parameters(arrays), _flower_config(config))
+                EvaluateIns(ndarrays_to_parameters(arrays), flower_config(config))
             )
             if reply.status.code != Code.OK:
                 raise RuntimeError(f"Flower client evaluate failed: {reply.status.message}")
             loss, num_examples, metrics = reply.loss, reply.num_examples, reply.metrics
         return EvaluateResult(
             num_examples=int(num_examples),
-            metrics={"loss": float(loss), **_scalars(metrics or {})},
+            metrics={"loss": float(loss), **scalars(metrics or {})},
         )
 
 
@@ -123,17 +123,20 @@ def from_client_fn(
     client_fn: Callable[[Context], NumPyClient | FlowerClient],
     *,
     node_config: Mapping[str, Scalar] | None = None,
+    context: Context | None = None,
 ) -> FlowerClientAdapter:
     """Build the adapter from a Flower ``client_fn(context)``.
 
-    The context's ``node_config`` is the silo's ``[app]`` table (Flower's
-    ``--node-config``); its ``run_config`` is empty.
+    Without `context`, the context's ``node_config`` is `node_config` (the silo's
+    ``[app]`` table, Flower's ``--node-config``) and its ``run_config`` is empty;
+    :func:`fedpriv.client.flower_app.load_flower_app` fills it from the app's project.
     """
-    context = Context(
-        run_id=0,
-        node_id=0,
-        node_config=dict(node_config or {}),
-        state=RecordDict(),
-        run_config={},
-    )
+    if context is None:
+        context = Context(
+            run_id=0,
+            node_id=0,
+            node_config=dict(node_config or {}),
+            state=RecordDict(),
+            run_config={},
+        )
     return FlowerClientAdapter(client_fn(context))

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
 import os
-import pathlib
 import sys
 import threading
 from collections.abc import Mapping
@@ -15,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fedpriv._config import load_factory
 from fedpriv.atrest import AtRestKey, is_sealed
 from fedpriv.coordinator.admin import AdminServicer
 from fedpriv.coordinator.aggregation import AnyStrategy
@@ -43,25 +42,6 @@ logger = logging.getLogger(__name__)
 # Calls re-check the CRL file as they arrive; this check covers a quiet federation whose
 # only open call is a long upload. One stat per second costs nothing.
 _REVOCATION_CHECK_S = 1.0
-
-
-def load_factory(spec: str, *, field: str) -> Any:
-    """Import ``module:attribute`` (the current directory is importable, as with ``python -m``).
-
-    Raises:
-        ConfigError: The module or attribute cannot be found.
-    """
-    module_name, _, attribute = spec.partition(":")
-    if "" not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(pathlib.Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"{field} = {spec!r}: cannot import {module_name!r}: {err}") from err
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        raise ConfigError(f"{field} = {spec!r}: {module_name!r} has no {attribute!r}") from None
 
 
 # glibc's mallopt parameter for the arena cap (malloc.h).

@@ -232,8 +232,9 @@ class StrategyConfig:
     Args:
         name: A native strategy (``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``,
             ``fedadagrad``, ``krum``, ``median``, ``trimmed_mean``); None: ``fedavg``.
-        flower: Name of a strategy in ``flwr.server.strategy`` (``FedAdam``,
-            ``FedTrimmedAvg``, ``Krum``, ...) instead of a native one.
+        flower: A Flower strategy instead of a native one: a class name in
+            ``flwr.server.strategy`` (``FedAdam``, ``FedTrimmedAvg``, ``Krum``, ...) or
+            ``flwr.serverapp.strategy:NAME`` for the Message API's strategies.
         options: Keyword arguments for the strategy.
     """
 

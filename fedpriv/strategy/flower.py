@@ -26,10 +26,14 @@ from flwr.server.strategy import Strategy as FlowerStrategyBase
 
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError, RoundFailed
+from fedpriv.strategy.flower_message import FlowerMessageStrategy, flower_message_strategy
 from fedpriv.strategy.protocol import SpooledUpdate
 from fedpriv.wire import Model, TensorLayout
 
-__all__ = ["FlowerStrategy", "flower_strategy"]
+__all__ = ["LEGACY_MODULE", "MESSAGE_API_MODULE", "FlowerStrategy", "flower_strategy"]
+
+LEGACY_MODULE = "flwr.server.strategy"
+MESSAGE_API_MODULE = "flwr.serverapp.strategy"
 
 
 class _Proxy(ClientProxy):
@@ -159,9 +163,12 @@ class FlowerStrategy:
 
 def flower_strategy(
     name: str, *, model: Model, options: Mapping[str, Scalar] | None = None
-) -> FlowerStrategy:
-    """Build ``flwr.server.strategy.<name>(**options)``.
+) -> FlowerStrategy | FlowerMessageStrategy:
+    """Build ``flwr.server.strategy.<name>(**options)``, or the Message API's.
 
+    `name` is a class in ``flwr.server.strategy`` (``"FedAdam"``, or
+    ``"flwr.server.strategy:FedAdam"``) or in ``flwr.serverapp.strategy``
+    (``"flwr.serverapp.strategy:FedAdam"``; see :mod:`fedpriv.strategy.flower_message`).
     Strategies that take ``initial_parameters`` (FedAdam, FedYogi, ...) get the
     global model; the scheduling arguments (``min_fit_clients`` ...) are left at
     Flower's defaults, as fedpriv's coordinator schedules rounds itself.
@@ -169,6 +176,16 @@ def flower_strategy(
     Raises:
         ConfigError: No such strategy, or options it does not accept.
     """
+    module, colon, attribute = name.rpartition(":")
+    if colon:
+        if module == MESSAGE_API_MODULE:
+            return flower_message_strategy(attribute, model=model, options=options)
+        if module != LEGACY_MODULE:
+            raise ConfigError(
+                f"strategy.flower = {name!r}: expected a class of {LEGACY_MODULE} or "
+                f"{MESSAGE_API_MODULE} ('{MESSAGE_API_MODULE}:FedAdam')"
+            )
+        name = attribute
     cls = getattr(flower_strategies, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, FlowerStrategyBase)):
         raise ConfigError(f"strategy.flower = {name!r}: flwr.server.strategy has no such strategy")

@@ -1,0 +1,1 @@
+"""quickstart-np: a Flower app (Message API) in NumPy."""
