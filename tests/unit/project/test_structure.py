@@ -15,6 +15,7 @@ PACKAGE = ROOT / "fedpriv"
 LAYERS = {
     "cli": 5,
     "scaffold": 4,
+    "run": 4,
     "coordinator": 3,
     "client": 3,
     "strategy": 2,

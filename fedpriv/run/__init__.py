@@ -1,0 +1,7 @@
+"""Run a Flower project as a local fedpriv federation (``fedpriv run PROJECT_DIR``)."""
+
+from __future__ import annotations
+
+from fedpriv.run.flower_project import FlowerProject, run_flower_project
+
+__all__ = ["FlowerProject", "run_flower_project"]
