@@ -73,7 +73,8 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
 def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> Model:
     """Build the initial global model from a factory or a checkpoint.
 
-    A factory may return a mapping of numpy arrays or a ``torch.nn.Module``. A
+    A factory may return a ``torch.nn.Module``, a mapping of numpy arrays, or a list
+    of them (Flower's ``NDArrays``, named ``"0"``, ``"1"``, ... by position). A
     checkpoint may be plain, or encrypted under `key` (the state's key).
 
     Raises:
@@ -89,9 +90,13 @@ def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> 
         return model_from_state_dict(made.state_dict(), chunk_bytes=source.chunk_bytes)
     if isinstance(made, Mapping) and all(isinstance(v, np.ndarray) for v in made.values()):
         return Model.from_arrays(made, chunk_bytes=source.chunk_bytes)
+    if isinstance(made, list | tuple) and made and all(isinstance(v, np.ndarray) for v in made):
+        # Flower's NDArrays: the arrays are named by position, as Flower's ArrayRecord does.
+        named = {str(i): v for i, v in enumerate(made)}
+        return Model.from_arrays(named, chunk_bytes=source.chunk_bytes)
     raise ConfigError(
         f"model.factory = {source.factory!r} returned {type(made).__name__}; "
-        "return a torch.nn.Module or a dict of numpy arrays"
+        "return a torch.nn.Module, a dict of numpy arrays or a list of them (Flower's NDArrays)"
     )
 
 

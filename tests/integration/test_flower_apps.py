@@ -34,13 +34,28 @@ def app_path(monkeypatch):
     monkeypatch.syspath_prepend(str(PROJECT))
     from quickstart_np import client_app, task
 
-    client_app.SEEN.clear()
-    client_app.TRAIN_CONFIGS.clear()
     return client_app, task
 
 
-def fedpriv_run(tmp_path, pki, task, *, app: str, strategy: StrategyConfig | None = None):
-    """The federation as fedpriv runs it: a coordinator and three silos of `app`, over mTLS."""
+class Recording:
+    """Stands between a silo and its ClientApp: records each message, then calls the app."""
+
+    def __init__(self, app, partition: int, seen: list) -> None:
+        self.app, self.partition, self.seen = app, partition, seen
+
+    def __call__(self, message, context):
+        config = dict(message.content["config"]) if "config" in message.content else {}
+        self.seen.append((message.metadata.message_type, self.partition, config))
+        return self.app(message, context)
+
+
+def fedpriv_run(
+    tmp_path, pki, task, *, app: str, strategy: StrategyConfig | None = None, seen=None
+):
+    """The federation as fedpriv runs it: a coordinator and three silos of `app`, over mTLS.
+
+    With a `seen` list, each Message API silo's messages are recorded in it.
+    """
     w, b = task.initial_weights()
     config = make_config(
         tmp_path, pki.root, {"w": w, "b": b}, num_rounds=ROUNDS, min_clients=len(SILOS)
@@ -52,6 +67,9 @@ def fedpriv_run(tmp_path, pki, task, *, app: str, strategy: StrategyConfig | Non
         load_flower_app(app, node_config={"partition-id": i, "num-partitions": len(SILOS)})
         for i in range(len(SILOS))
     ]
+    if seen is not None:
+        for i, client in enumerate(clients):
+            client.app = Recording(client.app, i, seen)
     with Coordinator(config, reporter=reporter) as coordinator:
         with contextlib.ExitStack() as stack:
             outcomes = [
@@ -72,9 +90,12 @@ def fedpriv_run(tmp_path, pki, task, *, app: str, strategy: StrategyConfig | Non
 
 def test_message_api_client_app_completes_three_rounds_over_mtls(tmp_path, pki, app_path):
     client_app, task = app_path
-    reporter, final = fedpriv_run(tmp_path, pki, task, app="quickstart_np.client_app:app")
+    seen = []
+    reporter, final = fedpriv_run(
+        tmp_path, pki, task, app="quickstart_np.client_app:app", seen=seen
+    )
     # Every silo trained and evaluated in every round, and saw Flower's server-round.
-    assert sorted(client_app.SEEN) == sorted(
+    assert sorted((kind, p, c["server-round"]) for kind, p, c in seen) == sorted(
         (kind, partition, round)
         for kind in ("train", "evaluate")
         for partition in range(3)
@@ -107,8 +128,9 @@ def test_a_serverapp_strategy_gives_flowers_model(tmp_path, pki, app_path, name,
         task,
         app="quickstart_np.client_app:app",
         strategy=StrategyConfig(flower=f"flwr.serverapp.strategy:{name}", options=options),
+        seen=(seen := []),
     )
-    fedpriv_configs = list(client_app.TRAIN_CONFIGS)
+    fedpriv_configs = [config for kind, _, config in seen if kind == "train"]
     strategies = {"FedAvg": FedAvg, "FedAdam": FedAdam, "FedProx": FedProx}
     reference = {}
     for kind in {name, "FedAvg"}:
