@@ -13,7 +13,6 @@ import enum
 import ipaddress
 import logging
 import pathlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpriv.errors import PKIError
+from fedpriv.names import NAME_RULE, is_valid_name
 from fedpriv.pki.crl import CRL_FILE, RevokedEntry, sign_crl
 from fedpriv.pki.index import IssuedIndex, IssuedRecord, format_serial, parse_serial
 from fedpriv.storage import write_atomic
@@ -44,7 +44,6 @@ DEFAULT_CA_DAYS = 3650
 # Short-lived leaves limit the damage of a stolen key that nobody noticed; a noticed
 # one is revoked (`fedpriv pki revoke`), which the coordinator enforces at once.
 DEFAULT_LEAF_DAYS = 90
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class Role(enum.Enum):
@@ -67,11 +66,8 @@ def _utcnow() -> dt.datetime:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME.match(name):
-        raise PKIError(
-            f"name {name!r} is not allowed: use 1-63 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    if not is_valid_name(name):
+        raise PKIError(f"name {name!r} is not allowed: use {NAME_RULE}")
 
 
 def _key_bytes(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> bytes:

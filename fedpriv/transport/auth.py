@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import grpc
 from cryptography import x509
 
+from fedpriv.names import NAME_RULE, is_valid_name
+
 __all__ = [
     "INSECURE_IDENTITY_KEY",
     "AuthInterceptor",
@@ -185,7 +187,24 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc shi
                 identity=None,
                 reason=DenialReason.NO_CERT,
                 code=grpc.StatusCode.UNAUTHENTICATED,
-                message="no client identity: present a certificate issued by the federation CA",
+                message=(
+                    f"no client identity: send the {INSECURE_IDENTITY_KEY!r} metadata key "
+                    "(plain-text mode)"
+                    if self._insecure
+                    else "no client identity: present a certificate issued by the federation CA"
+                ),
+                method=method,
+            )
+            return
+        if self._insecure and not is_valid_name(identity):
+            # The same rule a certificate's name follows: it appears in logs, paths and the store.
+            self._deny(
+                context,
+                identity=None,
+                reason=DenialReason.NO_CERT,
+                code=grpc.StatusCode.UNAUTHENTICATED,
+                message=f"{INSECURE_IDENTITY_KEY} = {identity[:80]!r} is not a valid name: "
+                f"use {NAME_RULE}",
                 method=method,
             )
             return

@@ -8,6 +8,7 @@ __all__ = [
     "DEFAULT_POLL_WAIT_S",
     "DEFAULT_RECONNECT_TIMEOUT_S",
     "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_BYTES",
     "SERVER_OPTIONS",
 ]
 
@@ -22,6 +23,8 @@ DEFAULT_RECONNECT_TIMEOUT_S = 300.0
 # headers of models with many tensors add a little. gRPC's default 4 MiB receive limit
 # would reject a full chunk plus its framing.
 MAX_MESSAGE_BYTES = 8 << 20
+# Metadata a coordinator accepts on one call (gRPC's default soft limit, as a hard one).
+MAX_METADATA_BYTES = 8 << 10
 
 _COMMON: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -45,6 +48,11 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 # (fedpriv.transport.limits.ServerLimits.server_options).
 SERVER_OPTIONS: list[tuple[str, int | str]] = [
     *_COMMON,
+    # A call's metadata (fedpriv-session, fedpriv-silo, gRPC's own) needs well under 1 KiB;
+    # beyond 8 KiB a call is refused with RESOURCE_EXHAUSTED (docs/protocol.md). Both limits:
+    # between gRPC's soft and hard limits a call is refused only at random.
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     # A model upload may take minutes; never cut a connection for its age.
     ("grpc.max_connection_age_ms", 2**31 - 1),
     # Bandwidth-delay-product probing grows each connection's receive window; with

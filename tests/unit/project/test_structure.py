@@ -31,6 +31,7 @@ LAYERS = {
     "_config": 0,
     "storage": 0,
     "faults": 0,
+    "names": 0,
     "_lazy": 0,
 }
 # The root facade (`from fedpriv import TorchClient`) sits above every layer: no module

@@ -274,3 +274,22 @@ def test_insecure_mode_consults_no_revocation_list():
     context = FakeContext({}, metadata=(("fedpriv-silo", "silo-a"),))
     interceptor = AuthInterceptor(allowed=None, insecure=True, revocations=Explodes())
     assert run_guarded(interceptor, context) == "ok"
+
+
+@pytest.mark.parametrize(
+    "claimed", ["silo a", "x" * 64, "-leading-dash", "silo\nforged-log-line", "silo/../etc"]
+)
+def test_insecure_mode_refuses_an_identity_no_certificate_could_carry(claimed):
+    context = FakeContext({}, metadata=(("fedpriv-silo", claimed),))
+    with pytest.raises(Aborted):
+        run_guarded(AuthInterceptor(allowed=None, insecure=True), context)
+    assert context.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "fedpriv-silo" in context.details and "letters, digits" in context.details
+
+
+def test_insecure_mode_without_the_identity_key_names_the_key():
+    context = FakeContext({}, metadata=(("fedpriv-session", "0" * 32),))
+    with pytest.raises(Aborted):
+        run_guarded(AuthInterceptor(allowed=None, insecure=True), context)
+    assert context.code == grpc.StatusCode.UNAUTHENTICATED
+    assert "'fedpriv-silo' metadata key" in context.details
