@@ -12,7 +12,7 @@ demo-dp: $(STAMP)
 demo-secure: $(STAMP)
 	$(PY) examples/digits/demo.py --dp --secagg --strategy $(STRATEGY)
 
-.PHONY: demo demo-dp demo-secure test proto lint typecheck bench clean
+.PHONY: demo demo-dp demo-secure test node-deps proto lint typecheck bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,18 @@ demo: $(STAMP)
 # the rest, in one process of their own (tests/fuzz/conftest.py says why).
 WORKERS ?= 2
 
-test: $(STAMP)
+test: $(STAMP) node-deps
 	$(PY) -m pytest -q -n $(WORKERS) --ignore=tests/fuzz
 	$(PY) -m pytest -q tests/fuzz
+
+# The Node.js silo example (examples/node) and its test need its two npm packages.
+# Without npm the test skips, and fails under CI=true (.ci/run installs nodejs and npm).
+node-deps:
+	@if command -v npm >/dev/null; then \
+		test -f examples/node/node_modules/.installed || { \
+			npm ci --prefix examples/node --no-audit --no-fund --ignore-scripts --loglevel=error \
+			&& touch examples/node/node_modules/.installed; }; \
+	else echo "npm not found: tests/integration/test_node_silo.py will skip"; fi
 
 proto: $(STAMP)
 	$(PY) proto/generate.py
