@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import pathlib
 import sys
@@ -144,12 +145,16 @@ class Table:
         self._seen.update(self._data)
 
     def finish(self) -> None:
-        """Raise if the table holds keys that were never read (typos)."""
+        """Raise if the table holds keys that were never read (typos), naming the nearest."""
         unknown = sorted(set(self._data) - self._seen)
         if unknown:
             where = f"[{self._path}]" if self._path else "the top level"
+            named = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, sorted(self._seen), n=1)
+                named.append(f"{key} (did you mean {close[0]!r}?)" if close else key)
             raise ConfigError(
-                f"unknown key(s) in {where}: {', '.join(unknown)}; "
+                f"unknown key(s) in {where}: {', '.join(named)}; "
                 f"allowed: {', '.join(sorted(self._seen))}"
             )
 

@@ -98,10 +98,12 @@ def silo_thread(
     reconnect_timeout_s: float = 30.0,
     address: str | None = None,
     server_name: str | None = None,
+    ledger: Any = None,
 ) -> Iterator[dict[str, Any]]:
     """Run a silo in a thread; the yielded dict gets 'stats' or 'error' when it ends.
 
     It connects to 127.0.0.1:`port`, or to `address` (a Unix socket, say) when given.
+    With a `ledger` (an open PrivacyLedger) the silo accounts and reports its epsilon.
     """
     outcome: dict[str, Any] = {}
     stop = threading.Event()
@@ -118,6 +120,7 @@ def silo_thread(
                 poll_wait_s=2,
                 reconnect_timeout_s=reconnect_timeout_s,
                 stop=stop,
+                ledger=ledger,
             )
         except Exception as err:  # recorded for the test to assert on
             outcome["error"] = err

@@ -20,6 +20,7 @@ from fedpriv.coordinator.settings import (
     StrategyConfig,
     TLSFiles,
 )
+from fedpriv.coordinator.tracking.settings import TrackingConfig
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.central import CentralDP
 from fedpriv.transport.limits import ServerLimits
@@ -34,6 +35,7 @@ __all__ = [
     "SecAggConfig",
     "StrategyConfig",
     "TLSFiles",
+    "TrackingConfig",
 ]
 
 DEFAULT_HEARTBEAT_S = 10
@@ -86,6 +88,8 @@ class CoordinatorConfig:
             noise is distributed: each silo adds Skellam noise before masking.
         limits: Limits against exhaustion (the ``[limits]`` table): streams per
             identity, stream timeouts, message sizes, connections, keepalive.
+        tracking: Experiment trackers (MLflow, TensorBoard) the federation is logged
+            to (the ``[tracking]`` table); none by default.
     """
 
     federation: str = "fedpriv"
@@ -107,6 +111,7 @@ class CoordinatorConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     prometheus: str | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         if self.prometheus is not None and not self.prometheus.rpartition(":")[2].isdigit():
@@ -189,6 +194,7 @@ class CoordinatorConfig:
         strategy_table = top.table("strategy")
         metrics_table = top.table("metrics")
         limits_table = top.table("limits")
+        tracking_table = top.table("tracking")
         allowed = fed.strings("allowed_silos")
         tls = None
         ca, cert, key, crl = (tls_table.path(k) for k in ("ca", "cert", "key", "crl"))
@@ -281,8 +287,9 @@ class CoordinatorConfig:
             ),
             prometheus=metrics_table.optional("prometheus", str),
             limits=_limits(limits_table),
+            tracking=TrackingConfig.from_table(tracking_table, base_dir=base_dir),
         )
         tables = (fed, server, tls_table, rounds, model, store, dp_table, secagg_table)
-        for table in (*tables, strategy_table, metrics_table, limits_table, top):
+        for table in (*tables, strategy_table, metrics_table, limits_table, tracking_table, top):
             table.finish()
         return config

@@ -24,6 +24,7 @@ from fedpriv.coordinator.federation import Federation, RoundReporter
 from fedpriv.coordinator.servicer import FleetServicer, add_fleet_servicer
 from fedpriv.coordinator.store import Store
 from fedpriv.coordinator.telemetry import Telemetry
+from fedpriv.coordinator.tracking import RunStatus, Tracking
 from fedpriv.errors import ConfigError, FedprivError
 from fedpriv.pki import RevocationList
 from fedpriv.strategy import FedAvg, build_strategy
@@ -225,7 +226,11 @@ class Coordinator:
         strategy = strategy or FedAvg()
         if committed.round > 0:
             _restore_strategy(strategy, self.store, committed.round)
-        self.telemetry = Telemetry(config.state_dir, inner=reporter, prometheus=config.prometheus)
+        # Round events go telemetry -> experiment trackers -> `reporter`.
+        self.tracking = Tracking.from_config(config, inner=reporter)
+        self.telemetry = Telemetry(
+            config.state_dir, inner=self.tracking, prometheus=config.prometheus
+        )
         self.federation = Federation(
             config=config,
             strategy=strategy,
@@ -316,14 +321,22 @@ class Coordinator:
             revocations.refresh()
 
     def _run(self) -> None:
+        self.tracking.start()
         try:
             self.federation.run()
         except FedprivError as err:
             self._error = err
             logger.error("federation stopped: %s", err)
+            self.tracking.end(RunStatus.FAILED, detail=str(err))
         except Exception as err:  # surfaced to wait() instead of dying silently in a thread
             self._error = err
             logger.exception("federation crashed")
+            self.tracking.end(RunStatus.FAILED, detail=f"coordinator crashed: {type(err).__name__}")
+        else:  # finished, or stopped (a restart continues the run)
+            if self.federation.finished:
+                self.tracking.end(RunStatus.FINISHED, results=self.store)
+            else:
+                self.tracking.end(RunStatus.KILLED)
 
     def wait(self, timeout_s: float | None = None, *, finish_grace_s: float = 30.0) -> bool:
         """Block until all rounds are done and live silos were told; re-raise a failure.
@@ -350,4 +363,5 @@ class Coordinator:
             self._server_cm.__exit__(None, None, None)
         self.federation.close()
         self.telemetry.close()
+        self.tracking.close()
         self.store.close()
