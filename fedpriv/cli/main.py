@@ -133,17 +133,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import datetime
 
-    from flwr.common.config import parse_config_args
-
-    from fedpriv.run import FlowerProject, run_flower_project
+    from fedpriv.run import FlowerProject, parse_run_config, run_flower_project
 
     project = FlowerProject.read(pathlib.Path(args.project))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     state_dir = pathlib.Path(args.state_dir or project.root / ".fedpriv" / "runs" / stamp)
-    try:
-        overrides = parse_config_args([args.run_config] if args.run_config else None)
-    except ValueError as err:
-        raise ConfigError(f"--run-config {args.run_config!r}: {err}") from err
+    overrides = parse_run_config(args.run_config)
     printer = RoundPrinter(quiet=args.quiet)
     with contextlib.closing(printer):
         final = run_flower_project(

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from fedpriv.run.flower_project import FlowerProject, run_flower_project
+from fedpriv.run.flower_project import FlowerProject, parse_run_config, run_flower_project
 
-__all__ = ["FlowerProject", "run_flower_project"]
+__all__ = ["FlowerProject", "parse_run_config", "run_flower_project"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import Context, RecordDict
-from flwr.common.config import get_fused_config_from_dir
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from flwr.serverapp.strategy import Strategy as MessageStrategy
 
 from fedpriv._config import load_factory
@@ -50,7 +50,7 @@ from fedpriv.strategy.flower_message import FlowerMessageStrategy
 from fedpriv.transport import TLSConfig
 from fedpriv.wire import Model
 
-__all__ = ["FlowerProject", "run_flower_project"]
+__all__ = ["FlowerProject", "parse_run_config", "run_flower_project"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,22 @@ class FlowerProject:
             clientapp=components["clientapp"],
             silos=int(silos),
         )
+
+
+def parse_run_config(text: str | None) -> dict[str, Scalar]:
+    """``--run-config "k=v k2=v2"`` as ``flwr run`` parses it (TOML values).
+
+    Raises:
+        ConfigError: It does not parse.
+    """
+    try:
+        parsed = parse_config_args([text] if text else None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--run-config {text!r}: {err}") from err
+    wrong = sorted(k for k, v in parsed.items() if not isinstance(v, bool | int | float | str))
+    if wrong:
+        raise ConfigError(f"--run-config: {', '.join(wrong)} must be plain scalars")
+    return dict(parsed)
 
 
 def _pki(directory: pathlib.Path, silos: list[str]) -> tuple[TLSFiles, dict[str, TLSConfig]]:
