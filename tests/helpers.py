@@ -73,7 +73,14 @@ def make_config(
             cert=pki_root / "coordinator.crt",
             key=pki_root / "coordinator.key",
         )
-    settings = {"num_rounds": 1, "min_clients": 2, "deadline_s": 60.0, **rounds}
+    # No wait between attempts at a failed round: the tests that retry run at once.
+    settings = {
+        "num_rounds": 1,
+        "min_clients": 2,
+        "deadline_s": 60.0,
+        "retry_backoff_s": 0.0,
+        **rounds,
+    }
     return CoordinatorConfig(
         address="127.0.0.1:0",
         tls=tls,

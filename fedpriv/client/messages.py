@@ -25,6 +25,8 @@ class ClientStats:
     evaluated: int = 0
     rejected: int = 0
     declined: int = 0
+    # Trained, but the coordinator had called the round off: nothing released.
+    withheld: int = 0
     reconnects: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0

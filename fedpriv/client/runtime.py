@@ -189,6 +189,15 @@ def _privacy_plan(
     return planned, None
 
 
+def _task_closed(stub: fleet_pb2_grpc.FleetStub, task: fleet_pb2.Task) -> bool:
+    """Whether the coordinator says it no longer takes `task`'s result (False if unsure)."""
+    try:
+        reply = stub.Heartbeat(fleet_pb2.HeartbeatRequest(task_id=task.task_id), timeout=10)
+    except grpc.RpcError:
+        return False  # the upload finds out, and is refused if the task is closed
+    return bool(reply.task_closed)
+
+
 def _log_withheld(task: fleet_pb2.Task, dropped: tuple[str, ...]) -> None:
     if dropped:
         logger.info(
@@ -229,6 +238,16 @@ def _run_task(
         allowed = release.fit(fit.metrics, num_examples=fit.num_examples, private=private)
         _log_withheld(task, allowed.dropped)
         metrics = dict(allowed.metrics)
+        if _task_closed(stub, task):
+            # The round was called off (or its deadline passed) while this silo trained:
+            # nobody takes the update, so it is neither recorded nor sent.
+            logger.warning(
+                "round %d was called off while this silo trained: nothing released, "
+                "no privacy spent",
+                task.round,
+            )
+            stats.withheld += 1
+            return
         if planned is not None:
             metrics["noise_multiplier"] = planned.noise_multiplier
         if ledger is not None and planned is not None:

@@ -261,6 +261,7 @@ class CoordinatorConfig:
                     "evaluation_deadline_s", float, r.evaluation_deadline_s
                 ),
                 max_failed_attempts=rounds.get("max_failed_attempts", int, r.max_failed_attempts),
+                retry_backoff_s=rounds.get("retry_backoff_s", float, r.retry_backoff_s),
                 client_config=rounds.scalars("client_config"),
                 update_compression=_compression(
                     rounds.get("update_compression", str, r.update_compression.value)

@@ -182,6 +182,7 @@ class Federation:
         """Register `silo` (again, after a restart)."""
         with self.cond:
             self.registry.touch(silo)
+            self.registry.unbench(silo)
             self.cond.notify_all()
         self.store.touch_silo(silo)
         self._audit(AuditKind.JOIN, silo, f"sdk {sdk_version}" if sdk_version else "")
@@ -200,13 +201,19 @@ class Federation:
         self._audit(AuditKind.GONE, silo, detail)
         self.sessions.end(silo)
 
-    def heartbeat(self, silo: str) -> bool:
-        """Note that `silo` is alive; False if it never joined (it should join again)."""
+    def heartbeat(self, silo: str, task_id: str = "") -> tuple[bool, bool]:
+        """Note that `silo` is alive: whether it is known, and whether `task_id` is closed.
+
+        Not known: it never joined (it should join again). Closed: the coordinator no
+        longer takes that task's result, so the silo must release nothing for it.
+        """
         with self.cond:
             known = self.registry.known(silo)
             if known:
                 self.registry.touch(silo)
-            return known
+            phase = self.phase
+            closed = bool(task_id) and not (phase is not None and phase.takes_result(silo, task_id))
+            return known, closed
 
     def leave(self, silo: str, reason: str) -> None:
         """Forget `silo`; a task it holds counts as dropped."""
@@ -257,6 +264,11 @@ class Federation:
             if phase is None or phase.closed or phase.tasks.get(silo) != task_id:
                 raise ProtocolError(f"silo {silo!r} has no open task {task_id!r} for round {round}")
             self.resolve(phase, silo, Outcome.DECLINED, reason[:1000])
+            if phase.kind is TaskKind.TRAIN and session is None:
+                # Left out of this round's further attempts: it would decline again, and
+                # each attempt costs the other silos privacy budget. A restarted silo
+                # (fixed, say) joins again and takes part (Join clears this).
+                self.registry.bench([silo])
             self.cond.notify_all()
 
     def open_upload(
@@ -295,6 +307,7 @@ class Federation:
         if silo in phase.outcomes:
             return
         phase.outcomes[silo] = outcome
+        phase.details[silo] = detail
         self.cond.notify_all()
         if outcome is Outcome.REJECTED:
             self._audit(AuditKind.REJECTED, silo, f"round {phase.round}: {detail}")

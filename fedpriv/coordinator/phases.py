@@ -55,6 +55,9 @@ class Outcome(enum.StrEnum):
     DECLINED = "declined"  # the silo refused the task (privacy budget, user error)
     LATE = "late"  # the deadline passed during its upload
     TIMEOUT = "timeout"  # no result before the deadline
+    # The round was called off before the deadline (too few results could still arrive):
+    # the silo did nothing wrong, and its result is not wanted.
+    CANCELLED = "cancelled"
 
 
 class Reason(enum.StrEnum):
@@ -148,6 +151,7 @@ class Phase:
     Attributes:
         aggregation: How the TRAIN phase's updates are folded (None for EVALUATE).
         outcomes: Each silo's outcome once it has one.
+        details: Why, for each silo with an outcome (the declined reason, ...).
         uploads: Uploads open now (a silo with one has no outcome yet).
         folding: Accepted uploads being folded now; the sum is read only when none is.
         fold_error: Why a fold broke off half way (the sum is unusable; the round fails).
@@ -163,6 +167,7 @@ class Phase:
     aggregation: RoundAggregation | None = None
     announcement: Announcement | None = None
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
     results: list[UploadResult] = field(default_factory=list)
     total_weight: float = 0.0
@@ -184,6 +189,10 @@ class Phase:
     def count(self, *outcomes: Outcome) -> int:
         """Silos whose outcome is one of `outcomes`."""
         return sum(1 for o in self.outcomes.values() if o in outcomes)
+
+    def takes_result(self, silo: str, task_id: str) -> bool:
+        """Whether the phase still waits for `silo`'s result of task `task_id`."""
+        return not self.closed and self.tasks.get(silo) == task_id and silo not in self.outcomes
 
     def waiting_on(self, silo: str) -> bool:
         """Whether `silo` holds a task of this phase with neither an outcome nor an upload."""

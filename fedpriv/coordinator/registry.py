@@ -66,6 +66,14 @@ class SiloRegistry:
         """Leave `silos` out of the current round's further attempts."""
         self._benched.update(silos)
 
+    def unbench(self, silo: str) -> None:
+        """Let `silo` take part again (it joined anew)."""
+        self._benched.discard(silo)
+
+    def benched(self) -> list[str]:
+        """Silos left out of the current round's further attempts, sorted."""
+        return sorted(self._benched)
+
     def round_done(self) -> None:
         """The round completed: benched silos may take part again."""
         self._benched.clear()

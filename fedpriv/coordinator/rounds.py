@@ -32,6 +32,36 @@ __all__ = ["RoundLoop"]
 logger = logging.getLogger(__name__)
 
 
+# The longest wait between two attempts at a round.
+_MAX_BACKOFF_S = 60.0
+
+# The outcomes that put a round out of reach, in the order a reader wants them.
+_CAUSES = (Outcome.DECLINED, Outcome.REJECTED, Outcome.DROPPED)
+
+
+def _called_off(phase: Phase, needed: int) -> str:
+    """Why `phase` stops before its deadline: who cannot deliver, and why.
+
+    >>> from fedpriv.coordinator.phases import TaskKind
+    >>> phase = Phase(kind=TaskKind.TRAIN, round=1, tasks={"a": "t1", "b": "t2"},
+    ...               model=None, config={}, deadline=0.0, deadline_unix_s=0.0)
+    >>> phase.outcomes["b"], phase.details["b"] = Outcome.DECLINED, "no DP"
+    >>> _called_off(phase, 2).split(": ", 1)[1]
+    '1 of the 2 results it needs can still arrive (b declined: no DP)'
+    """
+    causes = "; ".join(
+        f"{silo} {phase.outcomes[silo].value}: {phase.details.get(silo, '')}"
+        for outcome in _CAUSES
+        for silo in sorted(phase.outcomes)
+        if phase.outcomes[silo] is outcome
+    )
+    return (
+        f"round {phase.round} was called off before its deadline: "
+        f"{phase.accepted + phase.pending} of the {needed} results it needs can still arrive"
+        + (f" ({causes})" if causes else "")
+    )
+
+
 class RoundLoop:
     """Runs the rounds of one federation (its state and lock are the federation's)."""
 
@@ -61,6 +91,12 @@ class RoundLoop:
                         raise RoundFailed(
                             f"round {fed.next_round} failed {failures} times in a row; last: {err}"
                         ) from err
+                    # Exponential backoff: what failed an attempt (a slow silo, a network
+                    # blip) gets time to clear before the next one costs the silos again.
+                    delay = min(rounds.retry_backoff_s * 2 ** (failures - 1), _MAX_BACKOFF_S)
+                    if delay > 0:
+                        logger.info("retrying round %d in %.0f s", fed.next_round, delay)
+                        fed.stopping.wait(delay)
                     continue
                 failures = 0
                 with fed.cond:
@@ -79,10 +115,12 @@ class RoundLoop:
             with fed.cond:
                 silos = fed.registry.select(needed=needed, at_most=fed.rounds.max_clients)
                 have = len(fed.registry.available())
+                benched = fed.registry.benched()
             if silos is not None:
                 return silos
             if not announced_wait:
-                logger.info("waiting for silos have=%d need=%d", have, needed)
+                left_out = f" left_out={','.join(benched)}" if benched else ""
+                logger.info("waiting for silos have=%d need=%d%s", have, needed, left_out)
                 announced_wait = True
             fed.staged.commit()  # no round stays uncommitted while the federation waits
             with fed.cond:
@@ -119,6 +157,7 @@ class RoundLoop:
     def _wait_phase(self, phase: Phase, *, needed: int) -> None:
         """Wait until every silo answered, the deadline passed, or `needed` is out of reach."""
         fed = self._fed
+        called_off: str | None = None
         with fed.cond:
             while not fed.stopping.is_set():
                 now = fed.clock()
@@ -129,12 +168,21 @@ class RoundLoop:
                 if phase.pending == 0 or now >= phase.deadline:
                     break
                 if phase.accepted + phase.pending < needed:
+                    called_off = _called_off(phase, needed)
                     break
                 fed.cond.wait(min(0.5, phase.deadline - now))
             phase.closed = True
             open_uploads = list(phase.uploads.values())
+        if called_off is not None:
+            logger.warning("%s", called_off)
         for upload in open_uploads:
-            if upload.cancel(f"round {phase.round} closed (deadline) before the upload completed"):
+            if called_off is not None:
+                if upload.cancel(called_off):
+                    with fed.cond:
+                        fed.resolve(phase, upload.silo, Outcome.CANCELLED, called_off)
+            elif upload.cancel(
+                f"round {phase.round} closed (deadline) before the upload completed"
+            ):
                 with fed.cond:
                     fed.resolve(phase, upload.silo, Outcome.LATE, "deadline passed during upload")
         with fed.cond:
@@ -143,7 +191,10 @@ class RoundLoop:
             fed.cond.wait_for(lambda: phase.folding == 0)
             for silo in phase.tasks:
                 if phase.waiting_on(silo):
-                    fed.resolve(phase, silo, Outcome.TIMEOUT, "no result before the deadline")
+                    if called_off is not None:
+                        fed.resolve(phase, silo, Outcome.CANCELLED, called_off)
+                    else:
+                        fed.resolve(phase, silo, Outcome.TIMEOUT, "no result before the deadline")
 
     def _fail_attempt(self, round: int, started_unix: float, detail: str) -> RoundFailed:
         """Record a failed attempt at `round`; the error to raise (the model is unchanged)."""
@@ -170,7 +221,9 @@ class RoundLoop:
                     f"{train.accepted} of {len(train.tasks)} updates accepted, {needed} needed "
                     f"(rejected={train.count(Outcome.REJECTED)} "
                     f"dropped={train.count(Outcome.DROPPED)} "
-                    f"late={train.count(Outcome.LATE, Outcome.TIMEOUT)})"
+                    f"declined={train.count(Outcome.DECLINED)} "
+                    f"late={train.count(Outcome.LATE, Outcome.TIMEOUT)} "
+                    f"cancelled={train.count(Outcome.CANCELLED)})"
                 )
                 fed.store.record_attempt(
                     round=train.round, started_unix_s=started_unix, outcome="failed", detail=detail

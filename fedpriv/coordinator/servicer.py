@@ -182,7 +182,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
         self, request: fleet_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> fleet_pb2.HeartbeatReply:
         with rpc_error_translator(context, "Fleet.Heartbeat"):
-            return fleet_pb2.HeartbeatReply(known=self._federation.heartbeat(self._silo(context)))
+            known, closed = self._federation.heartbeat(self._silo(context), request.task_id[:256])
+            return fleet_pb2.HeartbeatReply(known=known, task_closed=closed)
 
     def Leave(  # noqa: N802, D102
         self, request: fleet_pb2.LeaveRequest, context: grpc.ServicerContext

@@ -6,6 +6,7 @@ puts them together and reads them from TOML.
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class RoundConfig:
         evaluation_deadline_s: Time silos have to return evaluation metrics.
         max_failed_attempts: Consecutive failed attempts at one round before the
             coordinator gives up.
+        retry_backoff_s: Wait before the second attempt at a failed round; it doubles
+            with each further failure, up to a minute (0: retry at once).
         client_config: Values sent to silos with every task (epochs, lr, ...).
         update_compression: How silos compress their updates on the wire
             ("none", "fp16", "bf16" or "int8"; float32 models only).
@@ -97,6 +100,7 @@ class RoundConfig:
     federated_evaluation: bool = True
     evaluation_deadline_s: float = 120.0
     max_failed_attempts: int = 3
+    retry_backoff_s: float = 5.0
     client_config: Mapping[str, Scalar] = field(default_factory=dict)
     update_compression: Compression = Compression.NONE
     max_update_value: float = DEFAULT_MAX_UPDATE_VALUE
@@ -111,6 +115,8 @@ class RoundConfig:
         for name in ("num_rounds", "min_clients", "max_failed_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rounds.{name} = {getattr(self, name)}: must be >= 1")
+        if not (self.retry_backoff_s >= 0 and math.isfinite(self.retry_backoff_s)):
+            raise ConfigError(f"rounds.retry_backoff_s = {self.retry_backoff_s}: must be >= 0")
         if not 0 <= self.min_results <= self.min_clients:
             raise ConfigError(
                 f"rounds.min_results = {self.min_results}: must be in [0, rounds.min_clients "

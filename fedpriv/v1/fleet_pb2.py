@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedpriv.v1 import tensor_pb2 as fedpriv_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64priv/v1/fleet.proto\x12\nfedpriv.v1\x1a\x17\x66\x65\x64priv/v1/tensor.proto\"k\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\"\n\x0bJoinRequest\x12\x13\n\x0bsdk_version\x18\x01 \x01(\t\"K\n\tJoinReply\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"!\n\x0fPullTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\r\"\xd7\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\r\n\x05round\x18\x03 \x01(\x04\x12,\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x1c.fedpriv.v1.Task.ConfigEntry\x12\'\n\x05model\x18\x05 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x06 \x01(\x01\x12*\n\x06secagg\x18\x07 \x01(\x0b\x32\x1a.fedpriv.v1.SecAggSettings\x12,\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x17.fedpriv.v1.Compression\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\"\xa4\x01\n\x0eSecAggSettings\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\r\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x16\n\x0enoise_variance\x18\x06 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12\x11\n\tring_bits\x18\x08 \x01(\r\"a\n\x0bTaskMessage\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedpriv.v1.TaskH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x8d\x03\n\x0cResultHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpriv.v1.ResultHeader.MetricsEntry\x12(\n\x06update\x18\x06 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x63lined_reason\x18\x07 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x08 \x01(\t\x12\x38\n\x12update_compression\x18\t \x01(\x0e\x32\x17.fedpriv.v1.CompressionH\x00\x88\x01\x01\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\x42\x15\n\x13_update_compression\"m\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpriv.v1.ResultHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x1d\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x12\n\x10HeartbeatRequest\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\xe8\x01\n\rSecAggRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12.\n\tadvertise\x18\x03 \x01(\x0b\x32\x19.fedpriv.v1.AdvertiseKeysH\x00\x12&\n\x05share\x18\x04 \x01(\x0b\x32\x15.fedpriv.v1.ShareKeysH\x00\x12+\n\x06roster\x18\x05 \x01(\x0b\x32\x19.fedpriv.v1.RosterRequestH\x00\x12*\n\x06unmask\x18\x06 \x01(\x0b\x32\x18.fedpriv.v1.UnmaskSharesH\x00\x42\x06\n\x04step\"C\n\rAdvertiseKeys\x12\x19\n\x11\x63ipher_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\"L\n\x08PeerKeys\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\"3\n\x0f\x45ncryptedShares\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"8\n\tShareKeys\x12+\n\x06shares\x18\x01 \x03(\x0b\x32\x1b.fedpriv.v1.EncryptedShares\"\x0f\n\rRosterRequest\"3\n\rRevealedShare\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\x0c\"i\n\x0cUnmaskShares\x12,\n\tself_mask\x18\x01 \x03(\x0b\x32\x19.fedpriv.v1.RevealedShare\x12+\n\x08mask_key\x18\x02 \x03(\x0b\x32\x19.fedpriv.v1.RevealedShare\"\x83\x01\n\x0bSecAggReply\x12#\n\x05peers\x18\x01 \x03(\x0b\x32\x14.fedpriv.v1.PeerKeys\x12+\n\x06shares\x18\x02 \x03(\x0b\x32\x1b.fedpriv.v1.EncryptedShares\x12\x11\n\tsurvivors\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\t*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04*e\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_FP16\x10\x01\x12\x14\n\x10\x43OMPRESSION_BF16\x10\x02\x12\x14\n\x10\x43OMPRESSION_INT8\x10\x03\x32\x85\x03\n\x05\x46leet\x12\x36\n\x04Join\x12\x17.fedpriv.v1.JoinRequest\x1a\x15.fedpriv.v1.JoinReply\x12\x42\n\x08PullTask\x12\x1b.fedpriv.v1.PullTaskRequest\x1a\x17.fedpriv.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedpriv.v1.ResultMessage\x1a\x15.fedpriv.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedpriv.v1.HeartbeatRequest\x1a\x1a.fedpriv.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedpriv.v1.LeaveRequest\x1a\x16.fedpriv.v1.LeaveReply\x12<\n\x06SecAgg\x12\x19.fedpriv.v1.SecAggRequest\x1a\x17.fedpriv.v1.SecAggReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64priv/v1/fleet.proto\x12\nfedpriv.v1\x1a\x17\x66\x65\x64priv/v1/tensor.proto\"k\n\x06Scalar\x12\x16\n\x0c\x64ouble_value\x18\x01 \x01(\x01H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x16\n\x0cstring_value\x18\x03 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\"\n\x0bJoinRequest\x12\x13\n\x0bsdk_version\x18\x01 \x01(\t\"K\n\tJoinReply\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"!\n\x0fPullTaskRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\r\"\xd7\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\r\n\x05round\x18\x03 \x01(\x04\x12,\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\x1c.fedpriv.v1.Task.ConfigEntry\x12\'\n\x05model\x18\x05 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x06 \x01(\x01\x12*\n\x06secagg\x18\x07 \x01(\x0b\x32\x1a.fedpriv.v1.SecAggSettings\x12,\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x17.fedpriv.v1.Compression\x1a\x41\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\"\xa4\x01\n\x0eSecAggSettings\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\r\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\x12\r\n\x05scale\x18\x04 \x01(\x01\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x16\n\x0enoise_variance\x18\x06 \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12\x11\n\tring_bits\x18\x08 \x01(\r\"a\n\x0bTaskMessage\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedpriv.v1.TaskH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x8d\x03\n\x0cResultHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.fedpriv.v1.TaskKind\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x04\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpriv.v1.ResultHeader.MetricsEntry\x12(\n\x06update\x18\x06 \x01(\x0b\x32\x18.fedpriv.v1.TensorHeader\x12\x17\n\x0f\x64\x65\x63lined_reason\x18\x07 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x08 \x01(\t\x12\x38\n\x12update_compression\x18\t \x01(\x0e\x32\x17.fedpriv.v1.CompressionH\x00\x88\x01\x01\x1a\x42\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedpriv.v1.Scalar:\x02\x38\x01\x42\x15\n\x13_update_compression\"m\n\rResultMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpriv.v1.ResultHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedpriv.v1.TensorChunkH\x00\x42\x06\n\x04part\"\x1d\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"#\n\x10HeartbeatRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x13\n\x0btask_closed\x18\x02 \x01(\x08\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\xe8\x01\n\rSecAggRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12.\n\tadvertise\x18\x03 \x01(\x0b\x32\x19.fedpriv.v1.AdvertiseKeysH\x00\x12&\n\x05share\x18\x04 \x01(\x0b\x32\x15.fedpriv.v1.ShareKeysH\x00\x12+\n\x06roster\x18\x05 \x01(\x0b\x32\x19.fedpriv.v1.RosterRequestH\x00\x12*\n\x06unmask\x18\x06 \x01(\x0b\x32\x18.fedpriv.v1.UnmaskSharesH\x00\x42\x06\n\x04step\"C\n\rAdvertiseKeys\x12\x19\n\x11\x63ipher_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\"L\n\x08PeerKeys\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\"3\n\x0f\x45ncryptedShares\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"8\n\tShareKeys\x12+\n\x06shares\x18\x01 \x03(\x0b\x32\x1b.fedpriv.v1.EncryptedShares\"\x0f\n\rRosterRequest\"3\n\rRevealedShare\x12\x0c\n\x04silo\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\x0c\"i\n\x0cUnmaskShares\x12,\n\tself_mask\x18\x01 \x03(\x0b\x32\x19.fedpriv.v1.RevealedShare\x12+\n\x08mask_key\x18\x02 \x03(\x0b\x32\x19.fedpriv.v1.RevealedShare\"\x83\x01\n\x0bSecAggReply\x12#\n\x05peers\x18\x01 \x03(\x0b\x32\x14.fedpriv.v1.PeerKeys\x12+\n\x06shares\x18\x02 \x03(\x0b\x32\x1b.fedpriv.v1.EncryptedShares\x12\x11\n\tsurvivors\x18\x03 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x04 \x03(\t*~\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_KIND_WAIT\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x16\n\x12TASK_KIND_FINISHED\x10\x04*e\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_FP16\x10\x01\x12\x14\n\x10\x43OMPRESSION_BF16\x10\x02\x12\x14\n\x10\x43OMPRESSION_INT8\x10\x03\x32\x85\x03\n\x05\x46leet\x12\x36\n\x04Join\x12\x17.fedpriv.v1.JoinRequest\x1a\x15.fedpriv.v1.JoinReply\x12\x42\n\x08PullTask\x12\x1b.fedpriv.v1.PullTaskRequest\x1a\x17.fedpriv.v1.TaskMessage0\x01\x12@\n\nPushResult\x12\x19.fedpriv.v1.ResultMessage\x1a\x15.fedpriv.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedpriv.v1.HeartbeatRequest\x1a\x1a.fedpriv.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.fedpriv.v1.LeaveRequest\x1a\x16.fedpriv.v1.LeaveReply\x12<\n\x06SecAgg\x12\x19.fedpriv.v1.SecAggRequest\x1a\x17.fedpriv.v1.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASK_CONFIGENTRY']._serialized_options = b'8\001'
   _globals['_RESULTHEADER_METRICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=2377
-  _globals['_TASKKIND']._serialized_end=2503
-  _globals['_COMPRESSION']._serialized_start=2505
-  _globals['_COMPRESSION']._serialized_end=2606
+  _globals['_TASKKIND']._serialized_start=2415
+  _globals['_TASKKIND']._serialized_end=2541
+  _globals['_COMPRESSION']._serialized_start=2543
+  _globals['_COMPRESSION']._serialized_end=2644
   _globals['_SCALAR']._serialized_start=63
   _globals['_SCALAR']._serialized_end=170
   _globals['_JOINREQUEST']._serialized_start=172
@@ -65,31 +65,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHREPLY']._serialized_start=1443
   _globals['_PUSHREPLY']._serialized_end=1472
   _globals['_HEARTBEATREQUEST']._serialized_start=1474
-  _globals['_HEARTBEATREQUEST']._serialized_end=1492
-  _globals['_HEARTBEATREPLY']._serialized_start=1494
-  _globals['_HEARTBEATREPLY']._serialized_end=1525
-  _globals['_LEAVEREQUEST']._serialized_start=1527
-  _globals['_LEAVEREQUEST']._serialized_end=1557
-  _globals['_LEAVEREPLY']._serialized_start=1559
-  _globals['_LEAVEREPLY']._serialized_end=1571
-  _globals['_SECAGGREQUEST']._serialized_start=1574
-  _globals['_SECAGGREQUEST']._serialized_end=1806
-  _globals['_ADVERTISEKEYS']._serialized_start=1808
-  _globals['_ADVERTISEKEYS']._serialized_end=1875
-  _globals['_PEERKEYS']._serialized_start=1877
-  _globals['_PEERKEYS']._serialized_end=1953
-  _globals['_ENCRYPTEDSHARES']._serialized_start=1955
-  _globals['_ENCRYPTEDSHARES']._serialized_end=2006
-  _globals['_SHAREKEYS']._serialized_start=2008
-  _globals['_SHAREKEYS']._serialized_end=2064
-  _globals['_ROSTERREQUEST']._serialized_start=2066
-  _globals['_ROSTERREQUEST']._serialized_end=2081
-  _globals['_REVEALEDSHARE']._serialized_start=2083
-  _globals['_REVEALEDSHARE']._serialized_end=2134
-  _globals['_UNMASKSHARES']._serialized_start=2136
-  _globals['_UNMASKSHARES']._serialized_end=2241
-  _globals['_SECAGGREPLY']._serialized_start=2244
-  _globals['_SECAGGREPLY']._serialized_end=2375
-  _globals['_FLEET']._serialized_start=2609
-  _globals['_FLEET']._serialized_end=2998
+  _globals['_HEARTBEATREQUEST']._serialized_end=1509
+  _globals['_HEARTBEATREPLY']._serialized_start=1511
+  _globals['_HEARTBEATREPLY']._serialized_end=1563
+  _globals['_LEAVEREQUEST']._serialized_start=1565
+  _globals['_LEAVEREQUEST']._serialized_end=1595
+  _globals['_LEAVEREPLY']._serialized_start=1597
+  _globals['_LEAVEREPLY']._serialized_end=1609
+  _globals['_SECAGGREQUEST']._serialized_start=1612
+  _globals['_SECAGGREQUEST']._serialized_end=1844
+  _globals['_ADVERTISEKEYS']._serialized_start=1846
+  _globals['_ADVERTISEKEYS']._serialized_end=1913
+  _globals['_PEERKEYS']._serialized_start=1915
+  _globals['_PEERKEYS']._serialized_end=1991
+  _globals['_ENCRYPTEDSHARES']._serialized_start=1993
+  _globals['_ENCRYPTEDSHARES']._serialized_end=2044
+  _globals['_SHAREKEYS']._serialized_start=2046
+  _globals['_SHAREKEYS']._serialized_end=2102
+  _globals['_ROSTERREQUEST']._serialized_start=2104
+  _globals['_ROSTERREQUEST']._serialized_end=2119
+  _globals['_REVEALEDSHARE']._serialized_start=2121
+  _globals['_REVEALEDSHARE']._serialized_end=2172
+  _globals['_UNMASKSHARES']._serialized_start=2174
+  _globals['_UNMASKSHARES']._serialized_end=2279
+  _globals['_SECAGGREPLY']._serialized_start=2282
+  _globals['_SECAGGREPLY']._serialized_end=2413
+  _globals['_FLEET']._serialized_start=2647
+  _globals['_FLEET']._serialized_end=3036
 # @@protoc_insertion_point(module_scope)
