@@ -47,6 +47,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DuplicateSession",
+    "FederationStopped",
     "FedprivError",
     "IntegrityError",
     "InvalidPublicKey",
@@ -284,6 +285,10 @@ class UpdateRejected(FedprivError):
 
 class RoundFailed(FedprivError):
     """A round ended without enough accepted updates; the global model is unchanged."""
+
+
+class FederationStopped(FedprivError):
+    """The coordinator stopped the federation before its last round (the silo exits)."""
 
 
 class PrivacyBudgetExceeded(FedprivError):

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedpriv.cli.pki import add_pki_commands
 from fedpriv.cli.round_table import RoundPrinter, print_epsilons
-from fedpriv.errors import ConfigError, FedprivError
+from fedpriv.errors import ConfigError, FederationStopped, FedprivError
 from fedpriv.faults import arm_from_environment
 from fedpriv.transport.options import DEFAULT_ADDRESS
 
@@ -421,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Crash tests name a fault-injection point here (fedpriv.faults); unset, nothing is armed.
         arm_from_environment()
         return int(args.run(args))
+    except FederationStopped as err:
+        # Not a usage error: the federation ended without completing (1, as a failed run).
+        print(f"fedpriv: {err}", file=sys.stderr)
+        return 1
     except FedprivError as err:
         print(f"fedpriv: error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from fedpriv.errors import (
     AuthenticationError,
     ConnectError,
     DuplicateSession,
+    FederationStopped,
     PermissionDenied,
     PrivacyBudgetExceeded,
     ProtocolError,
@@ -425,6 +426,10 @@ def run_client(
                             fleet_pb2.TaskKind.Name(kind),
                         )
                     if kind == fleet_pb2.TASK_KIND_FINISHED:
+                        if task.stop_reason:
+                            raise FederationStopped(
+                                f"the coordinator stopped the federation: {task.stop_reason[:1000]}"
+                            )
                         logger.info("federation finished")
                         break
                     continue

@@ -327,6 +327,7 @@ class Coordinator:
         except FedprivError as err:
             self._error = err
             logger.error("federation stopped: %s", err)
+            self.federation.mark_failed(str(err))
             self.tracking.end(RunStatus.FAILED, detail=str(err))
         except Exception as err:  # surfaced to wait() instead of dying silently in a thread
             self._error = err
@@ -350,6 +351,9 @@ class Coordinator:
         if self._thread.is_alive():
             return False
         if self._error is not None:
+            # The silos are told why (a FINISHED task with the reason), so none of them
+            # keeps retrying a federation that is over.
+            self.federation.wait_until_silos_told(finish_grace_s)
             raise self._error
         self.federation.wait_until_silos_told(finish_grace_s)
         return True

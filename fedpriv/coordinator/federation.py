@@ -98,6 +98,7 @@ class Federation:
         self.cond = threading.Condition()
         self.phase: Phase | None = None
         self._finished = next_round > self.rounds.num_rounds
+        self._stop_reason = ""
         self.stopping = threading.Event()
         self._started = clock()
         self.last_round_metrics: dict[str, float] = {}
@@ -152,6 +153,12 @@ class Federation:
         """Every round has completed (called by the round loop)."""
         with self.cond:
             self._finished = True
+            self.cond.notify_all()
+
+    def mark_failed(self, reason: str) -> None:
+        """The federation stopped without completing: every silo that polls is told why."""
+        with self.cond:
+            self._stop_reason = reason[:1000] or "the federation stopped"
             self.cond.notify_all()
 
     def available(self) -> list[str]:
@@ -233,10 +240,10 @@ class Federation:
         with self.cond:
             self.registry.touch(silo)
             while True:
-                if self._finished:
+                if self._finished or self._stop_reason:
                     self.registry.told_finished(silo)
                     self.cond.notify_all()
-                    return Assignment(kind=TaskKind.FINISHED)
+                    return Assignment(kind=TaskKind.FINISHED, stop_reason=self._stop_reason)
                 phase = self.phase
                 if phase is not None and not phase.closed and phase.waiting_on(silo):
                     # Given again if asked again: the silo restarted and lost the first copy.

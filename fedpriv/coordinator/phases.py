@@ -100,6 +100,8 @@ class Assignment:
     # Set on a TRAIN task of a secure-aggregation round.
     secagg: SecAggSettings | None = None
     compression: Compression = Compression.NONE
+    # On FINISHED: why the federation stopped without completing ("" when it completed).
+    stop_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -83,6 +83,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     deadline_unix_s=task.deadline_unix_s,
                     secagg=task.secagg.to_proto() if task.secagg is not None else None,
                     compression=task.compression.to_proto(),
+                    stop_reason=task.stop_reason,
                 )
             )
             if task.model is None:

@@ -67,7 +67,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, wait_s: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "config", "model", "deadline_unix_s", "secagg", "compression")
+    __slots__ = ("task_id", "kind", "round", "config", "model", "deadline_unix_s", "secagg", "compression", "stop_reason")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Task(_message.Message):
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     round: int
@@ -91,7 +92,8 @@ class Task(_message.Message):
     deadline_unix_s: float
     secagg: SecAggSettings
     compression: Compression
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., model: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., deadline_unix_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSettings, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    stop_reason: str
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., model: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., deadline_unix_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSettings, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class SecAggSettings(_message.Message):
     __slots__ = ("session", "threshold", "clip_norm", "scale", "size", "noise_variance", "chunk_bytes", "ring_bits")

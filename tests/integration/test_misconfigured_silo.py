@@ -207,3 +207,68 @@ ledger = "{silo}.ledger.json"
     assert {outcome for _, silo, outcome, _ in rows if silo == "silo-1"} == {"accepted"}
     declined = [detail for _, silo, outcome, detail in rows if silo == "silo-2"]
     assert declined and all("does not train with differential privacy" in d for d in declined)
+
+
+def test_when_the_coordinator_stops_the_federation_every_silo_exits_saying_why(tmp_path):
+    import re
+
+    from tests.integration.test_processes import cli_pki
+    from tests.processes import processes
+
+    cli_pki(tmp_path / "pki", ["silo-1", "silo-2"])
+    (tmp_path / "coordinator.toml").write_text("""
+[server]
+address = "127.0.0.1:0"
+heartbeat_interval_s = 1
+poll_wait_s = 2
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/coordinator.crt"
+key = "pki/coordinator.key"
+[rounds]
+num_rounds = 3
+min_clients = 2
+max_failed_attempts = 1
+deadline_s = 600
+[model]
+factory = "tests.apps:make_model"
+[store]
+dir = "state"
+""")
+    with processes(tmp_path) as running:
+        coordinator, port = running.coordinator("coordinator", tmp_path / "coordinator.toml")
+        for silo, privacy in (("silo-1", ""), ("silo-2", 'epsilon = 8.0\nledger = "l.json"')):
+            (tmp_path / f"{silo}.toml").write_text(f"""
+[coordinator]
+address = "127.0.0.1:{port}"
+[tls]
+ca = "pki/ca.crt"
+cert = "pki/{silo}.crt"
+key = "pki/{silo}.key"
+[client]
+poll_wait_s = 2
+# Far longer than the test waits: a silo must not wait for the coordinator to vanish.
+reconnect_timeout_s = 3600
+[privacy]
+{privacy}
+""")
+        silos = [
+            running.start(
+                silo,
+                "client",
+                "--app",
+                "tests.apps:make_client",
+                "--config",
+                str(tmp_path / f"{silo}.toml"),
+            )
+            for silo in ("silo-1", "silo-2")
+        ]
+        # Silo-2 declines (a budget without DP); one failed attempt stops the federation.
+        assert coordinator.wait() == 2
+        codes = [silo.wait(timeout_s=30) for silo in silos]
+    assert "failed 1 times in a row" in coordinator.text()
+    assert codes == [1, 1]
+    for silo in silos:
+        text = silo.text()
+        assert re.search(r"the coordinator stopped the federation: round 1 failed", text), text
+        assert "unreachable" not in text
