@@ -8,6 +8,14 @@ everything else is in its subpackage. The torch-based ones (``TorchClient``,
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs each failed TLS handshake (and more) at INFO straight to stderr,
+# in its own format. fedpriv turns those failures into errors that name the cause and
+# the fix, so only the core's errors are shown unless the user chose a verbosity. It is
+# read once, when grpc is first imported: hence here, before any import of grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from typing import TYPE_CHECKING
 
 from fedpriv._lazy import lazy_exports

@@ -71,12 +71,29 @@ _HANDSHAKE_HINT = (
 )
 
 
+_REFUSED_HINT = (
+    " (nothing accepts connections at that address: check coordinator.address and that "
+    "the coordinator is running)"
+)
+
+
 def error_from_rpc(err: grpc.RpcError) -> errors.FedprivError:
     """Pick the most specific fedpriv error for a failed call."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     cls = _BY_STATUS.get(code, errors.TransportError)
     message = f"{code.name}: {details}"
-    if cls is errors.ConnectError:
+    lowered = details.lower()
+    if cls is errors.ConnectError and "handshake failed" in lowered:
+        # Retrying cannot help: the certificates do not fit each other.
+        return errors.AuthenticationError(
+            "the TLS handshake with the coordinator failed: this silo does not trust the "
+            "coordinator's certificate (tls.ca must be the federation's ca.crt, and the "
+            "coordinator's certificate must name the address, or coordinator.server_name), "
+            f"or the coordinator refused this silo's certificate ({details})"
+        )
+    if cls is errors.ConnectError and "connection refused" in lowered:
+        message += _REFUSED_HINT
+    elif cls is errors.ConnectError:
         message += _HANDSHAKE_HINT
     return cls.received(message)

@@ -8,7 +8,7 @@ import pytest
 
 from fedpriv.client import run_client
 from fedpriv.coordinator import Coordinator
-from fedpriv.errors import ConnectError, PermissionDenied
+from fedpriv.errors import ConfigError, ConnectError, PermissionDenied
 from fedpriv.transport import open_channel
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from tests.helpers import make_config
@@ -183,9 +183,17 @@ def expired(pki, tmp_path):
 def test_expired_certificate_fails_the_handshake(coordinator, pki, expired):
     from fedpriv.transport import TLSConfig
 
-    tls = TLSConfig.from_files(
-        ca=pki.root / "ca.crt", cert=expired / "silo-a.crt", key=expired / "silo-a.key"
+    # from_files refuses an expired certificate before connecting (test below); built
+    # as is, the coordinator must refuse it too.
+    tls = TLSConfig(
+        ca_pem=(pki.root / "ca.crt").read_bytes(),
+        cert_pem=(expired / "silo-a.crt").read_bytes(),
+        key_pem=(expired / "silo-a.key").read_bytes(),
     )
+    with pytest.raises(ConfigError, match="not now"):
+        TLSConfig.from_files(
+            ca=pki.root / "ca.crt", cert=expired / "silo-a.crt", key=expired / "silo-a.key"
+        )
     with open_channel(f"127.0.0.1:{coordinator.port}", tls=tls) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             _join(channel)
