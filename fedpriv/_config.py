@@ -96,7 +96,11 @@ class Table:
     def require(self, key: str, kind: type[T]) -> T:
         """Read a field that must be present."""
         if key not in self._data:
-            raise ConfigError(f"{self.name(key)} is required")
+            # A misspelt key ("adress") is the usual cause: name it.
+            unread = sorted(set(self._data) - self._seen - {key})
+            close = difflib.get_close_matches(key, unread, n=1)
+            hint = f" ({close[0]!r} is not a known key: did you mean {key!r}?)" if close else ""
+            raise ConfigError(f"{self.name(key)} is required{hint}")
         present: T = self._data[key]  # checked against `kind` by get()
         return self.get(key, kind, present)
 

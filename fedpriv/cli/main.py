@@ -1,4 +1,8 @@
-"""The ``fedpriv`` command: argument parsing, logging setup and exit codes; no logic."""
+"""The ``fedpriv`` command: argument parsing, logging setup and exit codes; no logic.
+
+What users read (``fedpriv --help``) is ``_DESCRIPTION`` and each command's example,
+not this docstring.
+"""
 
 from __future__ import annotations
 
@@ -277,8 +281,54 @@ def _positive(text: str) -> int:
     return value
 
 
+_DESCRIPTION = """\
+Train one model across organisations without moving their data. A coordinator
+schedules rounds and aggregates updates; each silo trains on its own data (with
+differential privacy if it has a privacy budget) and talks to the coordinator
+over mutually authenticated TLS only."""
+
+_EPILOG = """\
+first steps:
+  fedpriv init demo-fed            a CA, certificates, configs and an app to start from
+  fedpriv run ./my-flower-app      a Flower project as a local federation over mTLS
+  fedpriv COMMAND --help           what a command takes, with an example
+
+docs: README.md and docs/ in the fedpriv repository"""
+
+# One example per command, shown under its --help.
+_EXAMPLES = {
+    "coordinator": "fedpriv coordinator --config coordinator.toml",
+    "client": "fedpriv client --app myapp:make_client --config silo.toml\n"
+    "  fedpriv client --flower-app mypkg.client_app:app --config silo.toml",
+    "run": 'fedpriv run ./quickstart-numpy --silos 3 --run-config "num-server-rounds=5"',
+    "audit": "fedpriv audit --app myapp:make_client --config silo.toml --canaries 1000",
+    "report": "fedpriv report state/ --out plots/",
+    "audit-log": "fedpriv audit-log state/ --kind rejected",
+    "status": "fedpriv status --config operator.toml\n"
+    "  fedpriv status --config operator.toml --health",
+    "init": "fedpriv init demo-fed --silos 3 --rounds 5",
+    "pki": "fedpriv pki init --dir pki --federation hospitals\n"
+    "  fedpriv pki issue hospital-a --client --dir pki",
+}
+
+
+def _with_examples(commands: Any) -> None:
+    """Give each command's --help its one-line purpose and an example."""
+    for name, sub in commands.choices.items():
+        example = _EXAMPLES.get(name)
+        if example is None:
+            continue
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        sub.epilog = f"example:\n  {example}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedpriv", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedpriv",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -383,7 +433,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--health",
         action="store_true",
-        help="only ask the gRPC health service (exit 1 unless SERVING)",
+        help="only ask the gRPC health service: exit 0 if SERVING, 1 if it answers "
+        "anything else, 2 if the coordinator cannot be reached",
     )
     status.add_argument("--json", action="store_true", help="print the state as JSON")
     status.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -404,6 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     init.set_defaults(run=_cmd_init)
 
     add_pki_commands(commands)
+    _with_examples(commands)
     return parser
 
 

@@ -238,8 +238,12 @@ class CoordinatorConfig:
                     "tolerate_colluders", int, sa.tolerate_colluders
                 ),
             )
-        else:
-            secagg_table.ignore_rest()
+        elif secagg_table:
+            raise ConfigError(
+                "[secagg] is set but secure aggregation is off, so the table would have no "
+                "effect: add `secure_aggregation = true` at the top level (before any table), "
+                "or remove [secagg]"
+            )
         config = cls(
             federation=fed.get("name", str, field_default(cls, "federation")),
             address=server.get("address", str, DEFAULT_ADDRESS),

@@ -175,3 +175,31 @@ def test_crl_path_is_read_relative_to_the_config_file():
     config = parse(GOOD.replace('key = "pki/c.key"', 'key = "pki/c.key"\ncrl = "revoked.crl"'))
     assert config.tls is not None and config.tls.crl == pathlib.Path("/etc/fed/revoked.crl")
     assert config.tls.crl_path == pathlib.Path("/etc/fed/revoked.crl")
+
+
+def test_a_misspelt_required_key_is_named():
+    with pytest.raises(ConfigError, match=r"address is required \('adress' is not a known key"):
+        ClientConfig.from_dict({"coordinator": {"adress": "h:1"}}, base_dir=pathlib.Path("."))
+
+
+def test_an_unknown_key_names_the_closest_allowed_one():
+    with pytest.raises(ConfigError, match=r"num_round \(did you mean 'num_rounds'\?\)"):
+        parse(GOOD.replace("num_rounds = 4", "num_round = 4"))
+
+
+def test_a_secagg_table_without_secure_aggregation_is_refused():
+    with pytest.raises(ConfigError, match=r"\[secagg\] is set but secure aggregation is off"):
+        parse("[secagg]\nthreshold = 2\n" + GOOD)
+    assert parse("secure_aggregation = false\n" + GOOD).secure_aggregation is None
+
+
+def test_retry_backoff_is_read_and_checked():
+    assert parse(GOOD).rounds.retry_backoff_s == 5.0
+    assert (
+        parse(
+            GOOD.replace("deadline_s = 30", "deadline_s = 30\nretry_backoff_s = 0")
+        ).rounds.retry_backoff_s
+        == 0
+    )
+    with pytest.raises(ConfigError, match="retry_backoff_s"):
+        parse(GOOD.replace("deadline_s = 30", "deadline_s = 30\nretry_backoff_s = -1"))
