@@ -34,12 +34,25 @@ logger = logging.getLogger(__name__)
 
 
 def _tensors(loader: DataLoader[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training set as (inputs, labels): any map-style dataset of (input, label) pairs.
+
+    A ``TensorDataset`` is used as it is; another dataset (a ``Subset`` from
+    ``random_split``, a user's own class) is read item by item and stacked.
+    """
     dataset = loader.dataset
-    if not isinstance(dataset, TensorDataset) or len(dataset.tensors) != 2:
-        raise ConfigError(
-            "the audit needs the client's train_loader to hold a TensorDataset(inputs, labels)"
-        )
-    inputs, labels = dataset.tensors
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        inputs, labels = dataset.tensors
+    else:
+        try:
+            size = len(dataset)  # type: ignore[arg-type]
+            items = [dataset[i] for i in range(size)]
+            inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
+            labels = torch.as_tensor([int(item[1]) for item in items])
+        except (TypeError, IndexError, ValueError, RuntimeError) as err:
+            raise ConfigError(
+                "the audit needs the client's train_loader to hold a map-style dataset of "
+                f"(input, label) pairs (len() and [i]); {type(dataset).__name__}: {err}"
+            ) from err
     if labels.dim() != 1 or labels.is_floating_point():
         raise ConfigError("the audit needs integer class labels (one per example)")
     return inputs, labels

@@ -73,3 +73,38 @@ def test_audit_refuses_a_client_it_cannot_train(tmp_path):
     )
     assert result.returncode != 0
     assert "must return a fedpriv.TorchClient" in result.stderr
+
+
+def test_audit_runs_on_the_app_fedpriv_init_writes(tmp_path):
+    # init's app splits its data with random_split: a Subset, not a TensorDataset.
+    target = tmp_path / "fed"
+    subprocess.run(
+        [sys.executable, "-m", "fedpriv", "init", str(target), "--silos", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpriv",
+            "audit",
+            "--app",
+            "app:make_client",
+            "--config",
+            "silo-1/silo.toml",
+            "--canaries",
+            "100",
+            "--guesses",
+            "20",
+        ],
+        cwd=target,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "empirical epsilon lower bound:" in result.stdout
