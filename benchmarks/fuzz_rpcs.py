@@ -66,6 +66,14 @@ class BenchPki:
 
     def tls(self, name: str, *, foreign: bool = False) -> TLSConfig:
         base = self.foreign if foreign else self.root
+        if foreign:
+            # Built as is, past from_files' own checks (which refuse a certificate of
+            # another CA before connecting): the coordinator must refuse it too.
+            return TLSConfig(
+                ca_pem=(self.root / "ca.crt").read_bytes(),
+                cert_pem=(base / f"{name}.crt").read_bytes(),
+                key_pem=(base / f"{name}.key").read_bytes(),
+            )
         return TLSConfig.from_files(
             ca=self.root / "ca.crt", cert=base / f"{name}.crt", key=base / f"{name}.key"
         )

@@ -200,6 +200,13 @@ class FuzzFleet:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def __enter__(self) -> FuzzFleet:
+        try:
+            return self._start()
+        except BaseException:
+            self._stack.close()  # a half-started fleet must not keep the process alive
+            raise
+
+    def _start(self) -> FuzzFleet:
         coordinator = self._stack.enter_context(Coordinator(self.config, reporter=self.reporter))
         self.coordinator = coordinator
         for silo, (delta, num_examples) in HONEST.items():

@@ -195,8 +195,10 @@ ledger = "{silo}.ledger.json"
         assert coordinator.wait() == 0, coordinator.text()
         assert healthy.wait() == 0 and misconfigured.wait() == 0
     log = coordinator.text()
-    # Silo-2 was left out of round 1's next attempt, which silo-1 then completed.
-    assert "left_out=silo-2" in log
+    # Silo-2 (joined and live) was left out of round 1's next attempt, which silo-1
+    # then completed alone; from round 2 on it is offered tasks again.
+    attempts = re.findall(r"\[TRAIN\] round=1 silos=(\S+)", log)
+    assert attempts == ["silo-2", "silo-1"], log
     ledger = json.loads((tmp_path / "silo-1.ledger.json").read_text())
     assert [entry["round"] for entry in ledger["entries"]] == [1, 2, 3]
     store = Store(tmp_path / "state")

@@ -23,7 +23,7 @@ LAYERS = {
     "secagg": 2,
     "transport": 1,
     "wire": 1,
-    "pki": 1,
+    "pki": 0,
     "atrest": 1,
     "v1": 0,
     "errors": 0,
