@@ -8,26 +8,34 @@ final lines) goes to this process's stdout; each process's log goes to
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 __all__ = [
     "ROOT",
+    "add_work_arguments",
     "coordinator_toml",
     "fedpriv",
     "make_pki",
     "run_federation",
+    "run_in_work_folder",
     "silo_toml",
 ]
+
+# Marks a folder as an example's own, so a rerun may replace it and nothing else.
+_MARKER = ".fedpriv-example"
 
 
 def fedpriv(*args: str) -> list[str]:
@@ -229,3 +237,59 @@ def run_federation(
         return 1
     print("all processes exited cleanly", flush=True)
     return 0
+
+
+def add_work_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --workdir and --keep options every example takes."""
+    parser.add_argument(
+        "--workdir",
+        help="keep certificates, state, ledgers and logs here (a new or empty folder, or one "
+        "an earlier run of an example made, which is replaced)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder after a successful run (a failed run keeps it)",
+    )
+
+
+def run_in_work_folder(
+    workdir: str | None, *, prefix: str, keep: bool, body: Callable[[pathlib.Path], int]
+) -> int:
+    """Run `body` in the example's folder; return its exit code.
+
+    Without `workdir` the folder is a new temporary one, removed after a successful run
+    unless `keep`; a failed run keeps it for its logs. A `workdir` is always kept. It
+    must be new, empty, or made by an earlier run (which is replaced): anything else is
+    refused rather than deleted.
+    """
+    if workdir is None:
+        work = pathlib.Path(tempfile.mkdtemp(prefix=prefix))
+    else:
+        work = pathlib.Path(workdir).expanduser()
+        if work.exists() and any(work.iterdir()):
+            if not (work / _MARKER).exists():
+                print(
+                    f"--workdir {work} is not empty and no example made it; choose a new or "
+                    "empty folder (nothing was changed)",
+                    file=sys.stderr,
+                )
+                return 2
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    (work / _MARKER).write_text("made by a fedpriv example; a rerun replaces this folder\n")
+    code = 1
+    try:
+        code = body(work)
+    finally:
+        if workdir is not None or keep:
+            print(f"kept {work}", flush=True)
+        elif code != 0:
+            print(f"kept {work} for its logs (the run failed)", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            print(
+                f"removed {work} (--keep or --workdir DIR keeps the state, logs and plots)",
+                flush=True,
+            )
+    return code

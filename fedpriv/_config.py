@@ -8,7 +8,7 @@ import importlib
 import pathlib
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
@@ -52,13 +52,53 @@ class Table:
         >>> table.finish()
     """
 
-    def __init__(self, data: Any, path: str, *, base_dir: pathlib.Path | None = None) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"[{path}] must be a table, got {type(data).__name__}")
-        self._data = dict(data)
+    def __init__(
+        self,
+        data: Any,
+        path: str,
+        *,
+        base_dir: pathlib.Path | None = None,
+        collect: bool = False,
+        _root: Table | None = None,
+    ) -> None:
+        self._root = _root or self
+        self._collect: bool = collect if _root is None else _root._collect
+        self._problems: list[str] = []  # the root's: every problem its tables found
+        self._children: list[Table] = []  # the root's: every table read below it
         self._path = path
         self._seen: set[str] = set()
         self._base_dir = base_dir or pathlib.Path.cwd()
+        if not isinstance(data, Mapping):
+            self._problem(f"[{path}] must be a table, got {type(data).__name__}")
+            data = {}
+        self._data = dict(data)
+
+    def _problem(self, text: str) -> None:
+        """Note a problem; without `collect` it is raised at once."""
+        if not self._collect:
+            raise ConfigError(text)
+        self._root._problems.append(text)
+
+    def done(self) -> None:
+        """After a whole document was read: raise one error naming every problem in it.
+
+        The problems are those noted while reading (wrong types, out-of-range values),
+        then the unknown keys of every table read.
+        """
+        problems = list(self._problems)
+        for table in (*self._children, self):
+            if unknown := table._unknown():
+                problems.append(unknown)
+        if (error := _combined(problems)) is not None:
+            raise error
+
+    def failed(self, err: ConfigError) -> NoReturn:
+        """Reading stopped at `err` (a missing key, say): raise it with the earlier problems."""
+        if not self._problems:
+            raise err
+        combined = _combined([*self._problems, str(err)])
+        assert combined is not None  # two or more problems
+        raise combined from err
 
     def name(self, key: str) -> str:
         """Dotted name of `key` for messages."""
@@ -79,11 +119,13 @@ class Table:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(
+            self._problem(
                 f"{self.name(key)}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
             )
+            return default
         if check is not None and (problem := check(value)):
-            raise ConfigError(f"{self.name(key)} = {value!r}: {problem}")
+            self._problem(f"{self.name(key)} = {value!r}: {problem}")
+            return default
         return value
 
     def optional(self, key: str, kind: type[T]) -> T | None:
@@ -91,7 +133,7 @@ class Table:
         if key not in self._data:
             self._seen.add(key)
             return None
-        return self.require(key, kind)
+        return self.get(key, kind, None)  # None: absent or of the wrong type (noted)
 
     def require(self, key: str, kind: type[T]) -> T:
         """Read a field that must be present."""
@@ -102,7 +144,12 @@ class Table:
             hint = f" ({close[0]!r} is not a known key: did you mean {key!r}?)" if close else ""
             raise ConfigError(f"{self.name(key)} is required{hint}")
         present: T = self._data[key]  # checked against `kind` by get()
-        return self.get(key, kind, present)
+        noted = len(self._root._problems)
+        value = self.get(key, kind, present)
+        if len(self._root._problems) > noted:
+            # A required value of the wrong type has no default to go on with: stop here.
+            raise ConfigError(self._root._problems.pop())
+        return value
 
     def path(self, key: str, default: str | None = None) -> pathlib.Path | None:
         """Read a path, relative to the config file's folder."""
@@ -119,7 +166,8 @@ class Table:
             return None
         value = self._data[key]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{self.name(key)}: expected a list of strings, got {value!r}")
+            self._problem(f"{self.name(key)}: expected a list of strings, got {value!r}")
+            return None
         return tuple(value)
 
     def scalars(self, key: str) -> dict[str, Scalar]:
@@ -127,18 +175,26 @@ class Table:
         self._seen.add(key)
         value = self._data.get(key, {})
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{self.name(key)}: expected a table, got {value!r}")
+            self._problem(f"{self.name(key)}: expected a table, got {value!r}")
+            return {}
+        scalars: dict[str, Scalar] = {}
         for item_key, item in value.items():
-            if not isinstance(item, bool | int | float | str):
-                raise ConfigError(
+            if isinstance(item, bool | int | float | str):
+                scalars[item_key] = item
+            else:
+                self._problem(
                     f"{self.name(key)}.{item_key}: expected bool, int, float or str, got {item!r}"
                 )
-        return dict(value)
+        return scalars
 
     def table(self, key: str) -> Table:
         """Read a sub-table (empty when absent)."""
         self._seen.add(key)
-        return Table(self._data.get(key, {}), self.name(key), base_dir=self._base_dir)
+        child = Table(
+            self._data.get(key, {}), self.name(key), base_dir=self._base_dir, _root=self._root
+        )
+        self._root._children.append(child)
+        return child
 
     def __bool__(self) -> bool:
         """Whether the table has any keys."""
@@ -150,17 +206,29 @@ class Table:
 
     def finish(self) -> None:
         """Raise if the table holds keys that were never read (typos), naming the nearest."""
+        if unknown := self._unknown():
+            raise ConfigError(unknown)
+
+    def _unknown(self) -> str | None:
         unknown = sorted(set(self._data) - self._seen)
-        if unknown:
-            where = f"[{self._path}]" if self._path else "the top level"
-            named = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, sorted(self._seen), n=1)
-                named.append(f"{key} (did you mean {close[0]!r}?)" if close else key)
-            raise ConfigError(
-                f"unknown key(s) in {where}: {', '.join(named)}; "
-                f"allowed: {', '.join(sorted(self._seen))}"
-            )
+        if not unknown:
+            return None
+        where = f"[{self._path}]" if self._path else "the top level"
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(self._seen), n=1)
+            named.append(f"{key} (did you mean {close[0]!r}?)" if close else key)
+        allowed = ", ".join(sorted(self._seen))
+        return f"unknown key(s) in {where}: {', '.join(named)}; allowed: {allowed}"
+
+
+def _combined(problems: list[str]) -> ConfigError | None:
+    """One ConfigError for `problems` (None when there are none)."""
+    unique = list(dict.fromkeys(problems))
+    if len(unique) <= 1:
+        return ConfigError(unique[0]) if unique else None
+    listed = "\n".join(f"  - {problem}" for problem in unique)
+    return ConfigError(f"{len(unique)} problems in the config:\n{listed}")
 
 
 def load_factory(spec: str, *, field: str) -> Any:

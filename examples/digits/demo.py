@@ -1,7 +1,7 @@
 """Run the digits federation on this machine: a CA, a coordinator and three silos, all mTLS.
 
 Usage: python examples/digits/demo.py [--dp] [--secagg] [--strategy NAME] [--rounds N] [--silos N]
-       [--workdir DIR]
+       [--workdir DIR | --keep]
 
 Every process is a real ``fedpriv`` command talking gRPC over 127.0.0.1 with
 certificates from a fresh CA. The coordinator prints one line per round and
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from examples.launcher import (  # noqa: E402
+    add_work_arguments,
     coordinator_toml,
     make_pki,
     run_federation,
+    run_in_work_folder,
     silo_toml,
 )
 from fedpriv.strategy import StrategyName  # noqa: E402
@@ -171,13 +171,16 @@ def main() -> int:
         default="fedavg",
         help="the coordinator's native aggregation strategy (default fedavg)",
     )
-    parser.add_argument("--workdir", help="keep state, certificates and logs here")
+    add_work_arguments(parser)
     args = parser.parse_args()
     args.rounds = args.rounds or (5 if args.dp else 8)
-    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fedpriv-digits-"))
-    if work.exists() and args.workdir:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    return run_in_work_folder(
+        args.workdir, prefix="fedpriv-digits-", keep=args.keep, body=lambda work: run(args, work)
+    )
+
+
+def run(args: argparse.Namespace, work: pathlib.Path) -> int:
+    """Write the federation's certificates and configs into `work` and run it."""
     names = [f"silo-{k + 1}" for k in range(args.silos)]
     make_pki(work / "pki", federation="digits", silos=names)
     write_configs(

@@ -1,6 +1,6 @@
 """The hospital federation: three hospitals, DP-SGD in each, secure aggregation at the coordinator.
 
-Usage: python examples/hospitals/run.py [--rounds N] [--epsilon E] [--workdir DIR]
+Usage: python examples/hospitals/run.py [--rounds N] [--epsilon E] [--workdir DIR | --keep]
 
 Prints the round table, the final accuracy on the hospitals' held-out cases and
 each hospital's sample-level epsilon from its own privacy ledger.
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from examples.launcher import (  # noqa: E402
+    add_work_arguments,
     coordinator_toml,
     make_pki,
     run_federation,
+    run_in_work_folder,
     silo_toml,
 )
 
@@ -81,12 +81,15 @@ def main() -> int:
         default=0.5,
         help="noise multiplier of hospital-level DP (the Skellam noise the hospitals add)",
     )
-    parser.add_argument("--workdir", help="keep state, certificates, ledgers and logs here")
+    add_work_arguments(parser)
     args = parser.parse_args()
-    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fedpriv-hospitals-"))
-    if args.workdir and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    return run_in_work_folder(
+        args.workdir, prefix="fedpriv-hospitals-", keep=args.keep, body=lambda work: run(args, work)
+    )
+
+
+def run(args: argparse.Namespace, work: pathlib.Path) -> int:
+    """Write the federation's certificates and configs into `work` and run it."""
     make_pki(work / "pki", federation="hospitals", silos=HOSPITALS)
     write_configs(
         work,

@@ -1,6 +1,6 @@
 """Fine-tune a small transformer language model across three silos; report perplexity.
 
-Usage: python examples/lm/run.py [--rounds N] [--pretrain-steps N] [--workdir DIR]
+Usage: python examples/lm/run.py [--rounds N] [--pretrain-steps N] [--workdir DIR | --keep]
 
 1. Pretrain a character-level transformer on public text (the Python standard
    library's docstrings) and save it as the federation's starting checkpoint.
@@ -16,16 +16,16 @@ import argparse
 import json
 import math
 import pathlib
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from examples.launcher import (  # noqa: E402
+    add_work_arguments,
     coordinator_toml,
     make_pki,
     run_federation,
+    run_in_work_folder,
     silo_toml,
 )
 from examples.lm import app  # noqa: E402
@@ -72,12 +72,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pretrain-steps", type=int, default=1000)
-    parser.add_argument("--workdir", help="keep the checkpoint, certificates, state and logs here")
+    add_work_arguments(parser)
     args = parser.parse_args()
-    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="fedpriv-lm-"))
-    if args.workdir and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    return run_in_work_folder(
+        args.workdir, prefix="fedpriv-lm-", keep=args.keep, body=lambda work: run(args, work)
+    )
+
+
+def run(args: argparse.Namespace, work: pathlib.Path) -> int:
+    """Pretrain, write the federation's certificates and configs into `work`, fine-tune."""
 
     from fedpriv.coordinator import write_checkpoint
     from fedpriv.wire.torch_interop import model_from_state_dict

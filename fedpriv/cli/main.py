@@ -62,9 +62,18 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
                 logger.info("SIGHUP: %d newly revoked", coordinator.reload_revocations())
             if coordinator.wait(timeout_s=0.5):
                 break
+            printer.progress(coordinator.federation.status())
         else:
             logger.info("stopping on SIGTERM; the last committed round is kept")
             return 0
+    if coordinator.already_finished:
+        print(
+            f"federation {config.federation!r} had already finished all "
+            f"{config.rounds.num_rounds} rounds; nothing to do (results: fedpriv report "
+            f"{config.state_dir})",
+            flush=True,
+        )
+        return 0
     if printer.last_accuracy is not None:
         print(f"final accuracy: {printer.last_accuracy:.3f}", flush=True)
     print_epsilons(printer)
@@ -268,6 +277,17 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"  cd {root}")
     for command in made.commands:
         print(f"  {command}")
+    print("while it runs, watch it from another terminal (in the same folder):")
+    print(f"  {made.watch}")
+    print(
+        f"the coordinator keeps its rounds, checkpoints and round log in {made.state_dir}; "
+        "a restart resumes from there"
+    )
+    print(
+        "once it has run, plot accuracy, loss and epsilon per round "
+        f"(into {made.state_dir / 'report'}):"
+    )
+    print(f"  {made.report}")
     return 0
 
 

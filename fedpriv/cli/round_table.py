@@ -6,7 +6,7 @@ import math
 import sys
 from typing import Any
 
-__all__ = ["RoundPrinter", "print_epsilons"]
+__all__ = ["RoundPrinter", "print_epsilons", "progress_line"]
 
 _COLUMNS = (
     "round",
@@ -21,10 +21,43 @@ _COLUMNS = (
     "fed eps",
 )
 _WIDTHS = (5, 6, 6, 3, 8, 8, 8, 8, 12, 8)
+# On a narrow terminal the live table leaves out columns in this order rather than cut
+# a figure; round, in/sel, accuracy and the silos' epsilon always stay.
+_DROP_ORDER = ("joined", "out", "MB in", "seconds", "loss", "fed eps")
+_SHOWN_ROWS = 30
+_WAITING_NAMES = 4  # silos named in the progress line, then "and N more"
 
 
-def _line(cells: tuple[str, ...]) -> str:
-    return "  ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS, strict=True))
+def progress_line(status: Any) -> str | None:
+    """What the federation is doing between rounds, in one line (None once it is over)."""
+    if status.state in ("finished", "stopped"):
+        return None
+    if status.state == "waiting":
+        live = sum(1 for silo in status.silos if silo.live)
+        return (
+            f"round {status.round}/{status.num_rounds}: waiting for silos "
+            f"({live} live, {status.min_clients} needed)"
+        )
+    in_phase = [silo for silo in status.silos if silo.round_outcome]
+    pending = [silo.name for silo in in_phase if silo.round_outcome == "pending"]
+    line = (
+        f"round {status.round}/{status.num_rounds} {status.state}: "
+        f"{len(in_phase) - len(pending)} of {len(in_phase)} in, "
+        f"{status.bytes_received / 1e6:.2f} MB"
+    )
+    if pending:
+        named = ", ".join(pending[:_WAITING_NAMES])
+        more = len(pending) - _WAITING_NAMES
+        line += f"; waiting for {named}" + (f" and {more} more" if more > 0 else "")
+    return line
+
+
+def _table_width(table: Any) -> int:
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=10_000)
+    return Measurement.get(console, console.options, table).maximum
 
 
 class RoundPrinter:
@@ -43,6 +76,8 @@ class RoundPrinter:
         self.last_accepted = 0
         self.rounds_without_dp = 0
         self._rows: list[tuple[str, ...]] = []
+        self._progress: str | None = None
+        self._printed_progress: tuple[Any, ...] = ()
         self._live: Any = None
         if not quiet and (sys.stdout.isatty() if live is None else live):
             from rich.live import Live
@@ -50,15 +85,46 @@ class RoundPrinter:
             self._live = Live(self._table(), auto_refresh=False)
             self._live.start()
 
-    def _table(self) -> Any:
+    def _table(self, width: int | None = None) -> Any:
+        """The rich table, leaving out columns (in ``_DROP_ORDER``) until it fits ``width``."""
+        if width is None:
+            width = self._live.console.width if self._live is not None else 10_000
+        shown = list(_COLUMNS)
+        table = self._build(shown)
+        for name in _DROP_ORDER:
+            if _table_width(table) <= width:
+                break
+            shown.remove(name)
+            table = self._build(shown)
+        return table
+
+    def _build(self, shown: list[str]) -> Any:
         from rich.table import Table
 
-        table = Table(title="fedpriv rounds")
-        for name in _COLUMNS:
-            table.add_column(name, justify="right")
-        for row in self._rows[-30:]:
-            table.add_row(*row)
+        table = Table(title="fedpriv rounds", caption=self._progress)
+        keep = [i for i, name in enumerate(_COLUMNS) if name in shown]
+        for i in keep:
+            table.add_column(_COLUMNS[i], justify="right", no_wrap=True)
+        for row in self._rows[-_SHOWN_ROWS:]:
+            table.add_row(*(row[i] for i in keep))
         return table
+
+    def progress(self, status: Any) -> None:
+        """Show what the current round is waiting for (a caption live, a line otherwise)."""
+        line = progress_line(status)
+        if self._quiet or line == self._progress:
+            return
+        self._progress = line
+        if self._live is not None:
+            self._live.update(self._table(), refresh=True)
+            return
+        # Plain lines go to logs: one when the phase or whom it waits for changes, not
+        # one for every megabyte.
+        waiting = tuple(s.name for s in status.silos if s.round_outcome == "pending")
+        key = (status.state, status.round, waiting)
+        if line is not None and key != self._printed_progress:
+            print(line, flush=True)
+        self._printed_progress = key
 
     def _emit(self, row: tuple[str, ...]) -> None:
         if self._quiet:

@@ -124,7 +124,16 @@ class ClientConfig:
         Raises:
             ConfigError: A key is unknown, missing, of the wrong type or out of range.
         """
-        top = Table(data, "", base_dir=base_dir)
+        top = Table(data, "", base_dir=base_dir, collect=True)
+        try:
+            config = cls._read(top, base_dir=base_dir)
+        except ConfigError as err:
+            top.failed(err)
+        top.done()  # every problem in the document, in one error
+        return config
+
+    @classmethod
+    def _read(cls, top: Table, *, base_dir: pathlib.Path) -> ClientConfig:
         coordinator = top.table("coordinator")
         tls = top.table("tls")
         client = top.table("client")
@@ -170,6 +179,4 @@ class ClientConfig:
                 max_model_bytes=limits.get("max_model_bytes", int, DEFAULT_MAX_MODEL_BYTES)
             ),
         )
-        for table in (coordinator, tls, client, privacy, limits, top):
-            table.finish()
         return config

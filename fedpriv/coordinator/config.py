@@ -182,7 +182,16 @@ class CoordinatorConfig:
         Raises:
             ConfigError: A key is unknown, missing, of the wrong type or out of range.
         """
-        top = Table(data, "", base_dir=base_dir)
+        top = Table(data, "", base_dir=base_dir, collect=True)
+        try:
+            config = cls._read(top, base_dir=base_dir)
+        except ConfigError as err:
+            top.failed(err)
+        top.done()  # every problem in the document, in one error
+        return config
+
+    @classmethod
+    def _read(cls, top: Table, *, base_dir: pathlib.Path) -> CoordinatorConfig:
         fed = top.table("federation")
         server = top.table("server")
         tls_table = top.table("tls")
@@ -294,7 +303,4 @@ class CoordinatorConfig:
             limits=_limits(limits_table),
             tracking=TrackingConfig.from_table(tracking_table, base_dir=base_dir),
         )
-        tables = (fed, server, tls_table, rounds, model, store, dp_table, secagg_table)
-        for table in (*tables, strategy_table, metrics_table, limits_table, tracking_table, top):
-            table.finish()
         return config

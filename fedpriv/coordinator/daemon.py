@@ -86,7 +86,7 @@ def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> 
         sealed = is_sealed(source.checkpoint)
         return read_checkpoint(source.checkpoint, key=key if sealed else None)
     assert source.factory is not None  # ModelSource guarantees one of the two
-    made = load_factory(source.factory, field="model.factory")()
+    made = _check_factory(source.factory)()
     if hasattr(made, "state_dict"):
         return model_from_state_dict(made.state_dict(), chunk_bytes=source.chunk_bytes)
     if isinstance(made, Mapping) and all(isinstance(v, np.ndarray) for v in made.values()):
@@ -99,6 +99,17 @@ def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> 
         f"model.factory = {source.factory!r} returned {type(made).__name__}; "
         "return a torch.nn.Module, a dict of numpy arrays or a list of them (Flower's NDArrays)"
     )
+
+
+def _check_factory(spec: str) -> Any:
+    """The model factory `spec` names, or a ConfigError saying why it cannot be one."""
+    factory = load_factory(spec, field="model.factory")
+    if not callable(factory):
+        raise ConfigError(
+            f"model.factory = {spec!r} is a {type(factory).__name__}, not a function "
+            "that returns the initial model"
+        )
+    return factory
 
 
 def _restore_strategy(strategy: AnyStrategy, store: Store, round: int) -> None:
@@ -180,6 +191,8 @@ class Coordinator:
             )
         )
         self._on_denied = on_denied
+        # True when the state folder holds every round already (a restart after the end).
+        self.already_finished = False
         self._auth: AuthInterceptor | None = None
         self._stopping = threading.Event()
         key = None if config.encryption_key is None else config.encryption_key.load()
@@ -209,7 +222,22 @@ class Coordinator:
             next_round = 1
         else:
             next_round = committed.round + 1
-            logger.info("resuming after committed round=%d", committed.round)
+            if config.model.factory is not None:
+                # Not called (the model is the checkpoint's), but a broken factory fails
+                # here rather than on the next fresh state folder.
+                _check_factory(config.model.factory)
+            if committed.round >= config.rounds.num_rounds:
+                self.already_finished = True
+                logger.warning(
+                    "federation %r already finished: all %d rounds are committed in %s; "
+                    "silos that connect now are told so. To train more rounds raise "
+                    "rounds.num_rounds; to start over use another state_dir",
+                    config.federation,
+                    config.rounds.num_rounds,
+                    config.state_dir,
+                )
+            else:
+                logger.info("resuming after committed round=%d", committed.round)
         # The global model is served from its checkpoint's pages, not held in memory
         # (unless the checkpoint is encrypted).
         model = self.store.load_checkpoint(committed.checkpoint, sha256=expected)

@@ -35,6 +35,7 @@ class FederationStatus:
     last_round_metrics: Mapping[str, float]
     uptime_s: float
     rounds_without_dp: tuple[int, ...] = ()
+    bytes_received: int = 0  # by the current phase so far
 
 
 def describe(
@@ -92,4 +93,5 @@ def describe(
         last_round_metrics=dict(last_round_metrics),
         uptime_s=uptime_s,
         rounds_without_dp=rounds_without_dp,
+        bytes_received=0 if phase is None else phase.bytes_received,
     )

@@ -25,7 +25,10 @@ class Scaffold:
     """What ``fedpriv init`` wrote and the commands that run it (from `root`)."""
 
     root: pathlib.Path
-    commands: list[str]
+    commands: list[str]  # the coordinator's, then each silo's, each in its own terminal
+    watch: str  # the operator's view while it runs
+    state_dir: pathlib.Path  # the coordinator's rounds, checkpoints and round log
+    report: str  # the plots once it has run
 
 
 def _coordinator_toml(
@@ -124,6 +127,11 @@ def scaffold(
     commands = [
         "fedpriv coordinator --config coordinator/coordinator.toml",
         *(f"fedpriv client --app app:make_client --config {s}/silo.toml" for s in names),
-        "fedpriv status --config ops/ops.toml",
     ]
-    return Scaffold(root=root, commands=commands)
+    return Scaffold(
+        root=root,
+        commands=commands,
+        watch="fedpriv status --config ops/ops.toml",
+        state_dir=root.resolve() / "coordinator" / "state",
+        report="fedpriv report coordinator/state",
+    )

@@ -38,12 +38,18 @@ def test_init_scaffolds_a_federation_that_runs_as_printed(tmp_path):
         timeout=120,
     )
     assert init.returncode == 0, init.stderr
-    printed = init.stdout.split("run it, each command in its own terminal:\n")[1].splitlines()
+    run_part, rest = init.stdout.split("run it, each command in its own terminal:\n")[1].split(
+        "while it runs, watch it from another terminal (in the same folder):\n"
+    )
+    printed = run_part.splitlines()
     assert printed[0].strip() == f"cd {target}"
-    commands = [line.strip() for line in printed[1:]]
-    coordinator, *silos, status = commands
+    coordinator, *silos = [line.strip() for line in printed[1:]]
     assert coordinator.startswith("fedpriv coordinator") and len(silos) == 2
+    status = rest.splitlines()[0].strip()
     assert status.startswith("fedpriv status")
+    assert f"round log in {target / 'coordinator' / 'state'};" in rest
+    plots = f"epsilon per round (into {target / 'coordinator' / 'state'}/report):\n"
+    report = rest.split(plots)[1].splitlines()[0].strip()
     # Act: run each printed command as its own process, from the printed folder. The
     # one edit: port 0 is known only once the coordinator has bound it, so the silos'
     # and the operator's files get the port it printed.
@@ -76,6 +82,12 @@ def test_init_scaffolds_a_federation_that_runs_as_printed(tmp_path):
     accuracy = float(out.split("final accuracy:")[1].split()[0])
     assert accuracy > 0.5  # four classes: chance is 0.25
     assert "federation: myfed" in asked.stdout
+    # The printed report command plots the run, from the same folder.
+    plotted = subprocess.run(
+        shlex.split(report), cwd=target, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert plotted.returncode == 0, plotted.stderr
+    assert (target / "coordinator" / "state" / "report" / "accuracy.png").stat().st_size > 0
     assert not (target / "silo-1" / "pki" / "ca.key").exists()
 
 

@@ -73,7 +73,9 @@ def crashed_federation(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[str, 
 def config(state_dir: pathlib.Path, strategy: str) -> CoordinatorConfig:
     return CoordinatorConfig(
         address="127.0.0.1:0",
-        model=ModelSource(factory="unused:unused"),
+        # Resolved on a resume (a broken factory fails), but not called: the model is the
+        # checkpoint's.
+        model=ModelSource(factory="tests.apps:make_model"),
         state_dir=state_dir,
         strategy=StrategyConfig(name=strategy),
     )

@@ -203,3 +203,49 @@ def test_retry_backoff_is_read_and_checked():
     )
     with pytest.raises(ConfigError, match="retry_backoff_s"):
         parse(GOOD.replace("deadline_s = 30", "deadline_s = 30\nretry_backoff_s = -1"))
+
+
+def test_every_problem_in_a_coordinator_config_is_named_in_one_error():
+    # Arrange: a wrong type, a value out of range, a typo in two tables
+    text = (
+        GOOD.replace("num_rounds = 4", 'num_rounds = "4"')
+        .replace("deadline_s = 30", "deadline_s = -1")
+        .replace("min_clients = 2", "min_clients = 2\nmin_clinets = 3")
+        .replace('dir = "state"', 'dir = "state"\nkeep_chekpoints = 3')
+    )
+    # Act
+    with pytest.raises(ConfigError) as caught:
+        parse(text)
+    # Assert: all four, one per line, the typos with the key they were meant to be
+    message = str(caught.value)
+    assert message.startswith("4 problems in the config:\n"), message
+    lines = message.splitlines()[1:]
+    assert lines == [
+        "  - rounds.num_rounds: expected int, got str '4'",
+        "  - rounds.deadline_s = -1.0: must be > 0",
+        lines[2],
+        lines[3],
+    ]
+    assert "unknown key(s) in [rounds]: min_clinets (did you mean 'min_clients'?)" in lines[2]
+    assert (
+        "unknown key(s) in [store]: keep_chekpoints (did you mean 'keep_checkpoints'?)"
+        in (lines[3])
+    )
+
+
+def test_a_config_that_stops_at_a_missing_key_still_names_the_problems_before_it():
+    with pytest.raises(ConfigError) as caught:
+        ClientConfig.from_dict(
+            {"coordinator": {"adress": "h:1"}, "privacy": {"epsilon": "3"}},
+            base_dir=pathlib.Path("."),
+        )
+    message = str(caught.value)
+    assert message.startswith("2 problems in the config:\n"), message
+    assert "privacy.epsilon: expected float, got str '3'" in message
+    assert "coordinator.address is required ('adress' is not a known key" in message
+
+
+def test_one_problem_reads_as_before():
+    with pytest.raises(ConfigError) as caught:
+        parse(GOOD.replace("num_rounds = 4", 'num_rounds = "4"'))
+    assert str(caught.value) == "rounds.num_rounds: expected int, got str '4'"
