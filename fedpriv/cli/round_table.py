@@ -26,6 +26,9 @@ _WIDTHS = (5, 6, 6, 3, 8, 8, 8, 8, 12, 8)
 _DROP_ORDER = ("joined", "out", "MB in", "seconds", "loss", "fed eps")
 _SHOWN_ROWS = 30
 _WAITING_NAMES = 4  # silos named in the progress line, then "and N more"
+# Without a live table, a phase waiting this long gets a progress line, and again after
+# as long (so logs show a stalled round without a line per poll).
+_PLAIN_PROGRESS_S = 30.0
 
 
 def progress_line(status: Any) -> str | None:
@@ -77,7 +80,9 @@ class RoundPrinter:
         self.rounds_without_dp = 0
         self._rows: list[tuple[str, ...]] = []
         self._progress: str | None = None
-        self._printed_progress: tuple[Any, ...] = ()
+        self._phase: tuple[str, int] | None = None
+        self._phase_seen_s = 0.0
+        self._printed_progress_s = -math.inf
         self._live: Any = None
         if not quiet and (sys.stdout.isatty() if live is None else live):
             from rich.live import Live
@@ -112,19 +117,24 @@ class RoundPrinter:
     def progress(self, status: Any) -> None:
         """Show what the current round is waiting for (a caption live, a line otherwise)."""
         line = progress_line(status)
-        if self._quiet or line == self._progress:
+        if self._quiet:
             return
-        self._progress = line
         if self._live is not None:
-            self._live.update(self._table(), refresh=True)
+            if line != self._progress:
+                self._progress = line
+                self._live.update(self._table(), refresh=True)
             return
-        # Plain lines go to logs: one when the phase or whom it waits for changes, not
-        # one for every megabyte.
-        waiting = tuple(s.name for s in status.silos if s.round_outcome == "pending")
-        key = (status.state, status.round, waiting)
-        if line is not None and key != self._printed_progress:
-            print(line, flush=True)
-        self._printed_progress = key
+        # Plain lines go to logs, between the table's rows: only a phase that has been
+        # waiting a while gets one, then one every _PLAIN_PROGRESS_S.
+        phase = (status.state, status.round)
+        if phase != self._phase:
+            self._phase, self._phase_seen_s = phase, status.uptime_s
+            return
+        waited = status.uptime_s - self._phase_seen_s
+        if line is not None and waited >= _PLAIN_PROGRESS_S:
+            if status.uptime_s - self._printed_progress_s >= _PLAIN_PROGRESS_S:
+                print(line, flush=True)
+                self._printed_progress_s = status.uptime_s
 
     def _emit(self, row: tuple[str, ...]) -> None:
         if self._quiet:

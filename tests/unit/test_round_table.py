@@ -152,19 +152,22 @@ def test_the_progress_line_names_whom_the_round_waits_for():
     assert progress_line(status("finished", {})) is None
 
 
-def test_plain_progress_prints_when_whom_it_waits_for_changes_not_on_every_poll(capsys):
+def test_plain_progress_prints_only_for_a_phase_that_waits_and_then_every_30_s(capsys):
     printer = RoundPrinter(quiet=False, live=False)
-    first = status("training", {"silo-1": "pending", "silo-2": "pending"})
-    printer.progress(first)
-    printer.progress(first)  # the next poll: nothing new
-    more_bytes = dataclasses.replace(first, bytes_received=9_000_000)
-    printer.progress(more_bytes)  # bytes only: not worth a line
-    printer.progress(status("training", {"silo-1": "accepted", "silo-2": "pending"}))
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [
-        "round 2/5 training: 0 of 2 in, 3.50 MB; waiting for silo-1, silo-2",
+    waiting = {"silo-1": "accepted", "silo-2": "pending"}
+    for uptime in (10.0, 20.0, 39.0):  # a round that takes under 30 s prints nothing
+        printer.progress(dataclasses.replace(status("training", waiting), uptime_s=uptime))
+    assert capsys.readouterr().out == ""
+    for uptime in (40.0, 55.0, 70.0, 71.0):  # still waiting: a line at 30 s, then 30 s on
+        printer.progress(dataclasses.replace(status("training", waiting), uptime_s=uptime))
+    assert capsys.readouterr().out.splitlines() == [
+        "round 2/5 training: 1 of 2 in, 3.50 MB; waiting for silo-2",
         "round 2/5 training: 1 of 2 in, 3.50 MB; waiting for silo-2",
     ]
+    evaluating = dataclasses.replace(status("evaluating", waiting), uptime_s=75.0)
+    printer.progress(evaluating)  # a new phase starts its own wait
+    printer.progress(dataclasses.replace(evaluating, uptime_s=90.0))
+    assert capsys.readouterr().out == ""
 
 
 def test_the_live_table_shows_the_progress_as_its_caption():
