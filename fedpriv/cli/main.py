@@ -211,7 +211,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedpriv.cli.report import describe_guarantee, write_report
+    from fedpriv.cli.report import describe_discarded, describe_guarantee, write_report
 
     run_dir = pathlib.Path(args.run_dir)
     out = pathlib.Path(args.out) if args.out else run_dir / "report"
@@ -220,6 +220,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     guarantee = describe_guarantee(run_dir)
     if guarantee is not None:
         print(guarantee, flush=True)
+    for line in describe_discarded(run_dir):
+        print(line, flush=True)
     return 0
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
+import sqlite3
 from typing import Any
 
-from fedpriv.cli.status import format_rounds
+from fedpriv.cli.status import format_discarded, format_rounds
+from fedpriv.coordinator.privacy_record import discarded_updates
 from fedpriv.errors import ConfigError
 
-__all__ = ["describe_guarantee", "write_report"]
+__all__ = ["describe_discarded", "describe_guarantee", "write_report"]
 
 
 def _rounds(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -66,6 +69,21 @@ def describe_guarantee(run_dir: pathlib.Path) -> str | None:
         f"federation epsilon: {last['epsilon']:.3f} (delta {last.get('delta', 0):g}, "
         f"silo-level, after round {private[-1]['round']})"
     )
+
+
+def describe_discarded(run_dir: pathlib.Path) -> list[str]:
+    """Lines naming the updates failed attempts threw away, from the run's state database.
+
+    None when the folder has no ``state.sqlite3`` (a copied ``metrics.jsonl`` alone).
+    """
+    database = run_dir / "state.sqlite3"
+    if not database.exists():
+        return []
+    # Read-only: a report never changes a coordinator's state, running or not.
+    uri = f"file:{database.resolve()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        found = discarded_updates(db)
+    return format_discarded([{"round": d.round, "silo": d.silo, "reason": d.reason} for d in found])
 
 
 def write_report(run_dir: pathlib.Path, out_dir: pathlib.Path) -> dict[str, int]:

@@ -12,7 +12,14 @@ from fedpriv.client.config import ClientConfig
 from fedpriv.transport import error_from_rpc, open_channel
 from fedpriv.v1 import admin_pb2, admin_pb2_grpc
 
-__all__ = ["check_health", "format_rounds", "format_status", "query_status", "to_json"]
+__all__ = [
+    "check_health",
+    "format_discarded",
+    "format_rounds",
+    "format_status",
+    "query_status",
+    "to_json",
+]
 
 
 def _channel(config: ClientConfig, *, insecure: bool, identity: str | None) -> grpc.Channel:
@@ -71,6 +78,9 @@ def query_status(
         "secure_aggregation": reply.secure_aggregation,
         "central_dp": reply.central_dp,
         "rounds_without_dp": list(reply.rounds_without_dp),
+        "discarded_updates": [
+            {"round": d.round, "silo": d.silo, "reason": d.reason} for d in reply.discarded_updates
+        ],
     }
 
 
@@ -123,7 +133,30 @@ def format_status(status: dict[str, Any]) -> str:
     if metrics:
         shown = "  ".join(f"{k} {float(v):.4g}" for k, v in sorted(metrics.items()))
         lines.append(f"last round: {shown}")
+    lines += format_discarded(status.get("discarded_updates") or [])
     return "\n".join(lines)
+
+
+def format_discarded(discarded: list[dict[str, Any]]) -> list[str]:
+    """Lines naming the updates failed attempts threw away, by round and reason (none: none).
+
+    Example:
+        >>> for line in format_discarded([{"round": 1, "silo": "a", "reason": "too few"}]):
+        ...     print(line)
+        discarded updates (their attempt failed; DP budget spent on them bought nothing):
+          round 1: a (the attempt failed: too few)
+    """
+    if not discarded:
+        return []
+    attempts: dict[tuple[int, str], list[str]] = {}
+    for update in discarded:
+        attempts.setdefault((int(update["round"]), str(update["reason"])), []).append(
+            str(update["silo"])
+        )
+    lines = ["discarded updates (their attempt failed; DP budget spent on them bought nothing):"]
+    for (round, reason), silos in attempts.items():
+        lines.append(f"  round {round}: {', '.join(silos)} (the attempt failed: {reason})")
+    return lines
 
 
 def to_json(status: dict[str, Any]) -> str:

@@ -53,4 +53,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]  # gene
                 secure_aggregation=config.secure_aggregation is not None,
                 central_dp=config.dp is not None and config.secure_aggregation is None,
                 rounds_without_dp=list(status.rounds_without_dp),
+                discarded_updates=[
+                    admin_pb2.DiscardedUpdate(round=d.round, silo=d.silo, reason=d.reason)
+                    for d in self._federation.store.discarded_updates()
+                ],
             )

@@ -10,6 +10,8 @@ lock; the functions here take the connection and hold no state.
 - Each silo's epsilon and delta are the ``silo:NAME`` metric rows the silo
   reported with its accepted update (:class:`SiloSpend`): they are the silo's own
   figures, which the coordinator only keeps so that a spend never goes down.
+- ``discarded_updates``: updates a silo delivered (and so released, spending its
+  budget under DP) to an attempt that then failed (:class:`DiscardedUpdate`).
 
 The federation's own releases (noise, clipping, accountant inputs) are not here:
 they are the release ledger's (:mod:`fedpriv.coordinator.release_ledger`).
@@ -23,8 +25,10 @@ from dataclasses import dataclass
 
 __all__ = [
     "ROUND_PRIVACY_SCHEMA",
+    "DiscardedUpdate",
     "RoundPrivacy",
     "SiloSpend",
+    "discarded_updates",
     "record_round_privacy",
     "round_privacy",
     "silo_spends",
@@ -107,3 +111,40 @@ def silo_spends(db: sqlite3.Connection) -> dict[str, SiloSpend]:
         )
         for source, round, epsilon, delta in rows
     }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiscardedUpdate:
+    """An update accepted by an attempt at a round that then failed.
+
+    The global model did not change, so whatever the silo spent to release it (its
+    DP budget for that round) bought nothing; the retry asks it to train again.
+    """
+
+    round: int
+    silo: str
+    reason: str  # why the attempt failed
+
+
+# An attempt's participants are those of its round resolved since the round's previous
+# attempt ended (both times come from the store's own clock, in write order).
+_DISCARDED = """
+SELECT a.round, p.silo, a.detail
+FROM attempts AS a
+JOIN participants AS p
+  ON p.round = a.round AND p.task = 'train' AND p.outcome = 'accepted'
+ AND p.unix_s <= a.finished_unix_s
+ AND p.unix_s > COALESCE(
+       (SELECT MAX(b.finished_unix_s) FROM attempts AS b
+        WHERE b.round = a.round AND b.id < a.id), 0)
+WHERE a.outcome = 'failed'
+ORDER BY a.id, p.id
+"""
+
+
+def discarded_updates(db: sqlite3.Connection) -> list[DiscardedUpdate]:
+    """Every accepted update that a failed attempt threw away, oldest first."""
+    return [
+        DiscardedUpdate(round=round, silo=silo, reason=reason)
+        for round, silo, reason in db.execute(_DISCARDED)
+    ]

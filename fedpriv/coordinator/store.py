@@ -24,8 +24,10 @@ from fedpriv.atrest import AtRestKey
 from fedpriv.coordinator.audit import AuditLog
 from fedpriv.coordinator.checkpoint import map_checkpoint, stage_checkpoint
 from fedpriv.coordinator.privacy_record import (
+    DiscardedUpdate,
     RoundPrivacy,
     SiloSpend,
+    discarded_updates,
     record_round_privacy,
     round_privacy,
     silo_spends,
@@ -456,3 +458,8 @@ class Store:
         """Each silo's epsilon and delta as last reported in a committed round."""
         with self._lock:
             return silo_spends(self._db)
+
+    def discarded_updates(self) -> list[DiscardedUpdate]:
+        """Accepted updates that failed attempts threw away (their spend bought nothing)."""
+        with self._lock:
+            return discarded_updates(self._db)

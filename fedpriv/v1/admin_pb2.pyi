@@ -22,8 +22,18 @@ class SiloStatus(_message.Message):
     round_outcome: str
     def __init__(self, name: _Optional[str] = ..., seconds_since_seen: _Optional[float] = ..., live: _Optional[bool] = ..., round_outcome: _Optional[str] = ...) -> None: ...
 
+class DiscardedUpdate(_message.Message):
+    __slots__ = ("round", "silo", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    silo: str
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., silo: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("federation", "state", "round", "num_rounds", "completed_rounds", "min_clients", "silos", "last_round_metrics", "uptime_s", "secure_aggregation", "central_dp", "rounds_without_dp")
+    __slots__ = ("federation", "state", "round", "num_rounds", "completed_rounds", "min_clients", "silos", "last_round_metrics", "uptime_s", "secure_aggregation", "central_dp", "rounds_without_dp", "discarded_updates")
     class LastRoundMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +53,7 @@ class StatusReply(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     CENTRAL_DP_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_WITHOUT_DP_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_UPDATES_FIELD_NUMBER: _ClassVar[int]
     federation: str
     state: str
     round: int
@@ -55,4 +66,5 @@ class StatusReply(_message.Message):
     secure_aggregation: bool
     central_dp: bool
     rounds_without_dp: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., num_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round_metrics: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., central_dp: _Optional[bool] = ..., rounds_without_dp: _Optional[_Iterable[int]] = ...) -> None: ...
+    discarded_updates: _containers.RepeatedCompositeFieldContainer[DiscardedUpdate]
+    def __init__(self, federation: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., num_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., silos: _Optional[_Iterable[_Union[SiloStatus, _Mapping]]] = ..., last_round_metrics: _Optional[_Mapping[str, float]] = ..., uptime_s: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., central_dp: _Optional[bool] = ..., rounds_without_dp: _Optional[_Iterable[int]] = ..., discarded_updates: _Optional[_Iterable[_Union[DiscardedUpdate, _Mapping]]] = ...) -> None: ...
