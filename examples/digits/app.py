@@ -105,6 +105,8 @@ def make_client(config: Mapping[str, Scalar]) -> TorchClient:
         loss_fn=nn.functional.cross_entropy,
         optimizer_factory=lambda params: torch.optim.Adam(params, lr=lr),
         epochs=int(config.get("epochs", 1)),
+        # [app] precision = "bf16" | "fp32"; "auto": bfloat16 on a GPU that has it
+        precision=str(config.get("precision", "auto")),
     )
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
+from fedpriv.client.precision import Precision, autocast, autocast_dtype
 from fedpriv.client.progress import training_progress
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps
@@ -103,6 +104,32 @@ def _proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> Iterator[None
         handle.remove()
 
 
+def _autocast_for(
+    precision: Precision | str, device: torch.device, privacy: LocalDP | None
+) -> torch.dtype | None:
+    """The autocast dtype a TorchClient trains with (None: float32).
+
+    Not under DP-SGD: Opacus would compute the per-sample gradients (hooks,
+    functorch) or their norms (ghost clipping) in bfloat16, whose rounding (up to
+    2^-9 of a norm) can leave a clipped gradient above ``max_grad_norm``: more than
+    the sensitivity the ledger accounts for.
+
+    Raises:
+        ConfigError: See :func:`autocast_dtype`; or bf16 asked for under DP-SGD.
+    """
+    dtype = autocast_dtype(precision, device)
+    if dtype is None or privacy is None:
+        return dtype
+    if Precision(precision) is Precision.AUTO:
+        logger.info("precision auto: float32 under DP-SGD (clipping must see float32 norms)")
+        return None
+    raise ConfigError(
+        "precision = 'bf16' does not combine with DP-SGD: Opacus would clip per-sample "
+        "gradients by norms rounded to bfloat16, which can exceed max_grad_norm and so the "
+        "sensitivity the privacy ledger accounts for; use precision = 'fp32' or 'auto'"
+    )
+
+
 def _batches(loader: DataLoader[Any]) -> int | None:
     try:
         return len(loader)
@@ -125,6 +152,11 @@ class TorchClient:
         privacy: Train with DP-SGD (Opacus) under these settings. Layers Opacus
             cannot train privately (BatchNorm) are replaced by its validator.
             ``loss_fn`` must then accept ``reduction=``, as the functional losses do.
+        precision: ``"auto"`` (the default) runs the forward pass under bfloat16
+            autocast on a CUDA GPU that supports it and in float32 elsewhere;
+            ``"bf16"`` asks for it (on the CPU too), ``"fp32"`` turns it off. The
+            parameters and the exchanged model stay float32. Not under DP-SGD
+            (``"auto"`` is float32 there, ``"bf16"`` an error): see ``_autocast_for``.
 
     A task config with ``proximal_mu`` > 0 (FedProx) adds
     ``mu / 2 * ||w - w_global||^2`` to the local objective, ``w_global`` being
@@ -146,9 +178,11 @@ class TorchClient:
         epochs: int = 1,
         device: torch.device | str | None = None,
         privacy: LocalDP | None = None,
+        precision: Precision | str = Precision.AUTO,
     ) -> None:
         self.device = torch.device(device) if device is not None else best_device()
         self.privacy = privacy
+        self.autocast = _autocast_for(precision, self.device, privacy)
         if privacy is not None:
             model = prepare_module(model)
         self.model = model.to(self.device)
@@ -227,7 +261,8 @@ class TorchClient:
                 for inputs, targets in self.train_loader:
                     inputs, targets = inputs.to(self.device), targets.to(self.device)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = self.loss_fn(self.model(inputs), targets)
+                    with autocast(self.autocast, self.device):  # the backward pass outside it
+                        loss = self.loss_fn(self.model(inputs), targets)
                     loss.backward()  # type: ignore[no-untyped-call]  # torch stub gap
                     optimizer.step()
                     epoch_loss += float(loss.detach()) * len(inputs)
@@ -257,8 +292,10 @@ class TorchClient:
         classification = True
         for inputs, targets in self.val_loader:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            outputs = self.model(inputs)
-            total_loss += float(self.loss_fn(outputs, targets)) * len(inputs)
+            with autocast(self.autocast, self.device):
+                outputs = self.model(inputs)
+                loss = self.loss_fn(outputs, targets)
+            total_loss += float(loss) * len(inputs)
             seen += len(inputs)
             if (
                 classification
