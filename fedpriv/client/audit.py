@@ -26,7 +26,7 @@ from fedpriv.client.torch import TorchClient
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import DEFAULT_DELTA, GaussianSteps, epsilon
 from fedpriv.privacy.audit import AuditResult, epsilon_lower_bound
-from fedpriv.wire.torch_interop import arrays_from_state_dict
+from fedpriv.wire.torch_interop import arrays_from_state_dict, exchanged_state
 
 __all__ = ["audit_client"]
 
@@ -122,9 +122,12 @@ def audit_client(
         epochs=epochs or client.epochs,
         device=client.device,
         privacy=client.privacy,
+        exchange=client.exchange,
     )
     config = {"epochs": audited.epochs}
-    parameters: Mapping[str, npt.NDArray[Any]] = arrays_from_state_dict(audited.model.state_dict())
+    parameters: Mapping[str, npt.NDArray[Any]] = arrays_from_state_dict(
+        exchanged_state(audited.model, audited.exchange)
+    )
     for round in range(1, rounds + 1):
         parameters = audited.fit(parameters, config=config).parameters
         logger.info("audit round %d/%d trained on %d examples", round, rounds, len(train))

@@ -21,7 +21,12 @@ from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.local import LocalDP, prepare_module, private_plan, train_private
 from fedpriv.strategy.fedprox import PROXIMAL_MU
-from fedpriv.wire.torch_interop import arrays_from_state_dict, copy_arrays_into
+from fedpriv.wire.torch_interop import (
+    Exchange,
+    arrays_from_state_dict,
+    copy_arrays_into,
+    exchanged_state,
+)
 
 __all__ = ["TorchClient", "best_device"]
 
@@ -141,7 +146,8 @@ class TorchClient:
     """Trains a ``torch.nn.Module`` on local loaders; implements :class:`fedpriv.Client`.
 
     Args:
-        model: The network; its ``state_dict`` defines what is exchanged.
+        model: The network. What is exchanged with the coordinator is its
+            ``state_dict`` less its frozen parameters (see `exchange`).
         train_loader: Local training data, yielding ``(inputs, targets)``.
         loss_fn: Loss on ``(outputs, targets)``.
         optimizer_factory: Builds a fresh optimiser from parameters each round,
@@ -152,6 +158,11 @@ class TorchClient:
         privacy: Train with DP-SGD (Opacus) under these settings. Layers Opacus
             cannot train privately (BatchNorm) are replaced by its validator.
             ``loss_fn`` must then accept ``reduction=``, as the functional losses do.
+        exchange: ``"trainable"`` (the default): the state dict without the
+            parameters that have ``requires_grad`` off, so a frozen base model stays
+            on the silo and only what trains (adapters, a head) and the buffers
+            travel; the coordinator's ``[model] exchange`` must say the same.
+            ``"all"``: the whole state dict.
         precision: ``"auto"`` (the default) runs the forward pass under bfloat16
             autocast on a CUDA GPU that supports it and in float32 elsewhere;
             ``"bf16"`` asks for it (on the CPU too), ``"fp32"`` turns it off. The
@@ -179,6 +190,7 @@ class TorchClient:
         device: torch.device | str | None = None,
         privacy: LocalDP | None = None,
         precision: Precision | str = Precision.AUTO,
+        exchange: Exchange | str = Exchange.TRAINABLE,
     ) -> None:
         self.device = torch.device(device) if device is not None else best_device()
         self.privacy = privacy
@@ -186,6 +198,11 @@ class TorchClient:
         if privacy is not None:
             model = prepare_module(model)
         self.model = model.to(self.device)
+        try:
+            self.exchange = Exchange(exchange)
+            self._exchanged()  # nothing to exchange is an error now, not in the first round
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self._plans: dict[int, GaussianSteps] = {}
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -194,15 +211,18 @@ class TorchClient:
         self.epochs = epochs
 
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name and shape of every tensor ``fit`` and ``evaluate`` accept (the state dict).
+        """Name and shape of every tensor ``fit`` and ``evaluate`` accept (those exchanged).
 
         The runtime declines a task whose model has other names or shapes
         (:class:`fedpriv.client.tasks.ModelOwner`) instead of failing in ``fit``.
         """
-        return {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        return {name: tuple(t.shape) for name, t in self._exchanged().items()}
+
+    def _exchanged(self) -> dict[str, torch.Tensor]:
+        return exchanged_state(self.model, self.exchange)
 
     def _load(self, parameters: Mapping[str, npt.NDArray[Any]]) -> None:
-        copy_arrays_into(self.model.state_dict(), parameters)
+        copy_arrays_into(self._exchanged(), parameters)
 
     def plan_privacy(self, config: Mapping[str, Scalar]) -> GaussianSteps | None:
         """The DP mechanism ``fit`` will run with `config` (None without privacy)."""
@@ -248,7 +268,7 @@ class TorchClient:
                     progress=progress,
                 )
             return FitResult(
-                parameters=arrays_from_state_dict(self.model.state_dict()),
+                parameters=arrays_from_state_dict(self._exchanged()),
                 num_examples=_dataset_size(self.train_loader),
                 metrics={"train_loss": mean_loss, "noise_multiplier": plan.noise_multiplier},
             )
@@ -272,7 +292,7 @@ class TorchClient:
                 total_loss += epoch_loss
                 seen += epoch_seen
         return FitResult(
-            parameters=arrays_from_state_dict(self.model.state_dict()),
+            parameters=arrays_from_state_dict(self._exchanged()),
             num_examples=_dataset_size(self.train_loader),
             metrics={"train_loss": total_loss / max(seen, 1)},
         )

@@ -286,6 +286,7 @@ class CoordinatorConfig:
                 factory=model.optional("factory", str),
                 checkpoint=model.path("checkpoint"),
                 chunk_bytes=model.get("chunk_bytes", int, DEFAULT_CHUNK_BYTES),
+                exchange=model.get("exchange", str, field_default(ModelSource, "exchange")),
             ),
             state_dir=state_dir,
             keep_checkpoints=store.get(

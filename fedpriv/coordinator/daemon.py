@@ -34,7 +34,7 @@ from fedpriv.transport.auth import DenialCallback, DenialReason
 from fedpriv.transport.limits import CallLimits
 from fedpriv.v1 import admin_pb2_grpc
 from fedpriv.wire import Model
-from fedpriv.wire.torch_interop import model_from_state_dict
+from fedpriv.wire.torch_interop import exchanged_state, model_from_state_dict
 
 __all__ = ["Coordinator", "load_factory", "load_initial_model"]
 
@@ -87,6 +87,12 @@ def load_initial_model(source: ModelSource, *, key: AtRestKey | None = None) -> 
         return read_checkpoint(source.checkpoint, key=key if sealed else None)
     assert source.factory is not None  # ModelSource guarantees one of the two
     made = _check_factory(source.factory)()
+    if hasattr(made, "named_parameters") and hasattr(made, "state_dict"):  # a torch module
+        try:
+            state = exchanged_state(made, source.exchange)
+        except ValueError as err:
+            raise ConfigError(f"model.factory = {source.factory!r}: {err}") from None
+        return model_from_state_dict(state, chunk_bytes=source.chunk_bytes)
     if hasattr(made, "state_dict"):
         return model_from_state_dict(made.state_dict(), chunk_bytes=source.chunk_bytes)
     if isinstance(made, Mapping) and all(isinstance(v, np.ndarray) for v in made.values()):

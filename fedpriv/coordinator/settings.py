@@ -15,6 +15,7 @@ from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError
 from fedpriv.pki.crl import CRL_FILE
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
+from fedpriv.wire.torch_interop import Exchange
 
 __all__ = [
     "DEFAULT_DEADLINE_S",
@@ -263,12 +264,22 @@ class ModelSource:
     factory: str | None = None
     checkpoint: pathlib.Path | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Which tensors of a torch module the factory returns make the global model: its
+    # trainable parameters and buffers (as TorchClient exchanges them), or all.
+    exchange: Exchange = Exchange.TRAINABLE
 
     def __post_init__(self) -> None:
         if (self.factory is None) == (self.checkpoint is None):
             raise ConfigError(
                 "[model] needs exactly one of factory = 'module:function' or checkpoint"
             )
+        try:
+            object.__setattr__(self, "exchange", Exchange(self.exchange))
+        except ValueError:
+            choices = ", ".join(repr(e.value) for e in Exchange)
+            raise ConfigError(
+                f"model.exchange = {self.exchange!r}: expected one of {choices}"
+            ) from None
         if self.factory is not None and ":" not in self.factory:
             raise ConfigError(f"model.factory = {self.factory!r}: expected 'module:function'")
         if not 0 < self.chunk_bytes <= MAX_CHUNK_BYTES or self.chunk_bytes % 8:

@@ -6,6 +6,7 @@ models without importing it.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,49 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "Exchange",
     "arrays_from_state_dict",
     "copy_arrays_into",
+    "exchanged_state",
     "layout_for_state_dict",
     "model_from_state_dict",
 ]
+
+
+class Exchange(enum.StrEnum):
+    """Which tensors of a module travel between a silo and the coordinator."""
+
+    # The state dict without frozen parameters (requires_grad False): what trains,
+    # and the buffers (BatchNorm statistics, say). A frozen base model stays where it
+    # is, and only its adapters travel.
+    TRAINABLE = "trainable"
+    ALL = "all"  # the whole state dict
+
+
+def exchanged_state(module: Any, exchange: Exchange | str = Exchange.TRAINABLE) -> dict[str, Any]:
+    """The tensors of `module`'s state dict that `exchange` selects, by name.
+
+    A parameter shared under two names (tied weights) is frozen or not under both.
+
+    Raises:
+        ValueError: An unknown `exchange`, or nothing left to exchange.
+    """
+    try:
+        chosen = Exchange(exchange)
+    except ValueError:
+        choices = ", ".join(repr(e.value) for e in Exchange)
+        raise ValueError(f"exchange = {exchange!r}: expected one of {choices}") from None
+    state: dict[str, Any] = dict(module.state_dict())
+    if chosen is Exchange.TRAINABLE:
+        frozen = {
+            name
+            for name, parameter in module.named_parameters(remove_duplicate=False)
+            if not parameter.requires_grad
+        }
+        state = {name: tensor for name, tensor in state.items() if name not in frozen}
+    if not state:
+        raise ValueError(f"exchange = {chosen.value!r}: the model has nothing to exchange")
+    return state
 
 
 def _dtype_of(tensor: torch.Tensor) -> DType:

@@ -60,6 +60,10 @@ def test_good_config_parses_with_paths_relative_to_the_file():
         ),
         (("[store]", "[storage]"), "unknown key(s) in the top level: storage"),
         (('factory = "pkg.mod:make"', 'factory = "pkg.mod"'), "expected 'module:function'"),
+        (
+            ('factory = "pkg.mod:make"', 'factory = "pkg.mod:make"\nexchange = "bogus"'),
+            "model.exchange = 'bogus': expected one of 'trainable', 'all'",
+        ),
         (("deadline_s = 30", "deadline_s = -1"), "rounds.deadline_s = -1.0: must be > 0"),
         (('key = "pki/c.key"', ""), "[tls] is missing tls.key"),
         (('allowed_silos = ["a", "b"]', "allowed_silos = []"), "allowed_silos is empty"),
