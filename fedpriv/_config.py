@@ -7,6 +7,7 @@ import difflib
 import importlib
 import pathlib
 import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 
@@ -15,7 +16,7 @@ from fedpriv.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["Table", "check_positive", "field_default", "load_factory"]
+__all__ = ["Table", "check_positive", "field_default", "load_factory", "read_toml"]
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -248,3 +249,19 @@ def load_factory(spec: str, *, field: str) -> Any:
         return getattr(module, attribute)
     except AttributeError:
         raise ConfigError(f"{field} = {spec!r}: {module_name!r} has no {attribute!r}") from None
+
+
+def read_toml(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
+    """The TOML file at `path` and the folder its relative paths are resolved from.
+
+    Raises:
+        ConfigError: The file cannot be read or is not valid TOML (the message names it).
+    """
+    file = pathlib.Path(path)
+    try:
+        with open(file, "rb") as handle:
+            return tomllib.load(handle), file.resolve().parent
+    except OSError as err:
+        raise ConfigError(f"cannot read config {file}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{file} is not valid TOML: {err}") from err

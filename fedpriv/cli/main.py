@@ -13,13 +13,15 @@ import pathlib
 import signal
 import sys
 import threading
-import tomllib
 from collections.abc import Sequence
 from typing import Any
 
+from fedpriv._config import read_toml
+from fedpriv.cli.inspection import cmd_audit, cmd_audit_log, cmd_report, cmd_status
+from fedpriv.cli.logs import logging_to_stderr
 from fedpriv.cli.pki import add_pki_commands
 from fedpriv.cli.round_table import RoundPrinter, print_epsilons
-from fedpriv.errors import ConfigError, FederationStopped, FedprivError
+from fedpriv.errors import FederationStopped, FedprivError
 from fedpriv.faults import arm_from_environment
 from fedpriv.transport.options import DEFAULT_ADDRESS
 
@@ -28,23 +30,12 @@ __all__ = ["main"]
 logger = logging.getLogger("fedpriv.cli")
 
 
-def _read_toml(path: str) -> tuple[dict[str, Any], pathlib.Path]:
-    file = pathlib.Path(path)
-    try:
-        with open(file, "rb") as handle:
-            return tomllib.load(handle), file.resolve().parent
-    except OSError as err:
-        raise ConfigError(f"cannot read config {file}: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{file} is not valid TOML: {err}") from err
-
-
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from fedpriv.coordinator import Coordinator, CoordinatorConfig
     from fedpriv.coordinator.daemon import limit_malloc_arenas
 
     limit_malloc_arenas()  # before gRPC starts its threads
-    data, base = _read_toml(args.config)
+    data, base = read_toml(args.config)
     config = CoordinatorConfig.from_dict(data, base_dir=base)
     printer = RoundPrinter(quiet=args.quiet)
     with (
@@ -89,7 +80,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         from fedpriv.client.progress import ProgressMode, set_mode
 
         set_mode(ProgressMode.OFF)
-    data, base = _read_toml(args.config)
+    data, base = read_toml(args.config)
     config = ClientConfig.from_dict(data, base_dir=base)
     tls = config.tls(insecure=args.insecure)
     # Locked until closed below; on an error the process ends and the kernel drops the lock.
@@ -146,11 +137,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import datetime
 
-    from fedpriv.run import FlowerProject, parse_run_config, run_flower_project
+    from fedpriv.run import FlowerProject, fresh_run_dir, parse_run_config, run_flower_project
 
     project = FlowerProject.read(pathlib.Path(args.project))
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    state_dir = pathlib.Path(args.state_dir or project.root / ".fedpriv" / "runs" / stamp)
+    if args.state_dir:
+        state_dir = pathlib.Path(args.state_dir)
+    else:
+        now = datetime.datetime.now(datetime.UTC)
+        state_dir = fresh_run_dir(project.root / ".fedpriv" / "runs", now)
     overrides = parse_run_config(args.run_config)
     printer = RoundPrinter(quiet=args.quiet)
     with contextlib.closing(printer):
@@ -159,101 +153,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     print(f"final model: {final}", flush=True)
     print(f"state: {state_dir} (plots: fedpriv report {state_dir / 'coordinator'})", flush=True)
-    return 0
-
-
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedpriv.client.audit import audit_client
-    from fedpriv.client.torch import TorchClient
-    from fedpriv.coordinator.daemon import load_factory
-
-    app: dict[str, Any] = {}
-    if args.config:
-        data, _ = _read_toml(args.config)
-        app = dict(data.get("app", {}))
-    client = load_factory(args.app, field="--app")(app)
-    if not isinstance(client, TorchClient):
-        raise ConfigError(f"--app {args.app!r} must return a fedpriv.TorchClient to be audited")
-    result = audit_client(
-        client,
-        canaries=args.canaries,
-        guesses=args.guesses,
-        rounds=args.rounds,
-        epochs=args.epochs,
-        delta=args.delta,
-        confidence=args.confidence,
-        seed=args.seed,
-    )
-    print(
-        f"canaries: {result.canaries} ({result.included} trained on); "
-        f"guesses: {result.correct}/{result.guesses} correct",
-        flush=True,
-    )
-    print(
-        f"empirical epsilon lower bound: {result.epsilon_lower_bound:.3f} "
-        f"({result.confidence:.0%} confidence, delta {result.delta:g})",
-        flush=True,
-    )
-    if result.accountant_epsilon is None:
-        print("accountant epsilon: none (the client trains without DP)", flush=True)
-    else:
-        print(
-            f"accountant epsilon: {result.accountant_epsilon:.3f} (delta {result.delta:g})",
-            flush=True,
-        )
-        if result.epsilon_lower_bound > result.accountant_epsilon:
-            print(
-                "AUDIT FAILED: the empirical lower bound exceeds the accountant's epsilon",
-                flush=True,
-            )
-            return 3
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from fedpriv.cli.report import describe_discarded, describe_guarantee, write_report
-
-    run_dir = pathlib.Path(args.run_dir)
-    out = pathlib.Path(args.out) if args.out else run_dir / "report"
-    for name, points in write_report(run_dir, out).items():
-        print(f"{out / name}: {points} points", flush=True)
-    guarantee = describe_guarantee(run_dir)
-    if guarantee is not None:
-        print(guarantee, flush=True)
-    for line in describe_discarded(run_dir):
-        print(line, flush=True)
-    return 0
-
-
-def _cmd_audit_log(args: argparse.Namespace) -> int:
-    from fedpriv.cli.audit_log import format_entries, parse_kinds, to_json_lines
-    from fedpriv.coordinator.audit import AuditLog
-
-    kinds = parse_kinds(args.kind)
-    log = AuditLog.open(pathlib.Path(args.state_dir))
-    try:
-        entries = log.entries(identity=args.identity, kinds=kinds, limit=args.limit)
-    finally:
-        log.close()
-    text = to_json_lines(entries) if args.json else format_entries(entries)
-    if text:
-        print(text, flush=True)
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    from fedpriv.cli.status import check_health, format_status, query_status, to_json
-    from fedpriv.client.config import ClientConfig
-
-    data, base = _read_toml(args.config)
-    config = ClientConfig.from_dict(data, base_dir=base)
-    options = {"insecure": args.insecure, "identity": args.identity, "timeout_s": args.timeout}
-    if args.health:
-        serving = check_health(config, **options)
-        print(serving, flush=True)
-        return 0 if serving == "SERVING" else 1
-    status = query_status(config, **options)
-    print(to_json(status) if args.json else format_status(status), flush=True)
     return 0
 
 
@@ -421,14 +320,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--confidence", type=float, default=0.95)
     audit.add_argument("--seed", type=int, default=0)
-    audit.set_defaults(run=_cmd_audit)
+    audit.set_defaults(run=cmd_audit)
 
     report = commands.add_parser(
         "report", help="plot a run: accuracy, loss, epsilon, participation"
     )
     report.add_argument("run_dir", help="the coordinator's state dir (holds metrics.jsonl)")
     report.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/report)")
-    report.set_defaults(run=_cmd_report)
+    report.set_defaults(run=cmd_report)
 
     audit_log = commands.add_parser(
         "audit-log",
@@ -444,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit_log.add_argument("--limit", type=_positive, help="only the newest N entries")
     audit_log.add_argument("--json", action="store_true", help="one JSON object per line")
-    audit_log.set_defaults(run=_cmd_audit_log)
+    audit_log.set_defaults(run=cmd_audit_log)
 
     status = commands.add_parser("status", help="ask a running coordinator for its state")
     status.add_argument(
@@ -462,7 +361,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     status.add_argument("--insecure", action="store_true", help="connect in plain text (unsafe)")
     status.add_argument("--identity", help="operator name to claim with --insecure")
-    status.set_defaults(run=_cmd_status)
+    status.set_defaults(run=cmd_status)
 
     init = commands.add_parser("init", help="scaffold a federation: CA, certificates, configs, app")
     init.add_argument("dir", help="a new (or empty) folder")
@@ -484,13 +383,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fedpriv`` command line; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        # Some libraries (opacus) install a root handler when imported; ours wins.
-        force=True,
-    )
+    with logging_to_stderr(getattr(logging, str(args.log_level).upper(), logging.INFO)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         # Crash tests name a fault-injection point here (fedpriv.faults); unset, nothing is armed.
         arm_from_environment()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
-from fedpriv.run.flower_project import FlowerProject, parse_run_config, run_flower_project
+from fedpriv.run.flower_project import (
+    FlowerProject,
+    fresh_run_dir,
+    parse_run_config,
+    run_flower_project,
+)
 
-__all__ = ["FlowerProject", "parse_run_config", "run_flower_project"]
+__all__ = ["FlowerProject", "fresh_run_dir", "parse_run_config", "run_flower_project"]

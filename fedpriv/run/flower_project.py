@@ -16,6 +16,8 @@ the PKI) is kept, so ``fedpriv status`` and ``fedpriv report`` work on it.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import itertools
 import logging
 import pathlib
 import sys
@@ -50,7 +52,7 @@ from fedpriv.strategy.flower_message import FlowerMessageStrategy
 from fedpriv.transport import TLSConfig
 from fedpriv.wire import Model
 
-__all__ = ["FlowerProject", "parse_run_config", "run_flower_project"]
+__all__ = ["FlowerProject", "fresh_run_dir", "parse_run_config", "run_flower_project"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,24 @@ def parse_run_config(text: str | None) -> dict[str, Scalar]:
     if wrong:
         raise ConfigError(f"--run-config: {', '.join(wrong)} must be plain scalars")
     return dict(parsed)
+
+
+def fresh_run_dir(runs: pathlib.Path, now: datetime.datetime) -> pathlib.Path:
+    """A new, empty folder under `runs` named after `now` (UTC, to the second).
+
+    Two runs started in the same second get ``STAMP``, then ``STAMP-2``, ``STAMP-3``:
+    the folder is created here, exclusively, so no run reuses another's state or PKI.
+    """
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = now.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    for attempt in itertools.count(1):
+        candidate = runs / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise AssertionError("unreachable")
 
 
 def _pki(directory: pathlib.Path, silos: list[str]) -> tuple[TLSFiles, dict[str, TLSConfig]]:
