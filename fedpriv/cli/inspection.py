@@ -13,7 +13,7 @@ __all__ = ["cmd_audit", "cmd_audit_log", "cmd_report", "cmd_status"]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Run ``fedpriv audit``: a membership-inference audit of a silo app (3: it beat the accountant)."""
+    """Run ``fedpriv audit``: audit a silo app by membership inference (3: audit failed)."""
     from fedpriv.client.audit import audit_client
     from fedpriv.client.torch import TorchClient
     from fedpriv.coordinator.daemon import load_factory

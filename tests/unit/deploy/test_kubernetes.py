@@ -129,7 +129,7 @@ def test_the_readiness_probe_asks_the_grpc_health_service_over_mtls():
     probe = container["readinessProbe"]["exec"]["command"]
     assert probe[0] == "fedpriv"
     args = _parser().parse_args(probe[1:])
-    assert args.health and args.run.__name__ == "_cmd_status"
+    assert args.health and args.command == "status"
     assert table[args.config]["subPath"] == "ops.toml"
     data, base = config_file(config_map, "ops.toml")
     ops = ClientConfig.from_dict(data, base_dir=base)
