@@ -168,7 +168,8 @@ class RoundPrinter:
                     self.silo_epsilon_rdp[silo] = float(values["epsilon_rdp"])
         epsilons = [float(v["epsilon"]) for v in summary.silo_metrics.values() if "epsilon" in v]
         metrics = summary.evaluation_metrics or summary.fit_metrics
-        loss = metrics.get("loss", summary.fit_metrics.get("train_loss", float("nan")))
+        # None when no silo released one (under DP a silo sends no un-noised loss).
+        loss = metrics.get("loss", summary.fit_metrics.get("train_loss"))
         accuracy = metrics.get("accuracy")
         if accuracy is not None:
             self.last_accuracy = accuracy
@@ -198,7 +199,7 @@ class RoundPrinter:
                 f"{summary.accepted}/{summary.selected}",
                 str(out),
                 format(summary.bytes_received / 1e6, ".2f"),
-                format(loss, ".4f"),
+                "-" if loss is None else format(loss, ".4f"),
                 "-" if accuracy is None else format(accuracy, ".4f"),
                 format(summary.duration_s, ".2f"),
                 format(max(epsilons), ".3f") if epsilons else "-",

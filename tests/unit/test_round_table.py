@@ -53,6 +53,16 @@ def test_plain_table_has_one_line_per_round(capsys):
     assert printer.last_accuracy == 0.9 and printer.federation_epsilon == (7.0, 1e-5)
 
 
+def test_a_round_with_no_released_loss_shows_a_dash_not_nan(capsys):
+    # Under DP with federated evaluation off, no silo sends a loss at all.
+    private = dataclasses.replace(summary(1), fit_metrics={}, evaluation_metrics={})
+    printer = RoundPrinter(quiet=False, live=False)
+    printer.round_completed(private)
+    printer.close()
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[5:7] == ["-", "-"] and "nan" not in row
+
+
 def test_quiet_prints_nothing(capsys):
     printer = RoundPrinter(quiet=True, live=True)
     printer.round_completed(summary(1))
