@@ -172,11 +172,13 @@ def run_federation(
     coordinator_config: pathlib.Path,
     silos: Mapping[str, tuple[str, pathlib.Path]],
     timeout_s: float = 900.0,
+    app_path: Sequence[pathlib.Path] = (),
 ) -> int:
     """Start the coordinator and every silo (name -> (app, config)); wait for all to exit.
 
     The silos start once the coordinator listens. A silo config that names the
-    coordinator as ``127.0.0.1:0`` gets the port the coordinator bound.
+    coordinator as ``127.0.0.1:0`` gets the port the coordinator bound. Folders in
+    `app_path` go on the silos' PYTHONPATH (for an app outside a package).
 
     Returns:
         0 when every process exited with status 0, else 1 (the logs say why).
@@ -203,6 +205,9 @@ def run_federation(
     # One intra-op thread per silo: the silos share this machine's cores, and
     # torch's default (one thread per core each) makes them spin against each other.
     silo_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if app_path:
+        paths = [str(p) for p in app_path] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        silo_env["PYTHONPATH"] = os.pathsep.join(paths)
     processes: dict[str, subprocess.Popen[bytes]] = {}
     for name, (app, config) in silos.items():
         with open(logs / f"{name}.log", "w") as handle:

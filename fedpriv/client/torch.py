@@ -11,7 +11,7 @@ from typing import Any
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
@@ -19,7 +19,16 @@ from fedpriv.client.precision import Precision, autocast, autocast_dtype
 from fedpriv.client.progress import training_progress
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps
-from fedpriv.privacy.local import LocalDP, prepare_module, private_plan, train_private
+from fedpriv.privacy.layers import dp_layer_problems
+from fedpriv.privacy.local import (
+    Forward,
+    GradSampleMode,
+    LocalDP,
+    prepare_module,
+    private_plan,
+    split_batch,
+    train_private,
+)
 from fedpriv.strategy.fedprox import PROXIMAL_MU
 from fedpriv.wire.torch_interop import (
     Exchange,
@@ -148,7 +157,8 @@ class TorchClient:
     Args:
         model: The network. What is exchanged with the coordinator is its
             ``state_dict`` less its frozen parameters (see `exchange`).
-        train_loader: Local training data, yielding ``(inputs, targets)``.
+        train_loader: Local training data, yielding ``(inputs, targets)``, or
+            ``(*features, targets)`` for a model of several inputs.
         loss_fn: Loss on ``(outputs, targets)``.
         optimizer_factory: Builds a fresh optimiser from parameters each round,
             e.g. ``lambda p: torch.optim.Adam(p, lr=1e-3)``.
@@ -168,6 +178,9 @@ class TorchClient:
             ``"bf16"`` asks for it (on the CPU too), ``"fp32"`` turns it off. The
             parameters and the exchanged model stay float32. Not under DP-SGD
             (``"auto"`` is float32 there, ``"bf16"`` an error): see ``_autocast_for``.
+        forward: ``forward(model, *features) -> outputs``; the default is
+            ``model(*features)``. :mod:`fedpriv.client.hf` passes keywords to a
+            Hugging Face model and takes its logits.
 
     A task config with ``proximal_mu`` > 0 (FedProx) adds
     ``mu / 2 * ||w - w_global||^2`` to the local objective, ``w_global`` being
@@ -191,6 +204,7 @@ class TorchClient:
         privacy: LocalDP | None = None,
         precision: Precision | str = Precision.AUTO,
         exchange: Exchange | str = Exchange.TRAINABLE,
+        forward: Forward | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else best_device()
         self.privacy = privacy
@@ -209,6 +223,27 @@ class TorchClient:
         self.loss_fn = loss_fn
         self.optimizer_factory = optimizer_factory
         self.epochs = epochs
+        self.forward = forward
+        if privacy is not None:
+            self._check_dp_layers(privacy)
+
+    def _check_dp_layers(self, privacy: LocalDP) -> None:
+        """Refuse, naming the layers, a model whose gradients DP-SGD cannot clip per record."""
+        dataset = self.train_loader.dataset
+        if isinstance(dataset, IterableDataset) or not len(dataset):  # type: ignore[arg-type]
+            return  # train_private says why it cannot sample these
+        record = dataset[0]
+        problems = dp_layer_problems(
+            self.model,
+            record=record[:-1],
+            forward=self.forward,
+            ghost=privacy.grad_sample_mode is GradSampleMode.GHOST,
+        )
+        if problems:
+            raise ConfigError("the model cannot be trained with DP-SGD: " + "; ".join(problems))
+
+    def _forward(self, model: nn.Module, *features: torch.Tensor) -> torch.Tensor:
+        return model(*features) if self.forward is None else self.forward(model, *features)
 
     def model_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name and shape of every tensor ``fit`` and ``evaluate`` accept (those exchanged).
@@ -266,6 +301,7 @@ class TorchClient:
                     epochs=epochs,
                     device=self.device,
                     progress=progress,
+                    forward=self.forward,
                 )
             return FitResult(
                 parameters=arrays_from_state_dict(self._exchanged()),
@@ -278,15 +314,15 @@ class TorchClient:
         with training_progress(epochs=epochs, batches=batches, label=label) as progress:
             for _ in range(epochs):
                 epoch_loss, epoch_seen = 0.0, 0
-                for inputs, targets in self.train_loader:
-                    inputs, targets = inputs.to(self.device), targets.to(self.device)
+                for batch in self.train_loader:
+                    features, targets = split_batch(batch, self.device)
                     optimizer.zero_grad(set_to_none=True)
                     with autocast(self.autocast, self.device):  # the backward pass outside it
-                        loss = self.loss_fn(self.model(inputs), targets)
+                        loss = self.loss_fn(self._forward(self.model, *features), targets)
                     loss.backward()  # type: ignore[no-untyped-call]  # torch stub gap
                     optimizer.step()
-                    epoch_loss += float(loss.detach()) * len(inputs)
-                    epoch_seen += len(inputs)
+                    epoch_loss += float(loss.detach()) * len(targets)
+                    epoch_seen += len(targets)
                     progress.batch()
                 progress.epoch_done(epoch_loss / max(epoch_seen, 1))
                 total_loss += epoch_loss
@@ -310,13 +346,13 @@ class TorchClient:
         correct = 0
         seen = 0
         classification = True
-        for inputs, targets in self.val_loader:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+        for batch in self.val_loader:
+            features, targets = split_batch(batch, self.device)
             with autocast(self.autocast, self.device):
-                outputs = self.model(inputs)
+                outputs = self._forward(self.model, *features)
                 loss = self.loss_fn(outputs, targets)
-            total_loss += float(loss) * len(inputs)
-            seen += len(inputs)
+            total_loss += float(loss) * len(targets)
+            seen += len(targets)
             if (
                 classification
                 and outputs.dim() == 2

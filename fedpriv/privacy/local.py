@@ -38,11 +38,40 @@ from torch.utils.data import DataLoader, IterableDataset
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import DEFAULT_DELTA, GaussianSteps, noise_multiplier_for
 
-__all__ = ["GradSampleMode", "LocalDP", "prepare_module", "private_plan", "train_private"]
+__all__ = [
+    "Forward",
+    "GradSampleMode",
+    "LocalDP",
+    "prepare_module",
+    "private_plan",
+    "split_batch",
+    "train_private",
+]
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[..., torch.Tensor]
+#: ``forward(model, *features) -> outputs``: how a batch's features reach the model
+#: (a Hugging Face model takes keywords and returns logits inside an output object).
+Forward = Callable[..., torch.Tensor]
+
+
+def split_batch(
+    batch: Sequence[torch.Tensor], device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A batch ``(*features, targets)`` on `device`: the features and the targets.
+
+    A batch is a tuple whose last tensor holds the targets, one row per record:
+    ``(inputs, targets)`` for most models, ``(input_ids, attention_mask, labels)``
+    for a language model.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ConfigError(
+            "a training batch must be a tuple (*features, targets), e.g. (inputs, targets); "
+            f"got {type(batch).__name__}"
+        )
+    *features, targets = (t.to(device) for t in batch)
+    return features, targets
 
 
 class GradSampleMode(enum.Enum):
@@ -148,6 +177,8 @@ class _Criterion(nn.Module):
         super().__init__()
         self.loss_fn = loss_fn
         self.reduction = "mean"
+        # 0 for the placeholder record of an empty Poisson batch (see _placeholder).
+        self.scale = 1.0
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = self.loss_fn(outputs, targets, reduction=self.reduction)
@@ -156,7 +187,20 @@ class _Criterion(nn.Module):
             # or (B, k) loss (mse_loss on a regression head) would broadcast to B x B and
             # clip no record. One mean per record keeps the "mean" loss's value.
             loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
-        return loss
+        return loss * self.scale if self.scale != 1.0 else loss
+
+
+def _placeholder(empty: torch.Tensor) -> torch.Tensor:
+    """One all-zero record shaped like the records of the empty batch `empty`.
+
+    An empty Poisson batch still takes its step (its update is noise alone). Not
+    every model accepts a batch of none (Hugging Face attention reshapes by
+    ``-1``), so the step runs on this data-independent record with its loss scaled
+    by 0: its per-sample gradient is exactly zero, clipping keeps it zero, and the
+    optimiser adds the same noise over the same expected batch size as for an
+    empty batch.
+    """
+    return torch.zeros((1, *empty.shape[1:]), dtype=empty.dtype, device=empty.device)
 
 
 class EpochProgress(Protocol):
@@ -180,10 +224,13 @@ def train_private(
     epochs: int,
     device: torch.device,
     progress: EpochProgress | None = None,
+    forward: Forward | None = None,
 ) -> float:
     """Run `epochs` of DP-SGD on `module` in place; return the mean training loss.
 
     `loss_fn` must accept ``reduction=`` (as ``torch.nn.functional`` losses do).
+    Batches are ``(*features, targets)`` (:func:`split_batch`); `forward` maps the
+    wrapped module and the features to outputs (default ``module(*features)``).
     Each epoch takes ``plan.steps // epochs`` steps on Poisson batches drawn at
     ``plan.sample_rate`` from ``loader.dataset``; only the loader's collate
     function and worker settings are kept, never its sampler or generator.
@@ -246,12 +293,13 @@ def train_private(
                     wrapped,
                     private_loader,
                     private_optimizer,
-                    private_criterion,
+                    (private_criterion, criterion),
                     dp,
                     device,
                     total,
                     seen,
                     progress,
+                    forward,
                 )
                 if progress is not None:
                     progress.epoch_done((total - before_total) / max(seen - before_seen, 1))
@@ -357,12 +405,13 @@ def _epoch(
     wrapped: nn.Module,
     loader: DataLoader[Any],
     optimizer: Any,
-    criterion: Any,
+    criteria: tuple[Any, _Criterion],
     dp: LocalDP,
     device: torch.device,
     total: float,
     seen: int,
     progress: EpochProgress | None,
+    forward: Forward | None,
 ) -> tuple[float, int]:
     manager = (
         BatchMemoryManager(
@@ -375,17 +424,25 @@ def _epoch(
     )
     batches = manager.__enter__() if manager is not None else loader
     try:
-        for inputs, targets in batches:
+        for batch in batches:
             # An empty Poisson batch still takes its step: the update is noise alone,
             # so whether a batch was empty cannot be read from the steps taken.
-            inputs, targets = inputs.to(device), targets.to(device)
+            features, targets = split_batch(batch, device)
+            empty = not len(targets)
+            if empty:
+                features, targets = [_placeholder(f) for f in features], _placeholder(targets)
+            criterion, inner = criteria
+            inner.scale = 0.0 if empty else 1.0
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(wrapped(inputs), targets)
+            outputs = wrapped(*features) if forward is None else forward(wrapped, *features)
+            loss = criterion(outputs, targets)
             loss.backward()
             optimizer.step()
-            if len(inputs):  # the mean loss of an empty batch is NaN
-                total += float(loss.detach()) * len(inputs)
-                seen += len(inputs)
+            if empty:
+                targets = targets[:0]
+            if len(targets):  # the mean loss of an empty batch is NaN
+                total += float(loss.detach()) * len(targets)
+                seen += len(targets)
             if progress is not None:
                 progress.batch()
     finally:

@@ -28,10 +28,10 @@ def readme_commands(example: str) -> list[str]:
     return [line for line in lines if line.startswith(".venv/bin/")]
 
 
-def run(command: str) -> str:
+def run(command: str, *, timeout_s: float = 300) -> str:
     argv = shlex.split(command)
     argv[0] = str(BIN / pathlib.Path(argv[0]).name)
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     work = re.search(r"files in (\S+)", result.stdout)
     if work and "--workdir" not in command:
@@ -76,3 +76,22 @@ def test_digits_readme_runs_and_plots():
         assert plots and all((ROOT / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     finally:
         shutil.rmtree(ROOT / "runs" / "digits", ignore_errors=True)
+
+
+# About 80 s alone on 2 cores (the README's figure); beside a second test worker, longer.
+@pytest.mark.timeout(600)
+def test_llm_lora_readme_lowers_every_silos_perplexity_within_its_budget():
+    command = readme_commands("llm-lora")[0]
+    out = run(command, timeout_s=540)
+    sent, whole = map(
+        int, re.search(r"sent per silo per round: (\d+) bytes .* is (\d+) bytes", out).groups()
+    )
+    assert whole > 50 * sent
+    silos = re.findall(
+        r"(silo-\d): held-out perplexity ([\d.]+) -> ([\d.]+); epsilon ([\d.]+) of 8 .*ledger", out
+    )
+    assert [name for name, *_ in silos] == ["silo-1", "silo-2", "silo-3"]
+    for _, before, after, epsilon in silos:
+        assert float(after) < float(before)
+        assert 0 < float(epsilon) <= 8.0
+    assert "all processes exited cleanly" in out

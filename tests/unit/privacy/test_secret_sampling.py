@@ -239,3 +239,41 @@ def test_empty_poisson_batches_take_a_noised_step(mode, physical):
     assert float(pooled.std()) == pytest.approx(expected_std, rel=0.05)
     for change in empty:
         assert float(change.std()) == pytest.approx(expected_std, rel=0.25)
+
+
+@pytest.mark.parametrize(
+    ("mode", "physical"),
+    [(GradSampleMode.GHOST, None), (GradSampleMode.HOOKS, None), (GradSampleMode.GHOST, 2)],
+    ids=["ghost", "hooks", "ghost-physical-batches"],
+)
+def test_the_step_of_an_empty_batch_carries_no_gradient(mode, physical):
+    # The empty batch's step runs on an all-zero placeholder record with its loss
+    # scaled by 0. With almost no noise, that step must leave the model where it was
+    # (a placeholder that counted would move the bias by about lr / expected batch).
+    records, epochs, lr = 20, 5, 0.5
+    dataset = RecordingDataset(records)
+    model = make_model()
+    loader = DataLoader(dataset, batch_size=1)
+    dp = LocalDP(
+        noise_multiplier=1e-9,
+        max_grad_norm=1.0,
+        grad_sample_mode=mode,
+        max_physical_batch_size=physical,
+    )
+    plan = private_plan(dp, batches_per_epoch=len(loader), epochs=epochs)
+    optimizer = StepRecorder(model, dataset, lr=lr)
+    train_private(
+        model,
+        loader=loader,
+        loss_fn=nn.functional.cross_entropy,
+        optimizer=optimizer,
+        dp=dp,
+        plan=plan,
+        epochs=epochs,
+        device=torch.device("cpu"),
+    )
+    empty = [change for batch, change in optimizer.steps if not batch]
+    full = [change for batch, change in optimizer.steps if batch]
+    assert len(empty) >= 5 and full
+    assert max(float(change.abs().max()) for change in empty) < 1e-7
+    assert max(float(change.abs().max()) for change in full) > 1e-3
