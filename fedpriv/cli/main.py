@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -21,7 +22,7 @@ from fedpriv.cli.inspection import cmd_audit, cmd_audit_log, cmd_report, cmd_sta
 from fedpriv.cli.logs import logging_to_stderr
 from fedpriv.cli.pki import add_pki_commands
 from fedpriv.cli.round_table import RoundPrinter, print_epsilons
-from fedpriv.errors import FederationStopped, FedprivError
+from fedpriv.errors import ConfigError, FederationStopped, FedprivError
 from fedpriv.faults import arm_from_environment
 from fedpriv.transport.options import DEFAULT_ADDRESS
 
@@ -72,16 +73,28 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedpriv.client import run_client
     from fedpriv.client.config import ClientConfig
     from fedpriv.coordinator.daemon import load_factory
 
-    if args.quiet:
+    data, base = read_toml(args.config)
+    config = ClientConfig.from_dict(data, base_dir=base)
+    here = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (imports torch)
+        from fedpriv.client.distributed import RankZeroClient, follow, start
+
+        here = start()  # join the silo's other processes
+    if args.quiet or (here is not None and here.rank != 0):
         from fedpriv.client.progress import ProgressMode, set_mode
 
         set_mode(ProgressMode.OFF)
-    data, base = read_toml(args.config)
-    config = ClientConfig.from_dict(data, base_dir=base)
+    if here is not None and args.flower_app:
+        raise ConfigError("--flower-app runs in one process; start it without torchrun")
+    if here is not None and here.rank != 0:
+        # Rank 0 alone talks to the coordinator and keeps the ledger; this rank trains
+        # each round rank 0 hands it.
+        trained = follow(load_factory(args.app, field="--app")(dict(config.app)))
+        logger.info("silo process %d of %d: trained %d rounds", here.rank, here.size, trained)
+        return 0
     tls = config.tls(insecure=args.insecure)
     # Locked until closed below; on an error the process ends and the kernel drops the lock.
     ledger = config.open_ledger(reset=args.reset_ledger)
@@ -104,9 +117,41 @@ def _cmd_client(args: argparse.Namespace) -> int:
         )
     else:
         client = load_factory(args.app, field="--app")(dict(config.app))
+    rank_zero = None
+    if here is not None:
+        client = rank_zero = RankZeroClient(client)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stats = run_client(
+    try:
+        stats = _run_silo(client, config, args, tls, stop, ledger)
+    finally:
+        if rank_zero is not None:
+            rank_zero.close()  # the other ranks return
+    if ledger is not None:
+        ledger.close()
+    logger.info(
+        "silo=%s trained=%d evaluated=%d rejected=%d declined=%d bytes_sent=%d",
+        stats.silo,
+        stats.trained,
+        stats.evaluated,
+        stats.rejected,
+        stats.declined,
+        stats.bytes_sent,
+    )
+    return 0
+
+
+def _run_silo(
+    client: Any,
+    config: Any,
+    args: argparse.Namespace,
+    tls: Any,
+    stop: threading.Event,
+    ledger: Any,
+) -> Any:
+    from fedpriv.client import run_client
+
+    return run_client(
         client,
         coordinator=config.coordinator,
         tls=tls,
@@ -120,18 +165,6 @@ def _cmd_client(args: argparse.Namespace) -> int:
         release=config.release,
         limits=config.limits,
     )
-    if ledger is not None:
-        ledger.close()
-    logger.info(
-        "silo=%s trained=%d evaluated=%d rejected=%d declined=%d bytes_sent=%d",
-        stats.silo,
-        stats.trained,
-        stats.evaluated,
-        stats.rejected,
-        stats.declined,
-        stats.bytes_sent,
-    )
-    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
+from fedpriv.client.distributed import data_parallel, global_batches, local_loader, world
 from fedpriv.client.precision import Precision, autocast, autocast_dtype
 from fedpriv.client.progress import training_progress
 from fedpriv.errors import ConfigError
@@ -266,9 +267,17 @@ class TorchClient:
         epochs = int(config.get("epochs", self.epochs))
         if epochs not in self._plans:
             self._plans[epochs] = private_plan(
-                self.privacy, batches_per_epoch=len(self.train_loader), epochs=epochs
+                self.privacy, batches_per_epoch=self._batches_per_epoch(), epochs=epochs
             )
         return self._plans[epochs]
+
+    def _batches_per_epoch(self) -> int:
+        """Steps per epoch: of the global batch when the silo runs on several processes."""
+        here = world()
+        if here is None:
+            return len(self.train_loader)
+        size = len(self.train_loader.dataset)  # type: ignore[arg-type]
+        return global_batches(size, self.train_loader.batch_size or 1, here.size)
 
     def fit(
         self, parameters: Mapping[str, npt.NDArray[Any]], *, config: Mapping[str, Scalar]
@@ -293,6 +302,7 @@ class TorchClient:
             with training_progress(epochs=epochs, batches=batches, label=label) as progress:
                 mean_loss = train_private(
                     self.model,
+                    distributed=world() is not None,
                     loader=self.train_loader,
                     loss_fn=self.loss_fn,
                     optimizer=optimizer,
@@ -311,14 +321,20 @@ class TorchClient:
         self.model.train()
         total_loss = 0.0
         seen = 0
+        here = world()
+        model: nn.Module = self.model
+        loader = self.train_loader
+        if here is not None:  # one silo on several processes: DDP over this rank's share
+            model, loader = data_parallel(self.model, self.device), local_loader(loader, here)
+            batches = _batches(loader)
         with training_progress(epochs=epochs, batches=batches, label=label) as progress:
             for _ in range(epochs):
                 epoch_loss, epoch_seen = 0.0, 0
-                for batch in self.train_loader:
+                for batch in loader:
                     features, targets = split_batch(batch, self.device)
                     optimizer.zero_grad(set_to_none=True)
                     with autocast(self.autocast, self.device):  # the backward pass outside it
-                        loss = self.loss_fn(self._forward(self.model, *features), targets)
+                        loss = self.loss_fn(self._forward(model, *features), targets)
                     loss.backward()  # type: ignore[no-untyped-call]  # torch stub gap
                     optimizer.step()
                     epoch_loss += float(loss.detach()) * len(targets)

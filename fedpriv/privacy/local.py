@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import wrap_collate_with_empty
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import DEFAULT_DELTA, GaussianSteps, noise_multiplier_for
+from fedpriv.privacy.sampling import PoissonShareSampler
 
 __all__ = [
     "Forward",
@@ -225,12 +227,18 @@ def train_private(
     device: torch.device,
     progress: EpochProgress | None = None,
     forward: Forward | None = None,
+    distributed: bool = False,
 ) -> float:
     """Run `epochs` of DP-SGD on `module` in place; return the mean training loss.
 
     `loss_fn` must accept ``reduction=`` (as ``torch.nn.functional`` losses do).
     Batches are ``(*features, targets)`` (:func:`split_batch`); `forward` maps the
     wrapped module and the features to outputs (default ``module(*features)``).
+    With `distributed` (a torch.distributed process group, one silo on several
+    processes) the module trains under Opacus' DP-DDP: each rank samples its share
+    of ``loader.dataset`` (every ``world_size``-th record) at ``plan.sample_rate``,
+    rank 0 adds the noise and the clipped sums are added across ranks, so `plan`
+    is the mechanism of the global batch (:mod:`fedpriv.client.distributed`).
     Each epoch takes ``plan.steps // epochs`` steps on Poisson batches drawn at
     ``plan.sample_rate`` from ``loader.dataset``; only the loader's collate
     function and worker settings are kept, never its sampler or generator.
@@ -251,7 +259,10 @@ def train_private(
         sample_rate=plan.sample_rate,
         steps_per_epoch=plan.steps // epochs,
         generator=_secret_generator(torch.device("cpu")),  # the sampler draws on the CPU
+        distributed=distributed,
     )
+    if distributed:
+        module = DPDDP(module)
     criterion = _Criterion(loss_fn)
     module.train()  # Opacus refuses modules left in eval mode (by evaluate())
     with warnings.catch_warnings():
@@ -363,6 +374,7 @@ def _poisson_loader(
     sample_rate: float,
     steps_per_epoch: int,
     generator: torch.Generator,
+    distributed: bool = False,
 ) -> DataLoader[Any]:
     """A loader of `steps_per_epoch` Poisson batches of ``loader.dataset`` per pass.
 
@@ -379,11 +391,23 @@ def _poisson_loader(
     if size < 1:
         raise ConfigError("the training loader's dataset is empty")
     first: Sequence[Any] = dataset[0]
+    sampler: Any = (
+        PoissonShareSampler(
+            size=size,
+            rank=torch.distributed.get_rank(),
+            world=torch.distributed.get_world_size(),
+            rate=sample_rate,
+            steps=steps_per_epoch,
+            generator=generator,
+        )
+        if distributed
+        else UniformWithReplacementSampler(
+            num_samples=size, sample_rate=sample_rate, generator=generator, steps=steps_per_epoch
+        )
+    )
     return DataLoader(
         dataset,
-        batch_sampler=UniformWithReplacementSampler(
-            num_samples=size, sample_rate=sample_rate, generator=generator, steps=steps_per_epoch
-        ),
+        batch_sampler=sampler,
         collate_fn=wrap_collate_with_empty(
             collate_fn=loader.collate_fn,
             sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],

@@ -115,6 +115,16 @@ def check_command(words: list[str]) -> None:
             _parser().parse_args(args)
         except SystemExit as exit:
             raise AssertionError(f"fedpriv does not accept: {shlex.join(words)}") from exit
+    elif program == "torchrun":
+        # torchrun's own parser, then the fedpriv command it starts (-m fedpriv ...)
+        from torch.distributed.run import get_args_parser
+
+        try:
+            run = get_args_parser().parse_args(args)
+        except SystemExit as exit:
+            raise AssertionError(f"torchrun does not accept: {shlex.join(words)}") from exit
+        assert run.module and run.training_script == "fedpriv", shlex.join(words)
+        check_command(["fedpriv", *run.training_script_args])
     elif program == "make":
         targets = [a for a in args if "=" not in a]
         assert targets and set(targets) <= MAKE_TARGETS, shlex.join(words)
@@ -143,6 +153,8 @@ def test_the_commands_of_cli_sessions_parse(where, text):
 def test_a_wrong_command_fails_the_check():
     with pytest.raises(AssertionError, match="fedpriv does not accept"):
         check_command(["fedpriv", "coordinator", "--confg", "x.toml"])
+    with pytest.raises(AssertionError, match="fedpriv does not accept"):
+        check_command(["torchrun", "--standalone", "-m", "fedpriv", "client", "--ap", "m:f"])
     with pytest.raises(AssertionError):
         check_command(["make", "no-such-target"])
 
