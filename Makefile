@@ -12,7 +12,7 @@ demo-dp: $(STAMP)
 demo-secure: $(STAMP)
 	$(PY) examples/digits/demo.py --dp --secagg --strategy $(STRATEGY)
 
-.PHONY: demo demo-dp demo-secure test node-deps proto lint typecheck bench clean
+.PHONY: demo demo-dp demo-secure test node-deps proto lint typecheck bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/round_bench.py
+
+# On a machine with a CUDA GPU: the silo side's GPU paths, bf16 and DP throughput, torchrun.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

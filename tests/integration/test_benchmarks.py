@@ -44,12 +44,18 @@ def test_round_bench_smoke_runs_a_robust_rule_and_judges_its_rss():
     ), verdict
 
 
-def test_dp_bench_smoke_prints_a_ratio_for_every_mode():
+def test_dp_bench_smoke_prints_a_ratio_for_every_mode_and_the_lora_verdict():
     result = smoke("dp_bench")
-    rows = [line.split() for line in result.stdout.splitlines()[1:]]
-    modes = {row[-3] for row in rows}
-    assert modes == {"sgd", "ghost", "hooks", "functorch"}
+    lines = result.stdout.strip().splitlines()
+    rows = [line.split() for line in lines[1:] if not line.startswith("target:")]
+    assert {row[-4] for row in rows} == {"plain", "ghost", "hooks", "functorch"}
+    assert {" ".join(row[:2]) for row in rows} == {"digits MLP", "small CNN", "LoRA GPT-2"}
     assert all(float(row[-1].rstrip("x")) > 0 for row in rows)
+    assert re.fullmatch(
+        r"target: LoRA GPT-2 DP-SGD step <= 2x the non-private step \(fastest mode, "
+        r"(ghost|hooks|functorch)\): [0-9.]+x -> (PASS|MISS)",
+        lines[-1],
+    ), lines[-1]
 
 
 def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
@@ -117,3 +123,17 @@ def test_load_bench_smoke_prints_round_times_rss_slope_and_errors():
     )
     assert slope and float(slope.group(1)) >= 0, result.stdout
     assert "coordinator CPU" in result.stdout and "errors seen:" in result.stdout
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu_and_refuses_without_a_device():
+    result = smoke("gpu_check", "--device", "cpu")
+    out = result.stdout
+    assert "1. client: trained one round on cpu" in out
+    assert re.search(r"fp32  plain +[\d,]+ tokens/s", out) and "bf16  DP-SGD  refused" in out
+    assert "Opacus accounted" in out
+    assert "4. torchrun: 2 processes (gloo), ranks agree: DDP" in out and "DP-DDP" in out
+    if not __import__("torch").cuda.is_available():
+        bare = subprocess.run(
+            [sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert bare.returncode == 2 and "no CUDA device" in bare.stderr
