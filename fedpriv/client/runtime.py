@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import Client
+from fedpriv.client.connection import (
+    Backoff,
+    ReceiveBuffer,
+    first_task,
+    fleet_stub,
+    heartbeats,
+)
 from fedpriv.client.messages import (
     ClientStats,
     ErrorFeedback,
@@ -46,7 +48,6 @@ from fedpriv.transport.options import DEFAULT_POLL_WAIT_S, DEFAULT_RECONNECT_TIM
 from fedpriv.transport.session import new_session_id, with_session
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import Compression, arrays_from_payload, scalars_to_proto
-from fedpriv.wire.frames import RawChunk, parse_with_chunks, serialize
 
 __all__ = ["Backoff", "run_client"]
 
@@ -54,109 +55,6 @@ logger = logging.getLogger(__name__)
 
 SDK_VERSION = "0.1.0"  # keep equal to fedpriv.__version__ (a test checks)
 _JOIN_TIMEOUT_S = 30.0
-
-
-class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog), capped.
-
-    Example:
-        >>> backoff = Backoff(initial_s=1.0, max_s=8.0, rng=random.Random(0))
-        >>> all(0 <= backoff.next_delay() <= 8.0 for _ in range(10))
-        True
-    """
-
-    def __init__(
-        self, *, initial_s: float = 0.5, max_s: float = 30.0, rng: random.Random | None = None
-    ) -> None:
-        self._initial_s = initial_s
-        self._max_s = max_s
-        self._attempt = 0
-        self._rng = rng or random.Random()
-
-    def reset(self) -> None:
-        """Start over after a success."""
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        """Seconds to wait before the next attempt."""
-        ceiling = min(self._max_s, self._initial_s * 2**self._attempt)
-        self._attempt += 1
-        return self._rng.uniform(0, ceiling)
-
-
-class _ReceiveBuffer:
-    """The last task's payload buffer, filled again by the next task when nothing holds it.
-
-    A new model-sized buffer costs the kernel a zeroed page for every 4 KiB on
-    first write: about a third of a silo's CPU time in the 50M-parameter
-    benchmark. The buffer is reused only when no array of the last task is
-    still alive (a client that keeps the parameters it was given keeps them intact).
-    """
-
-    def __init__(self) -> None:
-        self._buffer: npt.NDArray[np.uint8] | None = None
-
-    def keep(self, buffer: npt.NDArray[np.uint8] | None) -> None:
-        self._buffer = buffer
-
-    def take(self, size: int) -> npt.NDArray[np.uint8] | None:
-        buffer, self._buffer = self._buffer, None
-        if buffer is None or buffer.nbytes != size:
-            return None
-        # References: `buffer` here and getrefcount's argument. Any more is a live view.
-        return buffer if sys.getrefcount(buffer) <= 2 else None
-
-
-def _fleet_stub(channel: grpc.Channel) -> fleet_pb2_grpc.FleetStub:
-    """The generated stub, with the chunk streams framed by hand (see ``fedpriv.wire.frames``)."""
-    stub = fleet_pb2_grpc.FleetStub(channel)
-    stub.PullTask = channel.unary_stream(
-        "/fedpriv.v1.Fleet/PullTask",
-        request_serializer=fleet_pb2.PullTaskRequest.SerializeToString,
-        response_deserializer=parse_with_chunks(fleet_pb2.TaskMessage.FromString),
-        _registered_method=True,
-    )
-    stub.PushResult = channel.stream_unary(
-        "/fedpriv.v1.Fleet/PushResult",
-        request_serializer=serialize,
-        response_deserializer=fleet_pb2.PushReply.FromString,
-        _registered_method=True,
-    )
-    return stub
-
-
-def _first_task(stream: Iterator[Any]) -> fleet_pb2.Task:
-    """The Task that opens a PullTask stream (its model's chunks stay in `stream`).
-
-    Raises:
-        ProtocolError: The stream was empty or started with something else.
-    """
-    first = next(stream, None)
-    if first is None or isinstance(first, RawChunk) or first.WhichOneof("part") != "task":
-        raise ProtocolError("the coordinator's PullTask stream did not start with a Task")
-    task: fleet_pb2.Task = first.task
-    return task
-
-
-@contextlib.contextmanager
-def _heartbeats(stub: fleet_pb2_grpc.FleetStub, interval_s: float) -> Iterator[None]:
-    """Tell the coordinator the silo is alive while it trains."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval_s):
-            try:
-                stub.Heartbeat(fleet_pb2.HeartbeatRequest(), timeout=interval_s)
-            except grpc.RpcError as err:
-                logger.debug("heartbeat failed: %s", err.code())
-
-    thread = threading.Thread(target=beat, name="fedpriv-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _decline(
@@ -388,8 +286,8 @@ def run_client(
     )
     # One id for this run: reconnects stay one session; a second process is another.
     channel = with_session(channel, new_session_id())
-    stub = _fleet_stub(channel)
-    buffers = _ReceiveBuffer()
+    stub = fleet_stub(channel)
+    buffers = ReceiveBuffer()
     joined = False
     heartbeat_s = 10.0
     last_contact = time.monotonic()
@@ -408,7 +306,7 @@ def run_client(
                     fleet_pb2.PullTaskRequest(wait_s=poll_wait_s), timeout=poll_wait_s + 600
                 )
                 try:
-                    task = _first_task(stream)
+                    task = first_task(stream)
                 except ProtocolError as err:
                     stream.cancel()
                     delay = backoff.next_delay()
@@ -447,7 +345,7 @@ def run_client(
                     _decline(stub, task, str(rejected), stats)
                     continue
                 logger.info("task round=%d kind=%s", task.round, fleet_pb2.TaskKind.Name(kind))
-                with _heartbeats(stub, heartbeat_s):
+                with heartbeats(stub, heartbeat_s):
                     try:
                         _run_task(client, stub, received, stats, ledger, feedback, release)
                     except ProtocolError as err:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpriv.client.runtime import _ReceiveBuffer
+from fedpriv.client.connection import ReceiveBuffer as _ReceiveBuffer
 from fedpriv.wire import Model, PayloadAssembler, arrays_from_payload
 
 
