@@ -70,6 +70,12 @@ def query_status(
                 "seconds_since_seen": silo.seconds_since_seen,
                 "live": silo.live,
                 "round_outcome": silo.round_outcome,
+                "device_kind": silo.device_kind,
+                "device_count": silo.device_count,
+                "device_memory_bytes": silo.device_memory_bytes,
+                "step_seconds": silo.step_seconds,
+                "full_steps": silo.full_steps,
+                "max_steps": silo.max_steps,
             }
             for silo in reply.silos
         ],
@@ -127,6 +133,7 @@ def format_status(status: dict[str, Any]) -> str:
                 f"{silo['name']:<{width}}  {'yes' if silo['live'] else 'no':<4}  "
                 f"{shown:<9}  {silo['round_outcome'] or '-'}"
             )
+        lines += format_resources(silos)
     else:
         lines.append("no silo has joined yet")
     metrics = status["last_round_metrics"]
@@ -135,6 +142,40 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"last round: {shown}")
     lines += format_discarded(status.get("discarded_updates") or [])
     return "\n".join(lines)
+
+
+def format_resources(silos: list[dict[str, Any]]) -> list[str]:
+    r"""A table of what the silos reported of their hardware and pace (none known: no lines).
+
+    Example:
+        >>> silos = [{"name": "a", "device_kind": "cuda", "device_count": 2,
+        ...           "device_memory_bytes": 80 << 30, "step_seconds": 0.05,
+        ...           "full_steps": 400, "max_steps": 0},
+        ...          {"name": "b", "device_kind": "cpu", "device_count": 1,
+        ...           "step_seconds": 0.2, "full_steps": 400, "max_steps": 100}]
+        >>> print("\n".join(format_resources(silos)))
+        silo  device          s/step  full steps  this round
+        a     2 cuda 80 GiB    0.050         400  full
+        b     1 cpu            0.200         400  100 steps
+    """
+    if not any(s.get("device_kind") or s.get("step_seconds") for s in silos):
+        return []
+    width = max(4, *(len(s["name"]) for s in silos))
+    lines = [f"{'silo':<{width}}  {'device':<14}  s/step  full steps  this round"]
+    for silo in silos:
+        kind = silo.get("device_kind") or ""
+        device = f"{int(silo.get('device_count') or 0)} {kind}" if kind else "?"
+        memory = int(silo.get("device_memory_bytes") or 0)
+        if memory:
+            device += f" {memory / 2**30:.0f} GiB"
+        step = float(silo.get("step_seconds") or 0.0)
+        full = int(silo.get("full_steps") or 0)
+        budget = int(silo.get("max_steps") or 0)
+        lines.append(
+            f"{silo['name']:<{width}}  {device:<14}  {f'{step:.3f}' if step else '?':>6}  "
+            f"{full if full else '?':>10}  {f'{budget} steps' if budget else 'full'}"
+        )
+    return lines
 
 
 def format_discarded(discarded: list[dict[str, Any]]) -> list[str]:

@@ -43,7 +43,8 @@ class ClientConfig:
         ledger_key: Where the key that encrypts the ledger at rest comes from
             (``[privacy] encryption_key_file`` or ``encryption_key_env``); None: plain.
         release: What the silo sends besides its update when it trains with DP
-            (``[privacy] share_metrics``, ``public_evaluation``, ``public_num_examples``).
+            (``[privacy] share_metrics``, ``public_evaluation``, ``public_num_examples``,
+            ``share_resources``).
         limits: What the silo accepts from the coordinator (``[limits]``
             ``max_model_bytes``); a task beyond them is declined.
     """
@@ -173,6 +174,9 @@ class ClientConfig:
                     "public_evaluation", bool, field_default(ReleasePolicy, "public_evaluation")
                 ),
                 public_num_examples=privacy.optional("public_num_examples", int),
+                share_resources=privacy.get(
+                    "share_resources", bool, field_default(ReleasePolicy, "share_resources")
+                ),
             ),
             # The largest model a task may make the silo allocate (see fedpriv.client.tasks).
             limits=TaskLimits(

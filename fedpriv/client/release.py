@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from fedpriv._types import Scalar
 from fedpriv.errors import ConfigError, PrivacyWarning
+from fedpriv.wire.resources import Resources
 
 __all__ = ["ACCOUNTING_METRICS", "DP_NUM_EXAMPLES", "Release", "ReleasePolicy"]
 
@@ -86,6 +87,10 @@ class ReleasePolicy:
         public_num_examples: The training-set size the silo declares public,
             sent as a fit result's ``num_examples`` under DP (its FedAvg weight).
             None sends :data:`DP_NUM_EXAMPLES`.
+        share_resources: Send the silo's pace (seconds per local step, steps of a
+            round's full work) under DP too, for the coordinator's pacing policy.
+            Measured while training on the private data, it is not covered by the
+            silo's epsilon; without it a DP silo sends its hardware alone.
 
     Raises:
         ConfigError: A name is empty or repeated, or `public_num_examples` is out
@@ -95,6 +100,7 @@ class ReleasePolicy:
     share_metrics: tuple[str, ...] = ()
     public_evaluation: bool = False
     public_num_examples: int | None = None
+    share_resources: bool = False
 
     def __post_init__(self) -> None:
         problems = [
@@ -130,6 +136,14 @@ class ReleasePolicy:
                 "[privacy] public_evaluation = true: evaluation results are sent as computed; "
                 "DP protects only the training data, not the evaluation data"
             )
+        if self.share_resources:
+            message = (
+                "[privacy] share_resources = true: under differential privacy this silo still "
+                "sends its pace (seconds per step, steps per round) to the coordinator, "
+                "measured on its private data and not covered by its epsilon"
+            )
+            logger.warning("%s", message)
+            warnings.warn(message, PrivacyWarning, stacklevel=3)
         if self.public_num_examples is not None:
             logger.info(
                 "[privacy] public_num_examples = %d is sent as the training count under DP",
@@ -153,6 +167,10 @@ class ReleasePolicy:
         kept, dropped = self._filter(metrics)
         count = DP_NUM_EXAMPLES if self.public_num_examples is None else self.public_num_examples
         return Release(metrics=kept, num_examples=count, dropped=dropped)
+
+    def resources(self, resources: Resources, *, private: bool) -> Resources:
+        """What of the resources may be sent: under DP the hardware alone, unless opted in."""
+        return resources if not private or self.share_resources else resources.without_pace()
 
     def evaluate(
         self, metrics: Mapping[str, Scalar], *, num_examples: int, private: bool

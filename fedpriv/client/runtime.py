@@ -26,6 +26,7 @@ from fedpriv.client.messages import (
     result_messages,
 )
 from fedpriv.client.release import ReleasePolicy
+from fedpriv.client.resources import describe
 from fedpriv.client.secure import SecureUpload
 from fedpriv.client.tasks import ModelOwner, TaskLimits, ValidatedTask, receive_task
 from fedpriv.client.user_code import UserCodeFailed, call_user_code
@@ -168,6 +169,7 @@ def _run_task(
                 num_examples=allowed.num_examples,
                 metrics=metrics,
                 timeout=timeout,
+                resources=release.resources(describe(client), private=private),
             )
             stats.trained += 1
             return
@@ -182,6 +184,7 @@ def _run_task(
             update_compression=compression.to_proto(),
             # For coordinators that read only the deprecated name (field 8).
             compression=compression.value,
+            resources=release.resources(describe(client), private=private).to_proto(),
         )
         if compression is Compression.NONE:
             messages = result_messages(header, received.layout, fit.parameters, stats)
@@ -295,8 +298,14 @@ def run_client(
         while not stop.is_set():
             try:
                 if not joined:
+                    # Under DP the pace is sent only if opted in (fedpriv.client.release).
+                    private = ledger is not None or getattr(client, "privacy", None) is not None
+                    resources = release.resources(describe(client), private=private)
                     reply = stub.Join(
-                        fleet_pb2.JoinRequest(sdk_version=SDK_VERSION), timeout=_JOIN_TIMEOUT_S
+                        fleet_pb2.JoinRequest(
+                            sdk_version=SDK_VERSION, resources=resources.to_proto()
+                        ),
+                        timeout=_JOIN_TIMEOUT_S,
                     )
                     joined = True
                     stats.silo = reply.silo

@@ -21,6 +21,7 @@ from fedpriv.secagg.client import collect_peers, collect_shares
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import scalars_to_proto
+from fedpriv.wire.resources import Resources
 
 __all__ = ["SecureUpload"]
 
@@ -117,6 +118,7 @@ class SecureUpload:
         num_examples: int,
         metrics: Mapping[str, Scalar],
         timeout: float | None,
+        resources: Resources | None = None,
     ) -> None:
         """Mask and send the update, then reveal shares so the sum can be unmasked."""
         delta = np.empty(self.codec.size, dtype=np.float64)
@@ -149,6 +151,7 @@ class SecureUpload:
             num_examples=num_examples,
             metrics=scalars_to_proto(metrics),
             update=self.layout.to_proto(),
+            resources=None if resources is None else resources.to_proto(),
         )
         messages = result_messages(
             header, self.layout, {"secagg": ring.view(np.int32)}, self._stats

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -145,6 +147,42 @@ def _autocast_for(
     )
 
 
+class _StepTimer:
+    """Passes progress on and notes when each step ended: the round's pace without its set-up."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.ends: list[float] = []
+
+    def batch(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.inner.batch()
+
+    def epoch_done(self, mean_loss: float) -> None:
+        self.inner.epoch_done(mean_loss)
+
+    def step_seconds(self) -> float | None:
+        """The median time between two steps' ends (None: fewer than two steps)."""
+        gaps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
+        return statistics.median(gaps) if gaps else None
+
+
+def _max_steps(config: Mapping[str, Scalar]) -> int | None:
+    """A task's ``max_steps`` (a pacing coordinator's budget), None when absent.
+
+    Raises:
+        ConfigError: It is not a positive integer.
+    """
+    value = config.get("max_steps")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ConfigError(f"max_steps = {value!r}: expected a whole number of steps")
+    if value < 1:
+        raise ConfigError(f"max_steps = {value}: at least 1")
+    return int(value)
+
+
 def _batches(loader: DataLoader[Any]) -> int | None:
     try:
         return len(loader)
@@ -225,6 +263,9 @@ class TorchClient:
         self.optimizer_factory = optimizer_factory
         self.epochs = epochs
         self.forward = forward
+        #: (seconds per local step last round, steps of a full round); None before fit.
+        self.pace: tuple[float, int] | None = None
+        self._timer: _StepTimer | None = None
         if privacy is not None:
             self._check_dp_layers(privacy)
 
@@ -261,7 +302,11 @@ class TorchClient:
         copy_arrays_into(self._exchanged(), parameters)
 
     def plan_privacy(self, config: Mapping[str, Scalar]) -> GaussianSteps | None:
-        """The DP mechanism ``fit`` will run with `config` (None without privacy)."""
+        """The DP mechanism ``fit`` will run with `config` (None without privacy).
+
+        A ``max_steps`` below the round's full work (a pacing coordinator's budget)
+        runs that many steps at the same noise and sample rate: less is spent.
+        """
         if self.privacy is None:
             return None
         epochs = int(config.get("epochs", self.epochs))
@@ -269,7 +314,13 @@ class TorchClient:
             self._plans[epochs] = private_plan(
                 self.privacy, batches_per_epoch=self._batches_per_epoch(), epochs=epochs
             )
-        return self._plans[epochs]
+        full = self._plans[epochs]
+        limit = _max_steps(config)
+        if limit is None or limit >= full.steps:
+            return full
+        return GaussianSteps(
+            noise_multiplier=full.noise_multiplier, sample_rate=full.sample_rate, steps=limit
+        )
 
     def _batches_per_epoch(self) -> int:
         """Steps per epoch: of the global batch when the silo runs on several processes."""
@@ -282,24 +333,36 @@ class TorchClient:
     def fit(
         self, parameters: Mapping[str, npt.NDArray[Any]], *, config: Mapping[str, Scalar]
     ) -> FitResult:
-        """Load `parameters`, train for ``epochs`` and return the new state dict."""
+        """Load `parameters`, train for ``epochs`` and return the new state dict.
+
+        A task config's ``max_steps`` (from a pacing coordinator) ends the round after
+        that many local steps. Afterwards :attr:`pace` holds the seconds per step this
+        round took and the steps of a full round, which the silo reports.
+        """
         self._load(parameters)
         epochs = int(config.get("epochs", self.epochs))
         mu = _proximal_mu(config)
         optimizer = self.optimizer_factory(self.model.parameters())
         with _proximal_term(optimizer, mu):
-            return self._train(optimizer, config, epochs)
+            result, _ = self._train(optimizer, config, epochs)
+        step_seconds = self._timer.step_seconds() if self._timer is not None else None
+        if step_seconds is not None:
+            self.pace = (step_seconds, epochs * self._batches_per_epoch())
+        return result
 
     def _train(
         self, optimizer: torch.optim.Optimizer, config: Mapping[str, Scalar], epochs: int
-    ) -> FitResult:
-        plan = self.plan_privacy(config)
+    ) -> tuple[FitResult, int]:
+        """The round's result and the local steps it took."""
         label = f"round {config['round']}" if "round" in config else "training"
-        batches = _batches(self.train_loader)
+        plan = self.plan_privacy(config)
         if self.privacy is not None and plan is not None:
-            if self.privacy.max_physical_batch_size:
-                batches = None  # physical batches: their number varies
-            with training_progress(epochs=epochs, batches=batches, label=label) as progress:
+            full = epochs * self._batches_per_epoch()
+            if plan.steps < full:  # a pacing budget: the steps in one pass
+                epochs = 1
+            batches = None if self.privacy.max_physical_batch_size else plan.steps // epochs
+            with training_progress(epochs=epochs, batches=batches, label=label) as shown:
+                progress = self._timer = _StepTimer(shown)
                 mean_loss = train_private(
                     self.model,
                     distributed=world() is not None,
@@ -313,24 +376,35 @@ class TorchClient:
                     progress=progress,
                     forward=self.forward,
                 )
-            return FitResult(
-                parameters=arrays_from_state_dict(self._exchanged()),
-                num_examples=_dataset_size(self.train_loader),
-                metrics={"train_loss": mean_loss, "noise_multiplier": plan.noise_multiplier},
-            )
+            metrics = {"train_loss": mean_loss, "noise_multiplier": plan.noise_multiplier}
+            return self._result(metrics), plan.steps
+        return self._train_plain(optimizer, epochs, label, _max_steps(config))
+
+    def _result(self, metrics: Mapping[str, Scalar]) -> FitResult:
+        return FitResult(
+            parameters=arrays_from_state_dict(self._exchanged()),
+            num_examples=_dataset_size(self.train_loader),
+            metrics=metrics,
+        )
+
+    def _train_plain(
+        self, optimizer: torch.optim.Optimizer, epochs: int, label: str, limit: int | None
+    ) -> tuple[FitResult, int]:
         self.model.train()
-        total_loss = 0.0
-        seen = 0
+        total_loss, seen, steps = 0.0, 0, 0
         here = world()
         model: nn.Module = self.model
         loader = self.train_loader
         if here is not None:  # one silo on several processes: DDP over this rank's share
             model, loader = data_parallel(self.model, self.device), local_loader(loader, here)
-            batches = _batches(loader)
-        with training_progress(epochs=epochs, batches=batches, label=label) as progress:
+        batches = _batches(loader)
+        with training_progress(epochs=epochs, batches=batches, label=label) as shown:
+            progress = self._timer = _StepTimer(shown)
             for _ in range(epochs):
                 epoch_loss, epoch_seen = 0.0, 0
                 for batch in loader:
+                    if limit is not None and steps >= limit:
+                        break
                     features, targets = split_batch(batch, self.device)
                     optimizer.zero_grad(set_to_none=True)
                     with autocast(self.autocast, self.device):  # the backward pass outside it
@@ -339,15 +413,12 @@ class TorchClient:
                     optimizer.step()
                     epoch_loss += float(loss.detach()) * len(targets)
                     epoch_seen += len(targets)
+                    steps += 1
                     progress.batch()
                 progress.epoch_done(epoch_loss / max(epoch_seen, 1))
                 total_loss += epoch_loss
                 seen += epoch_seen
-        return FitResult(
-            parameters=arrays_from_state_dict(self._exchanged()),
-            num_examples=_dataset_size(self.train_loader),
-            metrics={"train_loss": total_loss / max(seen, 1)},
-        )
+        return self._result({"train_loss": total_loss / max(seen, 1)}), steps
 
     @torch.no_grad()
     def evaluate(

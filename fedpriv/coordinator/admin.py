@@ -45,6 +45,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]  # gene
                         seconds_since_seen=silo.seconds_since_seen,
                         live=silo.live,
                         round_outcome=silo.round_outcome,
+                        device_kind=silo.resources.device_kind,
+                        device_count=silo.resources.device_count,
+                        device_memory_bytes=silo.resources.device_memory_bytes,
+                        step_seconds=silo.resources.step_seconds,
+                        full_steps=silo.resources.full_steps,
+                        max_steps=silo.max_steps,
                     )
                     for silo in status.silos
                 ],

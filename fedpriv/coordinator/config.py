@@ -13,6 +13,7 @@ from typing import Any
 
 from fedpriv._config import Table, check_positive, field_default
 from fedpriv.atrest import KeySource
+from fedpriv.coordinator.pacing import Pace
 from fedpriv.coordinator.settings import (
     ModelSource,
     RoundConfig,
@@ -39,6 +40,14 @@ __all__ = [
 ]
 
 DEFAULT_HEARTBEAT_S = 10
+
+
+def _pace(value: str) -> Pace:
+    try:
+        return Pace(value)
+    except ValueError:
+        allowed = ", ".join(repr(p.value) for p in Pace)
+        raise ConfigError(f"rounds.pace = {value!r}: must be one of {allowed}") from None
 
 
 def _compression(value: str) -> Compression:
@@ -281,6 +290,7 @@ class CoordinatorConfig:
                 ),
                 max_update_value=rounds.get("max_update_value", float, r.max_update_value),
                 max_num_examples=rounds.get("max_num_examples", int, r.max_num_examples),
+                pace=_pace(rounds.get("pace", str, r.pace.value)),
             ),
             model=ModelSource(
                 factory=model.optional("factory", str),

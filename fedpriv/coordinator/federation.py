@@ -42,6 +42,7 @@ from fedpriv.coordinator.upload import SpoolPool, Upload, UploadResult
 from fedpriv.errors import ProtocolError
 from fedpriv.secagg import ServerSession
 from fedpriv.wire import Model
+from fedpriv.wire.resources import Resources
 
 __all__ = ["Assignment", "Federation", "RoundReporter", "RoundSummary", "TaskKind"]
 
@@ -185,11 +186,13 @@ class Federation:
 
     # ---- RPC entry points -----------------------------------------------------------------
 
-    def join(self, silo: str, *, sdk_version: str = "") -> None:
-        """Register `silo` (again, after a restart)."""
+    def join(self, silo: str, *, sdk_version: str = "", resources: Resources | None = None) -> None:
+        """Register `silo` (again, after a restart), with what it reports of its resources."""
         with self.cond:
             self.registry.touch(silo)
             self.registry.unbench(silo)
+            if resources is not None:
+                self.registry.note_resources(silo, resources)
             self.cond.notify_all()
         self.store.touch_silo(silo)
         self._audit(AuditKind.JOIN, silo, f"sdk {sdk_version}" if sdk_version else "")
@@ -207,6 +210,11 @@ class Federation:
         self.registry.forget(silo)
         self._audit(AuditKind.GONE, silo, detail)
         self.sessions.end(silo)
+
+    def note_resources(self, silo: str, resources: Resources) -> None:
+        """Keep the resources and pace `silo` sent with a training result."""
+        with self.cond:
+            self.registry.note_resources(silo, resources)
 
     def heartbeat(self, silo: str, task_id: str = "") -> tuple[bool, bool]:
         """Note that `silo` is alive: whether it is known, and whether `task_id` is closed.

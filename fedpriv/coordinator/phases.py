@@ -177,6 +177,8 @@ class Phase:
     closed: bool = False
     folding: int = 0
     fold_error: str | None = None
+    # Task config for one silo on top of `config` (a pacing budget: max_steps).
+    silo_config: dict[str, dict[str, Scalar]] = field(default_factory=dict)
 
     @property
     def pending(self) -> int:
@@ -206,7 +208,7 @@ class Phase:
             kind=self.kind,
             task_id=self.tasks[silo],
             round=self.round,
-            config=self.config,
+            config={**self.config, **self.silo_config.get(silo, {})},
             model=self.model,
             deadline_unix_s=self.deadline_unix_s,
             secagg=self.announcement.secagg if self.announcement else None,

@@ -8,10 +8,15 @@ together.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Collection
 
+from fedpriv.wire.resources import Resources
+
 __all__ = ["SiloRegistry"]
+
+logger = logging.getLogger(__name__)
 
 
 class SiloRegistry:
@@ -30,6 +35,22 @@ class SiloRegistry:
         # Silos whose secure-aggregation shares did not authenticate at their peers and
         # made an attempt fail: left out of the round's further attempts.
         self._benched: set[str] = set()
+        # What each silo last reported of its hardware and pace (fedpriv.coordinator.pacing).
+        self._resources: dict[str, Resources] = {}
+
+    def note_resources(self, silo: str, resources: Resources) -> None:
+        """Keep what `silo` reports of its hardware and pace; ignore values that make no sense."""
+        problems = resources.problems()
+        if problems:
+            logger.warning(
+                "silo=%s sent unusable resources (ignored): %s", silo, "; ".join(problems)
+            )
+            return
+        self._resources[silo] = resources
+
+    def resources(self) -> dict[str, Resources]:
+        """The last resources each silo reported."""
+        return dict(self._resources)
 
     def touch(self, silo: str) -> None:
         """Note activity of `silo` now."""

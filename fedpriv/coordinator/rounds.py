@@ -18,6 +18,7 @@ from fedpriv._types import Scalar
 from fedpriv.coordinator.checkpoint import drop_page_cache
 from fedpriv.coordinator.guarantees import release_mode
 from fedpriv.coordinator.modes import RoundRelease, nonfinite_message, nonfinite_tensors
+from fedpriv.coordinator.pacing import step_budgets
 from fedpriv.coordinator.phases import Outcome, Phase, RoundSummary, TaskKind, weighted_means
 from fedpriv.errors import RoundFailed
 from fedpriv.faults import FaultPoint, reach
@@ -148,6 +149,20 @@ class RoundLoop:
             aggregation=aggregation,
             announcement=aggregation.announce() if aggregation is not None else None,
         )
+        if kind is TaskKind.TRAIN:
+            with fed.cond:
+                reported = fed.registry.resources()
+            budgets = step_budgets(fed.rounds.pace, reported, silos)
+            phase.silo_config = {silo: {"max_steps": n} for silo, n in budgets.items()}
+            for silo, steps in budgets.items():
+                logger.info(
+                    "[PACE] round=%d silo=%s max_steps=%d of %d (%.2f s a step)",
+                    round,
+                    silo,
+                    steps,
+                    reported[silo].full_steps,
+                    reported[silo].step_seconds,
+                )
         with fed.cond:
             fed.phase = phase
             fed.cond.notify_all()

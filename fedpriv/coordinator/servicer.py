@@ -18,6 +18,7 @@ from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import layout_from_proto, scalars_from_proto, scalars_to_proto
 from fedpriv.wire.compression import declared_compression
 from fedpriv.wire.frames import RawChunk, chunk_frame, chunk_of, parse_with_chunks, serialize
+from fedpriv.wire.resources import Resources
 
 __all__ = ["FleetServicer", "add_fleet_servicer"]
 
@@ -59,7 +60,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                 context.peer(),
                 request.sdk_version[:64],
             )
-            self._federation.join(silo, sdk_version=request.sdk_version[:64])
+            resources = (
+                Resources.from_proto(request.resources) if request.HasField("resources") else None
+            )
+            self._federation.join(silo, sdk_version=request.sdk_version[:64], resources=resources)
             return fleet_pb2.JoinReply(
                 silo=silo,
                 federation=self._federation.config.federation,
@@ -142,6 +146,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
             logger.info(
                 "[Fleet.PushResult] silo=%s round=%d kind=%s", silo, header.round, kind.name
             )
+            if kind is TaskKind.TRAIN and header.HasField("resources"):
+                # Advisory (the pacing policy's input): values that make no sense are
+                # ignored with a warning; the update is judged on its own.
+                self._federation.note_resources(silo, Resources.from_proto(header.resources))
             claim = Header(
                 round=header.round,
                 kind=kind,

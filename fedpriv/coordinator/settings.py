@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedpriv._types import Scalar
+from fedpriv.coordinator.pacing import Pace
 from fedpriv.errors import ConfigError
 from fedpriv.pki.crl import CRL_FILE
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
@@ -91,6 +92,9 @@ class RoundConfig:
             weight) accepted; an update above it is rejected (reason ``num_examples``).
             Set it near the largest silo's dataset so that no silo can claim to
             outweigh the others.
+        pace: ``"slowest"``: every silo does its full work each round. ``"balanced"``:
+            a silo whose reported pace would make the round wait for it gets a step
+            budget that fits the median silo's round time (fedpriv.coordinator.pacing).
     """
 
     num_rounds: int = 3
@@ -106,6 +110,7 @@ class RoundConfig:
     update_compression: Compression = Compression.NONE
     max_update_value: float = DEFAULT_MAX_UPDATE_VALUE
     max_num_examples: int = DEFAULT_MAX_NUM_EXAMPLES
+    pace: Pace = Pace.SLOWEST
 
     @property
     def required_results(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fedpriv.coordinator.phases import FederationState, Outcome, Phase, TaskKind
 from fedpriv.coordinator.registry import SiloRegistry
+from fedpriv.wire.resources import Resources
 
 __all__ = ["FederationStatus", "SiloState", "describe"]
 
@@ -19,6 +20,8 @@ class SiloState:
     seconds_since_seen: float
     live: bool
     round_outcome: str
+    resources: Resources = Resources()
+    max_steps: int = 0  # its step budget in the open round (0: full work)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,12 +70,16 @@ def describe(
     else:
         state = FederationState.EVALUATING
     seen = registry.seen()
+    reported = registry.resources()
+    budgets = {} if phase is None else phase.silo_config
     silos = [
         SiloState(
             name=name,
             seconds_since_seen=since,
             live=since <= registry.liveness_s,
             round_outcome=outcomes.get(name, ""),
+            resources=reported.get(name, Resources()),
+            max_steps=int(budgets.get(name, {}).get("max_steps", 0)),
         )
         for name, since in seen
     ]

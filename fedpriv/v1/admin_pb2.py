@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64priv/v1/admin.proto\x12\nfedpriv.v1\"\x0f\n\rStatusRequest\"[\n\nSiloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12seconds_since_seen\x18\x02 \x01(\x01\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x15\n\rround_outcome\x18\x04 \x01(\t\">\n\x0f\x44iscardedUpdate\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc2\x03\n\x0bStatusReply\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x12\n\nnum_rounds\x18\x04 \x01(\r\x12\x18\n\x10\x63ompleted_rounds\x18\x05 \x01(\r\x12\x13\n\x0bmin_clients\x18\x06 \x01(\r\x12%\n\x05silos\x18\x07 \x03(\x0b\x32\x16.fedpriv.v1.SiloStatus\x12I\n\x12last_round_metrics\x18\x08 \x03(\x0b\x32-.fedpriv.v1.StatusReply.LastRoundMetricsEntry\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x1a\n\x12secure_aggregation\x18\n \x01(\x08\x12\x12\n\ncentral_dp\x18\x0b \x01(\x08\x12\x19\n\x11rounds_without_dp\x18\x0c \x03(\r\x12\x36\n\x11\x64iscarded_updates\x18\r \x03(\x0b\x32\x1b.fedpriv.v1.DiscardedUpdate\x1a\x37\n\x15LastRoundMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x45\n\x05\x41\x64min\x12<\n\x06Status\x12\x19.fedpriv.v1.StatusRequest\x1a\x17.fedpriv.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64priv/v1/admin.proto\x12\nfedpriv.v1\"\x0f\n\rStatusRequest\"\xe0\x01\n\nSiloStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12seconds_since_seen\x18\x02 \x01(\x01\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x15\n\rround_outcome\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_kind\x18\x05 \x01(\t\x12\x14\n\x0c\x64\x65vice_count\x18\x06 \x01(\r\x12\x1b\n\x13\x64\x65vice_memory_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cstep_seconds\x18\x08 \x01(\x01\x12\x12\n\nfull_steps\x18\t \x01(\x04\x12\x11\n\tmax_steps\x18\n \x01(\x04\">\n\x0f\x44iscardedUpdate\x12\r\n\x05round\x18\x01 \x01(\r\x12\x0c\n\x04silo\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc2\x03\n\x0bStatusReply\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x12\n\nnum_rounds\x18\x04 \x01(\r\x12\x18\n\x10\x63ompleted_rounds\x18\x05 \x01(\r\x12\x13\n\x0bmin_clients\x18\x06 \x01(\r\x12%\n\x05silos\x18\x07 \x03(\x0b\x32\x16.fedpriv.v1.SiloStatus\x12I\n\x12last_round_metrics\x18\x08 \x03(\x0b\x32-.fedpriv.v1.StatusReply.LastRoundMetricsEntry\x12\x10\n\x08uptime_s\x18\t \x01(\x01\x12\x1a\n\x12secure_aggregation\x18\n \x01(\x08\x12\x12\n\ncentral_dp\x18\x0b \x01(\x08\x12\x19\n\x11rounds_without_dp\x18\x0c \x03(\r\x12\x36\n\x11\x64iscarded_updates\x18\r \x03(\x0b\x32\x1b.fedpriv.v1.DiscardedUpdate\x1a\x37\n\x15LastRoundMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x45\n\x05\x41\x64min\x12<\n\x06Status\x12\x19.fedpriv.v1.StatusRequest\x1a\x17.fedpriv.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREPLY_LASTROUNDMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREQUEST']._serialized_start=38
   _globals['_STATUSREQUEST']._serialized_end=53
-  _globals['_SILOSTATUS']._serialized_start=55
-  _globals['_SILOSTATUS']._serialized_end=146
-  _globals['_DISCARDEDUPDATE']._serialized_start=148
-  _globals['_DISCARDEDUPDATE']._serialized_end=210
-  _globals['_STATUSREPLY']._serialized_start=213
-  _globals['_STATUSREPLY']._serialized_end=663
-  _globals['_STATUSREPLY_LASTROUNDMETRICSENTRY']._serialized_start=608
-  _globals['_STATUSREPLY_LASTROUNDMETRICSENTRY']._serialized_end=663
-  _globals['_ADMIN']._serialized_start=665
-  _globals['_ADMIN']._serialized_end=734
+  _globals['_SILOSTATUS']._serialized_start=56
+  _globals['_SILOSTATUS']._serialized_end=280
+  _globals['_DISCARDEDUPDATE']._serialized_start=282
+  _globals['_DISCARDEDUPDATE']._serialized_end=344
+  _globals['_STATUSREPLY']._serialized_start=347
+  _globals['_STATUSREPLY']._serialized_end=797
+  _globals['_STATUSREPLY_LASTROUNDMETRICSENTRY']._serialized_start=742
+  _globals['_STATUSREPLY_LASTROUNDMETRICSENTRY']._serialized_end=797
+  _globals['_ADMIN']._serialized_start=799
+  _globals['_ADMIN']._serialized_end=868
 # @@protoc_insertion_point(module_scope)

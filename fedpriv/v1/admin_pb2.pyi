@@ -11,16 +11,28 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SiloStatus(_message.Message):
-    __slots__ = ("name", "seconds_since_seen", "live", "round_outcome")
+    __slots__ = ("name", "seconds_since_seen", "live", "round_outcome", "device_kind", "device_count", "device_memory_bytes", "step_seconds", "full_steps", "max_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     ROUND_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FULL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     seconds_since_seen: float
     live: bool
     round_outcome: str
-    def __init__(self, name: _Optional[str] = ..., seconds_since_seen: _Optional[float] = ..., live: _Optional[bool] = ..., round_outcome: _Optional[str] = ...) -> None: ...
+    device_kind: str
+    device_count: int
+    device_memory_bytes: int
+    step_seconds: float
+    full_steps: int
+    max_steps: int
+    def __init__(self, name: _Optional[str] = ..., seconds_since_seen: _Optional[float] = ..., live: _Optional[bool] = ..., round_outcome: _Optional[str] = ..., device_kind: _Optional[str] = ..., device_count: _Optional[int] = ..., device_memory_bytes: _Optional[int] = ..., step_seconds: _Optional[float] = ..., full_steps: _Optional[int] = ..., max_steps: _Optional[int] = ...) -> None: ...
 
 class DiscardedUpdate(_message.Message):
     __slots__ = ("round", "silo", "reason")

@@ -45,10 +45,26 @@ class Scalar(_message.Message):
     def __init__(self, double_value: _Optional[float] = ..., int_value: _Optional[int] = ..., string_value: _Optional[str] = ..., bool_value: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("sdk_version",)
+    __slots__ = ("sdk_version", "resources")
     SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     sdk_version: str
-    def __init__(self, sdk_version: _Optional[str] = ...) -> None: ...
+    resources: Resources
+    def __init__(self, sdk_version: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+
+class Resources(_message.Message):
+    __slots__ = ("device_kind", "device_count", "device_memory_bytes", "step_seconds", "full_steps")
+    DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FULL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    device_kind: str
+    device_count: int
+    device_memory_bytes: int
+    step_seconds: float
+    full_steps: int
+    def __init__(self, device_kind: _Optional[str] = ..., device_count: _Optional[int] = ..., device_memory_bytes: _Optional[int] = ..., step_seconds: _Optional[float] = ..., full_steps: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("silo", "federation", "heartbeat_interval_s")
@@ -124,7 +140,7 @@ class TaskMessage(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("task_id", "round", "kind", "num_examples", "metrics", "update", "declined_reason", "compression", "update_compression")
+    __slots__ = ("task_id", "round", "kind", "num_examples", "metrics", "update", "declined_reason", "compression", "update_compression", "resources")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +157,7 @@ class ResultHeader(_message.Message):
     DECLINED_REASON_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     UPDATE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     kind: TaskKind
@@ -150,7 +167,8 @@ class ResultHeader(_message.Message):
     declined_reason: str
     compression: str
     update_compression: Compression
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., update: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., declined_reason: _Optional[str] = ..., compression: _Optional[str] = ..., update_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    resources: Resources
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, Scalar]] = ..., update: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., declined_reason: _Optional[str] = ..., compression: _Optional[str] = ..., update_compression: _Optional[_Union[Compression, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")

@@ -137,3 +137,19 @@ def test_gpu_check_runs_its_checks_on_the_cpu_and_refuses_without_a_device():
             [sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True
         )
         assert bare.returncode == 2 and "no CUDA device" in bare.stderr
+
+
+def test_pace_bench_smoke_runs_both_policies_with_every_silo_in():
+    result = smoke("pace_bench")
+    lines = result.stdout.strip().splitlines()
+    rows = {
+        line.split()[0]: line.split()
+        for line in lines
+        if line.split()[0] in ("slowest", "balanced")
+    }
+    assert set(rows) == {"slowest", "balanced"}
+    assert rows["slowest"][2] == "32,32" and rows["slowest"][3] == rows["balanced"][3] == "yes"
+    assert int(rows["balanced"][2].split(",")[1]) < 32  # the throttled silo got a budget
+    assert re.fullmatch(
+        r"target: rounds >= 1.5x faster with pace = balanced .*: [0-9.]+x -> (PASS|MISS)", lines[-1]
+    ), lines[-1]

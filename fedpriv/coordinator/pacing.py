@@ -1,0 +1,75 @@
+"""Rounds that the slowest silo does not pace: a step budget per silo from its reported pace.
+
+Each silo reports how long one local step took in its last round and how many
+steps a round's full work is (``Resources``, sent at join and with every
+result). With ``[rounds] pace = "balanced"`` the coordinator gives a silo whose
+full work would take longer than the median silo's a budget, ``max_steps``,
+in its task config: as many steps as fit in the median silo's round time (at
+least one, at least ``min_work`` of its full work). Faster silos keep their full
+work. A silo whose pace is unknown (before its first round, or a DP silo that
+does not share it) does its full work. ``pace = "slowest"`` (the default) gives
+no budget: every round waits for the slowest silo, as without a policy.
+
+A budget only shortens a silo's local training; its update is averaged as
+before. Under DP fewer steps spend less: the silo's ledger records the steps it
+took.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import statistics
+from collections.abc import Collection, Mapping
+
+from fedpriv.wire.resources import Resources
+
+__all__ = ["Pace", "step_budgets"]
+
+# A silo within this factor of the median's round time keeps its full work.
+TOLERANCE = 1.1
+
+
+class Pace(enum.StrEnum):
+    """How the coordinator sets each silo's local work."""
+
+    SLOWEST = "slowest"  # every silo does its full work; the slowest sets the pace
+    BALANCED = "balanced"  # slow silos get a step budget that fits the median's time
+
+
+def step_budgets(
+    pace: Pace,
+    resources: Mapping[str, Resources],
+    silos: Collection[str],
+    *,
+    min_work: float = 0.1,
+) -> dict[str, int]:
+    """``max_steps`` for each selected silo that should do less than its full work.
+
+    Example:
+        >>> fast, slow = Resources(step_seconds=0.1, full_steps=40), Resources(
+        ...     step_seconds=0.4, full_steps=40)
+        >>> step_budgets(Pace.BALANCED, {"a": fast, "b": fast, "c": slow}, ["a", "b", "c"])
+        {'c': 10}
+        >>> step_budgets(Pace.SLOWEST, {"a": fast, "b": fast, "c": slow}, ["a", "b", "c"])
+        {}
+    """
+    if pace is Pace.SLOWEST:
+        return {}
+    times = {
+        silo: seconds
+        for silo in silos
+        if silo in resources and (seconds := resources[silo].round_seconds) is not None
+    }
+    if len(times) < 2:
+        return {}
+    target = statistics.median(times.values())
+    budgets = {}
+    for silo, seconds in sorted(times.items()):
+        if seconds <= target * TOLERANCE:
+            continue
+        reported = resources[silo]
+        fits = math.floor(target / reported.step_seconds)
+        floor = math.ceil(min_work * reported.full_steps)
+        budgets[silo] = max(1, floor, min(reported.full_steps, fits))
+    return budgets

@@ -1,0 +1,106 @@
+"""Resource-aware rounds: silos report their pace, and a slow one gets a step budget (mTLS)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedpriv.client import FitResult
+from fedpriv.client.base import EvaluateResult
+from fedpriv.coordinator.pacing import Pace
+from fedpriv.privacy.accounting import GaussianSteps
+from tests.helpers import make_config, run_three_silos
+
+FULL_STEPS = 40
+
+
+class PacedClient:
+    """A silo that reports a measured pace and records the step budget each task gave it."""
+
+    device = "cpu"
+
+    def __init__(self, step_seconds: float, *, dp: bool = False) -> None:
+        self.pace = (step_seconds, FULL_STEPS)
+        self.budgets: list[int | None] = []
+        self.privacy = object() if dp else None
+
+    def plan_privacy(self, config: Mapping[str, Any]) -> GaussianSteps | None:
+        if self.privacy is None:
+            return None
+        return GaussianSteps(noise_multiplier=1.0, sample_rate=0.1, steps=FULL_STEPS)
+
+    def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> FitResult:
+        limit = config.get("max_steps")
+        self.budgets.append(None if limit is None else int(limit))
+        steps = FULL_STEPS if limit is None else int(limit)
+        return FitResult(
+            parameters={k: v + np.float32(steps / FULL_STEPS) for k, v in parameters.items()},
+            num_examples=10,
+        )
+
+    def evaluate(
+        self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]
+    ) -> EvaluateResult:
+        return EvaluateResult(num_examples=10, metrics={"loss": 1.0})
+
+
+def _config(tmp_path, pki, pace: Pace):
+    config = make_config(
+        tmp_path, pki.root, {"w": np.zeros(4, np.float32)}, num_rounds=2, min_clients=3
+    )
+    return dataclasses.replace(config, rounds=dataclasses.replace(config.rounds, pace=pace))
+
+
+def _status(coordinator):
+    return {s.name: s for s in coordinator.federation.status().silos}
+
+
+def test_balanced_pace_budgets_the_slow_silo_to_the_median_time_and_all_contribute(tmp_path, pki):
+    # Arrange: two silos at 0.01 s a step, one four times slower; 40 steps of full work
+    clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(0.04)]
+    # Act
+    reporter, status = run_three_silos(
+        _config(tmp_path, pki, Pace.BALANCED),
+        pki,
+        clients,
+        ("silo-a", "silo-b", "silo-c"),
+        before_stop=_status,
+    )
+    # Assert: the slow silo did what fits in the others' 0.4 s (10 steps), every round
+    assert [r.round for r in reporter.completed] == [1, 2] and not reporter.failed
+    assert all(r.accepted == 3 for r in reporter.completed)
+    assert clients[0].budgets == clients[1].budgets == [None, None]
+    assert clients[2].budgets == [10, 10]
+    # the coordinator keeps what each silo reported
+    assert status["silo-c"].resources.step_seconds == 0.04
+    assert status["silo-c"].resources.full_steps == FULL_STEPS
+    assert status["silo-a"].resources.device_kind == "cpu"
+
+
+def test_without_the_policy_every_silo_does_its_full_work(tmp_path, pki):
+    clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(0.04)]
+    reporter, _ = run_three_silos(
+        _config(tmp_path, pki, Pace.SLOWEST), pki, clients, ("silo-a", "silo-b", "silo-c")
+    )
+    assert [r.round for r in reporter.completed] == [1, 2]
+    assert all(c.budgets == [None, None] for c in clients)
+
+
+def test_a_dp_silo_keeps_its_pace_to_itself_and_so_gets_no_budget(tmp_path, pki):
+    # Its pace is measured on private data: without [privacy] share_resources it is
+    # not sent, and the coordinator sees only its hardware.
+    clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(0.04, dp=True)]
+    _, status = run_three_silos(
+        _config(tmp_path, pki, Pace.BALANCED),
+        pki,
+        clients,
+        ("silo-a", "silo-b", "silo-c"),
+        before_stop=_status,
+    )
+    assert clients[2].budgets == [None, None]
+    assert status["silo-c"].resources.device_kind == "cpu"
+    assert status["silo-c"].resources.step_seconds == 0.0
+    assert status["silo-c"].resources.full_steps == 0
