@@ -14,6 +14,7 @@ from fedpriv.cli.main import main
 from fedpriv.cli.status import format_status, query_status
 from fedpriv.client.config import ClientConfig
 from fedpriv.coordinator import Coordinator, Store
+from fedpriv.coordinator.phases import Outcome
 from fedpriv.coordinator.privacy_record import DiscardedUpdate
 from tests.conftest import ArrayClient
 from tests.helpers import make_config, silo_thread, wait_silos
@@ -22,11 +23,29 @@ ARRAYS = {"w": np.zeros(16, np.float32)}
 
 
 class NaNFirst(ArrayClient):
-    """Sends a non-finite update at its first fit (rejected), then honest ones."""
+    """Sends a non-finite update at its first fit (rejected), then honest ones.
+
+    The bad update leaves only once the coordinator has accepted `first`'s update of
+    the same attempt (its condition variable is notified at every outcome), so the
+    attempt fails with one accepted update, whatever the threads' timing.
+    """
+
+    def __init__(self, federation=None, first: str = "silo-a") -> None:
+        super().__init__()
+        self.federation, self.first = federation, first
 
     def fit(self, parameters, *, config):
         result = super().fit(parameters, config=config)
         if self.fits == 1:
+            fed = self.federation
+            with fed.cond:
+                assert fed.cond.wait_for(
+                    lambda: (
+                        fed.phase is not None
+                        and fed.phase.outcomes.get(self.first) is Outcome.ACCEPTED
+                    ),
+                    timeout=60,
+                ), "the other silo's update was never accepted"
             return dataclasses.replace(
                 result,
                 parameters={k: np.full_like(v, np.nan) for k, v in result.parameters.items()},
@@ -45,7 +64,9 @@ def test_a_failed_attempts_accepted_update_is_named_in_status_and_report(tmp_pat
     with Coordinator(config) as coordinator:
         with (
             silo_thread(ArrayClient(), port=coordinator.port, tls=pki.tls("silo-a")) as a,
-            silo_thread(NaNFirst(), port=coordinator.port, tls=pki.tls("silo-b")) as b,
+            silo_thread(
+                NaNFirst(coordinator.federation), port=coordinator.port, tls=pki.tls("silo-b")
+            ) as b,
         ):
             assert coordinator.wait(timeout_s=120)
             wait_silos([a, b])
