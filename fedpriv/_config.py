@@ -16,7 +16,14 @@ from fedpriv.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["Table", "check_positive", "field_default", "load_factory", "read_toml"]
+__all__ = [
+    "Table",
+    "check_positive",
+    "field_default",
+    "load_factory",
+    "read_document",
+    "read_toml",
+]
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -265,3 +272,22 @@ def read_toml(path: str | pathlib.Path) -> tuple[dict[str, Any], pathlib.Path]:
         raise ConfigError(f"cannot read config {file}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{file} is not valid TOML: {err}") from err
+
+
+def read_document(
+    data: Mapping[str, Any], *, base_dir: pathlib.Path, read: Callable[[Table], T]
+) -> T:
+    """`read` over the whole TOML document `data`; every problem in it comes in one error.
+
+    Raises:
+        ConfigError: Everything `read` and the document's unknown keys got wrong.
+    """
+    top = Table(data, "", base_dir=base_dir, collect=True)
+    result: T | None = None
+    try:
+        result = read(top)
+    except ConfigError as err:
+        top.failed(err)
+    top.done()  # raises when anything failed
+    assert result is not None
+    return result

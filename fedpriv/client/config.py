@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpriv._config import Table, check_positive, field_default
+from fedpriv._config import Table, check_positive, field_default, read_document
 from fedpriv._types import Scalar
 from fedpriv.atrest import KeySource
 from fedpriv.client.release import ReleasePolicy
@@ -125,13 +125,9 @@ class ClientConfig:
         Raises:
             ConfigError: A key is unknown, missing, of the wrong type or out of range.
         """
-        top = Table(data, "", base_dir=base_dir, collect=True)
-        try:
-            config = cls._read(top, base_dir=base_dir)
-        except ConfigError as err:
-            top.failed(err)
-        top.done()  # every problem in the document, in one error
-        return config
+        return read_document(
+            data, base_dir=base_dir, read=lambda top: cls._read(top, base_dir=base_dir)
+        )
 
     @classmethod
     def _read(cls, top: Table, *, base_dir: pathlib.Path) -> ClientConfig:

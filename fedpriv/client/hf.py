@@ -292,19 +292,8 @@ def causal_lm_client(
     `train` and `val` hold ``(input_ids, attention_mask, labels)`` records, e.g.
     :class:`TokenBlocks`. Evaluation reports ``loss`` and ``perplexity``.
     """
-    _require_hf()
-    return TransformersClient(
-        model,
-        language_model=True,
-        train_loader=DataLoader(train, batch_size=batch_size, shuffle=True),
-        val_loader=None if val is None else DataLoader(val, batch_size=batch_size),
-        loss_fn=causal_lm_loss,
-        optimizer_factory=_adamw(learning_rate),
-        epochs=epochs,
-        privacy=privacy,
-        device=device,
-        precision=precision,
-    )
+    return _client(model, True, causal_lm_loss, train, val, batch_size, learning_rate, epochs,
+                   privacy, device, precision)  # fmt: skip
 
 
 def sequence_classifier_client(
@@ -324,13 +313,30 @@ def sequence_classifier_client(
     Records come from :func:`classification_records`. Evaluation reports ``loss``
     and ``accuracy``.
     """
+    return _client(model, False, nn.functional.cross_entropy, train, val, batch_size,
+                   learning_rate, epochs, privacy, device, precision)  # fmt: skip
+
+
+def _client(
+    model: nn.Module,
+    language_model: bool,
+    loss_fn: Any,
+    train: Dataset[Any],
+    val: Dataset[Any] | None,
+    batch_size: int,
+    learning_rate: float,
+    epochs: int,
+    privacy: LocalDP | None,
+    device: torch.device | str | None,
+    precision: Precision | str,
+) -> TransformersClient:
     _require_hf()
     return TransformersClient(
         model,
-        language_model=False,
+        language_model=language_model,
         train_loader=DataLoader(train, batch_size=batch_size, shuffle=True),
         val_loader=None if val is None else DataLoader(val, batch_size=batch_size),
-        loss_fn=nn.functional.cross_entropy,
+        loss_fn=loss_fn,
         optimizer_factory=_adamw(learning_rate),
         epochs=epochs,
         privacy=privacy,
