@@ -42,6 +42,7 @@ from fedpriv.strategy.registry import StrategyName  # noqa: E402
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Model  # noqa: E402
 
 RSS_LIMIT_FACTOR = 4.0
+ONE_MODEL_FACTOR = 1.3
 #: The robust rules read the spools slice by slice: N slices plus one output model.
 ROBUST_RSS_LIMIT_FACTOR = 2.0
 ROBUST = frozenset({StrategyName.KRUM, StrategyName.MEDIAN, StrategyName.TRIMMED_MEAN})
@@ -59,6 +60,8 @@ class Row:
     # CPU seconds (user + system) over the whole run, per round.
     coordinator_cpu_s: float = 0.0
     clients_cpu_s: float = 0.0
+    # The largest of the silo processes' peak RSS (wait4 ru_maxrss).
+    silo_peak_rss_mb: float = 0.0
 
     @property
     def model_mb(self) -> float:
@@ -67,6 +70,10 @@ class Row:
     @property
     def rss_ratio(self) -> float:
         return self.coordinator_peak_rss_mb / self.model_mb
+
+    @property
+    def silo_rss_ratio(self) -> float:
+        return self.silo_peak_rss_mb / self.model_mb
 
 
 def strategy_table(strategy: StrategyName) -> str:
@@ -194,11 +201,13 @@ seed = {k}
             silo.terminate()
     codes = []
     clients_cpu = 0.0
+    silo_peak_kib = 0
     for silo in silos:
         _, silo_status, silo_usage = os.wait4(silo.pid, 0)
         silo.returncode = os.waitstatus_to_exitcode(silo_status)
         codes.append(silo.returncode)
         clients_cpu += cpu_s(silo_usage)
+        silo_peak_kib = max(silo_peak_kib, silo_usage.ru_maxrss)
     if coordinator.returncode != 0 or any(codes):
         raise RuntimeError(
             f"benchmark processes failed ({coordinator.returncode}, {codes}); see {work}"
@@ -226,6 +235,7 @@ seed = {k}
         coordinator_cpu_s=cpu_s(usage) / rounds,
         clients_cpu_s=clients_cpu / rounds,
         strategy=strategy,
+        silo_peak_rss_mb=silo_peak_kib * 1024 / 1e6,
     )
 
 
@@ -233,13 +243,15 @@ def print_table(rows: list[Row]) -> None:
     print(
         f"{'params':>10} {'clients':>7} {'model MB':>9} {'median round s':>15} "
         f"{'MB sent/client/round':>21} {'coord peak RSS MB':>18} {'RSS/model':>10} "
-        f"{'coord CPU s/round':>18} {'clients CPU s/round':>20}"
+        f"{'coord CPU s/round':>18} {'clients CPU s/round':>20} {'silo peak RSS MB':>17} "
+        f"{'silo RSS/model':>15}"
     )
     for r in rows:
         print(
             f"{r.params:>10,} {r.clients:>7} {r.model_mb:>9.1f} {r.median_round_s:>15.3f} "
             f"{r.sent_per_client_mb:>21.3f} {r.coordinator_peak_rss_mb:>18.0f} {r.rss_ratio:>9.2f}x "
-            f"{r.coordinator_cpu_s:>18.2f} {r.clients_cpu_s:>20.2f}"
+            f"{r.coordinator_cpu_s:>18.2f} {r.clients_cpu_s:>20.2f} {r.silo_peak_rss_mb:>17.0f} "
+            f"{r.silo_rss_ratio:>14.2f}x"
         )
     for r in rows:
         if r.params >= 50_000_000 and r.clients >= 8:
@@ -248,6 +260,15 @@ def print_table(rows: list[Row]) -> None:
                 f"target: coordinator peak RSS < {RSS_LIMIT_FACTOR:.0f}x model bytes at "
                 f"P={r.params:,}, N={r.clients}: {r.rss_ratio:.2f}x -> {verdict}"
             )
+    for r in rows:
+        # One model of memory in both processes (a streamed sum, a reused receive buffer).
+        if r.params >= 50_000_000 and r.strategy not in ROBUST:
+            for who, ratio in (("coordinator", r.rss_ratio), ("every silo", r.silo_rss_ratio)):
+                verdict = "PASS" if ratio <= ONE_MODEL_FACTOR else "MISS"
+                print(
+                    f"target: {who} peak RSS <= {ONE_MODEL_FACTOR:g}x model bytes at "
+                    f"P={r.params:,}, N={r.clients}: {ratio:.2f}x -> {verdict}"
+                )
     for r in rows:
         if r.strategy in ROBUST:
             verdict = "PASS" if r.rss_ratio < ROBUST_RSS_LIMIT_FACTOR else "MISS"
