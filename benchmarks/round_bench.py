@@ -43,6 +43,12 @@ from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Model  # noqa: E4
 
 RSS_LIMIT_FACTOR = 4.0
 ONE_MODEL_FACTOR = 1.3
+# --silo-app: what the benchmark silos run.
+SILO_APPS = {
+    "numpy": "benchmarks.bench_app:make_client",  # in-place perturbation of the arrays
+    "torch": "benchmarks.bench_app:make_torch_client",  # a TorchClient, one SGD step
+    "torch-copy": "benchmarks.bench_app:make_torch_client",  # the same, model copied in
+}
 #: The robust rules read the spools slice by slice: N slices plus one output model.
 ROBUST_RSS_LIMIT_FACTOR = 2.0
 ROBUST = frozenset({StrategyName.KRUM, StrategyName.MEDIAN, StrategyName.TRIMMED_MEAN})
@@ -117,6 +123,7 @@ def run_one(
     insecure: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     strategy: StrategyName = StrategyName.FEDAVG,
+    silo_app: str = "numpy",
 ) -> Row:
     """One federation; `extra_config` is put at the top of the coordinator's TOML.
 
@@ -158,6 +165,8 @@ key = "pki/silo-{k}.key"
 poll_wait_s = 5
 [app]
 seed = {k}
+params = {params}
+copy_in = {str(silo_app == "torch-copy").lower()}
 """)
     command = [sys.executable, "-m", "fedpriv", "--log-level", "INFO"]
     with open(work / "coordinator.log", "w") as log:
@@ -183,7 +192,7 @@ seed = {k}
                         *command,
                         "client",
                         "--app",
-                        "benchmarks.bench_app:make_client",
+                        SILO_APPS[silo_app],
                         "--config",
                         str(work / f"silo-{k}.toml"),
                         *(["--insecure", "--identity", f"silo-{k}"] if insecure else []),
@@ -322,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="a native strategy: " + ", ".join(n.value for n in StrategyName) + " (default fedavg)",
     )
+    parser.add_argument(
+        "--silo-app",
+        choices=sorted(SILO_APPS),
+        default="numpy",
+        help="numpy (default): arrays perturbed in place; torch: a TorchClient taking one "
+        "SGD step (its gradient is a model's worth too); torch-copy: the same with the model "
+        "copied into its parameters instead of received into them",
+    )
     args = parse_sizes(parser, argv)
     rows = []
     for params in args.params:
@@ -337,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                         chunk_bytes=args.chunk_bytes,
                         insecure=args.insecure,
                         strategy=args.strategy,
+                        silo_app=args.silo_app,
                     )
                 )
                 print(

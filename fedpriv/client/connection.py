@@ -17,6 +17,7 @@ import numpy.typing as npt
 from fedpriv.errors import ProtocolError
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire.frames import RawChunk, parse_with_chunks, serialize
+from fedpriv.wire.layout import TensorLayout
 
 __all__ = ["Backoff", "ReceiveBuffer", "first_task", "fleet_stub", "heartbeats"]
 
@@ -67,10 +68,10 @@ class ReceiveBuffer:
         """Hold `buffer` (the payload of the task just received) for the next task."""
         self._buffer = buffer
 
-    def take(self, size: int) -> npt.NDArray[np.uint8] | None:
-        """The held buffer if it has `size` bytes and nothing else still reads it."""
+    def take(self, layout: TensorLayout) -> npt.NDArray[np.uint8] | None:
+        """The held buffer if it fits `layout`'s payload and nothing else still reads it."""
         buffer, self._buffer = self._buffer, None
-        if buffer is None or buffer.nbytes != size:
+        if buffer is None or buffer.nbytes != layout.payload_bytes:
             return None
         # References: `buffer` here and getrefcount's argument. Any more is a live view.
         return buffer if sys.getrefcount(buffer) <= 2 else None

@@ -6,9 +6,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.base import Client
@@ -49,6 +51,7 @@ from fedpriv.transport.options import DEFAULT_POLL_WAIT_S, DEFAULT_RECONNECT_TIM
 from fedpriv.transport.session import new_session_id, with_session
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import Compression, arrays_from_payload, scalars_to_proto
+from fedpriv.wire.layout import TensorLayout
 
 __all__ = ["Backoff", "run_client"]
 
@@ -56,6 +59,29 @@ logger = logging.getLogger(__name__)
 
 SDK_VERSION = "0.1.0"  # keep equal to fedpriv.__version__ (a test checks)
 _JOIN_TIMEOUT_S = 30.0
+
+
+def _buffer_source(
+    client: Client, task: fleet_pb2.Task, buffers: ReceiveBuffer
+) -> Callable[[TensorLayout], npt.NDArray[np.uint8] | None]:
+    """Where the task's model is received: into the client's own parameters when it can.
+
+    A client with ``receive_buffer(layout)`` (a TorchClient on the CPU) hands out the
+    memory its parameters live in, so the model arrives where training reads it and
+    its update leaves from there: one model of memory. Not for an update sent as a
+    difference from the received model (secure aggregation, update compression),
+    which needs that model kept apart from the one training changes.
+    """
+    own = getattr(client, "receive_buffer", None)
+    plain = not task.HasField("secagg") and task.compression == fleet_pb2.COMPRESSION_NONE
+    if own is None or not plain:
+        return buffers.take
+
+    def take(layout: TensorLayout) -> npt.NDArray[np.uint8] | None:
+        buffer: npt.NDArray[np.uint8] | None = own(layout)
+        return buffer if buffer is not None else buffers.take(layout)
+
+    return take
 
 
 def _decline(
@@ -346,7 +372,7 @@ def run_client(
                         stream,
                         stats=stats,
                         limits=limits,
-                        take_buffer=buffers.take,
+                        take_buffer=_buffer_source(client, task, buffers),
                         expected=client.model_shapes() if isinstance(client, ModelOwner) else None,
                     )
                 except TaskRejected as rejected:

@@ -251,7 +251,9 @@ class _ModelReceiver:
     """Checks an in-order chunk stream and copies it into a buffer taken at the first chunk."""
 
     def __init__(
-        self, layout: TensorLayout, take_buffer: Callable[[int], npt.NDArray[np.uint8] | None]
+        self,
+        layout: TensorLayout,
+        take_buffer: Callable[[TensorLayout], npt.NDArray[np.uint8] | None],
     ) -> None:
         self._layout = layout
         self._take_buffer = take_buffer
@@ -296,7 +298,9 @@ class _ModelReceiver:
     def _ensure_buffer(self) -> npt.NDArray[np.uint8]:
         if self._buffer is None:
             size = self._layout.payload_bytes
-            reused = self._take_buffer(size)
+            reused = self._take_buffer(self._layout)
+            if reused is not None and (reused.dtype != np.uint8 or reused.nbytes != size):
+                reused = None  # not this model's size: a fresh buffer
             self._buffer = reused if reused is not None else np.empty(size, np.uint8)
         return self._buffer
 
@@ -324,7 +328,7 @@ def receive_task(
     *,
     stats: ClientStats,
     limits: TaskLimits,
-    take_buffer: Callable[[int], npt.NDArray[np.uint8] | None] = lambda size: None,
+    take_buffer: Callable[[TensorLayout], npt.NDArray[np.uint8] | None] = lambda layout: None,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     now_unix_s: float | None = None,
     memory_bytes: int | None = None,
@@ -336,7 +340,8 @@ def receive_task(
         stream: The rest of the PullTask stream: the model's chunks.
         stats: Where received bytes are counted.
         limits: This silo's limits.
-        take_buffer: Gives a reusable buffer of the given size, or None.
+        take_buffer: Gives a buffer for the model of this layout (reused, or the
+            client's own parameters), or None for a fresh one.
         expected: Names and shapes of the silo's own model, when the client declares them.
         now_unix_s: This silo's clock (default: now).
         memory_bytes: The host's memory (default: read from the OS).

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
@@ -33,11 +34,13 @@ from fedpriv.privacy.local import (
     train_private,
 )
 from fedpriv.strategy.fedprox import PROXIMAL_MU
+from fedpriv.wire.layout import TensorLayout
 from fedpriv.wire.torch_interop import (
     Exchange,
     arrays_from_state_dict,
     copy_arrays_into,
     exchanged_state,
+    views_of_one_buffer,
 )
 
 __all__ = ["TorchClient", "best_device"]
@@ -266,6 +269,9 @@ class TorchClient:
         #: (seconds per local step last round, steps of a full round); None before fit.
         self.pace: tuple[float, int] | None = None
         self._timer: _StepTimer | None = None
+        # The buffer the exchanged tensors are views of (receive_buffer), and its layout.
+        self._flat: npt.NDArray[np.uint8] | None = None
+        self._flat_layout: TensorLayout | None = None
         if privacy is not None:
             self._check_dp_layers(privacy)
 
@@ -294,6 +300,32 @@ class TorchClient:
         (:class:`fedpriv.client.tasks.ModelOwner`) instead of failing in ``fit``.
         """
         return {name: tuple(t.shape) for name, t in self._exchanged().items()}
+
+    def receive_buffer(self, layout: TensorLayout) -> npt.NDArray[np.uint8] | None:
+        """Memory to receive the next model into: the exchanged tensors' own (None: copy).
+
+        On the CPU, the exchanged parameters and buffers are moved once into one
+        buffer laid out as the wire lays out the model, and stay views of it. The
+        silo's runtime then receives each model straight into the tensors that
+        train, and the update leaves from them: one model of memory, not two. None
+        (the model is copied in as before) on a GPU, or for a layout that does not
+        match the exchanged tensors one for one.
+        """
+        if self.device.type != "cpu":
+            return None
+        exchanged = self._exchanged()
+        if self._flat is not None and self._flat_layout == layout:
+            base = self._flat.ctypes.data
+            if all(  # still views of it (nothing rebound the tensors since)
+                t.data_ptr() == base + offset
+                for t, offset in zip(exchanged.values(), layout.offsets, strict=True)
+            ):
+                return self._flat
+        flat = views_of_one_buffer(self.model, exchanged, layout)
+        if flat is None:
+            return None
+        self._flat, self._flat_layout = flat, layout
+        return flat
 
     def _exchanged(self) -> dict[str, torch.Tensor]:
         return exchanged_state(self.model, self.exchange)

@@ -26,6 +26,7 @@ __all__ = [
     "exchanged_state",
     "layout_for_state_dict",
     "model_from_state_dict",
+    "views_of_one_buffer",
 ]
 
 
@@ -131,4 +132,51 @@ def copy_arrays_into(
         raise ValueError("parameters do not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for name, tensor in state.items():
-            tensor.copy_(torch.from_numpy(np.asarray(arrays[name])))
+            array = np.asarray(arrays[name])
+            if (
+                tensor.device.type == "cpu"
+                and array.size
+                and (
+                    array.ctypes.data == tensor.data_ptr()
+                    and array.dtype.itemsize == tensor.element_size()
+                )
+            ):
+                continue  # received straight into this tensor's memory: nothing to copy
+            tensor.copy_(torch.from_numpy(array))
+
+
+def views_of_one_buffer(
+    module: torch.nn.Module, exchanged: Mapping[str, torch.Tensor], layout: TensorLayout
+) -> npt.NDArray[np.uint8] | None:
+    """Move `module`'s `exchanged` tensors into one buffer laid out as `layout`; that buffer.
+
+    Each parameter and buffer named in `exchanged` keeps its value and becomes a
+    view of its place in the returned bytes (``tensor.data`` is rebound), so that
+    a model received into those bytes is the module's, with no copy. None, with
+    nothing changed, when the layout does not name the exchanged tensors one for
+    one in order, with their shapes and dtypes (bfloat16 travels as uint16 words:
+    not viewable), or a tensor is not on the CPU.
+    """
+    import torch
+
+    if [spec.name for spec in layout.specs] != list(exchanged):
+        return None
+    for spec, tensor in zip(layout.specs, exchanged.values(), strict=True):
+        if tensor.device.type != "cpu" or spec.dtype is DType.BFLOAT16:
+            return None
+        if tuple(spec.shape) != tuple(tensor.shape):
+            return None
+        if spec.dtype.storage != tensor.detach().numpy().dtype:
+            return None
+    owners: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    owners.update(module.named_buffers(remove_duplicate=False))
+    if any(spec.name not in owners for spec in layout.specs):
+        return None
+    flat = np.empty(layout.payload_bytes, np.uint8)
+    with torch.no_grad():
+        for spec, offset in zip(layout.specs, layout.offsets, strict=True):
+            view = flat[offset : offset + spec.nbytes].view(spec.dtype.storage).reshape(spec.shape)
+            owner = owners[spec.name]
+            view[...] = owner.detach().numpy()
+            owner.data = torch.from_numpy(view)
+    return flat

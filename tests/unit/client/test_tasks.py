@@ -50,8 +50,8 @@ def test_valid_task_is_received_into_a_buffer_taken_at_the_first_chunk() -> None
     taken: list[int] = []
     stats = ClientStats()
 
-    def take(size: int) -> np.ndarray:
-        taken.append(size)
+    def take(layout) -> np.ndarray:
+        taken.append(layout.payload_bytes)
         return reused
 
     def stream() -> Iterator[RawChunk]:
