@@ -9,9 +9,11 @@ base weights are frozen, so only the adapters travel (``exchange =
 "trainable"``, the default on both sides): a federation of a multi-billion
 parameter model moves megabytes per round.
 
-Records are tensors, one row each: ``(input_ids, attention_mask, labels)``.
-:class:`TokenBlocks` cuts a token stream into such records for language
-modelling; :func:`classification_records` pads texts for a classifier.
+Records are ``(input_ids, attention_mask, labels)``, one row each, as tuples or
+as dicts with those keys (a Hugging Face dataset in torch format; see
+:class:`DictRecords`). :class:`TokenBlocks` cuts a token stream into such records
+for language modelling; :func:`classification_records` pads texts for a
+classifier.
 
 With DP-SGD (``privacy=LocalDP(...)``) the unit of privacy is one record: one
 block of text, or one classified text. Opacus clips each record's gradient
@@ -46,9 +48,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IGNORE_INDEX",
+    "DictRecords",
     "TokenBlocks",
     "TransformersClient",
     "add_lora",
+    "as_records",
     "causal_lm_client",
     "causal_lm_loss",
     "classification_records",
@@ -140,6 +144,51 @@ class TokenBlocks(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         block = self.blocks[index]
         return block, torch.ones_like(block), block.clone()
+
+
+class DictRecords(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """Records given as dicts (a Hugging Face dataset in torch format) as tuples.
+
+    Each item's ``input_ids``, its ``attention_mask`` (all ones when absent) and its
+    ``labels`` (or ``label``; for a language model, ``input_ids`` when absent).
+
+    Raises:
+        ConfigError: An item has no ``input_ids``.
+    """
+
+    def __init__(self, dataset: Dataset[Mapping[str, Any]]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
+        if "input_ids" not in item:
+            raise ConfigError(f"record {index} has no input_ids (keys: {sorted(item)[:8]})")
+        ids = torch.as_tensor(item["input_ids"], dtype=torch.long)
+        mask = item.get("attention_mask")
+        labels = item.get("labels", item.get("label"))
+        return (
+            ids,
+            torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long),
+            ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long),
+        )
+
+
+def as_records(dataset: Dataset[Any]) -> Dataset[Any]:
+    """`dataset` as tuple records: dict items go through :class:`DictRecords`.
+
+    Example:
+        >>> records = as_records([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}])
+        >>> [t.tolist() for t in records[0]]
+        [[5, 6, 7], [1, 1, 1], [5, 6, 7]]
+    """
+    try:
+        first = dataset[0]
+    except (IndexError, KeyError, TypeError):
+        return dataset
+    return DictRecords(dataset) if isinstance(first, Mapping) else dataset
 
 
 def classification_records(
@@ -334,8 +383,8 @@ def _client(
     return TransformersClient(
         model,
         language_model=language_model,
-        train_loader=DataLoader(train, batch_size=batch_size, shuffle=True),
-        val_loader=None if val is None else DataLoader(val, batch_size=batch_size),
+        train_loader=DataLoader(as_records(train), batch_size=batch_size, shuffle=True),
+        val_loader=None if val is None else DataLoader(as_records(val), batch_size=batch_size),
         loss_fn=loss_fn,
         optimizer_factory=_adamw(learning_rate),
         epochs=epochs,

@@ -202,3 +202,22 @@ def test_sequence_classifier_with_a_lora_and_head_learns_under_dp():
     start = _params(client)
     result = client.fit(start, config={"round": 1, "epochs": 4})
     assert client.evaluate(result.parameters, config={}).metrics["accuracy"] > 0.5
+
+
+def test_dict_records_train_as_tuples_do_with_dp():
+    # A Hugging Face dataset in torch format yields dicts; the client takes them as is.
+    blocks = TokenBlocks(pattern_tokens(64 * BLOCK, seed=3), block_size=BLOCK)
+    dicts = [{"input_ids": ids, "attention_mask": mask} for ids, mask, _ in blocks]
+    client = causal_lm_client(
+        lora_gpt2(),
+        train=dicts,
+        val=dicts[:8],
+        batch_size=32,
+        privacy=LocalDP(noise_multiplier=1.0),
+    )
+    assert client.plan_privacy({"epochs": 1}).sample_rate == pytest.approx(0.5)
+    result = client.fit(_params(client), config={"round": 1})
+    assert np.isfinite(result.metrics["train_loss"])
+    assert client.evaluate(result.parameters, config={}).metrics["perplexity"] > 1
+    with pytest.raises(ConfigError, match="record 0 has no input_ids"):
+        causal_lm_client(lora_gpt2(), train=[{"text": "x"}]).fit(_params(client), config={})
