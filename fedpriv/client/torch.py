@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import statistics
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,8 +15,17 @@ from torch.utils.data import DataLoader, IterableDataset
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
 from fedpriv.client.distributed import data_parallel, global_batches, local_loader, world
-from fedpriv.client.precision import Precision, autocast, autocast_dtype
+from fedpriv.client.precision import Precision, autocast
 from fedpriv.client.progress import training_progress
+from fedpriv.client.training import (
+    StepTimer,
+    autocast_for,
+    batches_of,
+    dataset_size,
+    max_steps_of,
+    proximal_mu,
+    proximal_term,
+)
 from fedpriv.errors import ConfigError
 from fedpriv.privacy.accounting import GaussianSteps
 from fedpriv.privacy.layers import dp_layer_problems
@@ -33,7 +38,6 @@ from fedpriv.privacy.local import (
     split_batch,
     train_private,
 )
-from fedpriv.strategy.fedprox import PROXIMAL_MU
 from fedpriv.wire.layout import TensorLayout
 from fedpriv.wire.torch_interop import (
     Exchange,
@@ -53,144 +57,6 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 def best_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _dataset_size(loader: DataLoader[Any]) -> int:
-    try:
-        return len(loader.dataset)  # type: ignore[arg-type]  # sized datasets only
-    except TypeError:
-        return sum(len(batch[0]) for batch in loader)
-
-
-def _proximal_mu(config: Mapping[str, Scalar]) -> float:
-    """The task's ``proximal_mu`` (0 without one).
-
-    Raises:
-        ConfigError: It is not a finite number >= 0.
-    """
-    value = config.get(PROXIMAL_MU, 0.0)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(f"task config {PROXIMAL_MU} = {value!r}: must be a finite number >= 0")
-    return float(value)
-
-
-@contextlib.contextmanager
-def _proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> Iterator[None]:
-    """Add FedProx's ``mu * (w - w_global)`` to every gradient `optimizer` steps with.
-
-    ``w_global`` is each parameter's value on entry (the global model just
-    loaded). A step pre-hook on the user's own optimiser adds the term to
-    ``p.grad`` right before the update, so any optimiser (SGD, momentum, Adam)
-    minimises ``loss + mu / 2 * ||w - w_global||^2``, as FedProx defines it.
-
-    Under DP-SGD the term would be lost in the loss: it depends on the weights
-    alone, so it has no per-sample gradient for Opacus to clip. Here Opacus's
-    DPOptimizer calls the user's optimiser only after clipping, noising and
-    scaling, so the hook sees the privatised gradient and adds the term to it
-    unclipped and un-noised. That is post-processing of the DP-SGD output plus
-    a function of the global model (public to the silo): no privacy cost, and
-    the ledger's accounting is unchanged. With physical batches
-    (``max_physical_batch_size``) Opacus calls the optimiser once per logical
-    step, so the term is added once per step as well.
-    """
-    if mu == 0:
-        yield
-        return
-    anchors = [
-        (p, p.detach().clone())
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if p.requires_grad
-    ]
-
-    def pull(*_: Any) -> None:
-        with torch.no_grad():
-            for parameter, anchor in anchors:
-                correction = (parameter.detach() - anchor).mul_(mu)
-                if parameter.grad is None:  # unused this step: the term is its whole gradient
-                    parameter.grad = correction
-                else:
-                    parameter.grad.add_(correction)
-
-    handle = optimizer.register_step_pre_hook(pull)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _autocast_for(
-    precision: Precision | str, device: torch.device, privacy: LocalDP | None
-) -> torch.dtype | None:
-    """The autocast dtype a TorchClient trains with (None: float32).
-
-    Not under DP-SGD: Opacus would compute the per-sample gradients (hooks,
-    functorch) or their norms (ghost clipping) in bfloat16, whose rounding (up to
-    2^-9 of a norm) can leave a clipped gradient above ``max_grad_norm``: more than
-    the sensitivity the ledger accounts for.
-
-    Raises:
-        ConfigError: See :func:`autocast_dtype`; or bf16 asked for under DP-SGD.
-    """
-    dtype = autocast_dtype(precision, device)
-    if dtype is None or privacy is None:
-        return dtype
-    if Precision(precision) is Precision.AUTO:
-        logger.info("precision auto: float32 under DP-SGD (clipping must see float32 norms)")
-        return None
-    raise ConfigError(
-        "precision = 'bf16' does not combine with DP-SGD: Opacus would clip per-sample "
-        "gradients by norms rounded to bfloat16, which can exceed max_grad_norm and so the "
-        "sensitivity the privacy ledger accounts for; use precision = 'fp32' or 'auto'"
-    )
-
-
-class _StepTimer:
-    """Passes progress on and notes when each step ended: the round's pace without its set-up."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.ends: list[float] = []
-
-    def batch(self) -> None:
-        self.ends.append(time.perf_counter())
-        self.inner.batch()
-
-    def epoch_done(self, mean_loss: float) -> None:
-        self.inner.epoch_done(mean_loss)
-
-    def step_seconds(self) -> float | None:
-        """The median time between two steps' ends (None: fewer than two steps)."""
-        gaps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
-        return statistics.median(gaps) if gaps else None
-
-
-def _max_steps(config: Mapping[str, Scalar]) -> int | None:
-    """A task's ``max_steps`` (a pacing coordinator's budget), None when absent.
-
-    Raises:
-        ConfigError: It is not a positive integer.
-    """
-    value = config.get("max_steps")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ConfigError(f"max_steps = {value!r}: expected a whole number of steps")
-    if value < 1:
-        raise ConfigError(f"max_steps = {value}: at least 1")
-    return int(value)
-
-
-def _batches(loader: DataLoader[Any]) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # an iterable dataset: unknown
-        return None
 
 
 class TorchClient:
@@ -219,7 +85,7 @@ class TorchClient:
             autocast on a CUDA GPU that supports it and in float32 elsewhere;
             ``"bf16"`` asks for it (on the CPU too), ``"fp32"`` turns it off. The
             parameters and the exchanged model stay float32. Not under DP-SGD
-            (``"auto"`` is float32 there, ``"bf16"`` an error): see ``_autocast_for``.
+            (``"auto"`` is float32 there, ``"bf16"`` an error): see ``autocast_for``.
         forward: ``forward(model, *features) -> outputs``; the default is
             ``model(*features)``. :mod:`fedpriv.client.hf` passes keywords to a
             Hugging Face model and takes its logits.
@@ -230,7 +96,7 @@ class TorchClient:
     added to each step's gradient inside the optimiser's step; with DP-SGD that
     is after Opacus clips and noises, which a loss term could not be (Opacus
     sees only per-sample gradients, and this term has none). See
-    :func:`_proximal_term`.
+    :func:`proximal_term`.
     """
 
     def __init__(
@@ -250,7 +116,7 @@ class TorchClient:
     ) -> None:
         self.device = torch.device(device) if device is not None else best_device()
         self.privacy = privacy
-        self.autocast = _autocast_for(precision, self.device, privacy)
+        self.autocast = autocast_for(precision, self.device, privacy)
         if privacy is not None:
             model = prepare_module(model)
         self.model = model.to(self.device)
@@ -268,7 +134,7 @@ class TorchClient:
         self.forward = forward
         #: (seconds per local step last round, steps of a full round); None before fit.
         self.pace: tuple[float, int] | None = None
-        self._timer: _StepTimer | None = None
+        self._timer: StepTimer | None = None
         # The buffer the exchanged tensors are views of (receive_buffer), and its layout.
         self._flat: npt.NDArray[np.uint8] | None = None
         self._flat_layout: TensorLayout | None = None
@@ -347,7 +213,7 @@ class TorchClient:
                 self.privacy, batches_per_epoch=self._batches_per_epoch(), epochs=epochs
             )
         full = self._plans[epochs]
-        limit = _max_steps(config)
+        limit = max_steps_of(config)
         if limit is None or limit >= full.steps:
             return full
         return GaussianSteps(
@@ -373,9 +239,9 @@ class TorchClient:
         """
         self._load(parameters)
         epochs = int(config.get("epochs", self.epochs))
-        mu = _proximal_mu(config)
+        mu = proximal_mu(config)
         optimizer = self.optimizer_factory(self.model.parameters())
-        with _proximal_term(optimizer, mu):
+        with proximal_term(optimizer, mu):
             result, _ = self._train(optimizer, config, epochs)
         step_seconds = self._timer.step_seconds() if self._timer is not None else None
         if step_seconds is not None:
@@ -394,7 +260,7 @@ class TorchClient:
                 epochs = 1
             batches = None if self.privacy.max_physical_batch_size else plan.steps // epochs
             with training_progress(epochs=epochs, batches=batches, label=label) as shown:
-                progress = self._timer = _StepTimer(shown)
+                progress = self._timer = StepTimer(shown)
                 mean_loss = train_private(
                     self.model,
                     distributed=world() is not None,
@@ -410,12 +276,12 @@ class TorchClient:
                 )
             metrics = {"train_loss": mean_loss, "noise_multiplier": plan.noise_multiplier}
             return self._result(metrics), plan.steps
-        return self._train_plain(optimizer, epochs, label, _max_steps(config))
+        return self._train_plain(optimizer, epochs, label, max_steps_of(config))
 
     def _result(self, metrics: Mapping[str, Scalar]) -> FitResult:
         return FitResult(
             parameters=arrays_from_state_dict(self._exchanged()),
-            num_examples=_dataset_size(self.train_loader),
+            num_examples=dataset_size(self.train_loader),
             metrics=metrics,
         )
 
@@ -429,9 +295,9 @@ class TorchClient:
         loader = self.train_loader
         if here is not None:  # one silo on several processes: DDP over this rank's share
             model, loader = data_parallel(self.model, self.device), local_loader(loader, here)
-        batches = _batches(loader)
+        batches = batches_of(loader)
         with training_progress(epochs=epochs, batches=batches, label=label) as shown:
-            progress = self._timer = _StepTimer(shown)
+            progress = self._timer = StepTimer(shown)
             for _ in range(epochs):
                 epoch_loss, epoch_seen = 0.0, 0
                 for batch in loader:
