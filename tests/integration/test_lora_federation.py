@@ -8,10 +8,10 @@ import sqlite3
 
 import numpy as np
 
-from fedpriv.coordinator import Coordinator, ModelSource, Store, read_checkpoint
-from tests.helpers import make_config, silo_thread, wait_silos
+from fedpriv.coordinator import ModelSource, Store, read_checkpoint
+from tests.helpers import make_config
 from tests.hf_models import BLOCK, lora_gpt2, pattern_tokens
-from tests.integration.test_no_raw_data import RecordingProxy, http2_data_streams
+from tests.integration.test_no_raw_data import recorded_federation
 
 FACTORY = "tests.hf_models:lora_gpt2"
 
@@ -61,19 +61,7 @@ def test_only_the_adapters_cross_the_wire_and_the_base_never_does(tmp_path):
     adapter_bytes = sum(a.nbytes for a in clients[0].inner._exchanged().values())
     model_bytes = adapter_bytes + sum(a.nbytes for a in base.values())
     # Act
-    with Coordinator(config, insecure=True) as coordinator:
-        proxy = RecordingProxy(coordinator.port)
-        with (
-            silo_thread(
-                clients[0], port=proxy.port, tls=None, insecure=True, identity="silo-a"
-            ) as a,
-            silo_thread(
-                clients[1], port=proxy.port, tls=None, insecure=True, identity="silo-b"
-            ) as b,
-        ):
-            assert coordinator.wait(timeout_s=120)
-            stats = wait_silos([a, b])
-        proxy.close()
+    stats, raw, messages = recorded_federation(config, clients)
     # Assert: two rounds, the coordinator's model is the adapters alone
     assert all(s is not None and s.trained == 2 for s in stats), stats
     store = Store(config.state_dir)
@@ -93,8 +81,6 @@ def test_only_the_adapters_cross_the_wire_and_the_base_never_does(tmp_path):
     assert len(sent) == 4 and all(n == adapter_bytes for n in sent), sent
     assert model_bytes > 20 * adapter_bytes
     # the recording holds the updates (a leak would be visible) and no base tensor's bytes
-    raw = [bytes(c) for c in proxy.connections]
-    messages = [m for connection in raw for m in http2_data_streams(connection).values()]
     for client in clients:
         assert all(any(u in m for m in messages) for u in client.updates if u.strip(b"\0"))
     for name, tensor in base.items():

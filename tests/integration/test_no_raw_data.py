@@ -78,6 +78,30 @@ class RecordingProxy:
         self._listener.close()
 
 
+def recorded_federation(config, clients):
+    """Two plain-text silos (silo-a, silo-b) through a RecordingProxy until the end.
+
+    Returns the silos' stats, the raw bytes of every connection they opened, and
+    the reassembled gRPC messages they sent.
+    """
+    with Coordinator(config, insecure=True) as coordinator:
+        proxy = RecordingProxy(coordinator.port)
+        with (
+            silo_thread(
+                clients[0], port=proxy.port, tls=None, insecure=True, identity="silo-a"
+            ) as a,
+            silo_thread(
+                clients[1], port=proxy.port, tls=None, insecure=True, identity="silo-b"
+            ) as b,
+        ):
+            assert coordinator.wait(timeout_s=120)
+            stats = wait_silos([a, b])
+        proxy.close()
+    raw = [bytes(c) for c in proxy.connections]
+    messages = [data for connection in raw for data in http2_data_streams(connection).values()]
+    return stats, raw, messages
+
+
 class RecordingClient:
     """Wraps a TorchClient and keeps the bytes of the update it returned (positive control)."""
 
@@ -110,21 +134,7 @@ def test_no_training_sample_bytes_in_anything_a_silo_sends(tmp_path):
         RecordingClient(app.make_client({"silo_index": k, "num_silos": 2})) for k in range(2)
     ]
     # Act
-    with Coordinator(config, insecure=True) as coordinator:
-        proxy = RecordingProxy(coordinator.port)
-        with (
-            silo_thread(
-                clients[0], port=proxy.port, tls=None, insecure=True, identity="silo-a"
-            ) as a,
-            silo_thread(
-                clients[1], port=proxy.port, tls=None, insecure=True, identity="silo-b"
-            ) as b,
-        ):
-            assert coordinator.wait(timeout_s=120)
-            stats = wait_silos([a, b])
-        proxy.close()
-    raw = [bytes(c) for c in proxy.connections]
-    messages = [data for connection in raw for data in http2_data_streams(connection).values()]
+    stats, raw, messages = recorded_federation(config, clients)
     # Assert: the recording holds the plaintext updates (so a leak would be visible)...
     assert all(s.trained == 2 for s in stats)
     assert sum(len(m) for m in messages) > sum(s.bytes_sent for s in stats)
