@@ -17,6 +17,7 @@ refused at start-up with what to change:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 __all__ = ["dp_layer_problems"]
+
+logger = logging.getLogger(__name__)
 
 PROBE_BATCH = 2
 
@@ -93,6 +96,9 @@ def dp_layer_problems(
     try:
         with torch.no_grad():
             module(*features) if forward is None else forward(module, *features)
+    except Exception as err:  # a model that cannot take all-zero records: no probe
+        logger.debug("DP layer probe skipped (the model refused zero records): %s", err)
+        return problems
     finally:
         for handle in handles:
             handle.remove()
