@@ -5,7 +5,8 @@ steps a round's full work is (``Resources``, sent at join and with every
 result). With ``[rounds] pace = "balanced"`` the coordinator gives a silo whose
 full work would take longer than the median silo's a budget, ``max_steps``,
 in its task config: as many steps as fit in the median silo's round time (at
-least one, at least ``min_work`` of its full work). Faster silos keep their full
+least one, at least ``min_work`` of its full work, never more than fit in 90% of
+the round's deadline). Faster silos keep their full
 work. A silo whose pace is unknown (before its first round, or a DP silo that
 does not share it) does its full work. ``pace = "slowest"`` (the default) gives
 no budget: every round waits for the slowest silo, as without a policy.
@@ -28,6 +29,8 @@ __all__ = ["Pace", "step_budgets"]
 
 # A silo within this factor of the median's round time keeps its full work.
 TOLERANCE = 1.1
+# The share of the round's deadline a budget may fill.
+DEADLINE_SHARE = 0.9
 
 
 class Pace(enum.StrEnum):
@@ -43,8 +46,12 @@ def step_budgets(
     silos: Collection[str],
     *,
     min_work: float = 0.1,
+    deadline_s: float | None = None,
 ) -> dict[str, int]:
     """``max_steps`` for each selected silo that should do less than its full work.
+
+    With `deadline_s`, no budget lets a silo's steps take more than 90% of it (at
+    least one step), so that a silo slower than the median still answers in time.
 
     Example:
         >>> fast, slow = Resources(step_seconds=0.1, full_steps=40), Resources(
@@ -64,6 +71,8 @@ def step_budgets(
     if len(times) < 2:
         return {}
     target = statistics.median(times.values())
+    if deadline_s is not None:
+        target = min(target, DEADLINE_SHARE * deadline_s)
     budgets = {}
     for silo, seconds in sorted(times.items()):
         if seconds <= target * TOLERANCE:
@@ -71,5 +80,8 @@ def step_budgets(
         reported = resources[silo]
         fits = math.floor(target / reported.step_seconds)
         floor = math.ceil(min_work * reported.full_steps)
-        budgets[silo] = max(1, floor, min(reported.full_steps, fits))
+        steps = max(floor, min(reported.full_steps, fits))
+        if deadline_s is not None:  # the floor must not outlast the deadline either
+            steps = min(steps, math.floor(DEADLINE_SHARE * deadline_s / reported.step_seconds))
+        budgets[silo] = max(1, steps)
     return budgets

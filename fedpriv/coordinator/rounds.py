@@ -152,7 +152,9 @@ class RoundLoop:
         if kind is TaskKind.TRAIN:
             with fed.cond:
                 reported = fed.registry.resources()
-            budgets = step_budgets(fed.rounds.pace, reported, silos)
+            budgets = step_budgets(
+                fed.rounds.pace, reported, silos, deadline_s=fed.rounds.deadline_s
+            )
             phase.silo_config = {silo: {"max_steps": n} for silo, n in budgets.items()}
             for silo, steps in budgets.items():
                 logger.info(

@@ -65,3 +65,15 @@ def test_the_config_reads_pace_and_names_a_wrong_one(tmp_path):
     assert CoordinatorConfig.from_dict(base, base_dir=tmp_path).rounds.pace is Pace.SLOWEST
     with pytest.raises(ConfigError, match="rounds.pace = 'fastest'"):
         CoordinatorConfig.from_dict({**base, "rounds": {"pace": "fastest"}}, base_dir=tmp_path)
+
+
+def test_no_budget_outlasts_the_deadline():
+    # The median silo itself would take 10 s; the deadline is 5 s: every silo slower
+    # than 90% of it gets what fits in 4.5 s, floors included.
+    reported = {"a": pace(0.1), "b": pace(0.1), "c": pace(1.0)}
+    assert step_budgets(Pace.BALANCED, reported, list(reported), deadline_s=5.0) == {
+        "a": 45,
+        "b": 45,
+        "c": 4,
+    }
+    assert step_budgets(Pace.BALANCED, reported, list(reported), deadline_s=1000.0) == {"c": 10}
