@@ -38,6 +38,17 @@ class Logged(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.x[index], self.y[index]
 
 
+class FailsOnRankZero(TorchClient):
+    """Training raises on rank 0 in round `fail_round` (its user code fails there)."""
+
+    fail_round = 0
+
+    def fit(self, parameters, *, config):  # type: ignore[no-untyped-def]
+        if os.environ.get("RANK") == "0" and config.get("round") == self.fail_round:
+            raise RuntimeError("the silo's data loader broke")
+        return super().fit(parameters, config=config)
+
+
 def make_client(config: Mapping[str, Any]) -> TorchClient:
     out = pathlib.Path(str(config["out"])) if "out" in config else None
     with torch.random.fork_rng(devices=[]):
@@ -46,7 +57,8 @@ def make_client(config: Mapping[str, Any]) -> TorchClient:
     privacy = LocalDP(noise_multiplier=1.0, max_grad_norm=1.0) if config.get("dp") else None
     data = Logged(out)
     data.read.clear()
-    return TorchClient(
+    kind = FailsOnRankZero if config.get("fail_round") else TorchClient
+    client = kind(
         model,
         train_loader=DataLoader(data, batch_size=BATCH),
         loss_fn=nn.functional.cross_entropy,
@@ -55,3 +67,6 @@ def make_client(config: Mapping[str, Any]) -> TorchClient:
         device="cpu",
         privacy=privacy,
     )
+    if isinstance(client, FailsOnRankZero):
+        client.fail_round = int(config["fail_round"])
+    return client

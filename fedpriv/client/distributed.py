@@ -144,6 +144,7 @@ class RankZeroClient:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.broken = False
 
     def __getattr__(self, name: str) -> Any:  # model_shapes, plan_privacy, privacy, ...
         return getattr(self.inner, name)
@@ -151,9 +152,20 @@ class RankZeroClient:
     def fit(
         self, parameters: Mapping[str, npt.NDArray[Any]], *, config: Mapping[str, Scalar]
     ) -> FitResult:
-        """Send the task to the other ranks, then train on this rank's share."""
+        """Send the task to the other ranks, then train on this rank's share.
+
+        Raises:
+            SystemExit: Training failed here while the other ranks may wait in a
+                collective for this one: the silo cannot go on to the next task in
+                step, so this process ends and torchrun stops the others.
+        """
         _broadcast([_FIT, dict(parameters), dict(config)])
-        result: FitResult = self.inner.fit(parameters, config=config)
+        try:
+            result: FitResult = self.inner.fit(parameters, config=config)
+        except Exception as err:
+            self.broken = True
+            logger.exception("training failed on rank 0; ending the silo's processes")
+            raise SystemExit(f"rank 0's training failed ({type(err).__name__}: {err})") from err
         return result
 
     def evaluate(
@@ -164,8 +176,12 @@ class RankZeroClient:
         return result
 
     def close(self) -> None:
-        """Tell the other ranks the silo is done; they return from :func:`follow`."""
-        _broadcast([_STOP])
+        """Tell the other ranks the silo is done; they return from :func:`follow`.
+
+        Not after a failed round: they are not listening (torchrun stops them).
+        """
+        if not self.broken:
+            _broadcast([_STOP])
 
 
 def follow(inner: Any) -> int:

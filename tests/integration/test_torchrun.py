@@ -21,7 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
 
 
-def silo_toml(tmp: pathlib.Path, pki_root: pathlib.Path, port: int, *, dp: bool) -> pathlib.Path:
+def silo_toml(
+    tmp: pathlib.Path, pki_root: pathlib.Path, port: int, *, dp: bool, fail_round: int = 0
+) -> pathlib.Path:
     privacy = '[privacy]\nepsilon = 100\ndelta = 1e-5\nledger = "ledger.json"\n' if dp else ""
     path = tmp / "silo.toml"
     path.write_text(
@@ -39,6 +41,7 @@ poll_wait_s = 2
 [app]
 out = "{tmp}"
 dp = {str(dp).lower()}
+fail_round = {fail_round}
 
 {privacy}"""
     )
@@ -117,3 +120,24 @@ def test_two_processes_train_one_silo_over_one_connection(tmp_path, pki, dp):
     for entry in entries:
         assert entry.sample_rate == pytest.approx(2 * BATCH / RECORDS)
         assert entry.steps == RECORDS // (2 * BATCH)
+
+
+@pytest.mark.slow
+def test_a_failed_round_on_rank_zero_ends_the_silo_instead_of_hanging_its_ranks(tmp_path, pki):
+    # Rank 0's own code raises in round 2 while rank 1 waits for it in DDP's gradient
+    # all-reduce: declining and going on would leave the ranks out of step for good.
+    arrays = {
+        "weight": np.zeros((CLASSES, FEATURES), np.float32),
+        "bias": np.zeros(CLASSES, np.float32),
+    }
+    config = make_config(tmp_path, pki.root, arrays, num_rounds=3, min_clients=1)
+    with Coordinator(config) as coordinator:
+        done = run_torchrun(silo_toml(tmp_path, pki.root, coordinator.port, dp=False, fail_round=2))
+        status = {s.name: s for s in coordinator.federation.status().silos}
+    assert done.returncode != 0
+    assert "rank 0's training failed (RuntimeError: the silo's data loader broke)" in done.stderr
+    store = Store(config.state_dir)
+    committed = store.last_committed()
+    store.close()
+    assert committed is not None and committed.round == 1  # round 1 stands; nothing after
+    assert "silo-a" in status
