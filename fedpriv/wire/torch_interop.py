@@ -154,19 +154,20 @@ def views_of_one_buffer(
     view of its place in the returned bytes (``tensor.data`` is rebound), so that
     a model received into those bytes is the module's, with no copy. None, with
     nothing changed, when the layout does not name the exchanged tensors one for
-    one in order, with their shapes and dtypes (bfloat16 travels as uint16 words:
-    not viewable), or a tensor is not on the CPU.
+    one in order, with their shapes and dtypes (bfloat16 as its bit patterns), or
+    a tensor is not on the CPU.
     """
     import torch
 
     if [spec.name for spec in layout.specs] != list(exchanged):
         return None
     for spec, tensor in zip(layout.specs, exchanged.values(), strict=True):
-        if tensor.device.type != "cpu" or spec.dtype is DType.BFLOAT16:
+        if tensor.device.type != "cpu" or tuple(spec.shape) != tuple(tensor.shape):
             return None
-        if tuple(spec.shape) != tuple(tensor.shape):
+        bf16 = tensor.dtype == torch.bfloat16
+        if (spec.dtype is DType.BFLOAT16) != bf16:
             return None
-        if spec.dtype.storage != tensor.detach().numpy().dtype:
+        if not bf16 and spec.dtype.storage != tensor.detach().numpy().dtype:
             return None
     owners: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     owners.update(module.named_buffers(remove_duplicate=False))
@@ -175,8 +176,14 @@ def views_of_one_buffer(
     flat = np.empty(layout.payload_bytes, np.uint8)
     with torch.no_grad():
         for spec, offset in zip(layout.specs, layout.offsets, strict=True):
-            view = flat[offset : offset + spec.nbytes].view(spec.dtype.storage).reshape(spec.shape)
             owner = owners[spec.name]
-            view[...] = owner.detach().numpy()
-            owner.data = torch.from_numpy(view)
+            region = flat[offset : offset + spec.nbytes]
+            if spec.dtype is DType.BFLOAT16:  # its bit patterns, as it travels
+                words = region.view(np.int16).reshape(spec.shape)
+                words[...] = owner.detach().view(torch.int16).numpy()
+                owner.data = torch.from_numpy(words).view(torch.bfloat16)
+            else:
+                view = region.view(spec.dtype.storage).reshape(spec.shape)
+                view[...] = owner.detach().numpy()
+                owner.data = torch.from_numpy(view)
     return flat

@@ -59,3 +59,28 @@ def test_a_model_with_nothing_to_exchange_or_an_unknown_mode_is_refused():
         exchanged_state(model)
     with pytest.raises(ValueError, match="exchange = 'some': expected one of 'trainable', 'all'"):
         exchanged_state(nn.Linear(3, 3), "some")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_module_becomes_views_of_one_buffer_laid_out_as_the_wire(dtype):
+    from fedpriv.wire import arrays_from_payload
+    from fedpriv.wire.torch_interop import layout_for_state_dict, views_of_one_buffer
+
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 2)).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = exchanged_state(model)
+    layout = layout_for_state_dict(state, chunk_bytes=64)
+    flat = views_of_one_buffer(model, state, layout)
+    assert flat is not None and flat.nbytes == layout.payload_bytes
+    start, end = flat.ctypes.data, flat.ctypes.data + flat.nbytes
+    for name, tensor in model.state_dict().items():
+        assert start <= tensor.data_ptr() < end and tensor.dtype == dtype
+        assert torch.equal(tensor, before[name])
+    # the buffer decodes to the module's weights, and bytes written into it are them
+    decoded = arrays_from_payload(layout, flat)
+    assert set(decoded) == set(before)
+    flat[:] = 0
+    assert not any(t.any() for t in model.state_dict().values())
+    # a layout of other shapes leaves the module alone
+    other = layout_for_state_dict({"0.weight": torch.zeros(3, 3, dtype=dtype)}, chunk_bytes=64)
+    assert views_of_one_buffer(nn.Linear(3, 3).to(dtype), {"weight": torch.zeros(3)}, other) is None
