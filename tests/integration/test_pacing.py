@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from fedpriv.cli.status import format_status, query_status
 from fedpriv.client import FitResult
 from fedpriv.client.base import EvaluateResult
+from fedpriv.client.config import ClientConfig
 from fedpriv.coordinator.pacing import Pace
 from fedpriv.privacy.accounting import GaussianSteps
 from tests.helpers import make_config, run_three_silos
@@ -58,6 +60,21 @@ def _status(coordinator):
     return {s.name: s for s in coordinator.federation.status().silos}
 
 
+def _admin_status(pki):
+    """What `fedpriv status` prints, asked over mTLS with the operator's certificate."""
+
+    def ask(coordinator):
+        operator = ClientConfig(
+            coordinator=f"127.0.0.1:{coordinator.port}",
+            ca=pki.root / "ca.crt",
+            cert=pki.root / "operator.crt",
+            key=pki.root / "operator.key",
+        )
+        return format_status(query_status(operator, insecure=False, identity=None, timeout_s=10))
+
+    return ask
+
+
 def test_balanced_pace_budgets_the_slow_silo_to_the_median_time_and_all_contribute(tmp_path, pki):
     # Arrange: two silos at 0.01 s a step, one four times slower; 40 steps of full work
     clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(0.04)]
@@ -78,6 +95,21 @@ def test_balanced_pace_budgets_the_slow_silo_to_the_median_time_and_all_contribu
     assert status["silo-c"].resources.step_seconds == 0.04
     assert status["silo-c"].resources.full_steps == FULL_STEPS
     assert status["silo-a"].resources.device_kind == "cpu"
+
+
+def test_fedpriv_status_shows_what_each_silo_reported(tmp_path, pki):
+    clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(0.04)]
+    config = dataclasses.replace(
+        _config(tmp_path, pki, Pace.BALANCED), operators=frozenset({"operator"})
+    )
+    _, shown = run_three_silos(
+        config, pki, clients, ("silo-a", "silo-b", "silo-c"), before_stop=_admin_status(pki)
+    )
+    table = shown.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("silo    device"))
+    rows = {line.split()[0]: line.split() for line in table[header + 1 : header + 4]}
+    assert rows["silo-c"][:5] == ["silo-c", "1", "cpu", "0.040", "40"]
+    assert rows["silo-a"][:5] == ["silo-a", "1", "cpu", "0.010", "40"]
 
 
 def test_without_the_policy_every_silo_does_its_full_work(tmp_path, pki):
