@@ -156,7 +156,8 @@ def run(args: argparse.Namespace, work: pathlib.Path) -> int:
             entries = len(ledger.entries)
         print(
             f"{name}: held-out perplexity {before[index]:.1f} -> {after[index]:.1f}; "
-            f"epsilon {spent:.2f} of {args.epsilon:g} (delta {DELTA:g}, {entries} rounds, ledger)",
+            f"epsilon {spent:.2f} of {args.epsilon:g} (delta {DELTA:g}, {entries} round"
+            f"{'' if entries == 1 else 's'}, ledger)",
             flush=True,
         )
     return 0
