@@ -80,7 +80,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     config = ClientConfig.from_dict(data, base_dir=base)
     here = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (imports torch)
-        from fedpriv.client.distributed import RankZeroClient, follow, start
+        from fedpriv.client.distributed import RankZeroClient, finish, follow, start
 
         here = start()  # join the silo's other processes
     if args.quiet or (here is not None and here.rank != 0):
@@ -94,6 +94,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         # each round rank 0 hands it.
         trained = follow(load_factory(args.app, field="--app")(dict(config.app)))
         logger.info("silo process %d of %d: trained %d rounds", here.rank, here.size, trained)
+        finish()
         return 0
     tls = config.tls(insecure=args.insecure)
     # Locked until closed below; on an error the process ends and the kernel drops the lock.
@@ -127,6 +128,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     finally:
         if rank_zero is not None:
             rank_zero.close()  # the other ranks return
+            if not rank_zero.broken:
+                finish()
     if ledger is not None:
         ledger.close()
     logger.info(

@@ -36,11 +36,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from fedpriv._types import Scalar
 from fedpriv.client.base import EvaluateResult, FitResult
 from fedpriv.errors import ConfigError
+from fedpriv.wire.torch_interop import arrays_from_state_dict, copy_arrays_into
 
 __all__ = [
     "RankZeroClient",
     "World",
     "data_parallel",
+    "finish",
     "follow",
     "global_batches",
     "local_loader",
@@ -92,6 +94,16 @@ def start() -> World | None:
     assert joined is not None  # WORLD_SIZE > 1
     logger.info("silo process %d of %d joined (%s)", joined.rank, joined.size, dist.get_backend())
     return joined
+
+
+def finish() -> None:
+    """Leave the process group once every rank is done (its threads end before exit).
+
+    A gloo group left for the interpreter's exit can abort the process at shutdown.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def global_batches(records: int, batch_size: int, size: int) -> int:
@@ -159,7 +171,14 @@ class RankZeroClient:
                 collective for this one: the silo cannot go on to the next task in
                 step, so this process ends and torchrun stops the others.
         """
-        _broadcast([_FIT, dict(parameters), dict(config)])
+        tensors = _model_tensors(self.inner)
+        if tensors is None:  # not a TorchClient: the arrays travel in the message
+            _broadcast([_FIT, dict(parameters), dict(config)])
+        else:  # the model goes tensor by tensor, into every rank's own (no pickle)
+            _broadcast([_FIT, None, dict(config)])
+            copy_arrays_into(tensors, parameters)
+            for tensor in tensors.values():
+                dist.broadcast(tensor, src=0)
         try:
             result: FitResult = self.inner.fit(parameters, config=config)
         except Exception as err:
@@ -192,5 +211,17 @@ def follow(inner: Any) -> int:
         if message[0] == _STOP:
             return trained
         _, parameters, config = message
+        if parameters is None:  # rank 0 sends the model tensor by tensor
+            tensors = _model_tensors(inner)
+            assert tensors is not None, "rank 0 runs a TorchClient, this rank another app"
+            for tensor in tensors.values():
+                dist.broadcast(tensor, src=0)
+            parameters = arrays_from_state_dict(tensors)
         inner.fit(parameters, config=config)
         trained += 1
+
+
+def _model_tensors(client: Any) -> dict[str, torch.Tensor] | None:
+    """The exchanged tensors of a TorchClient (views of its model), None for other apps."""
+    tensors = getattr(client, "exchanged_tensors", None)
+    return None if tensors is None else dict(tensors())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,8 +47,6 @@ from fedpriv.wire.torch_interop import (
 )
 
 __all__ = ["TorchClient", "best_device"]
-
-logger = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -193,8 +190,11 @@ class TorchClient:
         self._flat, self._flat_layout = flat, layout
         return flat
 
-    def _exchanged(self) -> dict[str, torch.Tensor]:
+    def exchanged_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors exchanged with the coordinator, by name: views of the model's own."""
         return exchanged_state(self.model, self.exchange)
+
+    _exchanged = exchanged_tensors
 
     def _load(self, parameters: Mapping[str, npt.NDArray[Any]]) -> None:
         copy_arrays_into(self._exchanged(), parameters)
