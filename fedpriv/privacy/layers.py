@@ -83,9 +83,9 @@ def dp_layer_problems(
 
         return hook
 
+    trainable = _trainable_layers(module)
     handles = [
-        layer.register_forward_pre_hook(record_rows(name))
-        for name, layer in _trainable_layers(module).items()
+        layer.register_forward_pre_hook(record_rows(name)) for name, layer in trainable.items()
     ]
     features = [
         torch.zeros((PROBE_BATCH, *torch.as_tensor(f).shape), dtype=torch.as_tensor(f).dtype)
@@ -106,7 +106,7 @@ def dp_layer_problems(
         f"layer {name} ({type(layer).__name__}) is trainable but sees inputs whose first "
         f"dimension is {seen[name]}, not the batch's {PROBE_BATCH}: its per-record gradients "
         "cannot be computed; freeze it (train adapters instead) or give it one input row per record"
-        for name, layer in _trainable_layers(module).items()
+        for name, layer in trainable.items()
         if seen.get(name, PROBE_BATCH) not in (PROBE_BATCH, -1)  # -1: called without a tensor
     ]
     return problems

@@ -8,6 +8,7 @@ manifests' mounts, ports and the CLI.
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import tomllib
 from typing import Any
@@ -49,6 +50,17 @@ def one(kind: str, name: str) -> dict[str, Any]:
 def test_every_manifest_is_valid_against_the_pinned_schema(where, doc):
     # strict: a misspelt or misplaced field is an error, not silently dropped
     kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_a_misspelt_or_mistyped_field_fails_the_schema_check():
+    statefulset = copy.deepcopy(one("StatefulSet", "fedpriv-coordinator"))
+    statefulset["spec"]["replica"] = 1  # misspelt: strict validation refuses unknown fields
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, KUBERNETES, strict=True)
+    statefulset = copy.deepcopy(one("StatefulSet", "fedpriv-coordinator"))
+    statefulset["spec"]["replicas"] = "one"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, KUBERNETES, strict=True)
 
 
 def test_the_kustomization_lists_every_manifest():

@@ -198,23 +198,11 @@ class StepRecorder(torch.optim.SGD):
         return result
 
 
-@pytest.mark.parametrize(
-    ("mode", "physical"),
-    [(GradSampleMode.GHOST, None), (GradSampleMode.HOOKS, None), (GradSampleMode.GHOST, 2)],
-    ids=["ghost", "hooks", "ghost-physical-batches"],
-)
-def test_empty_poisson_batches_take_a_noised_step(mode, physical):
-    # One record per expected batch: about a third of Poisson batches come out empty.
-    records, epochs, lr, sigma, clip = 20, 5, 0.1, 2.0, 1.5
+def _train_one_record_batches(records: int, epochs: int, lr: float, dp: LocalDP):
+    """DP-SGD on `records` records, one expected per batch; the recorder, plan and loss."""
     dataset = RecordingDataset(records)
     model = make_model()
     loader = DataLoader(dataset, batch_size=1)
-    dp = LocalDP(
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        grad_sample_mode=mode,
-        max_physical_batch_size=physical,
-    )
     plan = private_plan(dp, batches_per_epoch=len(loader), epochs=epochs)
     optimizer = StepRecorder(model, dataset, lr=lr)
     loss = train_private(
@@ -227,6 +215,23 @@ def test_empty_poisson_batches_take_a_noised_step(mode, physical):
         epochs=epochs,
         device=torch.device("cpu"),
     )
+    return optimizer, plan, loss
+
+
+@pytest.mark.parametrize(
+    ("mode", "physical"),
+    [(GradSampleMode.GHOST, None), (GradSampleMode.HOOKS, None), (GradSampleMode.GHOST, 2)],
+    ids=["ghost", "hooks", "ghost-physical-batches"],
+)
+def test_empty_poisson_batches_take_a_noised_step(mode, physical):
+    # One record per expected batch: about a third of Poisson batches come out empty.
+    records, epochs, lr, sigma, clip = 20, 5, 0.1, 2.0, 1.5
+    optimizer, plan, loss = _train_one_record_batches(
+        records, epochs, lr, LocalDP(
+            noise_multiplier=sigma, max_grad_norm=clip, grad_sample_mode=mode,
+            max_physical_batch_size=physical,
+        ),
+    )  # fmt: skip
     assert np.isfinite(loss)
     assert len(optimizer.steps) == plan.steps
     empty = [change for batch, change in optimizer.steps if not batch]
@@ -251,27 +256,12 @@ def test_the_step_of_an_empty_batch_carries_no_gradient(mode, physical):
     # scaled by 0. With almost no noise, that step must leave the model where it was
     # (a placeholder that counted would move the bias by about lr / expected batch).
     records, epochs, lr = 20, 5, 0.5
-    dataset = RecordingDataset(records)
-    model = make_model()
-    loader = DataLoader(dataset, batch_size=1)
-    dp = LocalDP(
-        noise_multiplier=1e-9,
-        max_grad_norm=1.0,
-        grad_sample_mode=mode,
-        max_physical_batch_size=physical,
-    )
-    plan = private_plan(dp, batches_per_epoch=len(loader), epochs=epochs)
-    optimizer = StepRecorder(model, dataset, lr=lr)
-    train_private(
-        model,
-        loader=loader,
-        loss_fn=nn.functional.cross_entropy,
-        optimizer=optimizer,
-        dp=dp,
-        plan=plan,
-        epochs=epochs,
-        device=torch.device("cpu"),
-    )
+    optimizer, _, _ = _train_one_record_batches(
+        records, epochs, lr, LocalDP(
+            noise_multiplier=1e-9, max_grad_norm=1.0, grad_sample_mode=mode,
+            max_physical_batch_size=physical,
+        ),
+    )  # fmt: skip
     empty = [change for batch, change in optimizer.steps if not batch]
     full = [change for batch, change in optimizer.steps if batch]
     assert len(empty) >= 5 and full
