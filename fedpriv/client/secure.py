@@ -17,7 +17,7 @@ from fedpriv.errors import ProtocolError
 from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import ClientSession
-from fedpriv.secagg.client import collect_peers, collect_shares
+from fedpriv.secagg.client import collect_contributions, collect_peers, collect_shares
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import scalars_to_proto
@@ -45,6 +45,8 @@ class SecureUpload:
             session=settings.session,
             round=task.round,
             threshold=settings.threshold,
+            degree=settings.degree,
+            max_dropped=settings.max_dropped,
         )
         self._stub = stub
         self._task = task
@@ -72,11 +74,22 @@ class SecureUpload:
         cipher, mask = self.session.advertise()
         reply = self._call(
             timeout,
-            advertise=fleet_pb2.AdvertiseKeys(cipher_public_key=cipher, mask_public_key=mask),
+            advertise=fleet_pb2.AdvertiseKeys(
+                cipher_public_key=cipher,
+                mask_public_key=mask,
+                graph_commitment=self.session.commitment,
+            ),
         )
-        self.session.set_peers(
-            collect_peers((p.silo, p.cipher_public_key, p.mask_public_key) for p in reply.peers)
-        )
+        peers = collect_peers((p.silo, p.cipher_public_key, p.mask_public_key) for p in reply.peers)
+        self.session.set_peers(peers, {p.silo: p.graph_commitment for p in reply.peers})
+        if self.session.degree:
+            reply = self._call(
+                timeout, graph=fleet_pb2.GraphSeed(contribution=self.session.open_contribution())
+            )
+            self.session.set_graph(
+                collect_contributions((c.silo, c.contribution) for c in reply.contributions),
+                list(reply.neighbours),
+            )
         shares = self.session.share()
         reply = self._call(
             timeout,

@@ -251,6 +251,11 @@ class CoordinatorConfig:
                 tolerate_colluders=secagg_table.get(
                     "tolerate_colluders", int, sa.tolerate_colluders
                 ),
+                graph=secagg_table.get("graph", str, sa.graph),
+                dropout=secagg_table.get("dropout", float, sa.dropout),
+                corrupt_fraction=secagg_table.get("corrupt_fraction", float, sa.corrupt_fraction),
+                security_bits=secagg_table.get("security_bits", int, sa.security_bits),
+                correctness_bits=secagg_table.get("correctness_bits", int, sa.correctness_bits),
             )
         elif secagg_table:
             raise ConfigError(

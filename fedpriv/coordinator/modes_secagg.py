@@ -28,6 +28,7 @@ from fedpriv.coordinator.upload import Upload, UploadResult
 from fedpriv.errors import ConfigError, RoundFailed
 from fedpriv.privacy.central import CentralDP
 from fedpriv.secagg import RingCodec, ServerSession
+from fedpriv.secagg.graph import GraphPlan
 from fedpriv.secagg.server import RingSum
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.strategy.protocol import UpdateSum
@@ -50,14 +51,21 @@ class SecureRound:
         session: ServerSession,
         codec: RingCodec,
         chunk_bytes: int,
+        min_survivors: int,
     ) -> None:
         self._mode = mode
+        self._min_survivors = min_survivors
         self._round = round
         self._model = model
         self.session = session
         self._codec = codec
         self.settings = SecAggSettings.from_codec(
-            codec, session=session.session, threshold=session.threshold, chunk_bytes=chunk_bytes
+            codec,
+            session=session.session,
+            threshold=session.threshold,
+            chunk_bytes=chunk_bytes,
+            degree=session.degree,
+            max_dropped=session.max_dropped,
         )
         self.plan = UploadPlan(layout=self.settings.layout, equal_weights=True)
         self._ring = RingSum(codec.size, chunk_bytes=chunk_bytes)
@@ -90,10 +98,10 @@ class SecureRound:
         survivors = [r.silo for r in results]
         session = self.session
         try:
-            if len(survivors) < session.threshold:
+            if len(survivors) < self._min_survivors:
                 raise RoundFailed(
                     f"{len(survivors)} masked updates, "
-                    f"{session.threshold} needed to unmask; no model is published"
+                    f"{self._min_survivors} needed to unmask; no model is published"
                 )
             session.set_roster(survivors)
             unmask_deadline_s = self._mode.settings.unmask_deadline_s
@@ -225,19 +233,24 @@ class SecureMode:
         self.bench = bench
         self._alive = alive
         self._on_refused = on_refused
+        self._last_plan: GraphPlan | None = None
 
     def open(
         self, round: int, *, model: Model, tasks: Mapping[str, str], deadline: float
     ) -> SecureRound:
         """Plan the ring and start the round's session."""
-        threshold = self.settings.threshold_for(len(tasks))
+        plan = self.settings.graph_for(len(tasks))
+        if plan != self._last_plan:
+            logger.info("secagg plan round=%d %s", round, plan.describe())
+            self._last_plan = plan
         size = sum(spec.numel for spec in model.layout.specs)
         dp = self.dp
         codec = RingCodec.plan(
             clip_norm=dp.clip_norm if dp is not None else self.settings.clip_norm,
             size=size,
             clients=len(tasks),
-            threshold=threshold,
+            # The noise covers the fewest survivors a round unmasks with.
+            threshold=plan.min_survivors,
             noise_multiplier=dp.noise_multiplier if dp is not None else 0.0,
             tolerate_colluders=self.settings.tolerate_colluders,
         )
@@ -245,11 +258,13 @@ class SecureMode:
             session=uuid.uuid4().hex,
             round=round,
             tasks=tasks,
-            threshold=threshold,
+            threshold=plan.threshold,
             deadline=deadline,
             alive=self._alive,
             clock=self.clock,
             on_refused=self._on_refused,
+            degree=0 if plan.complete else plan.degree,
+            max_dropped=0 if plan.complete else plan.dropped,
         )
         return SecureRound(
             self,
@@ -258,4 +273,5 @@ class SecureMode:
             session=session,
             codec=codec,
             chunk_bytes=model.layout.chunk_bytes,
+            min_survivors=plan.min_survivors,
         )

@@ -215,12 +215,30 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):  # type: ignore[misc]  # gene
                     task_id,
                     cipher_key=request.advertise.cipher_public_key,
                     mask_key=request.advertise.mask_public_key,
+                    commitment=request.advertise.graph_commitment,
                 )
+                commitments = session.commitments()
                 return fleet_pb2.SecAggReply(
                     peers=[
-                        fleet_pb2.PeerKeys(silo=name, cipher_public_key=c, mask_public_key=m)
+                        fleet_pb2.PeerKeys(
+                            silo=name,
+                            cipher_public_key=c,
+                            mask_public_key=m,
+                            graph_commitment=commitments.get(name, b""),
+                        )
                         for name, (c, m) in peers.items()
                     ]
+                )
+            if step == "graph":
+                contributions, neighbours = session.open_graph(
+                    silo, task_id, request.graph.contribution
+                )
+                return fleet_pb2.SecAggReply(
+                    contributions=[
+                        fleet_pb2.GraphContribution(silo=name, contribution=value)
+                        for name, value in contributions.items()
+                    ],
+                    neighbours=neighbours,
                 )
             if step == "share":
                 shares = {s.silo: s.ciphertext for s in request.share.shares}

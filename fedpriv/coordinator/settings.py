@@ -15,6 +15,7 @@ from fedpriv._types import Scalar
 from fedpriv.coordinator.pacing import Pace
 from fedpriv.errors import ConfigError
 from fedpriv.pki.crl import CRL_FILE
+from fedpriv.secagg import graph as graph_plans
 from fedpriv.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Compression
 from fedpriv.wire.torch_interop import Exchange
 
@@ -29,6 +30,7 @@ __all__ = [
     "TLSFiles",
 ]
 
+_GRAPHS = ("auto", "complete", "harary")
 DEFAULT_DEADLINE_S = 600.0
 # Trained weights, logits and optimiser statistics stay far below a million; 1e6 x a
 # weight of 1e7 x 3e25 silos is still float32-finite, so no accepted set of updates
@@ -163,12 +165,29 @@ class SecAggConfig:
         tolerate_colluders: k, silos that may collude with the coordinator (and
             remove their own noise) while the distributed-DP guarantee still
             holds; each silo's noise is scaled up to cover them. In [0, t).
+        graph: Who masks with whom: ``"complete"`` (every pair), ``"harary"``
+            (SecAgg+: a sparse graph whenever one meets the failure bounds) or
+            ``"auto"`` (the sparse graph where it at least halves each silo's masks
+            and tolerates a dropout; else the complete graph).
+        dropout: With a sparse graph, the fraction of a round's silos that may drop
+            out after sharing while the round still unmasks.
+        corrupt_fraction: With a sparse graph, the fraction of silos that may
+            collude with the coordinator (at least `tolerate_colluders` silos).
+        security_bits: σ: the sparse graph leaks more than the sum with
+            probability at most 2^-σ.
+        correctness_bits: η: the sparse graph fails to unmask with at most the
+            tolerated dropouts with probability at most 2^-η.
     """
 
     threshold: int = 0
     clip_norm: float = 10.0
     unmask_deadline_s: float = 60.0
     tolerate_colluders: int = 0
+    graph: str = "auto"
+    dropout: float = 0.1
+    corrupt_fraction: float = 0.05
+    security_bits: int = graph_plans.DEFAULT_SECURITY_BITS
+    correctness_bits: int = graph_plans.DEFAULT_CORRECTNESS_BITS
 
     def __post_init__(self) -> None:
         if self.threshold < 0:
@@ -180,6 +199,22 @@ class SecAggConfig:
         if self.tolerate_colluders < 0:
             raise ConfigError(
                 f"secagg.tolerate_colluders = {self.tolerate_colluders}: must be >= 0"
+            )
+        if self.graph not in _GRAPHS:
+            raise ConfigError(f"secagg.graph = {self.graph!r}: must be one of {', '.join(_GRAPHS)}")
+        if not 0 <= self.dropout < 0.5:
+            raise ConfigError(f"secagg.dropout = {self.dropout}: must be in [0, 0.5)")
+        if not 0 <= self.corrupt_fraction < 0.5:
+            raise ConfigError(
+                f"secagg.corrupt_fraction = {self.corrupt_fraction}: must be in [0, 0.5)"
+            )
+        for name in ("security_bits", "correctness_bits"):
+            if not 1 <= getattr(self, name) <= 128:
+                raise ConfigError(f"secagg.{name} = {getattr(self, name)}: must be in [1, 128]")
+        if self.graph == "harary" and self.threshold:
+            raise ConfigError(
+                f'secagg.threshold = {self.threshold} with secagg.graph = "harary": a sparse '
+                'graph plans t per neighbourhood itself; set threshold = 0, or graph = "complete"'
             )
         if self.threshold and self.tolerate_colluders >= self.threshold:
             raise ConfigError(
@@ -201,6 +236,33 @@ class SecAggConfig:
                 f"than half of them and at most all; use 0 for a majority of each round"
             )
         return threshold
+
+    def graph_for(self, clients: int) -> graph_plans.GraphPlan:
+        """The masking graph, k and t for a round of `clients` silos.
+
+        Raises:
+            ConfigError: The complete graph's threshold does not fit `clients`.
+        """
+        if self.graph == "harary" or (self.graph == "auto" and not self.threshold):
+            colluders = max(self.tolerate_colluders, math.ceil(self.corrupt_fraction * clients))
+            sparse = graph_plans.plan(
+                silos=clients,
+                dropout=self.dropout,
+                colluders=colluders,
+                security_bits=self.security_bits,
+                correctness_bits=self.correctness_bits,
+            )
+            worth_it = sparse is not None and (
+                self.graph == "harary"
+                or (2 * sparse.masks_per_silo <= clients and sparse.dropped >= 1)
+            )
+            if sparse is not None and worth_it and sparse.min_survivors > self.tolerate_colluders:
+                return sparse
+        return graph_plans.complete_plan(
+            silos=clients,
+            threshold=self.threshold_for(clients),
+            colluders=self.tolerate_colluders,
+        )
 
     def check_round_sizes(self, *, smallest: int, largest: int | None) -> None:
         """Check t and k for every round size from `smallest` to `largest` (None: unbounded).

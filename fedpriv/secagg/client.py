@@ -30,15 +30,22 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from fedpriv.errors import InvalidPublicKey, InvalidShare, ProtocolError, SecAggError
-from fedpriv.secagg import crypto, shamir
+from fedpriv.secagg import crypto, graph, shamir
 
-__all__ = ["ClientSession", "MASK_SLICE", "SHARE_PLAINTEXT", "collect_peers", "collect_shares"]
+__all__ = [
+    "ClientSession",
+    "MASK_SLICE",
+    "SHARE_PLAINTEXT",
+    "collect_contributions",
+    "collect_peers",
+    "collect_shares",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +72,32 @@ def collect_peers(entries: Iterable[tuple[str, bytes, bytes]]) -> dict[str, tupl
     return peers
 
 
+def _by_silo(entries: Iterable[tuple[str, bytes]], what: str) -> dict[str, bytes]:
+    """`entries` as a mapping by silo, refusing a silo named twice in `what`."""
+    values: dict[str, bytes] = {}
+    for name, value in entries:
+        if name in values:
+            raise SecAggError(f"the coordinator's {what} names silo {name!r} twice")
+        values[name] = value
+    return values
+
+
+def collect_contributions(entries: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
+    """The coordinator's list of opened graph contributions, refusing a silo named twice.
+
+    Raises:
+        SecAggError: A silo appears more than once.
+    """
+    return _by_silo(entries, "list of graph contributions")
+
+
 def collect_shares(entries: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
     """The relayed share ciphertexts by sender, refusing a sender named twice.
 
     Raises:
         SecAggError: A sender appears more than once.
     """
-    shares: dict[str, bytes] = {}
-    for sender, ciphertext in entries:
-        if sender in shares:
-            raise SecAggError(f"the coordinator relayed shares from silo {sender!r} twice")
-        shares[sender] = ciphertext
-    return shares
+    return _by_silo(entries, "relayed shares")
 
 
 def _check_threshold(*, silos: int, threshold: int) -> None:
@@ -111,13 +132,33 @@ class ClientSession:
         ProtocolError: `threshold` is below 1.
     """
 
-    def __init__(self, *, silo: str, session: str, round: int, threshold: int) -> None:
+    def __init__(
+        self,
+        *,
+        silo: str,
+        session: str,
+        round: int,
+        threshold: int,
+        degree: int = 0,
+        max_dropped: int = 0,
+    ) -> None:
         if threshold < 1:
             raise ProtocolError(f"secure-aggregation threshold {threshold}: must be >= 1")
+        if degree and not degree + 1 < 2 * threshold <= 2 * (degree + 1):
+            raise ProtocolError(
+                f"threshold {threshold} is not more than half of a neighbourhood of "
+                f"{degree + 1} silos; this silo takes no part"
+            )
         self.silo = silo
         self.session = session
         self.round = round
         self.threshold = threshold
+        self.degree = degree
+        self.max_dropped = max_dropped
+        self._contribution = secrets.token_bytes(graph.CONTRIBUTION_BYTES)
+        self._commitments: dict[str, bytes] = {}
+        self.neighbours: frozenset[str] | None = None
+        """With a degree: this silo's neighbours in the round's graph, once it is fixed."""
         self._cipher = crypto.KeyPair()
         self._mask = crypto.KeyPair()
         self._seed = secrets.token_bytes(32)
@@ -138,6 +179,76 @@ class ClientSession:
     def advertise(self) -> tuple[bytes, bytes]:
         """The public keys to advertise: (cipher, mask)."""
         return self._cipher.public_bytes, self._mask.public_bytes
+
+    @property
+    def commitment(self) -> bytes:
+        """With a degree: the commitment to this silo's graph contribution (else empty)."""
+        if not self.degree:
+            return b""
+        return graph.commitment(
+            session=self.session, round=self.round, silo=self.silo, contribution=self._contribution
+        )
+
+    def open_contribution(self) -> bytes:
+        """The graph contribution, opened once the key list (and its commitments) is fixed.
+
+        Raises:
+            ProtocolError: The peers are not set yet (opening earlier would let the
+                coordinator pick the list knowing every contribution).
+        """
+        if not self._advertised or not self.degree:
+            raise ProtocolError("the graph contribution opens after the key list, with a degree")
+        return self._contribution
+
+    def set_graph(self, contributions: Mapping[str, bytes], neighbours: Collection[str]) -> None:
+        """Fix the round's graph from every listed silo's contribution; check the coordinator's.
+
+        This silo then shares and masks with its neighbours only.
+
+        Raises:
+            SecAggError: A listed silo's contribution is missing, does not open its
+                commitment, or this silo's own was changed; or `neighbours` (the
+                coordinator's routing) is not the graph the contributions fix.
+            ProtocolError: Fewer than t of this silo's neighbourhood have usable keys.
+        """
+        if self.neighbours is not None or not self._advertised or not self.degree:
+            raise SecAggError("the round's graph was already set, or is not expected")
+        if set(contributions) != set(self._advertised):
+            raise SecAggError(
+                "the coordinator's graph contributions are not exactly those of the key list: "
+                f"missing {sorted(set(self._advertised) - set(contributions))}, "
+                f"unknown {sorted(set(contributions) - set(self._advertised))}"
+            )
+        if contributions[self.silo] != self._contribution:
+            raise SecAggError("the coordinator changed this silo's graph contribution")
+        for name, value in contributions.items():
+            expected = self._commitments.get(name, b"")
+            if len(value) != graph.CONTRIBUTION_BYTES or expected != graph.commitment(
+                session=self.session, round=self.round, silo=name, contribution=value
+            ):
+                raise SecAggError(
+                    f"silo {name!r}'s graph contribution does not open its commitment"
+                )
+        seed = graph.graph_seed(session=self.session, round=self.round, contributions=contributions)
+        try:
+            fixed = graph.harary_neighbours(sorted(self._advertised), degree=self.degree, seed=seed)
+        except ValueError as err:
+            raise SecAggError(f"the announced graph cannot be built: {err}") from None
+        mine = fixed[self.silo]
+        if set(neighbours) != mine or len(set(neighbours)) != len(neighbours):
+            raise SecAggError(
+                "the coordinator routes shares over a graph that is not the one the silos' "
+                "contributions fix; this silo takes no part"
+            )
+        self.neighbours = mine
+        keep = mine | {self.silo}
+        self._peers = {n: keys for n, keys in self._peers.items() if n in keep}
+        self._derived = {n: d for n, d in self._derived.items() if n in keep}
+        if len(self._peers) < self.threshold:
+            raise ProtocolError(
+                f"{len(self._peers)} silos of this neighbourhood have usable keys, "
+                f"{self.threshold} needed"
+            )
 
     def _derive(self, name: str, cipher: bytes, mask: bytes) -> tuple[bytes, bytes, bytes]:
         """Both share keys and the pairwise seed with peer `name`.
@@ -160,7 +271,11 @@ class ClientSession:
             ),
         )
 
-    def set_peers(self, peers: Mapping[str, tuple[bytes, bytes]]) -> None:
+    def set_peers(
+        self,
+        peers: Mapping[str, tuple[bytes, bytes]],
+        commitments: Mapping[str, bytes] | None = None,
+    ) -> None:
         """Take the advertised keys of every silo in the round (this one included).
 
         A peer whose keys fail :func:`~fedpriv.secagg.crypto.check_public_key`, or
@@ -199,7 +314,19 @@ class ClientSession:
                 )
                 continue
             usable[name] = (cipher, mask)
-        _check_threshold(silos=len(usable), threshold=self.threshold)
+        if self.degree:
+            # The threshold applies per neighbourhood, checked once the graph is fixed.
+            if len(peers) <= self.degree:
+                raise ProtocolError(
+                    f"a graph of degree {self.degree} needs more than {self.degree} silos, "
+                    f"the key list has {len(peers)}"
+                )
+            commitments = dict(commitments or {})
+            if set(commitments) != set(peers) or commitments[self.silo] != self.commitment:
+                raise SecAggError("the key list's graph commitments do not match its silos")
+            self._commitments = commitments
+        else:
+            _check_threshold(silos=len(usable), threshold=self.threshold)
         self._advertised = dict(peers)
         self._peers = usable
         self._derived = derived
@@ -220,8 +347,8 @@ class ClientSession:
             ProtocolError: The peers are not set, or the secrets were already shared
                 (fresh shares of the same secrets would add to what the first gave away).
         """
-        if not self._peers:
-            raise ProtocolError("the round's peers are not known yet")
+        if not self._peers or (self.degree and self.neighbours is None):
+            raise ProtocolError("the round's peers (or its graph) are not known yet")
         if self._own is not None:
             raise ProtocolError("this silo already shared its secrets this round")
         n = len(self._index)
@@ -344,13 +471,22 @@ class ClientSession:
             raise SecAggError("the roster names a silo twice")
         if alive & gone:
             raise SecAggError(f"silos both survived and dropped: {sorted(alive & gone)}")
-        if not alive | gone <= set(self._sharers) or self.silo not in alive:
+        # With a graph the roster is the federation's; this silo holds shares of its
+        # neighbourhood only.
+        roster = set(self._advertised) if self.degree else set(self._sharers)
+        if not alive | gone <= roster or self.silo not in alive:
             raise SecAggError("the roster names silos outside this round, or leaves this one out")
         if len(alive) < self.threshold:
             raise ProtocolError(f"{len(alive)} survivors, {self.threshold} needed to unmask")
+        if self.degree and len(self._advertised) - len(alive) > self.max_dropped:
+            raise ProtocolError(
+                f"{len(self._advertised) - len(alive)} of the {len(self._advertised)} listed "
+                f"silos are not survivors; the graph's guarantee holds for at most "
+                f"{self.max_dropped}, so this silo reveals nothing"
+            )
         seeds: list[_Share] = []
         keys: list[_Share] = []
-        for name in sorted(alive | gone):
+        for name in sorted((alive | gone) & set(self._sharers)):
             if name == self.silo:
                 index, seed_y, key_y = self._own
             elif name in self._held:

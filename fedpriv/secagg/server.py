@@ -33,7 +33,7 @@ from fedpriv.errors import (
     RoundFailed,
     SecAggError,
 )
-from fedpriv.secagg import crypto, shamir
+from fedpriv.secagg import crypto, graph, shamir
 from fedpriv.secagg.client import MASK_SLICE
 
 __all__ = ["RingSum", "ServerSession"]
@@ -56,9 +56,14 @@ class ServerSession:
         clock: Monotonic seconds.
         on_refused: Called with a silo and the reason when its keys or shares are
             refused (it is out of the round); never with the session's lock held.
+        degree: k of the round's SecAgg+ graph (0: the complete graph); `threshold`
+            then applies per neighbourhood of k + 1 silos.
+        max_dropped: With a degree, the listed silos that may be missing from the
+            survivors while the round still unmasks.
 
     Raises:
-        ConfigError: `threshold` is not more than half of the silos in `tasks`.
+        ConfigError: `threshold` is not more than half of the silos in `tasks` (of a
+            neighbourhood, with a degree).
     """
 
     def __init__(
@@ -72,12 +77,20 @@ class ServerSession:
         alive: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
         on_refused: Callable[[str, str], None] | None = None,
+        degree: int = 0,
+        max_dropped: int = 0,
     ) -> None:
-        if not len(tasks) < 2 * threshold <= 2 * len(tasks):
+        group = degree + 1 if degree else len(tasks)
+        if not group < 2 * threshold <= 2 * group or degree >= len(tasks):
             raise ConfigError(
-                f"secagg threshold {threshold} for {len(tasks)} silos: must be more than half "
+                f"secagg threshold {threshold} for {group} silos: must be more than half "
                 "of them and at most all, or a coordinator could learn both secrets of a silo"
             )
+        self.degree = degree
+        self.max_dropped = max_dropped
+        self._commitments: dict[str, bytes] = {}
+        self._contributions: dict[str, bytes] = {}
+        self._neighbours: dict[str, frozenset[str]] | None = None
         self.session = session
         self.round = round
         self.tasks = dict(tasks)
@@ -174,7 +187,13 @@ class ServerSession:
             self._cond.notify_all()
 
     def advertise(
-        self, silo: str, task_id: str, *, cipher_key: bytes, mask_key: bytes
+        self,
+        silo: str,
+        task_id: str,
+        *,
+        cipher_key: bytes,
+        mask_key: bytes,
+        commitment: bytes = b"",
     ) -> dict[str, tuple[bytes, bytes]]:
         """Record `silo`'s public keys; return every advertised silo's keys.
 
@@ -195,6 +214,11 @@ class ServerSession:
             crypto.check_public_key(mask_key)
             if cipher_key == mask_key:
                 raise InvalidPublicKey("the cipher and mask keys must differ")
+            if len(commitment) != (32 if self.degree else 0):
+                raise SecAggError(
+                    "a graph commitment of 32 bytes comes with the keys in a SecAgg+ round, "
+                    "and none otherwise"
+                )
         except SecAggError as err:
             raise self._refuse(silo, err) from None
         with self._cond:
@@ -206,8 +230,74 @@ class ServerSession:
             if silo in self._keys:
                 raise ProtocolError(f"silo {silo!r} already advertised keys")
             self._keys[silo] = (cipher_key, mask_key)
+            self._commitments[silo] = commitment
             self._barrier("advertise", taken=self._keys, among=self.tasks, what="advertised keys")
             return dict(sorted(self._keys.items()))
+
+    def commitments(self) -> dict[str, bytes]:
+        """Every advertised silo's graph commitment (empty without a degree)."""
+        with self._cond:
+            return {name: self._commitments[name] for name in sorted(self._keys)}
+
+    def open_graph(
+        self, silo: str, task_id: str, contribution: bytes
+    ) -> tuple[dict[str, bytes], list[str]]:
+        """Record `silo`'s opened graph contribution; return all of them and its neighbours.
+
+        Every advertised silo must open its contribution: the graph is keyed by
+        all of them, so that the coordinator cannot steer it by leaving one out.
+
+        Raises:
+            SecAggError: The contribution does not open `silo`'s commitment (it is
+                out of the round).
+            ProtocolError: No graph this round, wrong task, a second opening, or an
+                advertised silo did not open its contribution in time.
+        """
+        with self._cond:
+            self._check(silo, task_id)
+            if not self.degree or "advertise" not in self._closed or silo not in self._keys:
+                raise ProtocolError(f"silo {silo!r} has no graph contribution to open")
+            if "graph" in self._closed or silo in self._contributions:
+                raise ProtocolError("the graph step has closed, or this silo already opened")
+            expected = self._commitments[silo]
+        opened = len(contribution) == graph.CONTRIBUTION_BYTES and expected == graph.commitment(
+            session=self.session, round=self.round, silo=silo, contribution=contribution
+        )
+        if not opened:
+            raise self._refuse(
+                silo, SecAggError("the graph contribution does not open its commitment")
+            )
+        with self._cond:
+            self._check(silo, task_id)
+            if "graph" in self._closed or silo in self._contributions:
+                raise ProtocolError("the graph step has closed, or this silo already opened")
+            self._contributions[silo] = contribution
+            self._barrier("graph", taken=self._contributions, among=self._keys, what="opened")
+            missing = sorted(set(self._keys) - set(self._contributions))
+            if missing:
+                raise ProtocolError(
+                    f"silos {missing} did not open their graph contributions; the round's "
+                    "graph cannot be fixed without them"
+                )
+            neighbours = self._graph()
+            return dict(sorted(self._contributions.items())), sorted(neighbours[silo])
+
+    def _graph(self) -> dict[str, frozenset[str]]:
+        """The round's Harary graph over the advertised silos (called with the lock held)."""
+        if self._neighbours is None:
+            seed = graph.graph_seed(
+                session=self.session, round=self.round, contributions=self._contributions
+            )
+            self._neighbours = graph.harary_neighbours(
+                sorted(self._keys), degree=self.degree, seed=seed
+            )
+        return self._neighbours
+
+    def _neighbourhood(self, silo: str) -> set[str]:
+        """The silos holding shares of `silo`'s secrets: its neighbours and itself."""
+        if not self.degree:
+            return set(self._keys)
+        return set(self._graph()[silo]) | {silo}
 
     def share(self, silo: str, task_id: str, shares: Mapping[str, bytes]) -> dict[str, bytes]:
         """Relay `silo`'s encrypted shares; return those addressed to it.
@@ -224,9 +314,11 @@ class ServerSession:
             self._check(silo, task_id)
             if silo not in self._keys or "advertise" not in self._closed or silo in self._out:
                 raise ProtocolError(f"silo {silo!r} did not take part in key advertisement")
+            if self.degree and self._neighbours is None:
+                raise ProtocolError("the round's graph is not fixed yet")
             if "share" in self._closed or silo in self._shared:
                 raise ProtocolError("the share step has closed, or this silo already shared")
-            expected = set(self._keys) - {silo}
+            expected = self._neighbourhood(silo) - {silo}
             problem = None
             if set(shares) != expected:
                 problem = (
@@ -309,14 +401,18 @@ class ServerSession:
                 )
             if not set(key_owners) <= set(self._dropped):
                 raise ProtocolError("mask-key shares must be of dropped silos only")
+            # A silo holds shares of its neighbourhood only (everyone's without a graph).
+            held = self._neighbourhood(silo)
+            if not set(seed_owners) | set(key_owners) <= held:
+                raise ProtocolError("revealed shares name silos outside this silo's neighbourhood")
             if any(len(y) != shamir.SHARE_BYTES for _, _, y in [*self_mask, *mask_key]):
                 raise ProtocolError(f"each share must be {shamir.SHARE_BYTES} bytes")
             # Every share a silo holds is at its own position in the advertised roster.
             position = sorted(self._keys).index(silo) + 1
             if any(x != position for _, x, _ in [*self_mask, *mask_key]):
                 raise ProtocolError(f"silo {silo!r} holds shares at position {position} only")
-            omitted = (set(self._survivors) - set(seed_owners)) | (
-                set(self._dropped) - set(key_owners)
+            omitted = ((set(self._survivors) - set(seed_owners)) & held) | (
+                (set(self._dropped) - set(key_owners)) & held
             )
             for owner in sorted(omitted):
                 self._reports.setdefault(owner, set()).add(silo)
@@ -370,17 +466,25 @@ class ServerSession:
         with self._cond:
             if self._survivors is None:
                 raise RoundFailed("no roster: the round's updates were never summed")
+            survivors, dropped = list(self._survivors), list(self._dropped)
+            missing = len(self._keys) - len(survivors)
+            if self.degree and missing > self.max_dropped:
+                raise RoundFailed(
+                    f"{missing} of the {len(self._keys)} silos in the graph are not survivors; "
+                    f"it is planned for at most {self.max_dropped}; no model is published"
+                )
             if len(self._revealed) < self.threshold:
                 raise RoundFailed(
                     f"only {len(self._revealed)} silos revealed shares, {self.threshold} needed"
                 )
-            survivors, dropped = list(self._survivors), list(self._dropped)
             seeds = [self._recover(s, 0) for s in survivors]
             pairwise: list[tuple[bytes, bool]] = []
             for gone in dropped:
                 try:
                     key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
-                    for alive in survivors:
+                    for alive in sorted(set(survivors) & self._neighbourhood(gone)):
+                        if alive == gone:
+                            continue
                         seed = crypto.pairwise_mask_seed(
                             key,
                             self._keys[alive][1],

@@ -55,6 +55,9 @@ class SecAggSettings:
         noise_variance: Skellam variance each silo adds, in ring units (0: none).
         chunk_bytes: Chunk size of the masked update's tensor stream.
         ring_bits: k of the ring Z/2^k; only 32 is supported.
+        degree: Neighbours per silo in the round's SecAgg+ graph (0: the complete graph).
+        max_dropped: With a degree, the silos of the key list that may be missing
+            from the survivors while the round still unmasks.
 
     Raises:
         ProtocolError: A value is out of range; every problem is listed.
@@ -74,6 +77,8 @@ class SecAggSettings:
     chunk_bytes: int
     noise_variance: float = 0.0
     ring_bits: int = RING_BITS
+    degree: int = 0
+    max_dropped: int = 0
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -82,10 +87,19 @@ class SecAggSettings:
 
     @classmethod
     def from_codec(
-        cls, codec: RingCodec, *, session: str, threshold: int, chunk_bytes: int
+        cls,
+        codec: RingCodec,
+        *,
+        session: str,
+        threshold: int,
+        chunk_bytes: int,
+        degree: int = 0,
+        max_dropped: int = 0,
     ) -> SecAggSettings:
         """The settings that announce `codec` for a session with threshold `threshold`."""
         return cls(
+            degree=degree,
+            max_dropped=max_dropped,
             session=session,
             threshold=threshold,
             clip_norm=codec.clip_norm,
@@ -169,6 +183,8 @@ def _field_problems(
     noise_variance: float,
     chunk_bytes: int,
     ring_bits: int,
+    degree: int,
+    max_dropped: int,
 ) -> list[str]:
     problems = []
     if not isinstance(session, str) or not 1 <= len(session.encode()) <= MAX_SESSION_BYTES:
@@ -190,6 +206,15 @@ def _field_problems(
         )
     if ring_bits != RING_BITS:
         problems.append(f"ring_bits {ring_bits!r}: this silo implements Z/2^{RING_BITS} only")
+    if degree and (degree % 2 or not 2 <= degree <= MAX_THRESHOLD):
+        problems.append(f"degree {degree!r} must be 0 or an even number >= 2")
+    elif degree and not degree + 1 < 2 * threshold <= 2 * (degree + 1):
+        problems.append(
+            f"threshold {threshold!r} must be more than half of a neighbourhood of "
+            f"{degree + 1} silos and at most all of it"
+        )
+    if isinstance(max_dropped, bool) or not 0 <= max_dropped <= MAX_THRESHOLD:
+        problems.append(f"max_dropped {max_dropped!r} must be in [0, {MAX_THRESHOLD}]")
     if not problems and clip_norm * scale >= _HALF_RING:
         # A clipped, scaled element must fit in int32, or it wraps before it is masked.
         problems.append(f"scale {scale!r} times clip_norm {clip_norm!r} must be below 2^31")

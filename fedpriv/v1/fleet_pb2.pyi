@@ -112,7 +112,7 @@ class Task(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., config: _Optional[_Mapping[str, Scalar]] = ..., model: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., deadline_unix_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSettings, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class SecAggSettings(_message.Message):
-    __slots__ = ("session", "threshold", "clip_norm", "scale", "size", "noise_variance", "chunk_bytes", "ring_bits")
+    __slots__ = ("session", "threshold", "clip_norm", "scale", "size", "noise_variance", "chunk_bytes", "ring_bits", "degree", "max_dropped")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,8 @@ class SecAggSettings(_message.Message):
     NOISE_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DROPPED_FIELD_NUMBER: _ClassVar[int]
     session: str
     threshold: int
     clip_norm: float
@@ -129,7 +131,9 @@ class SecAggSettings(_message.Message):
     noise_variance: float
     chunk_bytes: int
     ring_bits: int
-    def __init__(self, session: _Optional[str] = ..., threshold: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., size: _Optional[int] = ..., noise_variance: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., ring_bits: _Optional[int] = ...) -> None: ...
+    degree: int
+    max_dropped: int
+    def __init__(self, session: _Optional[str] = ..., threshold: _Optional[int] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., size: _Optional[int] = ..., noise_variance: _Optional[float] = ..., chunk_bytes: _Optional[int] = ..., ring_bits: _Optional[int] = ..., degree: _Optional[int] = ..., max_dropped: _Optional[int] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("task", "chunk")
@@ -209,38 +213,58 @@ class LeaveReply(_message.Message):
     def __init__(self) -> None: ...
 
 class SecAggRequest(_message.Message):
-    __slots__ = ("task_id", "round", "advertise", "share", "roster", "unmask")
+    __slots__ = ("task_id", "round", "advertise", "share", "roster", "unmask", "graph")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
     UNMASK_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     round: int
     advertise: AdvertiseKeys
     share: ShareKeys
     roster: RosterRequest
     unmask: UnmaskShares
-    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., advertise: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share: _Optional[_Union[ShareKeys, _Mapping]] = ..., roster: _Optional[_Union[RosterRequest, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskShares, _Mapping]] = ...) -> None: ...
+    graph: GraphSeed
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., advertise: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share: _Optional[_Union[ShareKeys, _Mapping]] = ..., roster: _Optional[_Union[RosterRequest, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskShares, _Mapping]] = ..., graph: _Optional[_Union[GraphSeed, _Mapping]] = ...) -> None: ...
 
 class AdvertiseKeys(_message.Message):
-    __slots__ = ("cipher_public_key", "mask_public_key")
+    __slots__ = ("cipher_public_key", "mask_public_key", "graph_commitment")
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     cipher_public_key: bytes
     mask_public_key: bytes
-    def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+    graph_commitment: bytes
+    def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., graph_commitment: _Optional[bytes] = ...) -> None: ...
 
 class PeerKeys(_message.Message):
-    __slots__ = ("silo", "cipher_public_key", "mask_public_key")
+    __slots__ = ("silo", "cipher_public_key", "mask_public_key", "graph_commitment")
     SILO_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     silo: str
     cipher_public_key: bytes
     mask_public_key: bytes
-    def __init__(self, silo: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+    graph_commitment: bytes
+    def __init__(self, silo: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., graph_commitment: _Optional[bytes] = ...) -> None: ...
+
+class GraphSeed(_message.Message):
+    __slots__ = ("contribution",)
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    contribution: bytes
+    def __init__(self, contribution: _Optional[bytes] = ...) -> None: ...
+
+class GraphContribution(_message.Message):
+    __slots__ = ("silo", "contribution")
+    SILO_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    silo: str
+    contribution: bytes
+    def __init__(self, silo: _Optional[str] = ..., contribution: _Optional[bytes] = ...) -> None: ...
 
 class EncryptedShares(_message.Message):
     __slots__ = ("silo", "ciphertext")
@@ -279,13 +303,17 @@ class UnmaskShares(_message.Message):
     def __init__(self, self_mask: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., mask_key: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
 
 class SecAggReply(_message.Message):
-    __slots__ = ("peers", "shares", "survivors", "dropped")
+    __slots__ = ("peers", "shares", "survivors", "dropped", "contributions", "neighbours")
     PEERS_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
     shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
     survivors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+    contributions: _containers.RepeatedCompositeFieldContainer[GraphContribution]
+    neighbours: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., contributions: _Optional[_Iterable[_Union[GraphContribution, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ...) -> None: ...

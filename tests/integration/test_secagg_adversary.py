@@ -158,8 +158,8 @@ def test_a_relay_that_hands_out_an_all_zero_key_fails_the_round_safely(tmp_path,
     # Arrange: the coordinator replaces silo-e's cipher key with zeros in what it relays
     original = ServerSession.advertise
 
-    def lying_advertise(self, silo, task_id, *, cipher_key, mask_key):
-        peers = original(self, silo, task_id, cipher_key=cipher_key, mask_key=mask_key)
+    def lying_advertise(self, silo, task_id, *, cipher_key, mask_key, **rest):
+        peers = original(self, silo, task_id, cipher_key=cipher_key, mask_key=mask_key, **rest)
         peers["silo-e"] = (bytes(32), peers["silo-e"][1])
         return peers
 
