@@ -11,6 +11,13 @@ processes' own logs; round time is the coordinator's, from its SQLite store.
 
     python benchmarks/secagg_bench.py                 # N in {4, 8, 16}, P in {1M, 10M}
     python benchmarks/secagg_bench.py --smoke         # tiny sizes, for the test suite
+    python benchmarks/secagg_bench.py --graph-only    # the SecAgg+ keystream table only
+
+The first table gives, for N = 8 … 100 silos, the SecAgg+ graph the
+coordinator's default ``[secagg]`` settings plan (degree k, threshold t,
+dropouts tolerated and both failure bounds) and each silo's keystream bytes per
+round at 1M parameters (k + 1 masks of 4 bytes per parameter), next to the
+complete graph's N masks.
 """
 
 from __future__ import annotations
@@ -104,6 +111,39 @@ def measure(params: int, clients: int, rounds: int) -> Row:
         )
 
 
+def print_graph_table(params: int = 1_000_000) -> None:
+    """k, t and keystream bytes per silo per round under the default settings, by N."""
+    from fedpriv.coordinator import SecAggConfig
+
+    config = SecAggConfig()
+    print(
+        f"SecAgg+ graphs at P={params:,} ([secagg] defaults: dropout={config.dropout}, "
+        f"corrupt_fraction={config.corrupt_fraction}, sigma={config.security_bits}, "
+        f"eta={config.correctness_bits}; planned graph = 'auto')"
+    )
+    print(
+        f"{'silos':>6} {'graph':>8} {'k':>4} {'t':>4} {'drops ok':>8} {'p_security':>10} "
+        f"{'p_correct':>10} {'keystream MB':>12} {'complete MB':>11} {'saving':>7}"
+    )
+    for n in (8, 16, 32, 64, 100):
+        plan = config.graph_for(n)
+        sparse = SecAggConfig(graph="harary").graph_for(n)
+        chosen = "complete" if plan.complete else "harary"
+        mine = 4 * params * plan.masks_per_silo / 1e6
+        full = 4 * params * n / 1e6
+        print(
+            f"{n:>6} {chosen:>8} {plan.degree:>4} {plan.threshold:>4} {plan.dropped:>8} "
+            f"{plan.security:>10.1e} {plan.correctness:>10.1e} {mine:>12.0f} {full:>11.0f} "
+            f"{full / mine:>6.1f}x"
+        )
+        if plan.complete and not sparse.complete:
+            print(
+                f"{'':>6} {'(harary)':>8} {sparse.degree:>4} {sparse.threshold:>4} "
+                f"{sparse.dropped:>8} {sparse.security:>10.1e} {sparse.correctness:>10.1e} "
+                f"{4 * params * sparse.masks_per_silo / 1e6:>12.0f}"
+            )
+
+
 def print_table(rows: list[Row]) -> None:
     print(
         f"{'params':>10} {'clients':>7} {'silo encode s':>13} {'silo mask s':>11} "
@@ -129,6 +169,10 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graph-only", action="store_true", help="print the graph table only")
+    print_graph_table()
+    if "--graph-only" in (sys.argv[1:] if argv is None else argv):
+        return 0
     args = parse_sizes(
         parser, argv, params=(1_000_000, 10_000_000), clients=(4, 8, 16), smoke_clients=3
     )
