@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,11 +12,10 @@ import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats, result_messages
-from fedpriv.errors import ProtocolError
 from fedpriv.faults import FaultPoint, reach
-from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import ClientSession
 from fedpriv.secagg.client import collect_contributions, collect_peers, collect_shares
+from fedpriv.secagg.fused import encode_masked, upload_buffer
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import scalars_to_proto
@@ -51,10 +49,6 @@ class SecureUpload:
         self._stub = stub
         self._task = task
         self._stats = stats
-        self._mask: npt.NDArray[np.uint32] | None = None
-        self._mask_error: Exception | None = None
-        self._mask_s = 0.0
-        self._mask_thread = threading.Thread()
 
     def _call(self, timeout: float | None, **step: Any) -> fleet_pb2.SecAggReply:
         request = fleet_pb2.SecAggRequest(
@@ -109,19 +103,6 @@ class SecureUpload:
                 self._stats.silo,
                 sender,
             )
-        # The masks do not depend on the update: expand them while the silo trains.
-        self._mask_thread = threading.Thread(
-            target=self._expand_masks, name="fedpriv-secagg-masks", daemon=True
-        )
-        self._mask_thread.start()
-
-    def _expand_masks(self) -> None:
-        started = time.perf_counter()
-        try:
-            self._mask = self.session.total_mask(self.codec.size)
-        except Exception as err:  # handed to push(), which re-raises it
-            self._mask_error = err
-        self._mask_s = time.perf_counter() - started
 
     def push(
         self,
@@ -134,29 +115,19 @@ class SecureUpload:
         resources: Resources | None = None,
     ) -> None:
         """Mask and send the update, then reveal shares so the sum can be unmasked."""
-        delta = np.empty(self.codec.size, dtype=np.float64)
-        position = 0
-        for name, value in start.items():
-            size = np.size(value)
-            np.subtract(
-                np.asarray(parameters[name]).ravel(),
-                np.asarray(value).ravel(),
-                out=delta[position : position + size],
-                dtype=np.float64,
-            )
-            position += size
-        if position != self.codec.size:
-            raise ProtocolError(f"the model has {position} elements, the ring {self.codec.size}")
+        names = list(start)
         started = time.perf_counter()
-        ring, _ = self.codec.encode(delta, rng=secure_generator())
+        # Clip, scale, round, noise and mask in one pass over cache-sized slices, straight
+        # from the tensors into the upload buffer, on every core.
+        ring = upload_buffer(self.codec.size)
+        encode_masked(
+            self.codec,
+            [parameters[name] for name in names],
+            [start[name] for name in names],
+            self.session.mask_seeds(),
+            ring,
+        )
         encoded = time.perf_counter()
-        self._mask_thread.join()
-        if self._mask is None:
-            raise ProtocolError(
-                f"expanding the secure-aggregation masks failed: {self._mask_error}"
-            )
-        ring += self._mask
-        masked = time.perf_counter()
         header = fleet_pb2.ResultHeader(
             task_id=self._task.task_id,
             round=self._task.round,
@@ -172,11 +143,9 @@ class SecureUpload:
         self._stub.PushResult(messages, timeout=timeout)
         reach(FaultPoint.AFTER_MASKED_UPLOAD_BEFORE_UNMASK)
         logger.info(
-            "masked update sent round=%d encode_s=%.3f mask_s=%.3f mask_wait_s=%.3f",
+            "masked update sent round=%d encode_mask_s=%.3f",
             self._task.round,
             encoded - started,
-            self._mask_s,
-            masked - encoded,
         )
         # The roster comes when the round's uploads are summed: wait as long as the round.
         reply = self._call(

@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from fedpriv.errors import InvalidPublicKey, InvalidShare, ProtocolError, SecAggError
 from fedpriv.secagg import crypto, graph, shamir
+from fedpriv.secagg.fused import apply_masks
 
 __all__ = [
     "ClientSession",
@@ -425,21 +426,17 @@ class ClientSession:
         self.mask(total)
         return total
 
-    def mask(self, values: npt.NDArray[np.uint32]) -> None:
-        """Add the self mask and the pairwise masks to `values` in place (mod 2^32)."""
+    def mask_seeds(self) -> list[tuple[bytes, bool]]:
+        """(seed, add) of the self mask and each pairwise mask: add PRG(seed), or subtract it."""
         seeds: list[tuple[bytes, bool]] = [(self._seed, True)]
         for name in self._sharers:
             if name != self.silo:
                 seeds.append((self._derived[name][2], self.silo < name))
-        buffer = bytearray(4 * MASK_SLICE + 32)
-        for start in range(0, values.size, MASK_SLICE):
-            part = values[start : start + MASK_SLICE]
-            for seed, add in seeds:
-                mask = crypto.mask_elements(seed, first=start, count=part.size, buffer=buffer)
-                if add:
-                    part += mask
-                else:
-                    part -= mask
+        return seeds
+
+    def mask(self, values: npt.NDArray[np.uint32]) -> None:
+        """Add the self mask and the pairwise masks to `values` in place (mod 2^32)."""
+        apply_masks(values, self.mask_seeds(), sign=1)
 
     def reveal(
         self, *, survivors: Sequence[str], dropped: Sequence[str]

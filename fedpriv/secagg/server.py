@@ -34,7 +34,7 @@ from fedpriv.errors import (
     SecAggError,
 )
 from fedpriv.secagg import crypto, graph, shamir
-from fedpriv.secagg.client import MASK_SLICE
+from fedpriv.secagg.fused import apply_masks
 
 __all__ = ["RingSum", "ServerSession"]
 
@@ -498,17 +498,9 @@ class ServerSession:
                     raise RoundFailed(
                         f"the pairwise masks of silo {gone!r}: {err}; no model is published"
                     ) from err
-        buffer = bytearray(4 * MASK_SLICE + 32)
-        for start in range(0, total.size, MASK_SLICE):
-            part = total[start : start + MASK_SLICE]
-            for seed in seeds:
-                part -= crypto.mask_elements(seed, first=start, count=part.size, buffer=buffer)
-            for seed, survivor_added in pairwise:
-                mask = crypto.mask_elements(seed, first=start, count=part.size, buffer=buffer)
-                if survivor_added:
-                    part -= mask
-                else:
-                    part += mask
+        # Survivors' self masks and the dropped silos' pairwise masks, removed in parallel
+        # slices straight from the keystreams (see fedpriv.secagg.fused).
+        apply_masks(total, [(seed, True) for seed in seeds] + pairwise, sign=-1)
 
 
 class RingSum:

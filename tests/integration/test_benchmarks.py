@@ -61,12 +61,17 @@ def test_dp_bench_smoke_prints_a_ratio_for_every_mode_and_the_lora_verdict():
 def test_secagg_bench_smoke_prints_masking_unmasking_and_the_ratio():
     result = smoke("secagg_bench")
     header, row = result.stdout.strip().splitlines()[-2:]
-    assert "silo mask s" in header and "coord unmask s" in header
+    assert "silo encode+mask s" in header and "coord unmask s" in header
     fields = row.split()
     assert fields[0] == "10,000" and fields[1] == "3"
     # every time was measured (a missing log line would print nan)
-    assert all(float(f) >= 0 for f in fields[2:8])
-    assert float(fields[8].rstrip("x")) > 0
+    assert all(float(f) >= 0 for f in fields[2:7])
+    assert float(fields[7].rstrip("x")) > 0
+    # the SecAgg+ table: k for each N, below the complete graph's keystream from N = 16
+    graphs = [line.split() for line in result.stdout.splitlines() if line[:6].strip().isdigit()]
+    by_n = {int(f[0]): f for f in graphs if len(f) == 10}
+    assert set(by_n) == {8, 16, 32, 64, 100}
+    assert all(float(by_n[n][7]) < float(by_n[n][8]) for n in (16, 32, 64, 100))
 
 
 def test_vs_flower_smoke_runs_both_systems_and_prints_ratios():
