@@ -12,12 +12,20 @@ processes' own logs; round time is the coordinator's, from its SQLite store.
     python benchmarks/secagg_bench.py                 # N in {4, 8, 16}, P in {1M, 10M}
     python benchmarks/secagg_bench.py --smoke         # tiny sizes, for the test suite
     python benchmarks/secagg_bench.py --graph-only    # the SecAgg+ keystream table only
+    python benchmarks/secagg_bench.py --floors-only   # work alone against its floor
 
 The first table gives, for N = 8 … 100 silos, the SecAgg+ graph the
 coordinator's default ``[secagg]`` settings plan (degree k, threshold t,
 dropouts tolerated and both failure bounds) and each silo's keystream bytes per
 round at 1M parameters (k + 1 masks of 4 bytes per parameter), next to the
 complete graph's N masks.
+
+The floor table (``--floors-only``, P = 10M, N = 8) times one silo's fused
+encode + mask and the coordinator's mask removal (8 survivors' self masks and
+one dropped silo's pairwise masks), each beside its floor measured in the same
+run: the AES-256-CTR keystream those masks need (plus, for the silo, one more
+keystream's worth of random words for rounding), in the same slices and
+threads, with nothing else done.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.round_bench import parse_sizes, run_one  # noqa: E402
+from fedpriv.secagg.fused import threads_available  # noqa: E402
 
 TARGET_RATIO = 1.5
 SECURE = "secure_aggregation = true\n[secagg]\nclip_norm = 100.0\n"
@@ -46,8 +55,7 @@ class Row:
     clients: int
     plain_round_s: float
     secure_round_s: float
-    mask_s: float
-    encode_s: float
+    encode_mask_s: float
     unmask_s: float
     alone_s: float
 
@@ -65,17 +73,71 @@ def _median_from_logs(paths: list[pathlib.Path], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def silo_work_alone(params: int, clients: int) -> float:
-    """One silo's encode + mask time in this process, with no other silo competing for CPU."""
+def _keystream_s(masks: int, params: int, threads: int) -> float:
+    """The floor: AES-256-CTR keystream for `masks` masks of `params` uint32, in the
+    same cache-sized slices and threads as the fused pass, with nothing else done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from fedpriv.secagg.fused import SLICE
+
+    def expand(part: int) -> None:
+        zeros = bytes(4 * SLICE)
+        buffer = bytearray(4 * SLICE + 16)
+        share = params // threads + (part < params % threads)
+        for _ in range(masks):
+            encryptor = Cipher(algorithms.AES(bytes(32)), modes.CTR(bytes(16))).encryptor()
+            for start in range(0, share, SLICE):
+                encryptor.update_into(zeros[: 4 * min(SLICE, share - start)], buffer)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(expand, range(threads)))
+    return time.perf_counter() - started
+
+
+@dataclass
+class Floors:
+    masks: int
+    silo_s: float
+    silo_floor_s: float
+    unmask_masks: int
+    unmask_s: float
+    unmask_floor_s: float
+
+    @property
+    def silo_ratio(self) -> float:
+        return self.silo_s / self.silo_floor_s
+
+    @property
+    def unmask_ratio(self) -> float:
+        return self.unmask_s / self.unmask_floor_s
+
+
+def silo_work_alone(params: int, clients: int, *, threads: int = 1, dropped: int = 1) -> Floors:
+    """One silo's encode + mask and the coordinator's mask removal, each beside its floor.
+
+    Measured in this process with nothing else running. The silo's floor is the
+    keystream of its masks plus the rounding's random words (one more keystream
+    of the same size); the coordinator's is the keystream of the masks it removes
+    (every survivor's self mask and the dropped silo's pairwise masks).
+    """
     import numpy as np
 
+    from fedpriv.coordinator import SecAggConfig
     from fedpriv.privacy.central import secure_generator
     from fedpriv.secagg import ClientSession, RingCodec
+    from fedpriv.secagg.fused import apply_masks, encode_masked
 
-    threshold = clients // 2 + 1
+    plan = SecAggConfig().graph_for(clients)
+    # A silo masks with its k neighbours (all others in the complete graph): the same
+    # masks as a complete round of k + 1 silos.
+    group = plan.degree + 1
+    threshold = group // 2 + 1
     sessions = [
         ClientSession(silo=f"silo-{k}", session="bench", round=1, threshold=threshold)
-        for k in range(clients)
+        for k in range(group)
     ]
     keys = {s.silo: s.advertise() for s in sessions}
     for s in sessions:
@@ -84,12 +146,33 @@ def silo_work_alone(params: int, clients: int) -> float:
     sessions[0].receive(
         {sender: out["silo-0"] for sender, out in outgoing.items() if sender != "silo-0"}
     )
-    codec = RingCodec.plan(clip_norm=100.0, size=params, clients=clients, threshold=threshold)
-    delta = np.random.default_rng(0).normal(0, 1e-3, params)
+    codec = RingCodec.plan(
+        clip_norm=100.0, size=params, clients=clients, threshold=plan.min_survivors
+    )
+    new = np.random.default_rng(0).normal(0, 1e-3, params).astype(np.float32)
+    old = np.zeros_like(new)
+    out = np.empty(params, np.uint32)
+    seeds = sessions[0].mask_seeds()
+    encode_masked(
+        codec, [new], [old], seeds, out, generator=secure_generator, threads=threads
+    )  # warm: pages, caches
     started = time.perf_counter()
-    ring, _ = codec.encode(delta, rng=secure_generator())
-    ring += sessions[0].total_mask(params)
-    return time.perf_counter() - started
+    encode_masked(codec, [new], [old], seeds, out, generator=secure_generator, threads=threads)
+    silo_s = time.perf_counter() - started
+    silo_floor = _keystream_s(len(seeds) + 1, params, threads)
+    count = clients - dropped + dropped * plan.degree
+    removed = [(k.to_bytes(32, "big"), bool(k % 2)) for k in range(count)]
+    started = time.perf_counter()
+    apply_masks(out, removed, sign=-1, threads=threads)
+    unmask_s = time.perf_counter() - started
+    return Floors(
+        masks=len(seeds),
+        silo_s=silo_s,
+        silo_floor_s=silo_floor,
+        unmask_masks=len(removed),
+        unmask_s=unmask_s,
+        unmask_floor_s=_keystream_s(len(removed), params, threads),
+    )
 
 
 def measure(params: int, clients: int, rounds: int) -> Row:
@@ -104,10 +187,9 @@ def measure(params: int, clients: int, rounds: int) -> Row:
             clients=clients,
             plain_round_s=plain.median_round_s,
             secure_round_s=secure.median_round_s,
-            mask_s=_median_from_logs(silo_logs, "mask_s"),
-            encode_s=_median_from_logs(silo_logs, "encode_s"),
+            encode_mask_s=_median_from_logs(silo_logs, "encode_mask_s"),
             unmask_s=_median_from_logs([work / "coordinator.log"], "unmask_s"),
-            alone_s=silo_work_alone(params, clients),
+            alone_s=silo_work_alone(params, clients).silo_s,
         )
 
 
@@ -144,15 +226,32 @@ def print_graph_table(params: int = 1_000_000) -> None:
             )
 
 
+def print_floor_table(params: int, clients: int, threads: int) -> None:
+    """Silo encode + mask and coordinator mask removal against their keystream floors."""
+    f = silo_work_alone(params, clients, threads=threads)
+    print(f"work alone at P={params:,}, N={clients} ({threads} thread(s), nothing else running)")
+    print(f"{'part':>22} {'masks':>6} {'time s':>8} {'floor s':>8} {'ratio':>6} {'target':>7}")
+    for name, masks, took, floor in (
+        ("silo encode + mask", f.masks, f.silo_s, f.silo_floor_s),
+        ("coord mask removal", f.unmask_masks, f.unmask_s, f.unmask_floor_s),
+    ):
+        ratio = took / floor
+        verdict = "PASS" if ratio <= TARGET_RATIO else "MISS"
+        print(
+            f"{name:>22} {masks:>6} {took:>8.3f} {floor:>8.3f} {ratio:>5.2f}x "
+            f"{verdict:>4} {TARGET_RATIO}x"
+        )
+
+
 def print_table(rows: list[Row]) -> None:
     print(
-        f"{'params':>10} {'clients':>7} {'silo encode s':>13} {'silo mask s':>11} "
+        f"{'params':>10} {'clients':>7} {'silo encode+mask s':>18} "
         f"{'silo alone s':>12} {'coord unmask s':>14} {'plain round s':>13} "
         f"{'secagg round s':>14} {'ratio':>6}"
     )
     for r in rows:
         print(
-            f"{r.params:>10,} {r.clients:>7} {r.encode_s:>13.3f} {r.mask_s:>11.3f} "
+            f"{r.params:>10,} {r.clients:>7} {r.encode_mask_s:>18.3f} "
             f"{r.alone_s:>12.3f} {r.unmask_s:>14.3f} {r.plain_round_s:>13.3f} {r.secure_round_s:>14.3f} "
             f"{r.ratio:>5.2f}x"
         )
@@ -170,8 +269,14 @@ def print_table(rows: list[Row]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graph-only", action="store_true", help="print the graph table only")
+    parser.add_argument("--floors-only", action="store_true", help="print the floor table only")
+    given = sys.argv[1:] if argv is None else list(argv)
     print_graph_table()
-    if "--graph-only" in (sys.argv[1:] if argv is None else argv):
+    if "--graph-only" in given:
+        return 0
+    if "--floors-only" in given:
+        for threads in sorted({1, threads_available()}):
+            print_floor_table(10_000_000, 8, threads)
         return 0
     args = parse_sizes(
         parser, argv, params=(1_000_000, 10_000_000), clients=(4, 8, 16), smoke_clients=3

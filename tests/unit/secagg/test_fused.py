@@ -7,9 +7,17 @@ import secrets
 import numpy as np
 import pytest
 
+from fedpriv.errors import ConfigError
+from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import RingCodec
 from fedpriv.secagg.crypto import mask_elements
-from fedpriv.secagg.fused import SLICE, apply_masks, encode_masked
+from fedpriv.secagg.fused import (
+    SLICE,
+    apply_masks,
+    encode_masked,
+    secagg_threads,
+    threads_available,
+)
 
 # Tensors whose sizes cut slices and thread ranges at offsets that are not block-aligned
 SIZES = (SLICE + 3, 7, 2 * SLICE - 5, 1)
@@ -31,7 +39,7 @@ def test_the_masked_encoding_minus_the_reference_masks_is_the_rounded_update(thr
     masks = [(secrets.token_bytes(32), True), (secrets.token_bytes(32), False)]
     out = np.empty(size, np.uint32)
     # Act
-    norm = encode_masked(codec, new, old, masks, out, threads=threads)
+    norm = encode_masked(codec, new, old, masks, out, generator=secure_generator, threads=threads)
     # Assert: removing each mask with the reference PRG leaves floor or ceil of s·f·Δ
     for seed, add in masks:
         reference = mask_elements(seed, first=0, count=size)
@@ -56,7 +64,7 @@ def test_a_large_update_is_clipped_to_the_codec_norm():
     size = sum(SIZES)
     codec = RingCodec.plan(clip_norm=1.0, size=size, clients=4, threshold=3)
     out = np.empty(size, np.uint32)
-    encode_masked(codec, new, old, [], out, threads=2)
+    encode_masked(codec, new, old, [], out, generator=secure_generator, threads=2)
     rounded = out.view(np.int32).astype(np.float64) / codec.scale
     assert float(np.linalg.norm(rounded)) == pytest.approx(1.0, rel=1e-3)
 
@@ -67,9 +75,11 @@ def test_a_non_finite_update_or_a_size_mismatch_is_refused():
     codec = RingCodec.plan(clip_norm=1.0, size=size, clients=4, threshold=3)
     new[1][0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
-        encode_masked(codec, new, old, [], np.empty(size, np.uint32))
+        encode_masked(codec, new, old, [], np.empty(size, np.uint32), generator=secure_generator)
     with pytest.raises(ValueError, match="elements, the ring"):
-        encode_masked(codec, new[:2], old[:2], [], np.empty(size, np.uint32))
+        encode_masked(
+            codec, new[:2], old[:2], [], np.empty(size, np.uint32), generator=secure_generator
+        )
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
@@ -87,3 +97,13 @@ def test_adding_then_removing_masks_in_parallel_slices_is_the_identity(threads):
     np.testing.assert_array_equal(total, expected)
     apply_masks(total, masks, sign=-1, threads=threads)
     np.testing.assert_array_equal(total, before)
+
+
+def test_the_silo_pass_runs_on_one_thread_unless_the_operator_asks_for_more(monkeypatch):
+    monkeypatch.delenv("FEDPRIV_SECAGG_THREADS", raising=False)
+    assert secagg_threads() == 1
+    monkeypatch.setenv("FEDPRIV_SECAGG_THREADS", "0")
+    assert secagg_threads() == threads_available()
+    monkeypatch.setenv("FEDPRIV_SECAGG_THREADS", "-2")
+    with pytest.raises(ConfigError, match="FEDPRIV_SECAGG_THREADS"):
+        secagg_threads()
