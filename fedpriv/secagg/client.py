@@ -418,10 +418,7 @@ class ClientSession:
             raise ProtocolError(f"{len(self._sharers)} silos shared keys, {self.threshold} needed")
 
     def total_mask(self, size: int) -> npt.NDArray[np.uint32]:
-        """The sum of this silo's self mask and pairwise masks, for `size` elements.
-
-        It does not depend on the update, so a silo can compute it while it trains.
-        """
+        """The sum of this silo's self mask and pairwise masks, for `size` elements."""
         total = np.zeros(size, dtype=np.uint32)
         self.mask(total)
         return total
