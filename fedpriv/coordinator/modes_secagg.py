@@ -29,7 +29,7 @@ from fedpriv.errors import ConfigError, RoundFailed
 from fedpriv.privacy.central import CentralDP
 from fedpriv.secagg import RingCodec, ServerSession
 from fedpriv.secagg.graph import GraphPlan
-from fedpriv.secagg.server import RingSum
+from fedpriv.secagg.ring_sum import RingSum
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.strategy.protocol import UpdateSum
 from fedpriv.wire import Model

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +39,7 @@ __all__ = [
     "decrypt",
     "encrypt",
     "mask_elements",
+    "masks_left_by",
     "pairwise_mask_info",
     "pairwise_mask_seed",
     "share_associated_data",
@@ -208,6 +210,28 @@ def pairwise_mask_seed(
     return _derive(
         private, peer_public, pairwise_mask_info(session=session, round=round, silos=silos)
     )
+
+
+def masks_left_by(
+    silo: str, private: bytes, peers: Mapping[str, bytes], *, session: str, round: int
+) -> list[tuple[bytes, bool]]:
+    """(seed, added) of each pairwise mask that `peers` (mask public keys) share with `silo`.
+
+    `private` is `silo`'s recovered mask private key; added is whether the peer
+    added +PRG(seed) (it sorts first) rather than subtracting it.
+
+    Raises:
+        InvalidShare: `private` is not a private key.
+        InvalidPublicKey: A peer's key is unusable.
+    """
+    key = KeyPair.from_private_bytes(private)
+    return [
+        (
+            pairwise_mask_seed(key, public, session=session, round=round, silos=(silo, peer)),
+            peer < silo,
+        )
+        for peer, public in peers.items()
+    ]
 
 
 def share_associated_data(*, session: str, round: int, sender: str, receiver: str) -> bytes:

@@ -22,14 +22,16 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedpriv.errors import ConfigError
-from fedpriv.secagg.ring import RingCodec
+
+if TYPE_CHECKING:
+    from fedpriv.secagg.ring import RingCodec
 
 __all__ = [
     "SLICE",

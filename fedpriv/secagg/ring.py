@@ -17,9 +17,7 @@ deviations of noise, so the signed sum never wraps around 2^32 in practice.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,25 +26,10 @@ __all__ = ["RingCodec"]
 
 _HALF_RING = 2**31
 _BETA = math.exp(-0.5)  # conditional rounding failure bound of Kairouz et al.
-_MAX_REDRAWS = 100
 # numpy's Poisson sampler keeps its variance within 0.1% up to rates of 1e13 but is
 # off by 4-10% from 1e14 on (measured over 2M draws, numpy 2.4); Skellam halves stay
 # at or below this rate.
 _MAX_POISSON_RATE = 1e12
-
-# Work vectors per thread, reused from round to round: a fresh 80 MB vector costs
-# the kernel a zeroed page per 4 KiB (about 0.3 s here), a reused one nothing.
-_WORK = threading.local()
-
-
-def _work(name: str, size: int, dtype: type[np.generic]) -> npt.NDArray[Any]:
-    """This thread's `name` vector of `size` × `dtype` (its contents are stale)."""
-    vectors: dict[str, npt.NDArray[Any]] = getattr(_WORK, "vectors", {})
-    _WORK.vectors = vectors
-    vector = vectors.get(name)
-    if vector is None or vector.size != size or vector.dtype != dtype:
-        vector = vectors[name] = np.empty(size, dtype)
-    return vector
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,49 +109,19 @@ class RingCodec:
     def encode(
         self, delta: npt.NDArray[np.floating], *, rng: np.random.Generator
     ) -> tuple[npt.NDArray[np.uint32], float]:
-        """Clip, scale, round and noise `delta`.
+        """Clip, scale, round and noise `delta` (the fused pass of a silo, without masks).
 
         Returns the ring vector and the norm of `delta` before clipping. The ring
         vector is reused by this thread's next ``encode``: send it before then.
         """
+        from fedpriv.secagg.fused import encode_masked, upload_buffer
+
         if delta.shape != (self.size,):
             raise ValueError(f"update has shape {delta.shape}, expected ({self.size},)")
-        # In place, in this thread's reused vectors: each pass over a 10M-element
-        # float64 vector costs ~10 ms, each fresh vector far more.
-        values = _work("values", self.size, np.float64)
-        np.copyto(values, delta)
-        norm = math.sqrt(float(np.dot(values, values)))
-        if not math.isfinite(norm):
-            raise ValueError("the update has NaN or infinite values")
-        values *= self.scale * min(1.0, self.clip_norm / norm) if norm > 0 else self.scale
-        floor = np.floor(values, out=_work("floor", self.size, np.float64))
-        values -= floor  # the fractional parts
-        values *= 2.0**32  # as thresholds for 32-bit uniform integers (exact: a power of 2)
-        bound = self.l2_sensitivity**2
-        up = _work("up", self.size, np.bool_)
-        rounded = _work("rounded", self.size, np.float64)
-        for _ in range(_MAX_REDRAWS):
-            # Raw 32-bit words straight from the bit generator, a cryptographic keystream
-            # under secure_generator(), at half the cost of float uniforms through numpy's
-            # Generator. Round up with probability frac to within 2^-32; the norm bound,
-            # which is all the privacy analysis uses, is checked exactly.
-            words = rng.bit_generator.random_raw((self.size + 1) // 2).view(np.uint32)
-            np.less(words[: self.size], values, out=up)
-            np.add(floor, up, out=rounded)
-            if float(np.dot(rounded, rounded)) <= bound:
-                break
-        else:  # probability below 0.6^100; a bug rather than bad luck
-            raise RuntimeError("conditional rounding failed to meet its norm bound")
-        # |rounded| <= scale * clip_norm < 2^31 by the choice of scale, and so is the noise.
-        # The result is this thread's vector too: the caller sends it before encoding again.
-        integers = _work("integers", self.size, np.int32)
-        np.copyto(integers, rounded, casting="unsafe")
-        if self.noise_variance > 0:
-            half = self.noise_variance / 2.0
-            noise = rng.poisson(half, self.size)
-            noise -= rng.poisson(half, self.size)
-            integers += noise.astype(np.int32)
-        return integers.view(np.uint32), norm
+        out = upload_buffer(self.size)
+        zero = np.broadcast_to(np.float64(0.0), delta.shape)
+        norm = encode_masked(self, [delta], [zero], [], out, generator=lambda: rng, threads=1)
+        return out, norm
 
     def decode(self, total: npt.NDArray[np.uint32]) -> npt.NDArray[np.float64]:
         """Map a ring sum back to a float sum of (clipped, noised) updates."""

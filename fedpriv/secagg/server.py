@@ -36,7 +36,7 @@ from fedpriv.errors import (
 from fedpriv.secagg import crypto, graph, shamir
 from fedpriv.secagg.fused import apply_masks
 
-__all__ = ["RingSum", "ServerSession"]
+__all__ = ["ServerSession"]
 
 logger = logging.getLogger(__name__)
 _Share = tuple[str, int, bytes]  # (whose secret, x, y)
@@ -480,20 +480,15 @@ class ServerSession:
             seeds = [self._recover(s, 0) for s in survivors]
             pairwise: list[tuple[bytes, bool]] = []
             for gone in dropped:
+                held = sorted(set(survivors) & self._neighbourhood(gone) - {gone})
                 try:
-                    key = crypto.KeyPair.from_private_bytes(self._recover(gone, 1))
-                    for alive in sorted(set(survivors) & self._neighbourhood(gone)):
-                        if alive == gone:
-                            continue
-                        seed = crypto.pairwise_mask_seed(
-                            key,
-                            self._keys[alive][1],
-                            session=self.session,
-                            round=self.round,
-                            silos=(gone, alive),
-                        )
-                        # The survivor added +PRG(s) if it sorts first, else -PRG(s); undo that.
-                        pairwise.append((seed, alive < gone))
+                    pairwise += crypto.masks_left_by(
+                        gone,
+                        self._recover(gone, 1),
+                        {alive: self._keys[alive][1] for alive in held},
+                        session=self.session,
+                        round=self.round,
+                    )
                 except SecAggError as err:
                     raise RoundFailed(
                         f"the pairwise masks of silo {gone!r}: {err}; no model is published"
@@ -501,29 +496,3 @@ class ServerSession:
         # Survivors' self masks and the dropped silos' pairwise masks, removed in parallel
         # slices straight from the keystreams (see fedpriv.secagg.fused).
         apply_masks(total, [(seed, True) for seed in seeds] + pairwise, sign=-1)
-
-
-class RingSum:
-    """Streaming sum of masked updates in Z/2^32; an :class:`~fedpriv.strategy.Aggregator`.
-
-    Chunks hold int32 elements whose bits are ring elements; weight +1 adds a
-    chunk and -1 removes it again (an abandoned upload).
-    """
-
-    def __init__(self, size: int, *, chunk_bytes: int) -> None:
-        self.total = np.zeros(size, dtype=np.uint32)
-        self._chunk_elements = chunk_bytes // 4
-        self._locks = [threading.Lock() for _ in range(max(1, -(-size // self._chunk_elements)))]
-
-    def fold(self, offset: int, chunk: bytes | memoryview, *, weight: float) -> None:
-        """Add (weight 1) or subtract (weight -1) a chunk, modulo 2^32."""
-        if weight not in (1.0, -1.0):
-            raise ValueError(f"a ring sum folds with weight 1 or -1, got {weight}")
-        first = offset // 4
-        values = np.frombuffer(chunk, dtype="<u4")
-        with self._locks[first // self._chunk_elements]:
-            target = self.total[first : first + values.size]
-            if weight > 0:
-                target += values
-            else:
-                target -= values

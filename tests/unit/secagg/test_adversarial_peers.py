@@ -22,7 +22,7 @@ from fedpriv.errors import (
 )
 from fedpriv.secagg import ClientSession, ServerSession, crypto
 from fedpriv.secagg.client import collect_peers, collect_shares
-from fedpriv.secagg.server import RingSum
+from fedpriv.secagg.ring_sum import RingSum
 
 P = 2**255 - 19
 # The u-coordinates of the points of order 1, 2, 4 and 8 (libsodium's X25519 blocklist).
