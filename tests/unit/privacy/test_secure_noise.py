@@ -4,6 +4,8 @@ security rests on AES-CTR / ChaCha20 and the key's secrecy."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -96,9 +98,11 @@ def test_skellam_noise_at_the_planned_variance_is_skellam():
     assert float(noise.var()) == pytest.approx(codec.noise_variance, rel=0.01)
 
 
-def test_stochastic_rounding_is_unbiased():
+@pytest.mark.parametrize("value", [2.3, -2.3])
+def test_stochastic_rounding_is_unbiased(value):
     codec = RingCodec(clip_norm=1e9, scale=1.0, size=DRAWS, noise_variance=0.0)
-    ring, _ = codec.encode(np.full(DRAWS, 2.3), rng=secure_generator())
+    ring, _ = codec.encode(np.full(DRAWS, value), rng=secure_generator())
     rounded = ring.view(np.int32)
-    assert set(np.unique(rounded).tolist()) == {2, 3}
-    assert float(rounded.mean()) == pytest.approx(2.3, abs=5 * (0.21 / DRAWS) ** 0.5)
+    low = math.floor(value)
+    assert set(np.unique(rounded).tolist()) == {low, low + 1}
+    assert float(rounded.mean()) == pytest.approx(value, abs=5 * (0.21 / DRAWS) ** 0.5)
