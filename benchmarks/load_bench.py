@@ -19,6 +19,12 @@ most 5 MB); its CPU; and the errors each party saw, by category.
     python benchmarks/load_bench.py                  # N=100, W=4, R=5, S=200
     python benchmarks/load_bench.py --silos 20 --idle-streams 40
     python benchmarks/load_bench.py --smoke          # tiny, for the test suite
+    python benchmarks/load_bench.py --secure         # 3 rounds of 100 SDK silos, secure aggregation
+
+``--secure`` runs ``benchmarks/secagg_load.py`` (its options: --silos, --params,
+--rounds, --workers, --plain, --smoke): real SDK silos as threads, each
+running the whole secure-aggregation client, and prints each round's time and
+the coordinator's peak RSS.
 """
 
 from __future__ import annotations
@@ -601,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(pathlib.Path(argv[1]), int(argv[2]), argv[3].split(","))
     if argv and argv[0] == "--attacker":
         return attacker_main(pathlib.Path(argv[1]), int(argv[2]), int(argv[3]))
+    if "--secure" in argv:
+        # 3 rounds of N SDK silos with secure aggregation (benchmarks/secagg_load.py).
+        from benchmarks import secagg_load
+
+        return secagg_load.main([a for a in argv if a != "--secure"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--silos", type=int, default=100)
     parser.add_argument("--workers", type=int, default=4, help="processes the silo threads share")

@@ -13,12 +13,20 @@ processes' own logs; round time is the coordinator's, from its SQLite store.
     python benchmarks/secagg_bench.py --smoke         # tiny sizes, for the test suite
     python benchmarks/secagg_bench.py --graph-only    # the SecAgg+ keystream table only
     python benchmarks/secagg_bench.py --floors-only   # work alone against its floor
+    python benchmarks/secagg_bench.py --large         # N = 32, 64, 100 at P = 1M
 
 The first table gives, for N = 8 … 100 silos, the SecAgg+ graph the
 coordinator's default ``[secagg]`` settings plan (degree k, threshold t,
 dropouts tolerated and both failure bounds) and each silo's keystream bytes per
 round at 1M parameters (k + 1 masks of 4 bytes per parameter), next to the
 complete graph's N masks.
+
+``--large`` runs 3 rounds at N = 32, 64 and 100 silos with P = 1M through
+``benchmarks/secagg_load.py``: the silos are the SDK's ``run_client`` as
+threads in 4 worker processes (not one process each: 100 silo processes with
+their own interpreters would not fit beside each other on the reference
+machine's 2 cores), and each row gives k, t, keystream bytes per silo, round
+time, encode + mask, unmask and the coordinator's peak RSS.
 
 The floor table (``--floors-only``, P = 10M, N = 8) times one silo's fused
 encode + mask and the coordinator's mask removal (8 survivors' self masks and
@@ -325,11 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graph-only", action="store_true", help="print the graph table only")
     parser.add_argument("--floors-only", action="store_true", help="print the floor table only")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="rows at N = 32, 64, 100 (P = 1M, SDK silos as threads) only",
+    )
     args = parse_sizes(
         parser, argv, params=(1_000_000, 10_000_000), clients=(4, 8, 16), smoke_clients=3
     )
     print_graph_table()
     if args.graph_only:
+        return 0
+    if args.large:
+        from benchmarks import secagg_load
+
+        results = [secagg_load.run(n, 1_000_000, 3, 4) for n in (32, 64, 100)]
+        secagg_load.print_results(results, 4)
         return 0
     if args.floors_only:
         for threads in sorted({1, threads_available()}):

@@ -158,3 +158,14 @@ def test_pace_bench_smoke_runs_both_policies_with_every_silo_in():
     assert re.fullmatch(
         r"target: rounds >= 1.5x faster with pace = balanced .*: [0-9.]+x -> (PASS|MISS)", lines[-1]
     ), lines[-1]
+
+
+def test_secagg_load_smoke_commits_its_secure_round_with_sdk_silos():
+    result = smoke("secagg_load")
+    lines = result.stdout.strip().splitlines()
+    header, row, verdict = lines[-3:]
+    assert "round s" in header and "coord peak RSS MB" in header
+    fields = row.split()
+    assert fields[0] == "5" and fields[1] == "1,000" and fields[7] == "1/1"
+    assert float(fields[8]) > 0 and float(fields[-2]) > 0  # round time, peak RSS
+    assert "PASS" in verdict and "errors: none" in verdict
