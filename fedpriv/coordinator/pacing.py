@@ -14,6 +14,14 @@ no budget: every round waits for the slowest silo, as without a policy.
 A budget only shortens a silo's local training; its update is averaged as
 before. Under DP fewer steps spend less: the silo's ledger records the steps it
 took.
+
+Membership changes in one case only (:func:`cannot_answer`): with ``pace =
+"balanced"``, a silo whose single step takes more than 90% of the deadline
+could not answer in time even on a one-step budget. The round leaves it out
+while the others still reach ``min_results``, instead of waiting for it until
+the deadline and making it train (and, under DP, spend) for an update that
+would be refused. After ``PROBE_AFTER`` rounds left out it takes part again,
+so that its pace is measured anew.
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ from collections.abc import Collection, Mapping
 
 from fedpriv.wire.resources import Resources
 
-__all__ = ["Pace", "step_budgets"]
+__all__ = ["PROBE_AFTER", "Pace", "cannot_answer", "step_budgets"]
 
 # A silo within this factor of the median's round time keeps its full work.
 TOLERANCE = 1.1
 # The share of the round's deadline a budget may fill.
 DEADLINE_SHARE = 0.9
+#: Rounds a silo that cannot answer in time is left out before it takes part again.
+PROBE_AFTER = 5
 
 
 class Pace(enum.StrEnum):
@@ -85,3 +95,28 @@ def step_budgets(
             steps = min(steps, math.floor(DEADLINE_SHARE * deadline_s / reported.step_seconds))
         budgets[silo] = max(1, steps)
     return budgets
+
+
+def cannot_answer(
+    pace: Pace, resources: Mapping[str, Resources], silos: Collection[str], *, deadline_s: float
+) -> dict[str, float]:
+    """The silos whose one local step takes more than 90% of `deadline_s`: {silo: seconds}.
+
+    Only with ``Pace.BALANCED`` and a known pace.
+
+    Example:
+        >>> slow = Resources(step_seconds=70.0, full_steps=40)
+        >>> cannot_answer(Pace.BALANCED, {"a": slow}, ["a"], deadline_s=60)
+        {'a': 70.0}
+        >>> cannot_answer(Pace.SLOWEST, {"a": slow}, ["a"], deadline_s=60)
+        {}
+    """
+    if pace is Pace.SLOWEST:
+        return {}
+    return {
+        silo: resources[silo].step_seconds
+        for silo in sorted(silos)
+        if silo in resources
+        and resources[silo].round_seconds is not None
+        and resources[silo].step_seconds > DEADLINE_SHARE * deadline_s
+    }

@@ -37,6 +37,8 @@ class SiloRegistry:
         self._benched: set[str] = set()
         # What each silo last reported of its hardware and pace (fedpriv.coordinator.pacing).
         self._resources: dict[str, Resources] = {}
+        # Rounds in a row each silo was left out by the pacing policy.
+        self._left_out: dict[str, int] = {}
 
     def note_resources(self, silo: str, resources: Resources) -> None:
         """Keep what `silo` reports of its hardware and pace; ignore values that make no sense."""
@@ -99,17 +101,34 @@ class SiloRegistry:
         """The round completed: benched silos may take part again."""
         self._benched.clear()
 
-    def select(self, *, needed: int, at_most: int) -> list[str] | None:
+    def select(
+        self, *, needed: int, at_most: int, avoid: Collection[str] = (), keep: int = 0
+    ) -> list[str] | None:
         """Up to `at_most` (0: all) live, unbenched silos at random; None if fewer than `needed`.
 
-        The sample comes from the OS CSPRNG: a silo cannot predict when it is chosen.
+        Silos in `avoid` are left out while at least `keep` others remain. The
+        sample comes from the OS CSPRNG: a silo cannot predict when it is chosen.
         """
         candidates = [s for s in self.available() if s not in self._benched]
         if len(candidates) < needed:
             return None
+        preferred = [s for s in candidates if s not in avoid]
+        if avoid and len(preferred) >= max(1, keep):
+            candidates = preferred
         if at_most and len(candidates) > at_most:
             candidates = sorted(secrets.SystemRandom().sample(candidates, at_most))
         return candidates
+
+    def left_out_rounds(self, silo: str) -> int:
+        """Rounds in a row the pacing policy has left `silo` out."""
+        return self._left_out.get(silo, 0)
+
+    def round_selected(self, selected: Collection[str], left_out: Collection[str]) -> None:
+        """A round opened with `selected`; the pacing policy left `left_out` out of it."""
+        for silo in selected:
+            self._left_out.pop(silo, None)
+        for silo in left_out:
+            self._left_out[silo] = self._left_out.get(silo, 0) + 1
 
     def told_finished(self, silo: str) -> None:
         """`silo` received FINISHED."""

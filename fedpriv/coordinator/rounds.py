@@ -18,7 +18,7 @@ from fedpriv._types import Scalar
 from fedpriv.coordinator.checkpoint import drop_page_cache
 from fedpriv.coordinator.guarantees import release_mode
 from fedpriv.coordinator.modes import RoundRelease, nonfinite_message, nonfinite_tensors
-from fedpriv.coordinator.pacing import step_budgets
+from fedpriv.coordinator.pacing import PROBE_AFTER, cannot_answer, step_budgets
 from fedpriv.coordinator.phases import Outcome, Phase, RoundSummary, TaskKind, weighted_means
 from fedpriv.errors import RoundFailed
 from fedpriv.faults import FaultPoint, reach
@@ -114,10 +114,36 @@ class RoundLoop:
         announced_wait = False
         while not fed.stopping.is_set():
             with fed.cond:
-                silos = fed.registry.select(needed=needed, at_most=fed.rounds.max_clients)
-                have = len(fed.registry.available())
-                benched = fed.registry.benched()
+                registry = fed.registry
+                hopeless = cannot_answer(
+                    fed.rounds.pace,
+                    registry.resources(),
+                    registry.available(),
+                    deadline_s=fed.rounds.deadline_s,
+                )
+                avoid = {s for s in hopeless if registry.left_out_rounds(s) < PROBE_AFTER}
+                silos = registry.select(
+                    needed=needed,
+                    at_most=fed.rounds.max_clients,
+                    avoid=avoid,
+                    keep=fed.rounds.required_results,
+                )
+                have = len(registry.available())
+                benched = registry.benched()
+                if silos is not None:
+                    paced_out = sorted(avoid - set(silos))
+                    registry.round_selected(silos, paced_out)
             if silos is not None:
+                for silo in paced_out:
+                    logger.info(
+                        "[PACE] round=%d left out silo=%s: one step takes %.1f s, more than "
+                        "90%% of deadline_s=%g (it takes part again after %d rounds out)",
+                        fed.next_round,
+                        silo,
+                        hopeless[silo],
+                        fed.rounds.deadline_s,
+                        PROBE_AFTER,
+                    )
                 return silos
             if not announced_wait:
                 left_out = f" left_out={','.join(benched)}" if benched else ""

@@ -12,7 +12,7 @@ from fedpriv.cli.status import format_status, query_status
 from fedpriv.client import FitResult
 from fedpriv.client.base import EvaluateResult
 from fedpriv.client.config import ClientConfig
-from fedpriv.coordinator.pacing import Pace
+from fedpriv.coordinator.pacing import PROBE_AFTER, Pace
 from fedpriv.privacy.accounting import GaussianSteps
 from tests.helpers import make_config, run_three_silos
 
@@ -136,3 +136,43 @@ def test_a_dp_silo_keeps_its_pace_to_itself_and_so_gets_no_budget(tmp_path, pki)
     assert status["silo-c"].resources.device_kind == "cpu"
     assert status["silo-c"].resources.step_seconds == 0.0
     assert status["silo-c"].resources.full_steps == 0
+
+
+def test_a_silo_that_cannot_answer_in_time_is_left_out_then_probed_again(tmp_path, pki):
+    # Arrange: silo-c reports 100 s a step against a 60 s deadline; two results suffice
+    rounds = PROBE_AFTER + 1
+    config = make_config(
+        tmp_path,
+        pki.root,
+        {"w": np.zeros(4, np.float32)},
+        num_rounds=rounds,
+        min_clients=3,
+        min_results=2,
+    )
+    config = dataclasses.replace(
+        config, rounds=dataclasses.replace(config.rounds, pace=Pace.BALANCED)
+    )
+    clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(100.0)]
+    # Act
+    reporter, _ = run_three_silos(config, pki, clients, ("silo-a", "silo-b", "silo-c"))
+    # Assert: every round commits; silo-c trains only in the round after PROBE_AFTER
+    # rounds out (on a one-step budget, the most that fits 90% of the deadline: none)
+    assert [r.round for r in reporter.completed] == list(range(1, rounds + 1))
+    assert [r.accepted for r in reporter.completed] == [2] * PROBE_AFTER + [3]
+    assert clients[0].budgets == [None] * rounds
+    assert clients[2].budgets == [1]
+
+
+def test_without_the_policy_a_silo_that_cannot_answer_in_time_still_takes_part(tmp_path, pki):
+    config = make_config(
+        tmp_path,
+        pki.root,
+        {"w": np.zeros(4, np.float32)},
+        num_rounds=2,
+        min_clients=3,
+        min_results=2,
+    )
+    clients = [PacedClient(0.01), PacedClient(0.01), PacedClient(100.0)]
+    reporter, _ = run_three_silos(config, pki, clients, ("silo-a", "silo-b", "silo-c"))
+    assert [r.accepted for r in reporter.completed] == [3, 3]
+    assert clients[2].budgets == [None, None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedpriv.coordinator.config import CoordinatorConfig
-from fedpriv.coordinator.pacing import Pace, step_budgets
+from fedpriv.coordinator.pacing import Pace, cannot_answer, step_budgets
 from fedpriv.coordinator.registry import SiloRegistry
 from fedpriv.errors import ConfigError
 from fedpriv.wire.resources import Resources
@@ -77,3 +77,32 @@ def test_no_budget_outlasts_the_deadline():
         "c": 4,
     }
     assert step_budgets(Pace.BALANCED, reported, list(reported), deadline_s=1000.0) == {"c": 10}
+
+
+def test_only_a_balanced_pace_names_silos_whose_one_step_outlasts_the_deadline():
+    reported = {"a": pace(0.01), "b": pace(53.0), "c": pace(55.0), "d": Resources("cpu", 1)}
+    # 90% of 60 s is 54 s: c's single step cannot fit, b's can; d's pace is unknown
+    assert cannot_answer(Pace.BALANCED, reported, list(reported), deadline_s=60) == {"c": 55.0}
+    assert cannot_answer(Pace.BALANCED, reported, ["a", "b"], deadline_s=60) == {}
+    assert cannot_answer(Pace.SLOWEST, reported, list(reported), deadline_s=60) == {}
+
+
+def test_the_registry_leaves_avoided_silos_out_only_while_enough_others_remain():
+    registry = SiloRegistry(liveness_s=30, clock=lambda: 0.0)
+    for silo in ("a", "b", "c"):
+        registry.touch(silo)
+    assert registry.select(needed=3, at_most=0, avoid={"c"}, keep=2) == ["a", "b"]
+    # with fewer than `keep` others left, the avoided silo takes part
+    assert registry.select(needed=3, at_most=0, avoid={"b", "c"}, keep=2) == ["a", "b", "c"]
+    # `needed` still counts every live silo: two of three connected start nothing
+    registry.forget("a")
+    assert registry.select(needed=3, at_most=0, avoid={"c"}, keep=1) is None
+
+
+def test_the_registry_counts_the_rounds_each_silo_was_left_out():
+    registry = SiloRegistry(liveness_s=30, clock=lambda: 0.0)
+    for _ in range(3):
+        registry.round_selected(["a", "b"], ["c"])
+    assert registry.left_out_rounds("c") == 3 and registry.left_out_rounds("a") == 0
+    registry.round_selected(["a", "b", "c"], [])
+    assert registry.left_out_rounds("c") == 0
