@@ -4,8 +4,9 @@ A silo's masked update is, element by element,
 
     y = round(s · f · (new − old)) + noise + Σ_seeds ±PRG(seed)   (mod 2^32)
 
-with f = min(1, C / ‖new − old‖) and conditional stochastic rounding (see
-:class:`~fedpriv.secagg.ring.RingCodec`). :func:`encode_masked` computes it
+with f = min(1, C / ‖new − old‖) and stochastic rounding, conditional (redrawn
+until the rounded norm meets the bound the noise is accounted against) when the
+codec adds noise (see :class:`~fedpriv.secagg.ring.RingCodec`). :func:`encode_masked` computes it
 slice by slice (``SLICE`` elements, which stay in cache), straight from the
 model's tensors into the upload buffer: no model-sized float or mask vector is
 made. The vector is cut into one contiguous range per thread; AES-CTR starts
@@ -205,6 +206,9 @@ def encode_masked(
         raise ValueError("the update has NaN or infinite values")
     factor = codec.scale * min(1.0, codec.clip_norm / norm) if norm > 0 else codec.scale
     half_noise = codec.noise_variance / 2.0
+    # The rounded norm bounds the sensitivity that distributed DP's noise is accounted
+    # against; without noise nothing is accounted and one draw of the rounding is kept.
+    conditional = half_noise > 0
 
     def encode(group: list[_Segment]) -> float:
         rng = generator()
@@ -224,7 +228,8 @@ def encode_masked(
             np.multiply(rounding.words(n), 2.0**-32, out=u)
             v += u
             np.floor(v, out=v)
-            total += _squares(v)
+            if conditional:
+                total += _squares(v)
             target = out[offset : offset + n]
             np.copyto(target.view(np.int32), v, casting="unsafe")
             if half_noise > 0:
@@ -233,7 +238,7 @@ def encode_masked(
             streams.apply(target)
         return total
 
-    bound = codec.l2_sensitivity**2
+    bound = codec.l2_sensitivity**2 if conditional else math.inf
     for _ in range(_MAX_REDRAWS):
         # Rounding is redrawn (masks and all) until the rounded norm meets its bound.
         if sum(_run(parts, encode, groups)) <= bound:

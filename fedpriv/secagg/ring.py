@@ -2,9 +2,10 @@
 
 A silo's update Δ (new weights minus global weights, every float tensor
 flattened) is clipped to L2 norm C, multiplied by the scale s and rounded to
-integers by conditional stochastic rounding (Kairouz et al., 2021): rounding is
-redrawn until the rounded vector's norm is within a known bound, which is then
-the L2 sensitivity of the integer sum. With distributed DP each silo adds
+integers by stochastic rounding. With noise the rounding is conditional
+(Kairouz et al., 2021): redrawn until the rounded vector's norm is within a
+known bound, which is then the L2 sensitivity of the integer sum that the
+noise is accounted against. With distributed DP each silo adds
 Skellam noise Sk(μ_i) = Poisson(μ_i/2) − Poisson(μ_i/2); a sum of independent
 Skellams is Skellam, so the published sum carries exactly Sk(m·μ_i) for m
 surviving silos (Agarwal et al., 2021); with k colluding silos tolerated, the

@@ -124,3 +124,55 @@ def test_rounding_is_keyed_by_the_generator_alone():
         outs.append(out)
     assert np.array_equal(outs[0], outs[1])
     assert not np.array_equal(outs[0], outs[2])
+
+
+def _worst_case_codec(size: int, noise_variance: float) -> RingCodec:
+    # Every element at norm C / sqrt(d) with a fractional part of 1/2: stochastic
+    # rounding's norm then exceeds sC by the most, and often exceeds the bound.
+    return RingCodec(
+        clip_norm=1.0, scale=200.5 * size**0.5, size=size, noise_variance=noise_variance
+    )
+
+
+def test_with_noise_every_rounded_update_is_within_the_accounted_sensitivity():
+    # The sensitivity of the Skellam sum is codec.l2_sensitivity: each silo's rounded
+    # update (its noise aside) must lie within it, however the rounding falls.
+    size = 4096
+    codec = _worst_case_codec(size, noise_variance=1e-12)  # Poisson(5e-13): zero noise
+    new = [np.full(size, 1.0 / size**0.5, np.float32)]
+    old = [np.zeros(size, np.float32)]
+    bound = codec.l2_sensitivity
+    plain_exceeds = 0
+    for _ in range(200):
+        out = np.empty(size, np.uint32)
+        encode_masked(codec, new, old, [], out, generator=secure_generator, threads=1)
+        assert float(np.linalg.norm(out.view(np.int32).astype(np.float64))) <= bound
+        plain = np.floor(new[0] * codec.scale + secure_generator().random(size))
+        plain_exceeds += float(np.linalg.norm(plain)) > bound
+    # the case is one where unconditioned rounding does exceed the bound
+    assert plain_exceeds > 0
+
+
+def test_the_norm_bound_is_checked_with_noise_and_not_without(monkeypatch):
+    size = 1024
+    new = [np.full(size, 0.01, np.float32)]
+    old = [np.zeros(size, np.float32)]
+    monkeypatch.setattr(RingCodec, "l2_sensitivity", property(lambda self: 0.5))
+    with pytest.raises(RuntimeError, match="conditional rounding"):
+        encode_masked(
+            _worst_case_codec(size, 1e-12),
+            new,
+            old,
+            [],
+            np.empty(size, np.uint32),
+            generator=secure_generator,
+        )
+    # without noise no sensitivity is accounted: one draw of the rounding is kept
+    encode_masked(
+        _worst_case_codec(size, 0.0),
+        new,
+        old,
+        [],
+        np.empty(size, np.uint32),
+        generator=secure_generator,
+    )
