@@ -106,6 +106,7 @@ def silo_thread(
     address: str | None = None,
     server_name: str | None = None,
     ledger: Any = None,
+    limits: Any = None,
 ) -> Iterator[dict[str, Any]]:
     """Run a silo in a thread; the yielded dict gets 'stats' or 'error' when it ends.
 
@@ -128,6 +129,7 @@ def silo_thread(
                 reconnect_timeout_s=reconnect_timeout_s,
                 stop=stop,
                 ledger=ledger,
+                limits=limits,
             )
         except Exception as err:  # recorded for the test to assert on
             outcome["error"] = err

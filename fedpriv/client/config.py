@@ -176,7 +176,15 @@ class ClientConfig:
             ),
             # The largest model a task may make the silo allocate (see fedpriv.client.tasks).
             limits=TaskLimits(
-                max_model_bytes=limits.get("max_model_bytes", int, DEFAULT_MAX_MODEL_BYTES)
+                max_model_bytes=limits.get("max_model_bytes", int, DEFAULT_MAX_MODEL_BYTES),
+                secagg_corrupt_fraction=limits.get(
+                    "secagg_corrupt_fraction",
+                    float,
+                    field_default(TaskLimits, "secagg_corrupt_fraction"),
+                ),
+                secagg_security_bits=limits.get(
+                    "secagg_security_bits", int, field_default(TaskLimits, "secagg_security_bits")
+                ),
             ),
         )
         return config

@@ -155,7 +155,7 @@ def _run_task(
         if received.secagg is not None:
             # Keys are agreed before training, so a round that cannot reach the
             # threshold fails before anyone spends time or privacy on it.
-            secure = SecureUpload(stub, task, received.secagg, stats)
+            secure = SecureUpload(stub, task, received.secagg, stats, received.limits)
             secure.setup(timeout=timeout)
         # Under DP only the noised update, the accounting values below and what the
         # silo opted in to leave it (see fedpriv.client.release).

@@ -12,11 +12,12 @@ import numpy.typing as npt
 
 from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats, result_messages
+from fedpriv.client.tasks import TaskLimits
 from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import ClientSession
-from fedpriv.secagg.client import collect_contributions, collect_peers, collect_shares
 from fedpriv.secagg.fused import encode_masked, secagg_threads, upload_buffer
+from fedpriv.secagg.relay import collect_contributions, collect_peers, collect_shares
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, fleet_pb2_grpc
 from fedpriv.wire import scalars_to_proto
@@ -36,7 +37,9 @@ class SecureUpload:
         task: fleet_pb2.Task,
         settings: SecAggSettings,
         stats: ClientStats,
+        limits: TaskLimits | None = None,
     ) -> None:
+        limits = limits or TaskLimits()
         self.codec = settings.codec
         self.layout = settings.layout
         self.session = ClientSession(
@@ -46,6 +49,8 @@ class SecureUpload:
             threshold=settings.threshold,
             degree=settings.degree,
             max_dropped=settings.max_dropped,
+            corrupt_fraction=limits.secagg_corrupt_fraction,
+            security_bits=limits.secagg_security_bits,
         )
         self.threads = secagg_threads()
         self._stub = stub

@@ -31,6 +31,7 @@ import numpy.typing as npt
 from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats
 from fedpriv.errors import ConfigError, TaskRejected
+from fedpriv.secagg import graph
 from fedpriv.secagg.settings import SecAggSettings, settings_from_proto
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import (
@@ -80,18 +81,35 @@ class TaskLimits:
     Args:
         max_model_bytes: Largest model payload a task may declare; a larger one
             is declined before anything is allocated.
+        secagg_corrupt_fraction: The share of a secure-aggregation round's silos
+            this silo assumes may collude with the coordinator when it judges the
+            announced SecAgg+ graph (see :func:`fedpriv.secagg.graph.refusal`):
+            one that is not secure enough under it is declined.
+        secagg_security_bits: σ: the security bound a graph must meet, 2^-σ.
 
     Raises:
-        ConfigError: A limit is not positive.
+        ConfigError: A limit is out of range.
     """
 
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    secagg_corrupt_fraction: float = graph.DEFAULT_CORRUPT_FRACTION
+    secagg_security_bits: int = graph.DEFAULT_SECURITY_BITS
 
     def __post_init__(self) -> None:
         if isinstance(self.max_model_bytes, bool) or self.max_model_bytes <= 0:
             raise ConfigError(
                 f"limits.max_model_bytes = {self.max_model_bytes}: must be a positive "
                 f"number of bytes (default {DEFAULT_MAX_MODEL_BYTES})"
+            )
+        if not 0 <= self.secagg_corrupt_fraction < 0.5:
+            raise ConfigError(
+                f"limits.secagg_corrupt_fraction = {self.secagg_corrupt_fraction}: must be in "
+                f"[0, 0.5) (default {graph.DEFAULT_CORRUPT_FRACTION})"
+            )
+        if not 1 <= self.secagg_security_bits <= 128:
+            raise ConfigError(
+                f"limits.secagg_security_bits = {self.secagg_security_bits}: must be in "
+                f"[1, 128] (default {graph.DEFAULT_SECURITY_BITS})"
             )
 
 
@@ -119,6 +137,7 @@ class ValidatedTask:
     config: dict[str, Scalar]
     compression: Compression
     secagg: SecAggSettings | None = None
+    limits: TaskLimits = TaskLimits()
 
 
 def _bounded(problems: Sequence[str]) -> list[str]:
@@ -389,4 +408,5 @@ def receive_task(
         config=config,
         compression=compression,
         secagg=secagg,
+        limits=limits,
     )

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,7 @@ import numpy.typing as npt
 from fedpriv.errors import InvalidPublicKey, InvalidShare, ProtocolError, SecAggError
 from fedpriv.secagg import crypto, graph, shamir
 from fedpriv.secagg.fused import apply_masks
+from fedpriv.secagg.relay import collect_contributions, collect_peers, collect_shares
 
 __all__ = [
     "ClientSession",
@@ -57,48 +58,6 @@ MASK_SLICE = 1 << 20
 SHARE_PLAINTEXT = struct.Struct(f">H{shamir.SHARE_BYTES}s{shamir.SHARE_BYTES}s")
 _Share = tuple[str, int, bytes]  # (whose secret, x, y)
 _Plain = tuple[int, bytes, bytes]  # (x, seed share, mask-key share)
-
-
-def collect_peers(entries: Iterable[tuple[str, bytes, bytes]]) -> dict[str, tuple[bytes, bytes]]:
-    """The coordinator's key list as a mapping, refusing a silo named twice.
-
-    Raises:
-        SecAggError: A silo appears more than once.
-    """
-    peers: dict[str, tuple[bytes, bytes]] = {}
-    for name, cipher, mask in entries:
-        if name in peers:
-            raise SecAggError(f"the coordinator's key list names silo {name!r} twice")
-        peers[name] = (cipher, mask)
-    return peers
-
-
-def _by_silo(entries: Iterable[tuple[str, bytes]], what: str) -> dict[str, bytes]:
-    """`entries` as a mapping by silo, refusing a silo named twice in `what`."""
-    values: dict[str, bytes] = {}
-    for name, value in entries:
-        if name in values:
-            raise SecAggError(f"the coordinator's {what} names silo {name!r} twice")
-        values[name] = value
-    return values
-
-
-def collect_contributions(entries: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
-    """The coordinator's list of opened graph contributions, refusing a silo named twice.
-
-    Raises:
-        SecAggError: A silo appears more than once.
-    """
-    return _by_silo(entries, "list of graph contributions")
-
-
-def collect_shares(entries: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
-    """The relayed share ciphertexts by sender, refusing a sender named twice.
-
-    Raises:
-        SecAggError: A sender appears more than once.
-    """
-    return _by_silo(entries, "relayed shares")
 
 
 def _check_threshold(*, silos: int, threshold: int) -> None:
@@ -128,6 +87,12 @@ class ClientSession:
             keys and ciphertexts are bound to it.
         round: The round number; keys and ciphertexts are bound to it too.
         threshold: t, the number of shares that recover a secret.
+        degree: k of the announced SecAgg+ graph (0: the complete graph).
+        max_dropped: Survivors' neighbours that may be named dropped (SecAgg+).
+        corrupt_fraction, security_bits: This silo's own assumption: it takes no
+            part in a graph whose security bound, with that share of the round's
+            silos colluding with the coordinator, exceeds 2^-security_bits
+            (:func:`~fedpriv.secagg.graph.refusal`).
 
     Raises:
         ProtocolError: `threshold` is below 1.
@@ -142,6 +107,8 @@ class ClientSession:
         threshold: int,
         degree: int = 0,
         max_dropped: int = 0,
+        corrupt_fraction: float = graph.DEFAULT_CORRUPT_FRACTION,
+        security_bits: int = graph.DEFAULT_SECURITY_BITS,
     ) -> None:
         if threshold < 1:
             raise ProtocolError(f"secure-aggregation threshold {threshold}: must be >= 1")
@@ -156,6 +123,7 @@ class ClientSession:
         self.threshold = threshold
         self.degree = degree
         self.max_dropped = max_dropped
+        self._assumption = (corrupt_fraction, security_bits)
         self._contribution = secrets.token_bytes(graph.CONTRIBUTION_BYTES)
         self._commitments: dict[str, bytes] = {}
         self.neighbours: frozenset[str] | None = None
@@ -325,6 +293,17 @@ class ClientSession:
             commitments = dict(commitments or {})
             if set(commitments) != set(peers) or commitments[self.silo] != self.commitment:
                 raise SecAggError("the key list's graph commitments do not match its silos")
+            fraction, bits = self._assumption
+            refusal = graph.refusal(
+                silos=len(peers),
+                degree=self.degree,
+                threshold=self.threshold,
+                max_dropped=self.max_dropped,
+                corrupt_fraction=fraction,
+                security_bits=bits,
+            )
+            if refusal is not None:  # before any share leaves this silo
+                raise SecAggError(refusal)
             self._commitments = commitments
         else:
             _check_threshold(silos=len(usable), threshold=self.threshold)

@@ -49,6 +49,7 @@ __all__ = [
     "plan",
     "security_failure",
     "correctness_failure",
+    "refusal",
 ]
 
 CONTRIBUTION_BYTES = 32
@@ -58,6 +59,8 @@ _ROUND = struct.Struct(">Q")
 # Bell et al. use σ = 40 bits of security and η = 30 bits of correctness.
 DEFAULT_SECURITY_BITS = 40
 DEFAULT_CORRECTNESS_BITS = 30
+#: The share of a round's silos assumed to collude with the coordinator, by default.
+DEFAULT_CORRUPT_FRACTION = 0.05
 
 
 def _field(text: str) -> bytes:
@@ -276,3 +279,42 @@ def plan(
                     correctness=correct,
                 )
     return None
+
+
+def refusal(
+    *,
+    silos: int,
+    degree: int,
+    threshold: int,
+    max_dropped: int,
+    corrupt_fraction: float = DEFAULT_CORRUPT_FRACTION,
+    security_bits: int = DEFAULT_SECURITY_BITS,
+) -> str | None:
+    """Why a silo should refuse the sparse graph a coordinator announced, or None.
+
+    The coordinator plans k and t from settings the silos cannot see; a silo
+    judges the announced graph against its own assumption instead: with
+    ``ceil(corrupt_fraction · n)`` silos colluding and up to `max_dropped`
+    dropping, the security bound must stay within 2^-`security_bits`. The
+    complete graph (degree 0) is judged by its majority threshold instead.
+
+    Example:
+        >>> refusal(silos=100, degree=20, threshold=11, max_dropped=10) is None
+        True
+        >>> refusal(silos=100, degree=4, threshold=3, max_dropped=1)[:35]
+        'the announced graph (100 silos, k=4'
+    """
+    if not degree:
+        return None
+    colluders = math.ceil(corrupt_fraction * silos)  # as the coordinator plans it
+    failure = security_failure(
+        silos=silos, degree=degree, threshold=threshold, dropped=max_dropped, colluders=colluders
+    )
+    if failure <= 2.0**-security_bits:
+        return None
+    return (
+        f"the announced graph ({silos} silos, k={degree}, t={threshold}, up to {max_dropped} "
+        f"dropping) fails with probability up to {failure:.1e} if {colluders} silos collude "
+        f"with the coordinator, above this silo's 2^-{security_bits} "
+        "([limits] secagg_corrupt_fraction, secagg_security_bits); this silo takes no part"
+    )

@@ -56,11 +56,16 @@ def secure_config(tmp_path, *, pki, threshold=3, min_clients=5, max_failed_attem
 
 
 @contextlib.contextmanager
-def honest_silos(port: int, pki, names) -> Iterator[list[dict[str, Any]]]:
+def honest_silos(port: int, pki, names, *, limits=None) -> Iterator[list[dict[str, Any]]]:
     with contextlib.ExitStack() as stack:
         yield [
             stack.enter_context(
-                silo_thread(RandomUpdateClient(SILOS.index(name)), port=port, tls=pki.tls(name))
+                silo_thread(
+                    RandomUpdateClient(SILOS.index(name)),
+                    port=port,
+                    tls=pki.tls(name),
+                    limits=limits,
+                )
             )
             for name in names
         ]

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from fedpriv.client.tasks import TaskLimits
 from fedpriv.coordinator import Coordinator, SecAggConfig
 from fedpriv.errors import RoundFailed
 from fedpriv.secagg import ServerSession
@@ -65,3 +66,23 @@ def test_silos_refuse_a_graph_the_coordinator_imposes_and_nothing_is_published(
     assert_no_checkpoint(config)
     reasons = " ".join(detail for _, detail in participants(config).values())
     assert "not the one the silos' contributions fix" in reasons
+
+
+def test_silos_decline_a_graph_sparser_than_their_own_assumption_allows(tmp_path, pki):
+    # Arrange: the coordinator plans a cycle for no collusion; the silos assume 40% of
+    # the round may collude with it, under which a cycle's bound is 1
+    config = graph_config(tmp_path, pki)
+    wary = TaskLimits(secagg_corrupt_fraction=0.4)
+    # Act
+    with (
+        Coordinator(config) as coordinator,
+        honest_silos(coordinator.port, pki, SILOS, limits=wary) as outcomes,
+    ):
+        with pytest.raises(RoundFailed):
+            coordinator.wait(timeout_s=120)
+        # Assert: every silo still serves, nothing is published, and the reason says why
+        assert_running_and_clean(outcomes)
+    assert_no_checkpoint(config)
+    reasons = " ".join(detail for _, detail in participants(config).values())
+    assert "the announced graph (5 silos, k=2, t=2" in reasons
+    assert "if 2 silos collude with the coordinator" in reasons

@@ -186,3 +186,22 @@ def test_secure_aggregation_settings_are_refused_with_every_problem() -> None:
     assert any(p.startswith("secagg.chunk_bytes 0") for p in problems)
     assert any(p.startswith("secagg.ring_bits 0") for p in problems)
     assert "secure-aggregation settings on a task that is not TRAIN" in problems
+
+
+def test_the_secagg_graph_assumption_is_a_limits_key_with_the_coordinators_defaults(
+    tmp_path: pathlib.Path,
+) -> None:
+    base = {"coordinator": {"address": "h:1"}}
+    limits = ClientConfig.from_dict(base, base_dir=tmp_path).limits
+    assert (limits.secagg_corrupt_fraction, limits.secagg_security_bits) == (0.05, 40)
+    config = ClientConfig.from_dict(
+        {**base, "limits": {"secagg_corrupt_fraction": 0.2, "secagg_security_bits": 64}},
+        base_dir=tmp_path,
+    )
+    assert (config.limits.secagg_corrupt_fraction, config.limits.secagg_security_bits) == (0.2, 64)
+    with pytest.raises(ConfigError, match=r"limits.secagg_corrupt_fraction = 0.5: must be in"):
+        ClientConfig.from_dict(
+            {**base, "limits": {"secagg_corrupt_fraction": 0.5}}, base_dir=tmp_path
+        )
+    with pytest.raises(ConfigError, match=r"limits.secagg_security_bits = 0: must be in"):
+        ClientConfig.from_dict({**base, "limits": {"secagg_security_bits": 0}}, base_dir=tmp_path)
