@@ -85,13 +85,19 @@ def _median_from_logs(paths: list[pathlib.Path], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _keystream_s(masks: int, params: int, threads: int) -> float:
-    """AES-256-CTR keystream for `masks` masks of `params` uint32, in the same
-    cache-sized slices and threads as the fused pass, with nothing else done."""
-    return _floor_s(masks, params, threads, quantise=False)
+def _keystream_s(masks: int, params: int, threads: int, *, silo: bool) -> float:
+    """AES-256-CTR keystream for `masks` masks of `params` uint32, in the slices
+    and threads of the silo's fused pass (`silo`) or of mask removal, with
+    nothing else done."""
+    from fedpriv.secagg.fused import slice_elements
+
+    width = slice_elements(threads, floats=silo)
+    return _floor_s(masks, params, threads, quantise=False, width=width)
 
 
-def _floor_s(masks: int, params: int, threads: int, *, quantise: bool = True) -> float:
+def _floor_s(
+    masks: int, params: int, threads: int, *, quantise: bool = True, width: int | None = None
+) -> float:
     """The silo's floor: per slice, quantise (the difference of two float32 tensors,
     scaled, rounded to nearest, written as int32), one keystream of random words
     for rounding, and each mask's keystream added into the slice mod 2^32. Without
@@ -101,25 +107,26 @@ def _floor_s(masks: int, params: int, threads: int, *, quantise: bool = True) ->
     import numpy as np
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    from fedpriv.secagg.fused import SLICE
+    from fedpriv.secagg.fused import slice_elements
 
+    width = width or slice_elements(threads)
     share = [params // threads + (part < params % threads) for part in range(threads)]
     new = [np.full(n, 1e-3, np.float32) for n in share]
     old = [np.zeros(n, np.float32) for n in share]
     out = [np.full(n, 7, np.uint32) for n in share]  # touched: no page faults timed
 
     def expand(part: int) -> None:
-        zeros = memoryview(bytes(4 * SLICE))
-        buffer = bytearray(4 * SLICE + 16)
-        words = np.frombuffer(buffer, np.uint32, count=SLICE)
-        d = np.empty(SLICE, np.float32)
-        v = np.empty(SLICE, np.float64)
+        zeros = memoryview(bytes(4 * width))
+        buffer = bytearray(4 * width + 16)
+        words = np.frombuffer(buffer, np.uint32, count=width)
+        d = np.empty(width, np.float32)
+        v = np.empty(width, np.float64)
         streams = [
             Cipher(algorithms.AES(bytes([k]) * 32), modes.CTR(bytes(16))).encryptor()
             for k in range(masks)
         ]
-        for start in range(0, share[part], SLICE):
-            n = min(SLICE, share[part] - start)
+        for start in range(0, share[part], width):
+            n = min(width, share[part] - start)
             target = out[part][start : start + n]
             if quantise:
                 np.subtract(new[part][start : start + n], old[part][start : start + n], out=d[:n])
@@ -222,12 +229,12 @@ def silo_work_alone(
         ),
         silo_floor_s=statistics.median(_floor_s(streams, params, threads) for _ in range(repeats)),
         silo_keystream_s=statistics.median(
-            _keystream_s(streams, params, threads) for _ in range(repeats)
+            _keystream_s(streams, params, threads, silo=True) for _ in range(repeats)
         ),
         unmask_masks=len(removed),
         unmask_s=timed(lambda: apply_masks(out, removed, sign=-1, threads=threads)),
         unmask_floor_s=statistics.median(
-            _keystream_s(len(removed), params, threads) for _ in range(repeats)
+            _keystream_s(len(removed), params, threads, silo=False) for _ in range(repeats)
         ),
     )
 

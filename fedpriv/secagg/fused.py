@@ -7,7 +7,7 @@ A silo's masked update is, element by element,
 with f = min(1, C / ‖new − old‖) and stochastic rounding, conditional (redrawn
 until the rounded norm meets the bound the noise is accounted against) when the
 codec adds noise (see :class:`~fedpriv.secagg.ring.RingCodec`). :func:`encode_masked` computes it
-slice by slice (``SLICE`` elements, which stay in cache), straight from the
+slice by slice (:func:`slice_elements`, sized to stay in cache), straight from the
 model's tensors into the upload buffer: no model-sized float or mask vector is
 made. The vector is cut into one contiguous range per thread; AES-CTR starts
 at any block, so each thread expands its own part of every keystream, and
@@ -36,15 +36,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SLICE",
+    "WIDE_SLICE",
     "apply_masks",
     "encode_masked",
     "secagg_threads",
+    "slice_elements",
     "threads_available",
     "upload_buffer",
 ]
 
 SLICE = 1 << 15  # elements: 128 KiB of uint32, 256 KiB of float64
-_ZEROS = bytes(4 * SLICE + 16)
+WIDE_SLICE = 1 << 17  # 512 KiB of uint32: mask removal, and encoding on several threads
+_ZEROS = bytes(4 * WIDE_SLICE + 16)
 _MAX_REDRAWS = 100
 Mask = tuple[bytes, bool]  # (seed, add: True adds PRG(seed), False subtracts it)
 _Segment = tuple[int, int, int, int]  # (tensor, start, stop, global offset)
@@ -89,7 +92,7 @@ def threads_available() -> int:
 class _Keystreams:
     """The AES-CTR keystreams of several seeds, read on from element `first`."""
 
-    def __init__(self, masks: Sequence[Mask], first: int) -> None:
+    def __init__(self, masks: Sequence[Mask], first: int, width: int) -> None:
         block, skip = divmod(4 * first, 16)
         self._streams = []
         for seed, add in masks:
@@ -97,8 +100,8 @@ class _Keystreams:
             encryptor = cipher.encryptor()
             encryptor.update(bytes(skip))
             self._streams.append((encryptor, add))
-        self._buffer = bytearray(4 * SLICE + 16)
-        self._words = np.frombuffer(self._buffer, dtype="<u4", count=SLICE)
+        self._buffer = bytearray(4 * width + 16)
+        self._words = np.frombuffer(self._buffer, dtype="<u4", count=width)
 
     def words(self, n: int) -> npt.NDArray[np.uint32]:
         """The next `n` words of the first keystream (valid until the next call)."""
@@ -126,11 +129,23 @@ def _squares(values: npt.NDArray[np.float64]) -> float:
     return float(np.einsum("i,i->", values, values))
 
 
-def _segments(sizes: Sequence[int]) -> list[_Segment]:
+def slice_elements(threads: int, *, floats: bool = True) -> int:
+    """Elements per slice of a pass on `threads` threads.
+
+    One thread encoding (`floats`: two float64 work vectors per slice) keeps to
+    ``SLICE``, whose working set stays in L2. Mask removal holds uint32 alone,
+    and several threads queue for the GIL at every numpy and AES call, so both
+    take ``WIDE_SLICE``: a quarter of the calls (10M elements, 2 threads: 0.076
+    s → 0.051 s to remove 14 masks).
+    """
+    return SLICE if floats and threads == 1 else WIDE_SLICE
+
+
+def _segments(sizes: Sequence[int], width: int) -> list[_Segment]:
     out, offset = [], 0
     for index, size in enumerate(sizes):
-        for start in range(0, size, SLICE):
-            stop = min(size, start + SLICE)
+        for start in range(0, size, width):
+            stop = min(size, start + width)
             out.append((index, start, stop, offset + start))
         offset += size
     return out
@@ -184,7 +199,8 @@ def encode_masked(
     if sizes != [v.size for v in olds] or sum(sizes) != codec.size or out.shape != (codec.size,):
         raise ValueError(f"the update has {sum(sizes)} elements, the ring {codec.size}")
     parts = max(1, threads or threads_available())
-    groups = _split(_segments(sizes), parts)
+    width = slice_elements(parts)
+    groups = _split(_segments(sizes, width), parts)
 
     def difference(index: int, start: int, stop: int, d: npt.NDArray[np.float64]) -> None:
         # new − old, exactly, in float64: a copy then a mixed subtraction costs 40%
@@ -193,7 +209,7 @@ def encode_masked(
         np.subtract(d, olds[index][start:stop], out=d)
 
     def squares(group: list[_Segment]) -> float:
-        scratch = np.empty(SLICE, np.float64)
+        scratch = np.empty(width, np.float64)
         total = 0.0
         for index, start, stop, _ in group:
             d = scratch[: stop - start]
@@ -212,11 +228,11 @@ def encode_masked(
 
     def encode(group: list[_Segment]) -> float:
         rng = generator()
-        streams = _Keystreams(masks, group[0][3])
+        streams = _Keystreams(masks, group[0][3], width)
         # Rounding's uniform words: AES-256-CTR under a fresh key drawn from `rng`.
-        rounding = _Keystreams([(rng.bytes(32), True)], 0)
-        values = np.empty(SLICE, np.float64)
-        uniform = np.empty(SLICE, np.float64)
+        rounding = _Keystreams([(rng.bytes(32), True)], 0, width)
+        values = np.empty(width, np.float64)
+        uniform = np.empty(width, np.float64)
         total = 0.0
         for index, start, stop, offset in group:
             n = stop - start
@@ -257,10 +273,11 @@ def apply_masks(
     if not masks or total.size == 0:
         return
     parts = max(1, threads or threads_available())
-    groups = _split(_segments([total.size]), parts)
+    width = slice_elements(parts, floats=False)
+    groups = _split(_segments([total.size], width), parts)
 
     def work(group: list[_Segment]) -> None:
-        streams = _Keystreams(masks, group[0][3])
+        streams = _Keystreams(masks, group[0][3], width)
         for _, start, stop, _ in group:
             streams.apply(total[start:stop], sign=sign)
 

@@ -13,6 +13,7 @@ from fedpriv.secagg import RingCodec
 from fedpriv.secagg.crypto import mask_elements
 from fedpriv.secagg.fused import (
     SLICE,
+    WIDE_SLICE,
     apply_masks,
     encode_masked,
     secagg_threads,
@@ -84,7 +85,7 @@ def test_a_non_finite_update_or_a_size_mismatch_is_refused():
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
 def test_adding_then_removing_masks_in_parallel_slices_is_the_identity(threads):
-    size = 3 * SLICE + 11
+    size = 2 * WIDE_SLICE + 3 * SLICE + 11  # wide slices cut at offsets not block-aligned
     total = np.random.default_rng(3).integers(0, 2**32, size, dtype=np.uint32)
     before = total.copy()
     masks = [(secrets.token_bytes(32), bool(i % 2)) for i in range(4)]
@@ -176,3 +177,24 @@ def test_the_norm_bound_is_checked_with_noise_and_not_without(monkeypatch):
         np.empty(size, np.uint32),
         generator=secure_generator,
     )
+
+
+def test_on_several_threads_wide_slices_encode_what_one_thread_does():
+    # Several threads take wide slices; the masked encoding stays exactly the
+    # rounded update plus the reference masks, across wide-slice boundaries.
+    rng = np.random.default_rng(4)
+    sizes = (WIDE_SLICE + 5, 3, WIDE_SLICE - 7)
+    new = [rng.normal(0, 0.01, n).astype(np.float32) for n in sizes]
+    old = [rng.normal(0, 0.01, n).astype(np.float32) for n in sizes]
+    size = sum(sizes)
+    codec = RingCodec.plan(clip_norm=1.0, size=size, clients=4, threshold=3)
+    masks = [(secrets.token_bytes(32), True), (secrets.token_bytes(32), False)]
+    out = np.empty(size, np.uint32)
+    norm = encode_masked(codec, new, old, masks, out, generator=secure_generator, threads=2)
+    for seed, add in masks:
+        reference = mask_elements(seed, first=0, count=size)
+        out = out - reference if add else out + reference
+    delta = np.concatenate([n.astype(np.float64) - o for n, o in zip(new, old, strict=True)])
+    scaled = delta * codec.scale * min(1.0, codec.clip_norm / norm)
+    rounded = out.view(np.int32).astype(np.float64)
+    assert np.all((rounded == np.floor(scaled)) | (rounded == np.ceil(scaled)))
