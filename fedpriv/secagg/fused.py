@@ -224,7 +224,7 @@ def encode_masked(
     half_noise = codec.noise_variance / 2.0
     # The rounded norm bounds the sensitivity that distributed DP's noise is accounted
     # against; without noise nothing is accounted and one draw of the rounding is kept.
-    conditional = half_noise > 0
+    conditional = codec.noise_variance > 0
 
     def encode(group: list[_Segment]) -> float:
         rng = generator()

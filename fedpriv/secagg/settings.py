@@ -215,7 +215,8 @@ def _field_problems(
         )
     if isinstance(max_dropped, bool) or not 0 <= max_dropped <= MAX_THRESHOLD:
         problems.append(f"max_dropped {max_dropped!r} must be in [0, {MAX_THRESHOLD}]")
-    if not problems and clip_norm * scale >= _HALF_RING:
-        # A clipped, scaled element must fit in int32, or it wraps before it is masked.
-        problems.append(f"scale {scale!r} times clip_norm {clip_norm!r} must be below 2^31")
+    if not problems and clip_norm * scale >= _HALF_RING - 1:
+        # A clipped, scaled element rounded up (at most s·C + 1) must fit in int32, or it
+        # wraps before it is masked.
+        problems.append(f"scale {scale!r} times clip_norm {clip_norm!r} must be below 2^31 - 1")
     return problems

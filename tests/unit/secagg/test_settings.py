@@ -65,7 +65,9 @@ def test_settings_from_a_planned_codec_rebuild_that_codec_and_the_masked_layout(
         ({"chunk_bytes": (4 << 20) + 8}, "must be a positive multiple of 8 up to 4194304"),
         ({"ring_bits": 0}, "ring_bits 0: this silo implements Z/2^32 only"),
         ({"ring_bits": 64}, "ring_bits 64: this silo implements Z/2^32 only"),
-        ({"scale": 2.0**31, "clip_norm": 1.0}, "must be below 2^31"),
+        ({"scale": 2.0**31, "clip_norm": 1.0}, "must be below 2^31 - 1"),
+        # rounded up, s·C = 2^31 - 0.5 would reach 2^31, which int32 cannot hold
+        ({"scale": 2.0**31 - 0.5, "clip_norm": 1.0}, "must be below 2^31 - 1"),
     ],
 )
 def test_each_bad_value_is_refused_on_both_sides_naming_the_field(changes, words):
