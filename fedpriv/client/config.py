@@ -185,6 +185,11 @@ class ClientConfig:
                 secagg_security_bits=limits.get(
                     "secagg_security_bits", int, field_default(TaskLimits, "secagg_security_bits")
                 ),
+                secagg_min_noise_multiplier=limits.get(
+                    "secagg_min_noise_multiplier",
+                    float,
+                    field_default(TaskLimits, "secagg_min_noise_multiplier"),
+                ),
             ),
         )
         return config

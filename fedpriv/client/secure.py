@@ -13,6 +13,7 @@ import numpy.typing as npt
 from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats, result_messages
 from fedpriv.client.tasks import TaskLimits
+from fedpriv.errors import ProtocolError
 from fedpriv.faults import FaultPoint, reach
 from fedpriv.privacy.central import secure_generator
 from fedpriv.secagg import ClientSession
@@ -56,6 +57,7 @@ class SecureUpload:
         self._stub = stub
         self._task = task
         self._stats = stats
+        self._limits = limits
 
     def _call(self, timeout: float | None, **step: Any) -> fleet_pb2.SecAggReply:
         request = fleet_pb2.SecAggRequest(
@@ -83,6 +85,13 @@ class SecureUpload:
         )
         peers = collect_peers((p.silo, p.cipher_public_key, p.mask_public_key) for p in reply.peers)
         self.session.set_peers(peers, {p.silo: p.graph_commitment for p in reply.peers})
+        # The fewest updates the coordinator may unmask: the noise must cover them.
+        fewest = (
+            len(peers) - self.session.max_dropped if self.session.degree else self.session.threshold
+        )
+        refusal = self._limits.noise_refusal(self.codec, survivors=fewest)
+        if refusal is not None:
+            raise ProtocolError(refusal)  # declined before training and before any share
         if self.session.degree:
             reply = self._call(
                 timeout, graph=fleet_pb2.GraphSeed(contribution=self.session.open_contribution())

@@ -32,6 +32,7 @@ from fedpriv._types import Scalar
 from fedpriv.client.messages import ClientStats
 from fedpriv.errors import ConfigError, TaskRejected
 from fedpriv.secagg import graph
+from fedpriv.secagg.ring import RingCodec
 from fedpriv.secagg.settings import SecAggSettings, settings_from_proto
 from fedpriv.v1 import fleet_pb2
 from fedpriv.wire import (
@@ -86,6 +87,11 @@ class TaskLimits:
             announced SecAgg+ graph (see :func:`fedpriv.secagg.graph.refusal`):
             one that is not secure enough under it is declined.
         secagg_security_bits: σ: the security bound a graph must meet, 2^-σ.
+        secagg_min_noise_multiplier: With secure aggregation, the least noise
+            multiplier z that the round's distributed noise must give the fewest
+            survivors it may unmask with (``noise_variance · m ≥ (s · z · C)²``);
+            a round announcing less is declined before training. 0 (the
+            default): no distributed DP required.
 
     Raises:
         ConfigError: A limit is out of range.
@@ -94,6 +100,7 @@ class TaskLimits:
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     secagg_corrupt_fraction: float = graph.DEFAULT_CORRUPT_FRACTION
     secagg_security_bits: int = graph.DEFAULT_SECURITY_BITS
+    secagg_min_noise_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_model_bytes, bool) or self.max_model_bytes <= 0:
@@ -106,11 +113,32 @@ class TaskLimits:
                 f"limits.secagg_corrupt_fraction = {self.secagg_corrupt_fraction}: must be in "
                 f"[0, 0.5) (default {graph.DEFAULT_CORRUPT_FRACTION})"
             )
+        if not 0 <= self.secagg_min_noise_multiplier < math.inf:
+            raise ConfigError(
+                f"limits.secagg_min_noise_multiplier = {self.secagg_min_noise_multiplier}: "
+                "must be a finite number >= 0 (default 0: no distributed DP required)"
+            )
         if not 1 <= self.secagg_security_bits <= 128:
             raise ConfigError(
                 f"limits.secagg_security_bits = {self.secagg_security_bits}: must be in "
                 f"[1, 128] (default {graph.DEFAULT_SECURITY_BITS})"
             )
+
+    def noise_refusal(self, codec: RingCodec, *, survivors: int) -> str | None:
+        """Why this silo declines a round announcing `codec`'s noise, or None.
+
+        `survivors` is the fewest updates the round may unmask with.
+        """
+        if self.secagg_min_noise_multiplier <= 0:
+            return None
+        z = math.sqrt(codec.noise_variance * survivors) / (codec.scale * codec.clip_norm)
+        if z >= self.secagg_min_noise_multiplier:
+            return None
+        return (
+            f"the round's distributed noise gives {survivors} survivors a noise multiplier "
+            f"of {z:.3g}, below this silo's [limits] secagg_min_noise_multiplier = "
+            f"{self.secagg_min_noise_multiplier:g}; this silo takes no part"
+        )
 
 
 @runtime_checkable

@@ -86,3 +86,23 @@ def test_silos_decline_a_graph_sparser_than_their_own_assumption_allows(tmp_path
     reasons = " ".join(detail for _, detail in participants(config).values())
     assert "the announced graph (5 silos, k=2, t=2" in reasons
     assert "if 2 silos collude with the coordinator" in reasons
+
+
+def test_silos_that_require_distributed_noise_decline_a_round_without_it(tmp_path, pki):
+    # Arrange: secure aggregation without [dp] (no noise); the silos require z >= 1
+    config = secure_config(tmp_path, pki=pki)
+    wary = TaskLimits(secagg_min_noise_multiplier=1.0)
+    # Act
+    with (
+        Coordinator(config) as coordinator,
+        honest_silos(coordinator.port, pki, SILOS, limits=wary) as outcomes,
+    ):
+        with pytest.raises(RoundFailed):
+            coordinator.wait(timeout_s=120)
+        # Assert: every silo still serves, nothing is published, and the reason says why
+        assert_running_and_clean(outcomes)
+    assert_no_checkpoint(config)
+    reasons = " ".join(detail for _, detail in participants(config).values())
+    assert (
+        "noise multiplier of 0, below this silo's [limits] secagg_min_noise_multiplier" in reasons
+    )

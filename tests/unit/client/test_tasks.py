@@ -13,6 +13,7 @@ from fedpriv.client import ClientStats
 from fedpriv.client.config import ClientConfig
 from fedpriv.client.tasks import DEFAULT_MAX_MODEL_BYTES, TaskLimits, receive_task
 from fedpriv.errors import ConfigError, ProtocolError, TaskRejected
+from fedpriv.secagg import RingCodec
 from fedpriv.secagg.settings import SecAggSettings
 from fedpriv.v1 import fleet_pb2, tensor_pb2
 from fedpriv.wire import (
@@ -199,9 +200,28 @@ def test_the_secagg_graph_assumption_is_a_limits_key_with_the_coordinators_defau
         base_dir=tmp_path,
     )
     assert (config.limits.secagg_corrupt_fraction, config.limits.secagg_security_bits) == (0.2, 64)
+    assert limits.secagg_min_noise_multiplier == 0.0
+    required = ClientConfig.from_dict(
+        {**base, "limits": {"secagg_min_noise_multiplier": 1.1}}, base_dir=tmp_path
+    )
+    assert required.limits.secagg_min_noise_multiplier == 1.1
     with pytest.raises(ConfigError, match=r"limits.secagg_corrupt_fraction = 0.5: must be in"):
         ClientConfig.from_dict(
             {**base, "limits": {"secagg_corrupt_fraction": 0.5}}, base_dir=tmp_path
         )
     with pytest.raises(ConfigError, match=r"limits.secagg_security_bits = 0: must be in"):
         ClientConfig.from_dict({**base, "limits": {"secagg_security_bits": 0}}, base_dir=tmp_path)
+
+
+def test_a_silo_can_require_distributed_noise_of_the_fewest_survivors() -> None:
+    # Any 3 survivors carry noise of multiplier 1 (each silo adds a third of it)
+    codec = RingCodec.plan(clip_norm=1.0, size=100, clients=5, threshold=3, noise_multiplier=1.0)
+    wary = TaskLimits(secagg_min_noise_multiplier=0.99)
+    assert TaskLimits().noise_refusal(codec, survivors=1) is None  # no requirement by default
+    assert wary.noise_refusal(codec, survivors=3) is None
+    refused = wary.noise_refusal(codec, survivors=2)  # sqrt(2/3) of the noise multiplier
+    assert refused is not None and "noise multiplier of 0.816" in refused
+    silent = RingCodec.plan(clip_norm=1.0, size=100, clients=5, threshold=3)
+    assert "noise multiplier of 0" in (wary.noise_refusal(silent, survivors=5) or "")
+    with pytest.raises(ConfigError, match="secagg_min_noise_multiplier = -1"):
+        TaskLimits(secagg_min_noise_multiplier=-1.0)
