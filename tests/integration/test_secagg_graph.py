@@ -68,22 +68,29 @@ def test_silos_refuse_a_graph_the_coordinator_imposes_and_nothing_is_published(
     assert "not the one the silos' contributions fix" in reasons
 
 
+def declined_by(config, pki, limits: TaskLimits) -> str:
+    """Run the round with silos under `limits`; return the reasons they declined it.
+
+    Asserts that the round failed, every silo still serves, and nothing was published.
+    """
+    with (
+        Coordinator(config) as coordinator,
+        honest_silos(coordinator.port, pki, SILOS, limits=limits) as outcomes,
+    ):
+        with pytest.raises(RoundFailed):
+            coordinator.wait(timeout_s=120)
+        assert_running_and_clean(outcomes)
+    assert_no_checkpoint(config)
+    return " ".join(detail for _, detail in participants(config).values())
+
+
 def test_silos_decline_a_graph_sparser_than_their_own_assumption_allows(tmp_path, pki):
     # Arrange: the coordinator plans a cycle for no collusion; the silos assume 40% of
     # the round may collude with it, under which a cycle's bound is 1
     config = graph_config(tmp_path, pki)
-    wary = TaskLimits(secagg_corrupt_fraction=0.4)
     # Act
-    with (
-        Coordinator(config) as coordinator,
-        honest_silos(coordinator.port, pki, SILOS, limits=wary) as outcomes,
-    ):
-        with pytest.raises(RoundFailed):
-            coordinator.wait(timeout_s=120)
-        # Assert: every silo still serves, nothing is published, and the reason says why
-        assert_running_and_clean(outcomes)
-    assert_no_checkpoint(config)
-    reasons = " ".join(detail for _, detail in participants(config).values())
+    reasons = declined_by(config, pki, TaskLimits(secagg_corrupt_fraction=0.4))
+    # Assert
     assert "the announced graph (5 silos, k=2, t=2" in reasons
     assert "if 2 silos collude with the coordinator" in reasons
 
@@ -91,18 +98,9 @@ def test_silos_decline_a_graph_sparser_than_their_own_assumption_allows(tmp_path
 def test_silos_that_require_distributed_noise_decline_a_round_without_it(tmp_path, pki):
     # Arrange: secure aggregation without [dp] (no noise); the silos require z >= 1
     config = secure_config(tmp_path, pki=pki)
-    wary = TaskLimits(secagg_min_noise_multiplier=1.0)
     # Act
-    with (
-        Coordinator(config) as coordinator,
-        honest_silos(coordinator.port, pki, SILOS, limits=wary) as outcomes,
-    ):
-        with pytest.raises(RoundFailed):
-            coordinator.wait(timeout_s=120)
-        # Assert: every silo still serves, nothing is published, and the reason says why
-        assert_running_and_clean(outcomes)
-    assert_no_checkpoint(config)
-    reasons = " ".join(detail for _, detail in participants(config).values())
+    reasons = declined_by(config, pki, TaskLimits(secagg_min_noise_multiplier=1.0))
+    # Assert
     assert (
         "noise multiplier of 0, below this silo's [limits] secagg_min_noise_multiplier" in reasons
     )
