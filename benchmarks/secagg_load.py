@@ -18,15 +18,18 @@ high-water mark) against the model's bytes.
 
     python benchmarks/secagg_load.py                              # N=100, P=10k, 3 rounds
     python benchmarks/secagg_load.py --silos 32 64 100 --params 1000000
+    python benchmarks/secagg_load.py --silos 100 --drop 0.1       # 10 drop after sharing
     python benchmarks/secagg_load.py --smoke                      # tiny, for the test suite
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
+import math
 import pathlib
 import queue
 import re
@@ -54,10 +57,20 @@ from fedpriv.wire import Model  # noqa: E402
 
 
 class AddsOne:
-    """A silo's training: every weight + 1e-3 (the update's norm stays under the clip)."""
+    """A silo's training: every weight + 1e-3 (the update's norm stays under the clip).
+
+    With `drops`, training fails every round: the silo has shared its keys and
+    sends nothing, so it drops after sharing.
+    """
+
+    def __init__(self, *, drops: bool = False) -> None:
+        self.drops = drops
 
     def fit(self, parameters: Mapping[str, Any], *, config: Mapping[str, Any]) -> Any:
         from fedpriv.client import FitResult
+
+        if self.drops:
+            raise RuntimeError("this benchmark silo drops after sharing")
 
         update = {k: np.asarray(v) + np.float32(1e-3) for k, v in parameters.items()}
         return FitResult(parameters=update, num_examples=100, metrics={})
@@ -80,7 +93,7 @@ class _Timings(logging.Handler):
             self.out.put(json.dumps({"encode_mask_s": float(found.group(1))}))
 
 
-def worker_main(work: pathlib.Path, port: int, names: list[str]) -> int:
+def worker_main(work: pathlib.Path, port: int, names: list[str], dropping: set[str]) -> int:
     """A worker process: one SDK silo per thread; records go to stdout as JSON lines."""
     from fedpriv.client import run_client
 
@@ -91,7 +104,7 @@ def worker_main(work: pathlib.Path, port: int, names: list[str]) -> int:
     def silo(name: str) -> None:
         try:
             stats = run_client(
-                AddsOne(),
+                AddsOne(drops=name in dropping),
                 coordinator=f"127.0.0.1:{port}",
                 tls=_tls(work, name),
                 reconnect_timeout_s=120,
@@ -127,6 +140,8 @@ class Result:
     peak_rss_mb: float
     errors: list[str]
     elapsed_s: float
+    # Silos that shared keys and sent nothing, per unmasked round (the coordinator's log).
+    dropped_after_sharing: list[int]
 
     @property
     def model_mb(self) -> float:
@@ -134,7 +149,7 @@ class Result:
 
 
 def write_setup(
-    work: pathlib.Path, silos: int, params: int, rounds: int, *, secure: bool = True
+    work: pathlib.Path, silos: int, params: int, rounds: int, *, secure: bool = True, drop: int = 0
 ) -> None:
     ca = CertificateAuthority.create(work / "pki", federation="secagg-load")
     ca.issue("coordinator", role=Role.SERVER, out_dir=work / "pki", hosts=["127.0.0.1"])
@@ -153,7 +168,7 @@ key = "{work}/pki/coordinator.key"
 [rounds]
 num_rounds = {rounds}
 min_clients = {silos}
-min_results = {silos}
+min_results = {silos - drop}
 deadline_s = {120 + silos * (2 + params / 250_000)}
 federated_evaluation = false
 [model]
@@ -165,12 +180,18 @@ dir = "{work}/state"
     )
 
 
-def run(silos: int, params: int, rounds: int, workers: int, *, secure: bool = True) -> Result:
-    """One federation of `silos` SDK silos, with secure aggregation unless not `secure`."""
+def run(
+    silos: int, params: int, rounds: int, workers: int, *, secure: bool = True, drop: float = 0.0
+) -> Result:
+    """One federation of `silos` SDK silos, with secure aggregation unless not `secure`.
+
+    A `drop` fraction of them (rounded down) drops after sharing, every round.
+    """
     plan = SecAggConfig().graph_for(silos)
     with tempfile.TemporaryDirectory(prefix="fedpriv-secagg-load-") as tmp:
         work = pathlib.Path(tmp)
-        write_setup(work, silos, params, rounds, secure=secure)
+        dropping = math.floor(drop * silos + 1e-9)
+        write_setup(work, silos, params, rounds, secure=secure, drop=dropping)
         started = time.monotonic()
         coordinator = CoordinatorProcess(work)
         assert coordinator.wait_for(lambda: coordinator.port is not None, 120), "no port reported"
@@ -186,6 +207,7 @@ def run(silos: int, params: int, rounds: int, workers: int, *, secure: bool = Tr
                     str(work),
                     str(coordinator.port),
                     ",".join(names[w::workers]),
+                    ",".join(names[:dropping]),
                 ],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
@@ -207,6 +229,7 @@ def run(silos: int, params: int, rounds: int, workers: int, *, secure: bool = Tr
                 errors.append(f"{record['done']}: {record['error']}")
         log = (work / "coordinator.log").read_text()
         unmask = [float(v) for v in re.findall(r"unmask_s=([0-9.]+)", log)]
+        gone = [int(v) for v in re.findall(r"unmasked round=\d+ survivors=\d+ dropped=(\d+)", log)]
         durations: list[float] = []
         with (
             contextlib.suppress(sqlite3.Error),
@@ -233,6 +256,7 @@ def run(silos: int, params: int, rounds: int, workers: int, *, secure: bool = Tr
         peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,  # Linux reports KiB
         errors=errors,
         elapsed_s=elapsed,
+        dropped_after_sharing=gone,
     )
 
 
@@ -241,6 +265,14 @@ def _lines(process: subprocess.Popen[str], into: queue.Queue[dict[str, Any]]) ->
     for line in process.stdout:
         with contextlib.suppress(json.JSONDecodeError):
             into.put(json.loads(line))
+
+
+def _summary(errors: list[str]) -> str:
+    """Each distinct error once, with how many parties saw it."""
+    if not errors:
+        return "none"
+    seen = collections.Counter(e.split(": ", 1)[-1] for e in errors)
+    return "; ".join(f"{count} x {text}" for text, count in seen.most_common())
 
 
 def print_results(results: list[Result], workers: int, *, secure: bool = True) -> None:
@@ -267,7 +299,8 @@ def print_results(results: list[Result], workers: int, *, secure: bool = True) -
         verdict = "PASS" if r.committed == r.rounds and not r.errors else "MISS"
         print(
             f"N={r.silos}: {r.committed} of {r.rounds} rounds committed in {r.elapsed_s:.0f} s "
-            f"-> {verdict}; errors: {r.errors or 'none'}"
+            f"-> {verdict}; dropped after sharing, by round: {r.dropped_after_sharing or '-'}; "
+            f"errors: {_summary(r.errors)}"
         )
 
 
@@ -275,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "--worker":
-        return worker_main(pathlib.Path(argv[1]), int(argv[2]), argv[3].split(","))
+        dropping = set(filter(None, argv[4].split(","))) if len(argv) > 4 else set()
+        return worker_main(pathlib.Path(argv[1]), int(argv[2]), argv[3].split(","), dropping)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--silos", type=int, nargs="+", default=[100])
     parser.add_argument("--params", type=int, default=10_000)
@@ -284,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plain", action="store_true", help="the same federations without secure aggregation"
     )
+    parser.add_argument(
+        "--drop",
+        type=float,
+        default=0.0,
+        help="fraction of the silos that drop after sharing, every round (default 0)",
+    )
     parser.add_argument("--smoke", action="store_true", help="5 silos, 1k params, 1 round")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -291,7 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fedpriv.pki").setLevel(logging.ERROR)  # a throwaway CA
     results = []
     for silos in args.silos:
-        results.append(run(silos, args.params, args.rounds, args.workers, secure=not args.plain))
+        results.append(
+            run(
+                silos,
+                args.params,
+                args.rounds,
+                args.workers,
+                secure=not args.plain,
+                drop=args.drop,
+            )
+        )
         print(f"# N={silos} done in {results[-1].elapsed_s:.0f} s", file=sys.stderr)
     print_results(results, args.workers, secure=not args.plain)
     return 0 if all(r.committed == r.rounds and not r.errors for r in results) else 1

@@ -169,3 +169,10 @@ def test_secagg_load_smoke_commits_its_secure_round_with_sdk_silos():
     assert fields[0] == "5" and fields[1] == "1,000" and fields[7] == "1/1"
     assert float(fields[8]) > 0 and float(fields[-2]) > 0  # round time, peak RSS
     assert "PASS" in verdict and "errors: none" in verdict
+
+
+def test_secagg_load_smoke_unmasks_a_round_with_a_silo_dropping_after_sharing():
+    result = smoke("secagg_load", "--drop", "0.2")
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert "1 of 1 rounds committed" in verdict and "PASS" in verdict
+    assert "dropped after sharing, by round: [1]" in verdict
