@@ -239,7 +239,10 @@ def test_empty_poisson_batches_take_a_noised_step(mode, physical):
     # Noise alone: N(0, (lr·σ·C / expected batch)²) on every parameter, nothing else.
     expected_std = lr * sigma * clip / (records * plan.sample_rate)
     pooled = torch.cat(empty)
-    assert all(bool((change != 0).all()) for change in empty)
+    # Every empty step is noised, not skipped: it moves (almost) every parameter. An
+    # element can stay put when its noise is below half its float32 ulp (p ~ 3e-7, so
+    # about once in a hundred runs of 27K noised elements); a skipped step moves none.
+    assert all(float((change != 0).float().mean()) > 0.99 for change in empty)
     assert float(pooled.mean()) == pytest.approx(0.0, abs=5 * expected_std / pooled.numel() ** 0.5)
     assert float(pooled.std()) == pytest.approx(expected_std, rel=0.05)
     for change in empty:
