@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.bench_app import model_arrays  # noqa: E402
-from benchmarks.load_bench import CoordinatorProcess, _tls  # noqa: E402
+from benchmarks.load_bench import CoordinatorProcess, _lines, _tls  # noqa: E402
 from fedpriv.coordinator import SecAggConfig, write_checkpoint  # noqa: E402
 from fedpriv.pki import CertificateAuthority, Role  # noqa: E402
 from fedpriv.wire import Model  # noqa: E402
@@ -196,7 +196,7 @@ def run(
         coordinator = CoordinatorProcess(work)
         assert coordinator.wait_for(lambda: coordinator.port is not None, 120), "no port reported"
         names = [f"silo-{k}" for k in range(silos)]
-        records: queue.Queue[dict[str, Any]] = queue.Queue()
+        records: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         processes = []
         for w in range(min(workers, silos)):
             process = subprocess.Popen(
@@ -214,7 +214,7 @@ def run(
                 text=True,
             )
             processes.append(process)
-            threading.Thread(target=_lines, args=(process, records), daemon=True).start()
+            threading.Thread(target=_lines, args=(process, records, 0), daemon=True).start()
         code, usage = coordinator.wait()
         for process in processes:
             process.wait(180)
@@ -222,7 +222,7 @@ def run(
         encode: list[float] = []
         errors = [] if code == 0 else [f"coordinator exit {code}"]
         while not records.empty():
-            record = records.get()
+            _, record = records.get()
             if "encode_mask_s" in record:
                 encode.append(record["encode_mask_s"])
             elif "error" in record:
@@ -258,13 +258,6 @@ def run(
         elapsed_s=elapsed,
         dropped_after_sharing=gone,
     )
-
-
-def _lines(process: subprocess.Popen[str], into: queue.Queue[dict[str, Any]]) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        with contextlib.suppress(json.JSONDecodeError):
-            into.put(json.loads(line))
 
 
 def _summary(errors: list[str]) -> str:

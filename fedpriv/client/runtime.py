@@ -141,6 +141,7 @@ def _run_task(
     ledger: PrivacyLedger | None,
     feedback: ErrorFeedback,
     release: ReleasePolicy,
+    limits: TaskLimits,
 ) -> None:
     task = received.task
     arrays = arrays_from_payload(received.layout, received.payload)
@@ -155,7 +156,7 @@ def _run_task(
         if received.secagg is not None:
             # Keys are agreed before training, so a round that cannot reach the
             # threshold fails before anyone spends time or privacy on it.
-            secure = SecureUpload(stub, task, received.secagg, stats, received.limits)
+            secure = SecureUpload(stub, task, received.secagg, stats, limits)
             secure.setup(timeout=timeout)
         # Under DP only the noised update, the accounting values below and what the
         # silo opted in to leave it (see fedpriv.client.release).
@@ -382,7 +383,7 @@ def run_client(
                 logger.info("task round=%d kind=%s", task.round, fleet_pb2.TaskKind.Name(kind))
                 with heartbeats(stub, heartbeat_s):
                     try:
-                        _run_task(client, stub, received, stats, ledger, feedback, release)
+                        _run_task(client, stub, received, stats, ledger, feedback, release, limits)
                     except ProtocolError as err:
                         # A task this silo cannot complete safely (too few silos for secure
                         # aggregation, a peer or roster that breaks it): declined with the

@@ -165,7 +165,6 @@ class ValidatedTask:
     config: dict[str, Scalar]
     compression: Compression
     secagg: SecAggSettings | None = None
-    limits: TaskLimits = TaskLimits()
 
 
 def _bounded(problems: Sequence[str]) -> list[str]:
@@ -436,5 +435,4 @@ def receive_task(
         config=config,
         compression=compression,
         secagg=secagg,
-        limits=limits,
     )

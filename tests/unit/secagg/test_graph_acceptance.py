@@ -18,6 +18,7 @@ from fedpriv.coordinator import SecAggConfig
 from fedpriv.errors import SecAggError
 from fedpriv.secagg import ClientSession, RingCodec, graph, shamir
 from fedpriv.secagg.fused import apply_masks
+from tests.unit.secagg.test_graph_rounds import graph_sessions
 
 N = 24
 NAMES = [f"silo-{i:02d}" for i in range(N)]
@@ -26,21 +27,7 @@ NAMES = [f"silo-{i:02d}" for i in range(N)]
 def cycle_round(*, security_bits: int | None = None):
     """Every silo of a round whose coordinator announced a cycle, up to received shares."""
     extra = {} if security_bits is None else {"security_bits": security_bits}
-    group = {
-        name: ClientSession(
-            silo=name, session="s", round=1, threshold=2, degree=2, max_dropped=0, **extra
-        )
-        for name in NAMES
-    }
-    keys = {name: session.advertise() for name, session in group.items()}
-    commitments = {name: session.commitment for name, session in group.items()}
-    for session in group.values():
-        session.set_peers(keys, commitments)
-    opened = {name: session.open_contribution() for name, session in group.items()}
-    seed = graph.graph_seed(session="s", round=1, contributions=opened)
-    fixed = graph.harary_neighbours(NAMES, degree=2, seed=seed)
-    for name, session in group.items():
-        session.set_graph(opened, sorted(fixed[name]))
+    group, fixed = graph_sessions(NAMES, threshold=2, degree=2, **extra)
     sent = {name: session.share() for name, session in group.items()}
     for name, session in group.items():
         session.receive({sender: out[name] for sender, out in sent.items() if name in out})

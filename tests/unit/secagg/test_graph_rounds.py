@@ -129,19 +129,20 @@ def test_more_dropouts_than_the_plan_allows_fail_the_round_with_no_sum():
         server.unmask_sum(total)
 
 
-def test_each_silo_sends_shares_to_its_neighbours_only():
-    # Arrange
-    plan = graph.plan(silos=16, dropout=0.2, colluders=1)
-    assert plan is not None
-    names = [f"s{i}" for i in range(16)]
+def graph_sessions(names, *, threshold, degree, max_dropped=0, **assumption):
+    """A session per silo, driven in-process through keys and the jointly fixed graph.
+
+    Returns the sessions and the graph (neighbours by silo); shares are not yet made.
+    """
     group = {
         name: ClientSession(
             silo=name,
             session="s",
             round=1,
-            threshold=plan.threshold,
-            degree=plan.degree,
-            max_dropped=plan.dropped,
+            threshold=threshold,
+            degree=degree,
+            max_dropped=max_dropped,
+            **assumption,
         )
         for name in names
     }
@@ -151,10 +152,21 @@ def test_each_silo_sends_shares_to_its_neighbours_only():
         session.set_peers(keys, commitments)
     opened = {name: session.open_contribution() for name, session in group.items()}
     seed = graph.graph_seed(session="s", round=1, contributions=opened)
-    fixed = graph.harary_neighbours(sorted(names), degree=plan.degree, seed=seed)
-    # Act
+    fixed = graph.harary_neighbours(sorted(names), degree=degree, seed=seed)
     for name, session in group.items():
         session.set_graph(opened, sorted(fixed[name]))
+    return group, fixed
+
+
+def test_each_silo_sends_shares_to_its_neighbours_only():
+    # Arrange
+    plan = graph.plan(silos=16, dropout=0.2, colluders=1)
+    assert plan is not None
+    names = [f"s{i}" for i in range(16)]
+    group, fixed = graph_sessions(
+        names, threshold=plan.threshold, degree=plan.degree, max_dropped=plan.dropped
+    )
+    # Act
     shares = {name: session.share() for name, session in group.items()}
     # Assert: k ciphertexts per silo, one per neighbour, and the graph is k-regular
     for name in names:
