@@ -5,6 +5,10 @@ STRATEGY ?= fedavg
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# `flwr new` in Flower 1.25 and later fetches its templates from the Flower Hub, which CI
+# cannot reach. tests/integration/test_flwr_new.py runs the `flwr new` of flwr 1.24.0, the
+# last release that ships its templates, from this wheel (downloaded, never installed).
+FLWR_NEW := $(VENV)/flwr-new/.downloaded
 
 demo-dp: $(STAMP)
 	$(PY) examples/digits/demo.py --dp
@@ -28,9 +32,13 @@ demo: $(STAMP)
 # the rest, in one process of their own (tests/fuzz/conftest.py says why).
 WORKERS ?= 2
 
-test: $(STAMP) node-deps
+test: $(STAMP) node-deps $(FLWR_NEW)
 	$(PY) -m pytest -q -n $(WORKERS) --ignore=tests/fuzz
 	$(PY) -m pytest -q tests/fuzz
+
+$(FLWR_NEW): $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --dest $(VENV)/flwr-new flwr==1.24.0
+	touch $@
 
 # The Node.js silo example (examples/node) and its test need its two npm packages.
 # Without npm the test skips, and fails under CI=true (.ci/run installs nodejs and npm).

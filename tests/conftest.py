@@ -12,6 +12,13 @@ from fedpriv.client import EvaluateResult, FitResult
 from fedpriv.pki import CertificateAuthority, Role
 from fedpriv.transport import TLSConfig
 
+
+@pytest.fixture(autouse=True)
+def _flower_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's config home (FLWR_HOME) is the test's own: none of the user's leaks in."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+
+
 SILOS = ("silo-a", "silo-b", "silo-c", "silo-d", "silo-e")
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from flwr.serverapp.strategy import Strategy as MessageStrategy
+from flwr.supercore.utils import get_flwr_home
 
 from fedpriv._config import load_factory
 from fedpriv._types import Scalar
@@ -68,7 +69,10 @@ class FlowerProject:
         serverapp: ``module:attribute`` of the ServerApp.
         clientapp: ``module:attribute`` of the ClientApp.
         silos: Local silos to run: the default federation's ``num-supernodes`` where
-            the pyproject still has ``[tool.flwr.federations]``, else 2.
+            the pyproject still has ``[tool.flwr.federations]``; else that of the
+            default connection in Flower's own config (``$FLWR_HOME/config.toml``,
+            where ``flwr run`` moves the federations), when it is a local
+            simulation; else 2.
     """
 
     root: pathlib.Path
@@ -101,13 +105,36 @@ class FlowerProject:
             )
         federations = flwr.get("federations", {})
         default = federations.get(federations.get("default", ""), {})
-        silos = default.get("options", {}).get("num-supernodes", DEFAULT_SILOS)
+        silos = default.get("options", {}).get("num-supernodes")
+        if silos is None and not federations:
+            silos = _flower_config_supernodes()
         return cls(
             root=root.resolve(),
             serverapp=components["serverapp"],
             clientapp=components["clientapp"],
-            silos=int(silos),
+            silos=int(silos if silos is not None else DEFAULT_SILOS),
         )
+
+
+def _flower_config_supernodes() -> int | None:
+    """``options.num-supernodes`` of the default connection in Flower's config, if local.
+
+    flwr 1.2x and later keep SuperLink connections in ``$FLWR_HOME/config.toml``
+    (``~/.flwr`` by default) and move a project's ``[tool.flwr.federations]`` there on
+    its first ``flwr run``. A connection whose address is ``:local:`` is the local
+    simulation ``flwr run .`` would start.
+    """
+    path = get_flwr_home() / "config.toml"
+    try:
+        with path.open("rb") as file:
+            superlink = tomllib.load(file).get("superlink", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    connection = superlink.get(superlink.get("default", ""), {})
+    if not isinstance(connection, dict) or connection.get("address") != ":local:":
+        return None
+    supernodes = connection.get("options", {}).get("num-supernodes")
+    return supernodes if isinstance(supernodes, int) else None
 
 
 def parse_run_config(text: str | None) -> dict[str, Scalar]:

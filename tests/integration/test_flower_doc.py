@@ -1,19 +1,30 @@
-"""docs/flower.md runs as written: its files are the tested app, its commands and configs work."""
+"""docs/flower.md runs as written: its files are the tested app, its commands and configs work.
+
+Its Flower side runs too: the SuperLink, SuperNodes and ``flwr run`` of Flower's
+Deployment Runtime, as the page gives them. Flower's processes take no port 0, so
+the test gives them ports that were free a moment before; it waits on what the
+SuperLink prints (listening, each SuperNode activated), never on time.
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import tomllib
 
+import numpy as np
 import pytest
 
 from fedpriv.cli.main import _parser
 from fedpriv.client.config import ClientConfig
-from fedpriv.coordinator import CoordinatorConfig, load_initial_model
+from fedpriv.coordinator import CoordinatorConfig, load_initial_model, read_checkpoint
 from fedpriv.strategy.flower import flower_strategy
 from fedpriv.strategy.flower_message import FlowerMessageStrategy
 
@@ -27,6 +38,16 @@ COMMANDS = [
     for line in block.splitlines()
     if line.strip()
 ]
+
+FLOWER_RUN = [
+    line
+    for block in re.findall(r"<!-- checked: flower-run -->\n```bash\n(.*?)```\n", DOC, flags=re.S)
+    for line in block.splitlines()
+    if line.strip()
+]
+[FLOWER_CONFIG] = re.findall(
+    r"<!-- checked: flower-config -->\n```toml\n(.*?)```\n", DOC, flags=re.S
+)
 
 
 def _fedpriv(line: str) -> list[str]:
@@ -101,3 +122,117 @@ def test_the_multi_datacenter_configs_load_with_the_pki_the_page_issues(tmp_path
     )
     assert isinstance(strategy, FlowerMessageStrategy)
     assert coordinator.allowed_silos == frozenset({"hospital-a", "hospital-b", "hospital-c"})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _on_free_ports(text: str, ports: dict[str, str]) -> str:
+    return re.sub(
+        r"(?<=[ :])(\d{4,5})\b", lambda m: ports.setdefault(m[1], str(_free_port())), text
+    )
+
+
+class _Output:
+    """A process's output as it comes (drained by a thread); `wait_for` blocks on it."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream) -> None:
+        with stream:
+            for raw in stream:
+                with self._changed:
+                    self.lines.append(raw.decode(errors="replace"))
+                    self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, count: int = 1, limit: float = 120) -> None:
+        def seen() -> int:
+            return sum(text in line for line in self.lines)
+
+        with self._changed:
+            self._changed.wait_for(lambda: self.ended or seen() >= count, timeout=limit)
+            assert seen() >= count, f"waited for {count} x {text!r}:\n{''.join(self.lines[-40:])}"
+
+
+@pytest.mark.slow
+def test_flwr_run_and_fedpriv_run_give_the_same_model(tmp_path):
+    project = tmp_path / "app"
+    _write(project)
+    ports: dict[str, str] = {}
+    lines = [_on_free_ports(line, ports) for line in FLOWER_RUN]
+    config = _on_free_ports(FLOWER_CONFIG, ports)
+    home = tmp_path / "flwr-home"  # Flower's config home, with the page's connection
+    home.mkdir()
+    (home / "config.toml").write_text(config)
+    bin_dir = pathlib.Path(sys.executable).parent  # flower-superexec must be on PATH
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    superlink_dir = tmp_path / "superlink"  # the ServerApp saves final_model.npz here
+    superlink_dir.mkdir()
+    [superlink] = [line for line in lines if line.startswith("flower-superlink ")]
+    supernodes = [line for line in lines if line.startswith("flower-supernode ")]
+    [flwr_run] = [line for line in lines if line.startswith("flwr run ")]
+    assert len(supernodes) == 3
+
+    started: list[tuple[subprocess.Popen, _Output]] = []
+
+    def start(line: str) -> _Output:
+        process = subprocess.Popen(
+            shlex.split(line),
+            cwd=superlink_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        output = _Output(process)
+        started.append((process, output))
+        return output
+
+    try:
+        link = start(superlink)
+        link.wait_for("Uvicorn running on")
+        for line in supernodes:
+            start(line)
+        link.wait_for("[Fleet.ActivateNode] Activated node_id=", count=3)
+        done = subprocess.run(
+            shlex.split(flwr_run), cwd=project, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "Strategy execution finished" in done.stdout, done.stdout[-3000:]
+    finally:
+        for process, _ in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, output in started:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            output.reader.join(timeout=30)
+    with np.load(superlink_dir / "final_model.npz") as saved:
+        flower = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    [fedpriv_run] = [line for line in COMMANDS if line.startswith("fedpriv run . --silos 3")]
+    done = subprocess.run(
+        _fedpriv(fedpriv_run), cwd=project, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [final] = [line for line in done.stdout.splitlines() if line.startswith("final model: ")]
+    ours = read_checkpoint(project / final.removeprefix("final model: ")).arrays()
+    assert len(flower) == len(ours) == 2
+    for got, want in zip(ours.values(), flower, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    # A model that moved: three rounds of training, not the zeros it started from.
+    assert np.abs(flower[0]).max() > 0.1

@@ -96,6 +96,31 @@ def test_the_project_file_names_the_apps_and_the_silo_count(tmp_path):
         FlowerProject.read(tmp_path / "missing")
 
 
+def test_after_flwr_run_moved_the_federations_the_silo_count_comes_from_flowers_config(
+    tmp_path, monkeypatch
+):
+    # flwr run moves [tool.flwr.federations] into $FLWR_HOME/config.toml on first use.
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.flwr.app.components]\nserverapp = "a:b"\nclientapp = "a:c"\n'
+    )
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    assert FlowerProject.read(tmp_path).silos == 2  # no Flower config: the default
+    config = home / "config.toml"
+    config.write_text(
+        '[superlink]\ndefault = "local-simulation"\n\n'
+        '[superlink.local-simulation]\naddress = ":local:"\noptions.num-supernodes = 7\n\n'
+        '[superlink.remote]\naddress = "10.0.0.1:9093"\noptions.num-supernodes = 5\n'
+    )
+    assert FlowerProject.read(tmp_path).silos == 7
+    # A default connection to a real SuperLink says nothing about local silos.
+    config.write_text(
+        config.read_text().replace('default = "local-simulation"', 'default = "remote"')
+    )
+    assert FlowerProject.read(tmp_path).silos == 2
+
+
 def test_a_legacy_server_app_hands_over_its_strategy_rounds_and_model(monkeypatch):
     monkeypatch.syspath_prepend(str(PROJECT))
     from flwr.server.strategy import FedAvg as LegacyFedAvg

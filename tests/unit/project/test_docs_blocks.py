@@ -13,6 +13,8 @@ The comment line before a block is its marker:
 - ``<!-- output: COMMAND -->``: what COMMAND printed (``docs/refresh_samples.py``
   refreshes the README's); round tables must have the columns the coordinator prints.
 - ``<!-- file: PATH -->``: a file of docs/flower.md's app (tests/integration/test_flower_doc.py).
+- ``<!-- checked: flower-run -->`` / ``flower-config``: Flower's own commands and its
+  connection config, on docs/flower.md only; tests/integration/test_flower_doc.py runs them.
 - ``<!-- illustrative: WHY -->``: not run here, and why (needs a cluster, say).
 """
 
@@ -45,7 +47,10 @@ KINDS = {
     "checked: toml silo",
     "checked: toml coordinator-part",
     "checked: toml silo-part",
+    "checked: flower-run",
+    "checked: flower-config",
 }
+FLOWER_PROGRAMS = {"flower-superlink", "flower-supernode", "flwr"}
 MINIMAL_SILO = {"coordinator": {"address": "fl.example.org:7443"}}
 
 
@@ -89,8 +94,20 @@ def test_every_block_is_marked():
         if marker.startswith("checked: ") and marker not in KINDS
     ]
     assert not unknown
-    files = [where for where, marker, _ in BLOCKS if marker.startswith("file: ")]
+    files = [
+        where for where, marker, _ in BLOCKS if marker.startswith(("file: ", "checked: flower-"))
+    ]
     assert all(where.startswith("docs/flower.md:") for where in files), files
+
+
+def test_flower_blocks_hold_flowers_commands_and_config():
+    runs = of("checked: flower-run")
+    assert runs
+    for where, text in runs:
+        programs = {words[0] for words in commands(text)}
+        assert programs <= FLOWER_PROGRAMS, f"{where}: {programs - FLOWER_PROGRAMS}"
+    for where, text in of("checked: flower-config"):
+        assert tomllib.loads(text)["superlink"], where
 
 
 def commands(text: str) -> list[str]:
