@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +40,8 @@ class Watched:
         env: Its whole environment (default: this process's).
         cwd: Its working directory.
         out: A file its stdout is copied to as well (it is kept in ``stdout`` too).
+        group: Start it in a process group of its own, and kill the whole group (for
+            programs that start helpers of their own, as Flower's SuperLink does).
     """
 
     def __init__(
@@ -49,9 +52,11 @@ class Watched:
         env: Mapping[str, str] | None = None,
         cwd: pathlib.Path = ROOT,
         out: pathlib.Path | None = None,
+        group: bool = False,
     ) -> None:
         self.log = log
         self.out = out
+        self.group = group
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self._ended = False
@@ -63,6 +68,7 @@ class Watched:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=group,
         )
         self.stdout: list[str] = []
         self._readers = [
@@ -97,20 +103,21 @@ class Watched:
         self.process.stdout.close()
 
     def wait_for(
-        self, pattern: str | re.Pattern[str], *, timeout_s: float = WAIT_S
+        self, pattern: str | re.Pattern[str], *, times: int = 1, timeout_s: float = WAIT_S
     ) -> re.Match[str]:
-        """The first stderr line (seen so far or to come) that matches `pattern`.
+        """The `times`-th stderr line (seen so far or to come) that matches `pattern`.
 
         Raises:
             AssertionError: The process ended, or `timeout_s` passed, without such a line.
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        seen = 0
+        seen = found = 0
         with self._cond:
             while True:
                 for line in self.lines[seen:]:
                     match = regex.search(line)
-                    if match:
+                    found += match is not None
+                    if match and found == times:
                         return match
                 seen = len(self.lines)
                 if self._ended:
@@ -142,8 +149,11 @@ class Watched:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the process if it still runs, and reap it."""
-        if self.process.poll() is None:
+        """SIGKILL the process (its group, with `group`) if it still runs, and reap it."""
+        if self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        elif self.process.poll() is None:
             self.process.kill()
         self.wait()
 
@@ -164,10 +174,16 @@ class Processes:
         return watched
 
     def command(
-        self, name: str, cmd: list[str], *, env: Mapping[str, str], cwd: pathlib.Path
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        env: Mapping[str, str],
+        cwd: pathlib.Path,
+        group: bool = False,
     ) -> Watched:
-        """Run `cmd` as it is, in `cwd`, with exactly `env`."""
-        watched = Watched(cmd, self.directory / f"{name}.log", env=env, cwd=cwd)
+        """Run `cmd` as it is, in `cwd`, with exactly `env` (`group`: see :class:`Watched`)."""
+        watched = Watched(cmd, self.directory / f"{name}.log", env=env, cwd=cwd, group=group)
         self.started.append(watched)
         return watched
 

@@ -3,7 +3,7 @@
 Its Flower side runs too: the SuperLink, SuperNodes and ``flwr run`` of Flower's
 Deployment Runtime, as the page gives them. Flower's processes take no port 0, so
 the test gives them ports that were free a moment before; it waits on what the
-SuperLink prints (listening, each SuperNode activated), never on time.
+SuperLink prints (its SuperExec started, each SuperNode activated), never on time.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import os
 import pathlib
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import tomllib
 
 import numpy as np
@@ -27,6 +25,7 @@ from fedpriv.client.config import ClientConfig
 from fedpriv.coordinator import CoordinatorConfig, load_initial_model, read_checkpoint
 from fedpriv.strategy.flower import flower_strategy
 from fedpriv.strategy.flower_message import FlowerMessageStrategy
+from tests.processes import processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "flower.md").read_text()
@@ -136,35 +135,6 @@ def _on_free_ports(text: str, ports: dict[str, str]) -> str:
     )
 
 
-class _Output:
-    """A process's output as it comes (drained by a thread); `wait_for` blocks on it."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self.ended = False
-        self._changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
-        self.reader.start()
-
-    def _read(self, stream) -> None:
-        with stream:
-            for raw in stream:
-                with self._changed:
-                    self.lines.append(raw.decode(errors="replace"))
-                    self._changed.notify_all()
-        with self._changed:
-            self.ended = True
-            self._changed.notify_all()
-
-    def wait_for(self, text: str, count: int = 1, limit: float = 120) -> None:
-        def seen() -> int:
-            return sum(text in line for line in self.lines)
-
-        with self._changed:
-            self._changed.wait_for(lambda: self.ended or seen() >= count, timeout=limit)
-            assert seen() >= count, f"waited for {count} x {text!r}:\n{''.join(self.lines[-40:])}"
-
-
 @pytest.mark.slow
 def test_flwr_run_and_fedpriv_run_give_the_same_model(tmp_path):
     project = tmp_path / "app"
@@ -184,43 +154,21 @@ def test_flwr_run_and_fedpriv_run_give_the_same_model(tmp_path):
     [flwr_run] = [line for line in lines if line.startswith("flwr run ")]
     assert len(supernodes) == 3
 
-    started: list[tuple[subprocess.Popen, _Output]] = []
+    with processes(tmp_path) as started:
 
-    def start(line: str) -> _Output:
-        process = subprocess.Popen(
-            shlex.split(line),
-            cwd=superlink_dir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        output = _Output(process)
-        started.append((process, output))
-        return output
+        def start(name: str, line: str):
+            return started.command(name, shlex.split(line), env=env, cwd=superlink_dir, group=True)
 
-    try:
-        link = start(superlink)
-        link.wait_for("Uvicorn running on")
-        for line in supernodes:
-            start(line)
-        link.wait_for("[Fleet.ActivateNode] Activated node_id=", count=3)
+        link = start("superlink", superlink)
+        link.wait_for("Starting Flower SuperExec")
+        for i, line in enumerate(supernodes):
+            start(f"supernode-{i}", line)
+        link.wait_for(re.escape("[Fleet.ActivateNode] Activated node_id="), times=len(supernodes))
         done = subprocess.run(
             shlex.split(flwr_run), cwd=project, env=env, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "Strategy execution finished" in done.stdout, done.stdout[-3000:]
-    finally:
-        for process, _ in started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process, output in started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            output.reader.join(timeout=30)
+        assert "Strategy execution finished" in done.stdout + done.stderr
     with np.load(superlink_dir / "final_model.npz") as saved:
         flower = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
