@@ -31,6 +31,31 @@ def fedpriv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedpriv", *args]
 
 
+def fedpriv_run(
+    project: pathlib.Path, *args: str, timeout_s: float = 240
+) -> tuple[subprocess.CompletedProcess[str], pathlib.Path]:
+    """``fedpriv run ARGS`` in `project`, as a user runs it; the run and its final checkpoint.
+
+    Raises:
+        AssertionError: The run failed, or did not print one ``final model:`` line.
+    """
+    done = subprocess.run(
+        fedpriv("run", *args), cwd=project, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("final model: ")]
+    return done, project / line.removeprefix("final model: ")
+
+
+def project_files(project: pathlib.Path) -> dict[pathlib.Path, bytes]:
+    """Every file under `project` but Python's caches, by relative path (to see a run edit none)."""
+    return {
+        path.relative_to(project): path.read_bytes()
+        for path in project.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+
+
 class Watched:
     """A process whose stderr is copied to `log` and can be waited on, line by line.
 

@@ -25,7 +25,7 @@ from fedpriv.client.config import ClientConfig
 from fedpriv.coordinator import CoordinatorConfig, load_initial_model, read_checkpoint
 from fedpriv.strategy.flower import flower_strategy
 from fedpriv.strategy.flower_message import FlowerMessageStrategy
-from tests.processes import processes
+from tests.processes import fedpriv_run, processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "flower.md").read_text()
@@ -86,11 +86,7 @@ def test_the_fedpriv_run_commands_complete(tmp_path):
     runs = [line for line in COMMANDS if line.startswith("fedpriv run ")]
     assert len(runs) == 2
     for line in runs:
-        done = subprocess.run(
-            _fedpriv(line), cwd=tmp_path, capture_output=True, text=True, timeout=240
-        )
-        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
-        assert "final model: " in done.stdout
+        fedpriv_run(tmp_path, *shlex.split(line)[2:])
     # The second run overrides num-server-rounds to 5.
     checkpoints = sorted(p.name for p in tmp_path.glob(".fedpriv/runs/*/coordinator/checkpoints/*"))
     assert "round-000005.fpck" in checkpoints
@@ -172,13 +168,9 @@ def test_flwr_run_and_fedpriv_run_give_the_same_model(tmp_path):
     with np.load(superlink_dir / "final_model.npz") as saved:
         flower = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
-    [fedpriv_run] = [line for line in COMMANDS if line.startswith("fedpriv run . --silos 3")]
-    done = subprocess.run(
-        _fedpriv(fedpriv_run), cwd=project, capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [final] = [line for line in done.stdout.splitlines() if line.startswith("final model: ")]
-    ours = read_checkpoint(project / final.removeprefix("final model: ")).arrays()
+    [run_line] = [line for line in COMMANDS if line.startswith("fedpriv run . --silos 3")]
+    _, final = fedpriv_run(project, *shlex.split(run_line)[2:])
+    ours = read_checkpoint(final).arrays()
     assert len(flower) == len(ours) == 2
     for got, want in zip(ours.values(), flower, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)

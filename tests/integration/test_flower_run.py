@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from fedpriv.errors import ConfigError
 from fedpriv.run import FlowerProject
 from fedpriv.run.flower_server import plan_server_app
 from tests.flower_reference import flower_run
+from tests.processes import fedpriv_run, project_files
 
 PROJECT = pathlib.Path(__file__).resolve().parents[1] / "flower_project"
 
@@ -36,36 +35,14 @@ def _context(run_config):
 def test_fedpriv_run_completes_an_unedited_flower_project(tmp_path, monkeypatch):
     project = tmp_path / "quickstart-np"
     shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {p.relative_to(project): p.read_bytes() for p in project.rglob("*") if p.is_file()}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedpriv",
-            "run",
-            ".",
-            "--quiet",
-            "--state-dir",
-            str(tmp_path / "s"),
-        ],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [final_line] = [line for line in done.stdout.splitlines() if line.startswith("final model: ")]
-    final = read_checkpoint(project / final_line.removeprefix("final model: ")).arrays()
+    before = project_files(project)
+    done, final_path = fedpriv_run(project, ".", "--quiet", "--state-dir", str(tmp_path / "s"))
+    final = read_checkpoint(final_path).arrays()
     # Three rounds (the app's num-server-rounds), three silos (its num-supernodes).
-    assert final_line.endswith("round-000003.fpck")
+    assert final_path.name == "round-000003.fpck"
     assert "silo-2" in done.stderr and "silo-3" not in done.stderr
     # The project itself is untouched (its state went to --state-dir).
-    after = {
-        p.relative_to(project): p.read_bytes()
-        for p in project.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-    assert after == before
+    assert project_files(project) == before
 
     monkeypatch.syspath_prepend(str(PROJECT))
     from quickstart_np import client_app, task

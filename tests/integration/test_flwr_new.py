@@ -20,6 +20,7 @@ import pytest
 
 from fedpriv.coordinator import read_checkpoint
 from tests.helpers import require_privilege
+from tests.processes import fedpriv_run, project_files
 
 WHEELS = pathlib.Path(sys.prefix) / "flwr-new"
 GENERATE = "import sys; from flwr.cli.app import app; sys.argv[0] = 'flwr'; app()"
@@ -56,35 +57,20 @@ def test_a_flwr_new_numpy_project_completes_a_federation_unedited(tmp_path):
     assert 'serverapp = "quickstart_np.server_app:app"' in pyproject
     assert "options.num-supernodes = 10" in pyproject
     assert "@app.train()" in (project / "quickstart_np" / "client_app.py").read_text()
-    before = {p.relative_to(project): p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    before = project_files(project)
 
-    done = subprocess.run(
-        [sys.executable, "-m", "fedpriv", "run", ".", "--state-dir", str(tmp_path / "s")],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    [final_line] = [line for line in done.stdout.splitlines() if line.startswith("final model: ")]
+    done, final_path = fedpriv_run(project, ".", "--state-dir", str(tmp_path / "s"))
     # The template's num-server-rounds (3), with its 10 supernodes as 10 silos.
-    assert final_line.endswith("round-000003.fpck")
+    assert final_path.name == "round-000003.fpck"
     pushed = {
         line.split("silo=")[1].split()[0]
         for line in done.stderr.splitlines()
         if "[Fleet.PushResult]" in line and "round=3 kind=TRAIN" in line
     }
     assert pushed == {f"silo-{i}" for i in range(10)}
-    [final] = (
-        read_checkpoint(pathlib.Path(final_line.removeprefix("final model: "))).arrays().values()
-    )
+    [final] = read_checkpoint(final_path).arrays().values()
     # The template's model is ones((1, 1)); each round every node adds U(0, 1) noise and
     # FedAvg averages 10 of them, so three rounds land near 1 + 3 * 0.5.
     assert final.shape == (1, 1) and final.dtype == np.float64
     assert 1.5 < float(final[0, 0]) < 3.5
-    after = {
-        p.relative_to(project): p.read_bytes()
-        for p in project.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-    assert after == before
+    assert project_files(project) == before
